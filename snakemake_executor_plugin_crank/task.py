@@ -1,0 +1,80 @@
+"""Backend-neutral description of one container task and of its outcome.
+
+Plain values: no Snakemake, no Docker, no I/O. A task is built once by ``jobs.py`` and
+handed to a backend unchanged.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Mapping, Optional, Tuple
+
+
+class CrankError(Exception):
+    """An error whose message is meant for the user as it is: one line, no traceback."""
+
+
+@dataclass(frozen=True)
+class Resources:
+    cpus: int = 1
+    mem_mb: Optional[int] = None
+    disk_mb: Optional[int] = None
+    runtime_s: Optional[int] = None
+    gpus: int = 0
+    preemptible: bool = False
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One container run. Every path is absolute and the same inside and outside."""
+
+    name: str
+    rule: str
+    job_id: int
+    attempt: int
+    image: str
+    script: str
+    workdir: str
+    env: Mapping[str, str] = field(default_factory=dict)
+    inputs: Tuple[str, ...] = ()
+    outputs: Tuple[str, ...] = ()
+    resources: Resources = Resources()
+    log_dir: str = ""
+
+    @property
+    def argv(self) -> Tuple[str, ...]:
+        return shell_argv(self.script)
+
+
+# bash with strict mode when the image has it, else a POSIX sh (e.g. busybox);
+# the script travels as $1 so no quoting is needed.
+LAUNCHER = (
+    'if command -v bash >/dev/null 2>&1; then exec bash -euo pipefail -c "$1"; fi; '
+    'exec sh -eu -c "$1"'
+)
+
+
+def shell_argv(script: str) -> Tuple[str, ...]:
+    return ("/bin/sh", "-c", LAUNCHER, "crank", script)
+
+
+class State(enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    FINISHED = "finished"
+    # gone from the backend without a terminal state (removed by someone else)
+    LOST = "lost"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (State.FINISHED, State.LOST)
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    ok: bool
+    exit_code: Optional[int] = None
+    reason: Optional[str] = None
+    stderr_tail: str = ""
+    log_files: Tuple[str, ...] = ()

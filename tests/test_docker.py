@@ -1,0 +1,215 @@
+"""End-to-end tests of the Docker backend against the real Docker engine."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Optional
+
+import pytest
+from snakemake.common.tests import TestWorkflowsLocalStorageBase
+from snakemake.settings import types as settings
+
+from snakemake_executor_plugin_crank import ExecutorSettings
+from snakemake_executor_plugin_crank.backends.docker import DockerBackend
+from snakemake_executor_plugin_crank.task import Resources, State, TaskSpec
+
+from conftest import BUSYBOX, containers_of, copy_workflow, snakemake, wait_for
+
+pytestmark = pytest.mark.docker
+
+
+class TestSnakemakeBaseOnDocker(TestWorkflowsLocalStorageBase):
+    """Snakemake's own plugin test cases (simple and groups)."""
+
+    __test__ = True
+
+    def get_executor(self) -> str:
+        return "crank"
+
+    def get_executor_settings(self) -> Optional[ExecutorSettings]:
+        return ExecutorSettings(default_image=BUSYBOX)
+
+    def get_assume_shared_fs(self) -> bool:
+        return False
+
+    def get_remote_execution_settings(self) -> settings.RemoteExecutionSettings:
+        return settings.RemoteExecutionSettings(seconds_between_status_checks=1)
+
+    @pytest.fixture(autouse=True)
+    def _engine(self, docker_api):
+        pass
+
+
+def read(path: Path) -> str:
+    return path.read_text()
+
+
+def test_exact_outputs_across_rules(docker_api, tmp_path):
+    workdir = copy_workflow("exact", tmp_path / "work dir")
+    (workdir / "data").mkdir()
+    (workdir / "data" / "a.txt").write_text("hello a\n")
+    (workdir / "data" / "b.txt").write_text("hello b\n")
+    outside = tmp_path / "elsewhere" / "ref file.txt"
+    outside.parent.mkdir()
+    outside.write_text("ref line\n")
+
+    done = snakemake(workdir, "--config", f"outside={outside}")
+    assert done.returncode == 0, done.stderr
+
+    results = workdir / "results"
+    assert read(results / "a.upper.txt") == "HELLO A\n"
+    assert read(results / "b.upper.txt") == "HELLO B\n"
+    assert read(workdir / "logs" / "upper" / "a.log") == "upper a\n"
+    joined = "HELLO A\nHELLO B\nref line\nthreads=2 omp=2\nshell=bash\n"
+    assert read(results / "space dir" / "joined.txt") == joined
+    assert read(results / "tree" / "sub" / "copy.txt") == joined
+    assert read(results / "tree" / "owner.txt") == f"{os.getuid()}:{os.getgid()}\n"
+    assert read(results / "env.txt") == f"cwd={workdir} tmp=/tmp\nsh\n"
+    owner = (results / "env.txt").stat()
+    assert (owner.st_uid, owner.st_gid) == (os.getuid(), os.getgid())
+    assert containers_of(docker_api, workdir) == []
+
+    again = snakemake(workdir, "--config", f"outside={outside}")
+    assert again.returncode == 0 and "Nothing to be done" in again.stderr
+
+
+def test_failing_rule_reports_exit_code_and_stderr(docker_api, tmp_path):
+    workdir = copy_workflow("failing", tmp_path / "wf")
+    done = snakemake(workdir, "fails")
+    assert done.returncode != 0
+    assert "rule fails (job" in done.stderr
+    assert "exit code 3" in done.stderr
+    assert "first-err\nthe real problem" in done.stderr
+    assert "Traceback" not in done.stderr
+    (stderr_log,) = (workdir / ".snakemake" / "crank" / "logs").glob("*/fails-*.stderr")
+    assert read(stderr_log) == "first-err\nthe real problem\n"
+    assert read(stderr_log.with_suffix(".stdout")) == "to-stdout\n"
+    assert str(stderr_log) in done.stderr  # passed to Snakemake as an aux log
+    assert not (workdir / "never.txt").exists()
+    assert containers_of(docker_api, workdir) == []
+
+
+def test_out_of_memory_is_reported_with_the_limit(docker_api, tmp_path):
+    workdir = copy_workflow("failing", tmp_path / "wf")
+    done = snakemake(workdir, "oom")
+    assert done.returncode != 0
+    assert "killed: out of memory (limit 20 MB)" in done.stderr
+    assert not (workdir / "oom.txt").exists()
+
+
+@pytest.mark.slow
+def test_wall_time_is_enforced_and_reported(docker_api, tmp_path):
+    workdir = copy_workflow("failing", tmp_path / "wf")
+    started = time.monotonic()
+    done = snakemake(workdir, "walltime")
+    assert done.returncode != 0
+    assert "wall time exceeded (runtime limit 1 min)" in done.stderr
+    assert "started" in done.stderr  # the stderr tail of the killed task
+    assert time.monotonic() - started < 300  # killed, not waited out (sleep 600)
+    assert containers_of(docker_api, workdir) == []
+
+
+def test_unknown_image_is_one_clear_line(docker_api, tmp_path):
+    workdir = copy_workflow("failing", tmp_path / "wf")
+    done = snakemake(workdir, "badimage", "--crank-docker-pull", "never")
+    assert done.returncode != 0
+    assert "image 'crank-test/does-not-exist:1' is not on the Docker engine" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_invalid_resource_is_one_clear_line(docker_api, tmp_path):
+    workdir = copy_workflow("failing", tmp_path / "wf")
+    done = snakemake(workdir, "badresource")
+    assert done.returncode != 0
+    assert "rule badresource: resource gpu='many' is not a number" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_request_above_host_fails_unless_clamping(docker_api, tmp_path):
+    workdir = copy_workflow("failing", tmp_path / "wf")
+    cpus = docker_api.info()["NCPU"]
+    done = snakemake(workdir, "greedy", "--max-threads", "64")
+    assert done.returncode != 0
+    assert f"rule greedy asks for threads=64 but the backend offers at most {cpus} CPUs" in done.stderr
+
+    done = snakemake(workdir, "greedy", "--max-threads", "64", "--crank-clamp-resources")
+    assert done.returncode == 0, done.stderr
+    assert f"threads=64 lowered to {cpus}" in done.stderr
+    assert read(workdir / "greedy.txt") == f"{cpus}\n"
+
+
+def test_non_shell_rule_is_a_clear_error(docker_api, tmp_path):
+    workdir = copy_workflow("failing", tmp_path / "wf")
+    done = snakemake(workdir, "python")
+    assert done.returncode != 0
+    assert "rule python is a run: rule" in done.stderr
+
+
+def test_unreachable_engine_is_one_clear_line(tmp_path):
+    workdir = copy_workflow("failing", tmp_path / "wf")
+    done = snakemake(workdir, "fails", "--crank-docker-url", f"unix://{tmp_path}/no.sock")
+    assert done.returncode != 0
+    assert "cannot reach the Docker engine at unix://" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_ctrl_c_removes_every_container_of_the_run(docker_api, tmp_path):
+    workdir = copy_workflow("cancel", tmp_path / "wf")
+    command = [sys.executable, "-m", "snakemake", "--executor", "crank", "--jobs", "2",
+               "--crank-default-image", BUSYBOX]
+    proc = subprocess.Popen(command, cwd=workdir, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL)
+    try:
+        wait_for(
+            lambda: len([c for c in containers_of(docker_api, workdir) if c["State"] == "running"]) == 2,
+            timeout=60, what="two running containers",
+        )
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    assert containers_of(docker_api, workdir) == []
+    assert not list(workdir.glob("slow*.txt"))
+
+
+def test_containers_of_a_crashed_run_are_removed_at_start(docker_api, tmp_path):
+    workdir = copy_workflow("failing", tmp_path / "wf")
+    mine = docker_api.create_container(
+        BUSYBOX, "sleep 600",
+        labels={"crank.run": "crashed", "crank.workdir": str(workdir)})["Id"]
+    other = docker_api.create_container(
+        BUSYBOX, "sleep 600",
+        labels={"crank.run": "crashed", "crank.workdir": str(tmp_path / "other")})["Id"]
+    try:
+        done = snakemake(workdir, "greedy", "--max-threads", "1")
+        assert done.returncode == 0, done.stderr
+        assert "removed 1 container(s) left by an earlier run" in done.stderr
+        ids = {c["Id"] for c in docker_api.containers(all=True)}
+        assert mine not in ids and other in ids  # another workdir's run is left alone
+    finally:
+        docker_api.remove_container(other, force=True)
+
+
+def test_one_status_request_per_round_for_all_tasks(docker_api, tmp_path):
+    backend = DockerBackend(uuid.uuid4().hex, str(tmp_path))
+    requests = []
+    backend.api.hooks["response"].append(lambda response, **kw: requests.append(response.url))
+    tasks = [
+        TaskSpec(name=f"sleep-{i}", rule="sleep", job_id=i, attempt=1, image=BUSYBOX,
+                 script="sleep 600", workdir=str(tmp_path), resources=Resources(),
+                 log_dir=str(tmp_path / "logs"))
+        for i in range(10)
+    ]
+    try:
+        handles = [backend.submit(t) for t in tasks]
+        requests.clear()
+        states = backend.poll(handles)
+        assert len(requests) == 1
+        assert set(states.values()) <= {State.RUNNING, State.QUEUED}
+    finally:
+        backend.close()
+    assert docker_api.containers(all=True, filters={"label": f"crank.run={backend.run_id}"}) == []

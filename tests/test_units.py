@@ -1,0 +1,118 @@
+"""Unit tests of pure logic: resource mapping, mount planning, launch command, messages."""
+
+import subprocess
+
+import pytest
+
+from snakemake_executor_plugin_crank.backends.docker import gpu_request, plan_mounts
+from snakemake_executor_plugin_crank.resources import Capacity, fit, from_snakemake
+from snakemake_executor_plugin_crank.runner import Runner, failure_message
+from snakemake_executor_plugin_crank.task import (
+    CrankError,
+    Resources,
+    TaskResult,
+    TaskSpec,
+    shell_argv,
+)
+
+
+def test_resources_are_mapped_exactly():
+    res = from_snakemake("r", 4, {"mem_mb": 1500, "disk_mb": 2500, "runtime": 90, "gpu": 1})
+    assert res == Resources(cpus=4, mem_mb=1500, disk_mb=2500, runtime_s=5400, gpus=1)
+
+
+def test_unset_and_remote_decided_resources_stay_unset():
+    res = from_snakemake("r", 1, {"tmpdir": "<TBD>", "mem_mb": "<TBD>"})
+    assert res == Resources(cpus=1)
+
+
+@pytest.mark.parametrize(
+    "name,value", [("mem_mb", "lots"), ("mem_mb", -5), ("runtime", 1.5), ("gpu", True)]
+)
+def test_invalid_resource_values_name_the_rule_and_resource(name, value):
+    with pytest.raises(CrankError, match=rf"rule myrule: resource {name}="):
+        from_snakemake("myrule", 1, {name: value})
+
+
+def test_request_above_capacity_is_an_error_by_default():
+    with pytest.raises(CrankError, match="threads=8 .* at most 2 CPUs.*--crank-clamp-resources"):
+        fit("big", Resources(cpus=8), Capacity(cpus=2, mem_mb=1000), clamp=False)
+
+
+def test_request_above_capacity_is_clamped_with_a_warning_when_asked():
+    res, warnings = fit("big", Resources(cpus=8, mem_mb=5000), Capacity(cpus=2, mem_mb=1000), True)
+    assert (res.cpus, res.mem_mb) == (2, 1000)
+    assert warnings == [
+        "rule big: threads=8 lowered to 2 (CPUs available)",
+        "rule big: mem_mb=5000 lowered to 1000 (MB of memory available)",
+    ]
+
+
+def test_gpu_request_without_gpu_fails_even_when_clamping():
+    with pytest.raises(CrankError, match="no GPU"):
+        fit("g", Resources(gpus=1), Capacity(gpus=0), clamp=True)
+
+
+def test_mounts_keep_paths_and_make_only_outputs_writable():
+    mounts = plan_mounts(
+        "/home/u/wf",
+        inputs=["/home/u/wf/a.txt", "/data/ref.fa", "/data/ref.fa", "/data/idx/x"],
+        outputs=["/home/u/wf/out/b.txt", "/scratch/res/c.txt"],
+    )
+    assert mounts == [
+        ("/home/u/wf", True),
+        ("/scratch/res", True),
+        ("/data/ref.fa", False),
+        ("/data/idx/x", False),
+    ]
+
+
+def test_mounts_follow_symlinked_inputs_to_their_target(tmp_path):
+    target = tmp_path / "elsewhere" / "big.dat"
+    target.parent.mkdir()
+    target.write_text("x")
+    workdir = tmp_path / "wf"
+    workdir.mkdir()
+    (workdir / "big.dat").symlink_to(target)
+    mounts = plan_mounts(str(workdir), [str(workdir / "big.dat")], [])
+    assert mounts == [(str(workdir), True), (str(target), False)]
+
+
+def test_gpu_request_honours_cuda_visible_devices():
+    assert gpu_request(2, "3,5,7")["DeviceIDs"] == ["3", "5"]
+    assert gpu_request(1, None)["Count"] == 1
+    with pytest.raises(CrankError, match="lists only 1"):
+        gpu_request(2, "0")
+
+
+def test_launcher_runs_in_strict_mode():
+    argv = list(shell_argv("false | true; echo reached"))
+    done = subprocess.run(argv, capture_output=True, text=True)
+    assert done.returncode != 0 and "reached" not in done.stdout
+    done = subprocess.run(list(shell_argv("echo \"$0\" 'a b'")), capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip().endswith("a b")
+
+
+def _task(**kw):
+    base = dict(name="r-1-1", rule="r", job_id=1, attempt=1, image="img", script="x", workdir="/w")
+    base.update(kw)
+    return TaskSpec(**base)
+
+
+def test_failure_message_names_rule_exit_code_reason_and_stderr():
+    msg = failure_message(
+        _task(), TaskResult(ok=False, exit_code=137, reason="killed: out of memory (limit 50 MB)",
+                            stderr_tail="line1\nboom")
+    )
+    assert msg.startswith("rule r (job 1, attempt 1) failed in image img: exit code 137; killed: out of memory (limit 50 MB)")
+    assert msg.rstrip().endswith("last lines of stderr:\nline1\nboom")
+
+
+def test_poll_interval_is_short_for_young_tasks_and_bounded():
+    class C:
+        def __init__(self, since):
+            self.running_since = since
+
+    assert Runner.next_interval([C(99.9)], now=100.0, ceiling=10) == 0.1
+    assert Runner.next_interval([C(0.0)], now=1000.0, ceiling=10) == 10
+    assert Runner.next_interval([], now=5.0, ceiling=10) == 0.1
