@@ -97,6 +97,8 @@ common_settings = CommonSettings(
     implies_no_shared_fs=True,
     job_deploy_sources=False,
     pass_default_storage_provider_args=False,
+    # declared --envvars go into the container's environment, not into a logged command
+    pass_envvar_declarations_to_cmd=False,
     auto_deploy_default_storage_provider=False,
     can_transfer_local_files=True,
 )
@@ -151,6 +153,10 @@ class Executor(RemoteExecutor):
             workdir=workdir,
             log_dir=os.path.join(workdir, ".snakemake", "crank", "logs", self.run_id),
             default_image=settings.default_image or remote.container_image,
+            snakemake_image=remote.container_image,
+            snakemake_version=jobs.snakemake_version(),
+            job_command=self.format_job_exec,
+            sources=jobs.workflow_sources(self.workflow),
             envvars=self.envvars(),
             is_preemptible=remote.preemptible_rules.is_preemptible,
             capacity=self.backend.capacity(),

@@ -1,7 +1,12 @@
 """Snakemake job -> TaskSpec. The only module that reads Snakemake's job objects.
 
-``job.shellcmd``, ``job.container_img_url`` and ``job.remove_existing_output`` belong to
-Snakemake's ``Job``, not to the plugin interface: that coupling stays here.
+Two launch modes. A shell: rule runs its formatted command directly in its image; any
+other rule (run:, script:, wrapper:, notebook:), and a group holding one, runs Snakemake's
+own job command in an image that has Snakemake.
+
+``job.shellcmd``, ``job.container_img_url``, ``job.remove_existing_output`` and
+``dag.get_sources`` belong to Snakemake, not to the plugin interface: that coupling stays
+here.
 """
 
 from __future__ import annotations
@@ -25,12 +30,24 @@ THREAD_VARIABLES = (
 
 CONTAINER_TMPDIR = "/tmp"
 
+# Fails the task with one clear line when the image cannot run Snakemake's job command.
+SNAKEMAKE_GUARD = """\
+crank_found=$(python -c 'import snakemake; print(snakemake.__version__)' 2>/dev/null) || {{
+  echo "crank: image {image} has no Snakemake (python -m snakemake); {rule} needs an image with Snakemake {version}: pass one with --container-image" >&2; exit 127; }}
+case "$crank_found" in {major}.*) ;; *)
+  echo "crank: image {image} has Snakemake $crank_found but this run uses {version}; pass an image with Snakemake {major}.x with --container-image" >&2; exit 127;; esac
+"""
+
 
 @dataclass(frozen=True)
 class JobContext:
     workdir: str
     log_dir: str
     default_image: Optional[str]
+    snakemake_image: str = ""
+    snakemake_version: str = ""
+    job_command: Callable[[Any], str] = lambda job: ""
+    sources: Iterable[str] = ()
     envvars: Mapping[str, str] = field(default_factory=dict)
     is_preemptible: Callable[[str], bool] = lambda rule: False
     capacity: Capacity = Capacity()
@@ -75,21 +92,27 @@ def _absolute(paths: Iterable[Any]) -> tuple:
     return tuple(os.path.abspath(str(p)) for p in paths)
 
 
-def task_for(job: Any, ctx: JobContext) -> TaskSpec:
-    rule = job.rule.name
-    kind = rule_kind(job)
-    if kind != "shell":
-        raise CrankError(
-            f"rule {rule} is a {kind}: rule; crank runs shell: rules only so far "
-            "(use a shell: rule, or run this rule with another executor)"
-        )
-    outputs = list(job.output) + list(job.log) + ([job.benchmark] if job.benchmark else [])
+def _outputs(jobs: Iterable[Any]) -> tuple:
+    return _absolute(
+        path
+        for job in jobs
+        for path in [*job.output, *job.log, *([job.benchmark] if job.benchmark else [])]
+    )
+
+
+def _resources(rule: str, job: Any, ctx: JobContext) -> resources.Resources:
     wanted = resources.from_snakemake(
         rule, job.threads, job.resources, ctx.is_preemptible(rule)
     )
     res, warnings = resources.fit(rule, wanted, ctx.capacity, ctx.clamp)
     for warning in warnings:
         ctx.warn(warning)
+    return res
+
+
+def shell_task(job: Any, ctx: JobContext) -> TaskSpec:
+    rule = job.rule.name
+    res = _resources(rule, job, ctx)
     return TaskSpec(
         name=f"{rule}-{job.jobid}-{job.attempt}",
         rule=rule,
@@ -100,14 +123,61 @@ def task_for(job: Any, ctx: JobContext) -> TaskSpec:
         workdir=ctx.workdir,
         env=task_env(res.cpus, ctx.envvars),
         inputs=_absolute(job.input),
-        outputs=_absolute(outputs),
+        outputs=_outputs([job]),
+        resources=res,
+        log_dir=ctx.log_dir,
+    )
+
+
+def snakemake_task(job: Any, ctx: JobContext) -> TaskSpec:
+    """The whole job (or group) as Snakemake's own job command, run inside the image."""
+    singles = single_jobs(job)
+    if job.is_group():
+        rule = f"group-{job.groupid}"
+        name = f"{rule}-{str(job.jobid)[:8]}-{job.attempt}"
+        image = ctx.snakemake_image
+    else:
+        rule = job.rule.name
+        name = f"{rule}-{job.jobid}-{job.attempt}"
+        image = image_for(job, ctx.snakemake_image)
+    res = _resources(rule, job, ctx)
+    major = ctx.snakemake_version.split(".")[0]
+    guard = SNAKEMAKE_GUARD.format(
+        image=image, rule=f"rule {rule}", version=ctx.snakemake_version, major=major
+    )
+    return TaskSpec(
+        name=name,
+        rule=rule,
+        job_id=singles[0].jobid if len(singles) == 1 else 0,
+        attempt=job.attempt,
+        image=image,
+        script=guard + ctx.job_command(job),
+        workdir=ctx.workdir,
+        # Snakemake writes caches under $HOME, which an unknown uid lacks
+        env={**task_env(res.cpus, ctx.envvars), "HOME": CONTAINER_TMPDIR},
+        inputs=_absolute([*(f for j in singles for f in j.input), *ctx.sources]),
+        outputs=_outputs(singles),
         resources=res,
         log_dir=ctx.log_dir,
     )
 
 
 def tasks_for(job: Any, ctx: JobContext) -> List[TaskSpec]:
-    return [task_for(j, ctx) for j in single_jobs(job)]
+    singles = single_jobs(job)
+    if all(rule_kind(j) == "shell" for j in singles):
+        return [shell_task(j, ctx) for j in singles]
+    return [snakemake_task(job, ctx)]
+
+
+def snakemake_version() -> str:
+    from snakemake import __version__
+
+    return __version__
+
+
+def workflow_sources(workflow: Any) -> List[str]:
+    """The Snakefiles, scripts, notebooks, config and environment files a job may read."""
+    return [*workflow.dag.get_sources(), *workflow.configfiles]
 
 
 def prepare_outputs(job: Any, async_run: Callable) -> None:

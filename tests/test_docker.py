@@ -142,13 +142,6 @@ def test_request_above_host_fails_unless_clamping(docker_api, tmp_path):
     assert read(workdir / "greedy.txt") == f"{cpus}\n"
 
 
-def test_non_shell_rule_is_a_clear_error(docker_api, tmp_path):
-    workdir = copy_workflow("failing", tmp_path / "wf")
-    done = snakemake(workdir, "python")
-    assert done.returncode != 0
-    assert "rule python is a run: rule" in done.stderr
-
-
 def test_unreachable_engine_is_one_clear_line(tmp_path):
     workdir = copy_workflow("failing", tmp_path / "wf")
     done = snakemake(workdir, "fails", "--crank-docker-url", f"unix://{tmp_path}/no.sock")

@@ -116,3 +116,25 @@ def test_poll_interval_is_short_for_young_tasks_and_bounded():
     assert Runner.next_interval([C(99.9)], now=100.0, ceiling=10) == 0.1
     assert Runner.next_interval([C(0.0)], now=1000.0, ceiling=10) == 10
     assert Runner.next_interval([], now=5.0, ceiling=10) == 0.1
+
+
+@pytest.mark.parametrize(
+    "found,expected", [("9.1.0", 0), ("8.30.0", 127), (None, 127)]
+)
+def test_snakemake_guard_accepts_only_the_same_major_version(tmp_path, found, expected):
+    from snakemake_executor_plugin_crank.jobs import SNAKEMAKE_GUARD
+
+    python = tmp_path / "python"
+    body = f"echo {found}" if found else "exit 1"
+    python.write_text(f"#!/bin/sh\n{body}\n")
+    python.chmod(0o755)
+    guard = SNAKEMAKE_GUARD.format(image="img", rule="rule r", version="9.27.1", major="9")
+    done = subprocess.run(
+        ["sh", "-eu", "-c", guard + "echo ran"], capture_output=True, text=True,
+        env={"PATH": f"{tmp_path}:/usr/bin:/bin"},
+    )
+    assert done.returncode == expected
+    if expected:
+        assert "crank: image img has" in done.stderr and "ran" not in done.stdout
+    else:
+        assert done.stdout == "ran\n"
