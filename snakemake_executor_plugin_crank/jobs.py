@@ -176,8 +176,13 @@ def snakemake_version() -> str:
 
 
 def workflow_sources(workflow: Any) -> List[str]:
-    """The Snakefiles, scripts, notebooks, config and environment files a job may read."""
-    return [*workflow.dag.get_sources(), *workflow.configfiles]
+    """The Snakefiles, scripts, notebooks, config and environment files, and a local
+    wrapper prefix, that a job may read."""
+    sources = [*workflow.dag.get_sources(), *workflow.configfiles]
+    prefix = workflow.workflow_settings.wrapper_prefix or ""
+    if prefix.startswith("file://"):
+        sources.append(prefix[len("file://") :])
+    return sources
 
 
 def prepare_outputs(job: Any, async_run: Callable) -> None:

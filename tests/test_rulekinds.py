@@ -12,7 +12,11 @@ SNAKEMAKE_IMAGE = f"crank-test/snakemake:{snakemake_version()}"
 
 def test_every_rule_kind_runs_with_exact_outputs(docker_api, tmp_path):
     workdir = copy_workflow("rulekinds", tmp_path / "wf")
-    done = snakemake(workdir, "--container-image", SNAKEMAKE_IMAGE)
+    # the wrapper prefix lies outside the workdir: crank mounts it like a source
+    wrappers = tmp_path / "wrappers"
+    (workdir / "wrappers").rename(wrappers)
+    args = ("--container-image", SNAKEMAKE_IMAGE, "--wrapper-prefix", f"file://{wrappers}/")
+    done = snakemake(workdir, *args)
     assert done.returncode == 0, done.stderr
 
     def read(name):
@@ -32,17 +36,19 @@ def test_every_rule_kind_runs_with_exact_outputs(docker_api, tmp_path):
     assert read("consumed.txt") == "42\n"
     assert read("bench_done.txt") == "done\n"
     assert read("benchmarks/bench.tsv").startswith("s\th:m:s\t")
+    assert read("wrapped.txt") == "3\n"
     assert read("shadowed.txt") == "shadowed\n"
     assert not (workdir / "scratch.txt").exists()  # stayed in the shadow directory
     assert containers_of(docker_api, workdir) == []
 
-    again = snakemake(workdir, "--container-image", SNAKEMAKE_IMAGE)
+    again = snakemake(workdir, *args)
     assert again.returncode == 0 and "Nothing to be done" in again.stderr
 
 
 def test_image_without_snakemake_is_named_in_the_error(docker_api, tmp_path):
     workdir = copy_workflow("rulekinds", tmp_path / "wf")
-    done = snakemake(workdir, "run_rule", "--container-image", BUSYBOX)
+    done = snakemake(workdir, "run_rule", "--container-image", BUSYBOX,
+                     "--wrapper-prefix", f"file://{workdir}/wrappers/")
     assert done.returncode != 0
     assert (
         f"crank: image {BUSYBOX} has no Snakemake (python -m snakemake); rule run_rule needs "
