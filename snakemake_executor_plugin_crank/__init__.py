@@ -15,6 +15,7 @@ from snakemake_interface_executor_plugins.executors.remote import RemoteExecutor
 from snakemake_interface_executor_plugins.jobs import JobExecutorInterface
 from snakemake_interface_executor_plugins.settings import (
     CommonSettings,
+    DeploymentMethod,
     ExecutorSettingsBase,
 )
 
@@ -157,6 +158,8 @@ class Executor(RemoteExecutor):
             snakemake_version=jobs.snakemake_version(),
             job_command=self.format_job_exec,
             sources=jobs.workflow_sources(self.workflow),
+            use_conda=DeploymentMethod.CONDA
+            in self.workflow.deployment_settings.deployment_method,
             envvars=self.envvars(),
             is_preemptible=remote.preemptible_rules.is_preemptible,
             capacity=self.backend.capacity(),
@@ -175,7 +178,7 @@ class Executor(RemoteExecutor):
             jobs.prepare_outputs(job, self.workflow.async_run)
             chain = self.runner.start(tasks)
         except CrankError as e:
-            self.report_job_error(SubmittedJobInfo(job), msg=f"{e}\n")
+            self._report_error(SubmittedJobInfo(job), f"{e}\n")
             return
         self.report_job_submission(
             SubmittedJobInfo(job, external_jobid=chain.handle, aux={"chain": chain})
@@ -203,7 +206,7 @@ class Executor(RemoteExecutor):
                 return
             message = f"crank lost the backend ({e}); the task's state is unknown\n"
             for info in active_jobs:
-                self.report_job_error(info, msg=message)
+                self._report_error(info, message)
             return
         for info in active_jobs:
             outcome = ended.get(info.aux["chain"])
@@ -212,15 +215,19 @@ class Executor(RemoteExecutor):
             elif outcome.ok:
                 self.report_job_success(info)
             else:
-                self.report_job_error(
-                    info, msg=outcome.message, aux_logs=list(outcome.log_files)
-                )
+                self._report_error(info, outcome.message, outcome.log_files)
         still = [c for c in chains if c not in ended]
         self.next_seconds_between_status_checks = Runner.next_interval(
             still,
             self.runner.clock(),
             self.workflow.remote_execution_settings.seconds_between_status_checks,
         )
+
+    def _report_error(self, info: SubmittedJobInfo, message: str, logs=()) -> None:
+        if info.job.is_group():
+            # Snakemake does not print the message of a failed group job
+            self.logger.error(message.rstrip())
+        self.report_job_error(info, msg=message, aux_logs=list(logs))
 
     def cancel_jobs(self, active_jobs: List[SubmittedJobInfo]):
         self.runner.cancel([info.aux["chain"] for info in active_jobs])

@@ -12,6 +12,7 @@ here.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, List, Mapping, Optional
 
@@ -33,7 +34,7 @@ CONTAINER_TMPDIR = "/tmp"
 # Fails the task with one clear line when the image cannot run Snakemake's job command.
 SNAKEMAKE_GUARD = """\
 crank_found=$(python -c 'import snakemake; print(snakemake.__version__)' 2>/dev/null) || {{
-  echo "crank: image {image} has no Snakemake (python -m snakemake); {rule} needs an image with Snakemake {version}: pass one with --container-image" >&2; exit 127; }}
+  echo "crank: image {image} has no Snakemake (python -m snakemake); {label} needs an image with Snakemake {version}: pass one with --container-image" >&2; exit 127; }}
 case "$crank_found" in {major}.*) ;; *)
   echo "crank: image {image} has Snakemake $crank_found but this run uses {version}; pass an image with Snakemake {major}.x with --container-image" >&2; exit 127;; esac
 """
@@ -48,6 +49,7 @@ class JobContext:
     snakemake_version: str = ""
     job_command: Callable[[Any], str] = lambda job: ""
     sources: Iterable[str] = ()
+    use_conda: bool = False
     envvars: Mapping[str, str] = field(default_factory=dict)
     is_preemptible: Callable[[str], bool] = lambda rule: False
     capacity: Capacity = Capacity()
@@ -100,11 +102,14 @@ def _outputs(jobs: Iterable[Any]) -> tuple:
     )
 
 
-def _resources(rule: str, job: Any, ctx: JobContext) -> resources.Resources:
-    wanted = resources.from_snakemake(
-        rule, job.threads, job.resources, ctx.is_preemptible(rule)
-    )
-    res, warnings = resources.fit(rule, wanted, ctx.capacity, ctx.clamp)
+def _task_name(*parts: Any) -> str:
+    # a file name and a Docker container name: group names may hold anything
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", "-".join(str(p) for p in parts))
+
+
+def _resources(label: str, job: Any, preemptible: bool, ctx: JobContext) -> resources.Resources:
+    wanted = resources.from_snakemake(label, job.threads, job.resources, preemptible)
+    res, warnings = resources.fit(label, wanted, ctx.capacity, ctx.clamp)
     for warning in warnings:
         ctx.warn(warning)
     return res
@@ -112,11 +117,11 @@ def _resources(rule: str, job: Any, ctx: JobContext) -> resources.Resources:
 
 def shell_task(job: Any, ctx: JobContext) -> TaskSpec:
     rule = job.rule.name
-    res = _resources(rule, job, ctx)
+    res = _resources(f"rule {rule}", job, ctx.is_preemptible(rule), ctx)
     return TaskSpec(
-        name=f"{rule}-{job.jobid}-{job.attempt}",
-        rule=rule,
-        job_id=job.jobid,
+        name=_task_name(rule, job.jobid, job.attempt),
+        label=f"rule {rule}",
+        job_id=str(job.jobid),
         attempt=job.attempt,
         image=image_for(job, ctx.default_image),
         script=job.shellcmd,
@@ -133,22 +138,21 @@ def snakemake_task(job: Any, ctx: JobContext) -> TaskSpec:
     """The whole job (or group) as Snakemake's own job command, run inside the image."""
     singles = single_jobs(job)
     if job.is_group():
-        rule = f"group-{job.groupid}"
-        name = f"{rule}-{str(job.jobid)[:8]}-{job.attempt}"
+        label, name = f"group {job.groupid}", job.groupid
         image = ctx.snakemake_image
     else:
-        rule = job.rule.name
-        name = f"{rule}-{job.jobid}-{job.attempt}"
+        label, name = f"rule {job.rule.name}", job.rule.name
         image = image_for(job, ctx.snakemake_image)
-    res = _resources(rule, job, ctx)
+    preemptible = all(ctx.is_preemptible(j.rule.name) for j in singles)
+    res = _resources(label, job, preemptible, ctx)
     major = ctx.snakemake_version.split(".")[0]
     guard = SNAKEMAKE_GUARD.format(
-        image=image, rule=f"rule {rule}", version=ctx.snakemake_version, major=major
+        image=image, label=label, version=ctx.snakemake_version, major=major
     )
     return TaskSpec(
-        name=name,
-        rule=rule,
-        job_id=singles[0].jobid if len(singles) == 1 else 0,
+        name=_task_name(name, job.jobid, job.attempt),
+        label=label,
+        job_id=str(job.jobid),
         attempt=job.attempt,
         image=image,
         script=guard + ctx.job_command(job),
@@ -162,9 +166,15 @@ def snakemake_task(job: Any, ctx: JobContext) -> TaskSpec:
     )
 
 
+def runs_directly(job: Any, ctx: JobContext) -> bool:
+    """A shell: rule runs directly in its image, unless Snakemake must first deploy its
+    conda environment there."""
+    return rule_kind(job) == "shell" and not (ctx.use_conda and job.conda_env_spec)
+
+
 def tasks_for(job: Any, ctx: JobContext) -> List[TaskSpec]:
     singles = single_jobs(job)
-    if all(rule_kind(j) == "shell" for j in singles):
+    if all(runs_directly(j, ctx) for j in singles):
         return [shell_task(j, ctx) for j in singles]
     return [snakemake_task(job, ctx)]
 

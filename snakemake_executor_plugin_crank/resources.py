@@ -18,43 +18,44 @@ class Capacity:
     gpus: Optional[int] = None
 
 
-def _whole(rule: str, name: str, value: Any, minimum: int) -> Optional[int]:
+def _whole(what: str, name: str, value: Any, minimum: int) -> Optional[int]:
     if value is None or value == "" or (isinstance(value, str) and value.startswith("<")):
         # "<TBD>": Snakemake leaves some resources to be decided on the remote side
         return None
     if isinstance(value, bool):
-        raise CrankError(f"rule {rule}: resource {name}={value!r} is not a number; give a whole number")
+        raise CrankError(f"{what}: resource {name}={value!r} is not a number; give a whole number")
     try:
         number = float(value)
     except (TypeError, ValueError):
         raise CrankError(
-            f"rule {rule}: resource {name}={value!r} is not a number; give a whole number"
+            f"{what}: resource {name}={value!r} is not a number; give a whole number"
         ) from None
     if number != int(number) or number < minimum:
         raise CrankError(
-            f"rule {rule}: resource {name}={value!r} must be a whole number >= {minimum}"
+            f"{what}: resource {name}={value!r} must be a whole number >= {minimum}"
         )
     return int(number)
 
 
 def from_snakemake(
-    rule: str, threads: Any, resources: Mapping[str, Any], preemptible: bool = False
+    what: str, threads: Any, resources: Mapping[str, Any], preemptible: bool = False
 ) -> Resources:
     """Map a job's threads and resources (``mem_mb`` and ``disk_mb`` are decimal MB,
-    ``runtime`` is minutes, ``gpu`` a device count) to task resources."""
-    runtime_min = _whole(rule, "runtime", resources.get("runtime"), 0)
+    ``runtime`` is minutes, ``gpu`` a device count) to task resources. ``what`` names
+    the job in errors ("rule x")."""
+    runtime_min = _whole(what, "runtime", resources.get("runtime"), 0)
     return Resources(
-        cpus=_whole(rule, "threads", threads, 1) or 1,
-        mem_mb=_whole(rule, "mem_mb", resources.get("mem_mb"), 1),
-        disk_mb=_whole(rule, "disk_mb", resources.get("disk_mb"), 1),
+        cpus=_whole(what, "threads", threads, 1) or 1,
+        mem_mb=_whole(what, "mem_mb", resources.get("mem_mb"), 1),
+        disk_mb=_whole(what, "disk_mb", resources.get("disk_mb"), 1),
         runtime_s=runtime_min * 60 if runtime_min else None,
-        gpus=_whole(rule, "gpu", resources.get("gpu"), 0) or 0,
+        gpus=_whole(what, "gpu", resources.get("gpu"), 0) or 0,
         preemptible=preemptible,
     )
 
 
 def fit(
-    rule: str, wanted: Resources, capacity: Capacity, clamp: bool
+    what: str, wanted: Resources, capacity: Capacity, clamp: bool
 ) -> Tuple[Resources, List[str]]:
     """Return the resources to use and the warnings to print.
 
@@ -71,11 +72,11 @@ def fit(
         asked = {"cpus": "threads", "mem_mb": "mem_mb", "gpus": "gpu"}[name]
         if not clamp:
             raise CrankError(
-                f"rule {rule} asks for {asked}={want} but the backend offers at most {have} "
+                f"{what} asks for {asked}={want} but the backend offers at most {have} "
                 f"{unit}; lower the request or set --crank-clamp-resources"
             )
         changes[name] = have
-        warnings.append(f"rule {rule}: {asked}={want} lowered to {have} ({unit} available)")
+        warnings.append(f"{what}: {asked}={want} lowered to {have} ({unit} available)")
     if changes.get("gpus") == 0 and wanted.gpus:
-        raise CrankError(f"rule {rule} asks for gpu={wanted.gpus} but the backend has no GPU")
+        raise CrankError(f"{what} asks for gpu={wanted.gpus} but the backend has no GPU")
     return dataclasses.replace(wanted, **changes), warnings

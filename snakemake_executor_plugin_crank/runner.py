@@ -35,7 +35,7 @@ class Outcome:
 
 
 def failure_message(task: TaskSpec, result: TaskResult) -> str:
-    what = f"rule {task.rule} (job {task.job_id}, attempt {task.attempt}) failed in image {task.image}"
+    what = f"{task.label} (job {task.job_id}, attempt {task.attempt}) failed in image {task.image}"
     details = []
     if result.exit_code is not None:
         details.append(f"exit code {result.exit_code}")

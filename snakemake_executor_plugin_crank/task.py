@@ -29,9 +29,9 @@ class Resources:
 class TaskSpec:
     """One container run. Every path is absolute and the same inside and outside."""
 
-    name: str
-    rule: str
-    job_id: int
+    name: str  # unique in a run; safe as a file name
+    label: str  # what messages name: "rule x" or "group y"
+    job_id: str
     attempt: int
     image: str
     script: str

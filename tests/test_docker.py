@@ -89,8 +89,21 @@ def test_failing_rule_reports_exit_code_and_stderr(docker_api, tmp_path):
     assert read(stderr_log) == "first-err\nthe real problem\n"
     assert read(stderr_log.with_suffix(".stdout")) == "to-stdout\n"
     assert str(stderr_log) in done.stderr  # passed to Snakemake as an aux log
-    assert not (workdir / "never.txt").exists()
+    assert not (workdir / "never.txt").exists()  # the half-written output was removed
     assert containers_of(docker_api, workdir) == []
+
+
+def test_group_stops_at_its_first_failing_job(docker_api, tmp_path):
+    workdir = copy_workflow("failing", tmp_path / "wf")
+    done = snakemake(workdir, "chain/second.txt")
+    assert done.returncode != 0
+    assert "rule chain_first (job" in done.stderr and "exit code 5" in done.stderr
+    assert "first of the group fails" in done.stderr
+    logs = workdir / ".snakemake" / "crank" / "logs"
+    assert [p.name for p in logs.glob("*/chain_*.stderr")] == [
+        next(logs.glob("*/chain_first-*.stderr")).name
+    ]  # the second job never started
+    assert not (workdir / "chain" / "second.txt").exists()
 
 
 def test_out_of_memory_is_reported_with_the_limit(docker_api, tmp_path):
@@ -150,6 +163,21 @@ def test_unreachable_engine_is_one_clear_line(tmp_path):
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (["--crank-backend", "tes"], "--crank-backend tes is not available in this version"),
+        (["--crank-docker-host-config", "{shm"], "--crank-docker-host-config is not valid JSON"),
+    ],
+)
+def test_bad_settings_are_one_clear_line(tmp_path, args, expected):
+    workdir = copy_workflow("failing", tmp_path / "wf")
+    done = snakemake(workdir, "fails", *args)
+    assert done.returncode != 0
+    assert expected in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_ctrl_c_removes_every_container_of_the_run(docker_api, tmp_path):
     workdir = copy_workflow("cancel", tmp_path / "wf")
     command = [sys.executable, "-m", "snakemake", "--executor", "crank", "--jobs", "2",
@@ -192,7 +220,7 @@ def test_one_status_request_per_round_for_all_tasks(docker_api, tmp_path):
     requests = []
     backend.api.hooks["response"].append(lambda response, **kw: requests.append(response.url))
     tasks = [
-        TaskSpec(name=f"sleep-{i}", rule="sleep", job_id=i, attempt=1, image=BUSYBOX,
+        TaskSpec(name=f"sleep-{i}", label="rule sleep", job_id=str(i), attempt=1, image=BUSYBOX,
                  script="sleep 600", workdir=str(tmp_path), resources=Resources(),
                  log_dir=str(tmp_path / "logs"))
         for i in range(10)

@@ -55,3 +55,15 @@ def test_image_without_snakemake_is_named_in_the_error(docker_api, tmp_path):
         f"an image with Snakemake {snakemake_version()}"
     ) in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_conda_rule_without_conda_in_the_image_is_a_clear_error(docker_api, tmp_path):
+    # with --sdm conda a shell rule goes through Snakemake, which deploys the environment
+    workdir = copy_workflow("rulekinds", tmp_path / "wf")
+    done = snakemake(workdir, "with_conda", "--sdm", "conda", "--container-image", SNAKEMAKE_IMAGE,
+                     "--wrapper-prefix", f"file://{workdir}/wrappers/")
+    assert done.returncode != 0
+    assert "rule with_conda (job" in done.stderr
+    assert f"failed in image {SNAKEMAKE_IMAGE}" in done.stderr
+    assert "Is conda installed and accessible?" in done.stderr
+    assert not (workdir / "conda.txt").exists()

@@ -17,12 +17,12 @@ from snakemake_executor_plugin_crank.task import (
 
 
 def test_resources_are_mapped_exactly():
-    res = from_snakemake("r", 4, {"mem_mb": 1500, "disk_mb": 2500, "runtime": 90, "gpu": 1})
+    res = from_snakemake("rule r", 4, {"mem_mb": 1500, "disk_mb": 2500, "runtime": 90, "gpu": 1})
     assert res == Resources(cpus=4, mem_mb=1500, disk_mb=2500, runtime_s=5400, gpus=1)
 
 
 def test_unset_and_remote_decided_resources_stay_unset():
-    res = from_snakemake("r", 1, {"tmpdir": "<TBD>", "mem_mb": "<TBD>"})
+    res = from_snakemake("rule r", 1, {"tmpdir": "<TBD>", "mem_mb": "<TBD>"})
     assert res == Resources(cpus=1)
 
 
@@ -31,16 +31,16 @@ def test_unset_and_remote_decided_resources_stay_unset():
 )
 def test_invalid_resource_values_name_the_rule_and_resource(name, value):
     with pytest.raises(CrankError, match=rf"rule myrule: resource {name}="):
-        from_snakemake("myrule", 1, {name: value})
+        from_snakemake("rule myrule", 1, {name: value})
 
 
 def test_request_above_capacity_is_an_error_by_default():
     with pytest.raises(CrankError, match="threads=8 .* at most 2 CPUs.*--crank-clamp-resources"):
-        fit("big", Resources(cpus=8), Capacity(cpus=2, mem_mb=1000), clamp=False)
+        fit("rule big", Resources(cpus=8), Capacity(cpus=2, mem_mb=1000), clamp=False)
 
 
 def test_request_above_capacity_is_clamped_with_a_warning_when_asked():
-    res, warnings = fit("big", Resources(cpus=8, mem_mb=5000), Capacity(cpus=2, mem_mb=1000), True)
+    res, warnings = fit("rule big", Resources(cpus=8, mem_mb=5000), Capacity(cpus=2, mem_mb=1000), True)
     assert (res.cpus, res.mem_mb) == (2, 1000)
     assert warnings == [
         "rule big: threads=8 lowered to 2 (CPUs available)",
@@ -50,7 +50,7 @@ def test_request_above_capacity_is_clamped_with_a_warning_when_asked():
 
 def test_gpu_request_without_gpu_fails_even_when_clamping():
     with pytest.raises(CrankError, match="no GPU"):
-        fit("g", Resources(gpus=1), Capacity(gpus=0), clamp=True)
+        fit("rule g", Resources(gpus=1), Capacity(gpus=0), clamp=True)
 
 
 def test_mounts_keep_paths_and_make_only_outputs_writable():
@@ -94,7 +94,7 @@ def test_launcher_runs_in_strict_mode():
 
 
 def _task(**kw):
-    base = dict(name="r-1-1", rule="r", job_id=1, attempt=1, image="img", script="x", workdir="/w")
+    base = dict(name="r-1-1", label="rule r", job_id="1", attempt=1, image="img", script="x", workdir="/w")
     base.update(kw)
     return TaskSpec(**base)
 
@@ -128,7 +128,7 @@ def test_snakemake_guard_accepts_only_the_same_major_version(tmp_path, found, ex
     body = f"echo {found}" if found else "exit 1"
     python.write_text(f"#!/bin/sh\n{body}\n")
     python.chmod(0o755)
-    guard = SNAKEMAKE_GUARD.format(image="img", rule="rule r", version="9.27.1", major="9")
+    guard = SNAKEMAKE_GUARD.format(image="img", label="rule r", version="9.27.1", major="9")
     done = subprocess.run(
         ["sh", "-eu", "-c", guard + "echo ran"], capture_output=True, text=True,
         env={"PATH": f"{tmp_path}:/usr/bin:/bin"},

@@ -183,15 +183,15 @@ class DockerBackend:
                 environment=dict(task.env),
                 labels={
                     LABEL_RUN: self.run_id,
-                    LABEL_JOB: str(task.job_id),
+                    LABEL_JOB: task.job_id,
                     LABEL_WORKDIR: self.workdir,
                 },
-                name=f"crank-{self.run_id[:8]}-{task.job_id}-{task.attempt}-{task.rule}",
+                name=f"crank-{self.run_id[:8]}-{task.name}",
                 host_config=self.api.create_host_config(**host_config),
             )
             self.api.start(created["Id"])
         except (docker.errors.DockerException, TypeError) as e:
-            raise CrankError(f"Docker refused the container for rule {task.rule}: {_short(e)}") from None
+            raise CrankError(f"Docker refused the container for {task.label}: {_short(e)}") from None
         return created["Id"]
 
     def poll(self, handles: Sequence[str]) -> Mapping[str, State]:
