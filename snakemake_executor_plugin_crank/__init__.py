@@ -146,7 +146,7 @@ class Executor(RemoteExecutor):
         removed = self.backend.remove_orphans()
         if removed:
             self.logger.info(f"crank: removed {removed} container(s) left by an earlier run")
-        self.runner = Runner(self.backend)
+        self.runner = Runner(self.backend, on_success=self._task_succeeded)
         self._failed_rounds = 0
         self._warned = set()
         remote = self.workflow.remote_execution_settings
@@ -222,6 +222,10 @@ class Executor(RemoteExecutor):
             self.runner.clock(),
             self.workflow.remote_execution_settings.seconds_between_status_checks,
         )
+
+    def _task_succeeded(self, task, result) -> None:
+        if task.benchmark:
+            jobs.write_benchmark(task.benchmark, result.seconds)
 
     def _report_error(self, info: SubmittedJobInfo, message: str, logs=()) -> None:
         if info.job.is_group():

@@ -131,6 +131,7 @@ def shell_task(job: Any, ctx: JobContext) -> TaskSpec:
         outputs=_outputs([job]),
         resources=res,
         log_dir=ctx.log_dir,
+        benchmark=os.path.abspath(job.benchmark) if job.benchmark else None,
     )
 
 
@@ -167,9 +168,13 @@ def snakemake_task(job: Any, ctx: JobContext) -> TaskSpec:
 
 
 def runs_directly(job: Any, ctx: JobContext) -> bool:
-    """A shell: rule runs directly in its image, unless Snakemake must first deploy its
-    conda environment there."""
-    return rule_kind(job) == "shell" and not (ctx.use_conda and job.conda_env_spec)
+    """A shell: rule runs directly in its image, unless Snakemake must prepare a shadow
+    directory or deploy a conda environment around it."""
+    return (
+        rule_kind(job) == "shell"
+        and not job.is_shadow
+        and not (ctx.use_conda and job.conda_env_spec)
+    )
 
 
 def tasks_for(job: Any, ctx: JobContext) -> List[TaskSpec]:
@@ -193,6 +198,16 @@ def workflow_sources(workflow: Any) -> List[str]:
     if prefix.startswith("file://"):
         sources.append(prefix[len("file://") :])
     return sources
+
+
+def write_benchmark(path: str, seconds: Optional[float]) -> None:
+    """A benchmark file in Snakemake's format with the running time (the other columns,
+    measured by Snakemake around a local process, are NA)."""
+    from snakemake.benchmark import BenchmarkRecord, write_benchmark_records
+
+    record = BenchmarkRecord(running_time=seconds)
+    record.process_gone = True  # nothing was sampled: NA without a warning
+    write_benchmark_records([record], path, extended_fmt=False)
 
 
 def prepare_outputs(job: Any, async_run: Callable) -> None:

@@ -48,8 +48,14 @@ def failure_message(task: TaskSpec, result: TaskResult) -> str:
 
 
 class Runner:
-    def __init__(self, backend: Backend, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        backend: Backend,
+        on_success: Callable[[TaskSpec, TaskResult], None] = lambda task, result: None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.backend = backend
+        self.on_success = on_success
         self.clock = clock
 
     def start(self, tasks: Sequence[TaskSpec]) -> Chain:
@@ -99,6 +105,7 @@ class Runner:
         logs = tuple(chain.log_files)
         if not result.ok:
             return Outcome(False, failure_message(task, result), logs)
+        self.on_success(task, result)
         if chain.index + 1 == len(chain.tasks):
             return Outcome(True, log_files=logs)
         chain.index += 1

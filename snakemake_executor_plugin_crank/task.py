@@ -41,17 +41,22 @@ class TaskSpec:
     outputs: Tuple[str, ...] = ()
     resources: Resources = Resources()
     log_dir: str = ""
+    # written by crank from the task's running time (a command run directly has no
+    # Snakemake around it to measure it)
+    benchmark: Optional[str] = None
 
     @property
     def argv(self) -> Tuple[str, ...]:
         return shell_argv(self.script)
 
 
-# bash with strict mode when the image has it, else a POSIX sh (e.g. busybox);
-# the script travels as $1 so no quoting is needed.
+# bash in strict mode when the image has it, else a POSIX sh (e.g. busybox), with
+# pipefail where that sh knows it (dash does not); the script travels as $1, unquoted.
 LAUNCHER = (
     'if command -v bash >/dev/null 2>&1; then exec bash -euo pipefail -c "$1"; fi; '
-    'exec sh -eu -c "$1"'
+    "set -eu; "
+    "if (set -o pipefail) 2>/dev/null; then set -o pipefail; fi; "
+    'eval "$1"'
 )
 
 
@@ -78,3 +83,4 @@ class TaskResult:
     reason: Optional[str] = None
     stderr_tail: str = ""
     log_files: Tuple[str, ...] = ()
+    seconds: Optional[float] = None  # running time, when the backend knows it

@@ -11,9 +11,12 @@ from pathlib import Path
 import docker
 import pytest
 
+from snakemake_executor_plugin_crank.jobs import snakemake_version
+
 WORKFLOWS = Path(__file__).parent / "workflows"
 BUSYBOX = "crank-test/busybox:1"
 BASH = "crank-test/bash:1"
+SNAKEMAKE_IMAGE = f"crank-test/snakemake:{snakemake_version()}"
 
 
 @pytest.fixture(scope="session")
@@ -23,7 +26,7 @@ def docker_api():
         client.ping()
     except docker.errors.DockerException as e:
         pytest.fail(f"no Docker engine ({e}); run scripts/setup.sh first", pytrace=False)
-    for image in (BUSYBOX, BASH):
+    for image in (BUSYBOX, BASH, SNAKEMAKE_IMAGE):
         client.api.inspect_image(image)
     yield client.api
     client.close()

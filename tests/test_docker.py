@@ -17,7 +17,14 @@ from snakemake_executor_plugin_crank import ExecutorSettings
 from snakemake_executor_plugin_crank.backends.docker import DockerBackend
 from snakemake_executor_plugin_crank.task import Resources, State, TaskSpec
 
-from conftest import BUSYBOX, containers_of, copy_workflow, snakemake, wait_for
+from conftest import (
+    BUSYBOX,
+    SNAKEMAKE_IMAGE,
+    containers_of,
+    copy_workflow,
+    snakemake,
+    wait_for,
+)
 
 pytestmark = pytest.mark.docker
 
@@ -57,7 +64,8 @@ def test_exact_outputs_across_rules(docker_api, tmp_path):
     outside.parent.mkdir()
     outside.write_text("ref line\n")
 
-    done = snakemake(workdir, "--config", f"outside={outside}")
+    args = ("--config", f"outside={outside}", "--container-image", SNAKEMAKE_IMAGE)
+    done = snakemake(workdir, *args)
     assert done.returncode == 0, done.stderr
 
     results = workdir / "results"
@@ -71,9 +79,17 @@ def test_exact_outputs_across_rules(docker_api, tmp_path):
     assert read(results / "env.txt") == f"cwd={workdir} tmp=/tmp\nsh\n"
     owner = (results / "env.txt").stat()
     assert (owner.st_uid, owner.st_gid) == (os.getuid(), os.getgid())
+    # a command run directly: crank writes the benchmark from the container's run time
+    header, row = read(workdir / "benchmarks" / "timed.tsv").splitlines()
+    assert header.split("\t")[:2] == ["s", "h:m:s"]
+    assert 1.0 <= float(row.split("\t")[0]) < 10
+    assert read(results / "timed.txt") == "timed\n"
+    # shadow: goes through Snakemake in the image that has it; scratch stays in the shadow
+    assert read(results / "shadowed.txt") == "shadowed\n"
+    assert not (workdir / "scratch.txt").exists()
     assert containers_of(docker_api, workdir) == []
 
-    again = snakemake(workdir, "--config", f"outside={outside}")
+    again = snakemake(workdir, *args)
     assert again.returncode == 0 and "Nothing to be done" in again.stderr
 
 
@@ -104,6 +120,14 @@ def test_group_stops_at_its_first_failing_job(docker_api, tmp_path):
         next(logs.glob("*/chain_first-*.stderr")).name
     ]  # the second job never started
     assert not (workdir / "chain" / "second.txt").exists()
+
+
+def test_busybox_sh_fails_a_pipeline_whose_first_stage_fails(docker_api, tmp_path):
+    workdir = copy_workflow("failing", tmp_path / "wf")
+    done = snakemake(workdir, "pipefail")
+    assert done.returncode != 0
+    assert "rule pipefail (job" in done.stderr and "exit code 1" in done.stderr
+    assert not (workdir / "pipefail.txt").exists()
 
 
 def test_out_of_memory_is_reported_with_the_limit(docker_api, tmp_path):

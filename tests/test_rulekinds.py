@@ -2,12 +2,10 @@
 
 import pytest
 
-from conftest import BUSYBOX, containers_of, copy_workflow, snakemake
+from conftest import BUSYBOX, SNAKEMAKE_IMAGE, containers_of, copy_workflow, snakemake
 from snakemake_executor_plugin_crank.jobs import snakemake_version
 
 pytestmark = pytest.mark.docker
-
-SNAKEMAKE_IMAGE = f"crank-test/snakemake:{snakemake_version()}"
 
 
 def test_every_rule_kind_runs_with_exact_outputs(docker_api, tmp_path):

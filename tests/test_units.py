@@ -138,3 +138,11 @@ def test_snakemake_guard_accepts_only_the_same_major_version(tmp_path, found, ex
         assert "crank: image img has" in done.stderr and "ran" not in done.stdout
     else:
         assert done.stdout == "ran\n"
+
+
+def test_running_time_comes_from_the_container_timestamps():
+    from snakemake_executor_plugin_crank.backends.docker import running_seconds
+
+    state = {"StartedAt": "2026-11-23T13:00:01.250000123Z", "FinishedAt": "2026-11-23T13:01:02.5Z"}
+    assert running_seconds(state) == 61.25
+    assert running_seconds({"StartedAt": "0001-01-01T00:00:00Z"}) is None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import docker
@@ -90,6 +91,19 @@ def failure_reason(state: Mapping[str, Any], task: TaskSpec) -> Optional[str]:
     if isinstance(code, int) and code > 128:
         return f"killed by signal {code - 128}"
     return None
+
+
+def running_seconds(state: Mapping[str, Any]) -> Optional[float]:
+    """FinishedAt - StartedAt of an inspected container (RFC 3339, nanoseconds)."""
+
+    def parse(stamp: str) -> datetime:
+        whole, _, fraction = stamp.rstrip("Z").partition(".")
+        return datetime.fromisoformat(f"{whole}.{(fraction + '000000')[:6]}")
+
+    try:
+        return (parse(state["FinishedAt"]) - parse(state["StartedAt"])).total_seconds()
+    except (KeyError, ValueError):
+        return None
 
 
 class DockerBackend:
@@ -222,6 +236,7 @@ class DockerBackend:
             reason=reason,
             stderr_tail=tail,
             log_files=files,
+            seconds=running_seconds(state),
         )
 
     def cancel(self, handles: Sequence[str]) -> None:
