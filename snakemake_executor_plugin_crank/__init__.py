@@ -1,4 +1,4 @@
-"""crank: every Snakemake job becomes a container task on Docker (or, later, a TES server).
+"""crank: every Snakemake job becomes a container task on a Docker engine.
 
 This module only wires the parts: settings -> backend, jobs -> tasks, runner -> reports.
 """
@@ -52,8 +52,8 @@ class ExecutorSettings(ExecutorSettingsBase):
     clamp_resources: bool = field(
         default=False,
         metadata={
-            "help": "Lower threads, mem_mb or gpu requests that exceed what the backend "
-            "offers to the available amount, with a warning, instead of failing the job.",
+            "help": "Lower threads or mem_mb requests that exceed the engine's CPUs or "
+            "memory to what it has, with a warning, instead of failing the job.",
             "env_var": True,
         },
     )
@@ -61,7 +61,9 @@ class ExecutorSettings(ExecutorSettingsBase):
         default=None,
         metadata={
             "help": "Docker engine to use, e.g. unix:///var/run/docker.sock or "
-            "tcp://host:2376. Default: DOCKER_HOST, then the local socket.",
+            "tcp://host:2375 (plain HTTP; for TLS set DOCKER_HOST, DOCKER_TLS_VERIFY and "
+            "DOCKER_CERT_PATH instead). Default: DOCKER_HOST, then the local socket. The "
+            "engine must see the workflow at the same paths.",
             "env_var": True,
         },
     )

@@ -89,7 +89,8 @@ def failure_reason(state: Mapping[str, Any], task: TaskSpec) -> Optional[str]:
     if state.get("Error"):
         return state["Error"]
     if isinstance(code, int) and code > 128:
-        return f"killed by signal {code - 128}"
+        # a command may also exit with such a code itself
+        return f"likely killed by signal {code - 128}"
     return None
 
 
