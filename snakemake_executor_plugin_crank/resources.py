@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, List, Mapping, Optional, Tuple
 
@@ -22,15 +23,15 @@ def _whole(what: str, name: str, value: Any, minimum: int) -> Optional[int]:
     if value is None or value == "" or (isinstance(value, str) and value.startswith("<")):
         # "<TBD>": Snakemake leaves some resources to be decided on the remote side
         return None
-    if isinstance(value, bool):
-        raise CrankError(f"{what}: resource {name}={value!r} is not a number; give a whole number")
     try:
+        if isinstance(value, bool):
+            raise TypeError
         number = float(value)
     except (TypeError, ValueError):
         raise CrankError(
             f"{what}: resource {name}={value!r} is not a number; give a whole number"
         ) from None
-    if number != int(number) or number < minimum:
+    if not math.isfinite(number) or number != int(number) or number < minimum:
         raise CrankError(
             f"{what}: resource {name}={value!r} must be a whole number >= {minimum}"
         )
@@ -64,12 +65,12 @@ def fit(
     """
     changes = {}
     warnings = []
-    for name, unit in (("cpus", "CPUs"), ("mem_mb", "MB of memory"), ("gpus", "GPUs")):
+    limits = (("cpus", "threads", "CPUs"), ("mem_mb", "mem_mb", "MB of memory"), ("gpus", "gpu", "GPUs"))
+    for name, asked, unit in limits:
         want = getattr(wanted, name)
         have = getattr(capacity, name)
         if want is None or have is None or want <= have:
             continue
-        asked = {"cpus": "threads", "mem_mb": "mem_mb", "gpus": "gpu"}[name]
         if not clamp:
             raise CrankError(
                 f"{what} asks for {asked}={want} but the backend offers at most {have} "

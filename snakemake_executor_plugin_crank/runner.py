@@ -3,6 +3,7 @@ wall-time limits, group chains, and the message a failure is reported with."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -94,12 +95,8 @@ class Runner:
         result = self.backend.result(chain.handle, task)
         if chain.timed_out:
             limit = task.resources.runtime_s // 60
-            result = TaskResult(
-                ok=False,
-                exit_code=result.exit_code,
-                reason=f"wall time exceeded (runtime limit {limit} min)",
-                stderr_tail=result.stderr_tail,
-                log_files=result.log_files,
+            result = dataclasses.replace(
+                result, ok=False, reason=f"wall time exceeded (runtime limit {limit} min)"
             )
         chain.log_files.extend(result.log_files)
         logs = tuple(chain.log_files)

@@ -27,7 +27,8 @@ def test_unset_and_remote_decided_resources_stay_unset():
 
 
 @pytest.mark.parametrize(
-    "name,value", [("mem_mb", "lots"), ("mem_mb", -5), ("runtime", 1.5), ("gpu", True)]
+    "name,value",
+    [("mem_mb", "lots"), ("mem_mb", -5), ("runtime", 1.5), ("gpu", True), ("mem_mb", "inf")],
 )
 def test_invalid_resource_values_name_the_rule_and_resource(name, value):
     with pytest.raises(CrankError, match=rf"rule myrule: resource {name}="):

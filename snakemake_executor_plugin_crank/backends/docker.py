@@ -113,8 +113,11 @@ class DockerBackend:
         self.workdir = workdir
         self.options = options
         try:
-            kwargs = {"base_url": options.base_url} if options.base_url else {}
-            self.client = docker.DockerClient(**kwargs) if kwargs else docker.from_env()
+            self.client = (
+                docker.DockerClient(base_url=options.base_url)
+                if options.base_url
+                else docker.from_env()
+            )
             self.api = self.client.api
             info = self.api.info()
         except docker.errors.DockerException as e:
@@ -161,8 +164,8 @@ class DockerBackend:
             self.api.pull(image)
         except docker.errors.DockerException as e:
             raise CrankError(
-                f"image {image!r} is not on the Docker engine and could not be pulled "
-                f"({_short(e)}); load or build it, or fix the rule's container: image"
+                f"could not pull image {image!r} ({_short(e)}); load or build it on the "
+                "Docker engine, or fix the rule's container: image"
             ) from None
         self._images.add(image)
 
@@ -189,6 +192,7 @@ class DockerBackend:
                 gpu_request(res.gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
             ]
         host_config.update(self.options.host_config)
+        created = None
         try:
             created = self.api.create_container(
                 image=task.image,
@@ -206,6 +210,8 @@ class DockerBackend:
             )
             self.api.start(created["Id"])
         except (docker.errors.DockerException, TypeError) as e:
+            if created:
+                self.cancel([created["Id"]])
             raise CrankError(f"Docker refused the container for {task.label}: {_short(e)}") from None
         return created["Id"]
 
