@@ -64,13 +64,6 @@ def single_jobs(job: Any) -> List[Any]:
     return [job]
 
 
-def rule_kind(job: Any) -> str:
-    for kind in ("shell", "script", "wrapper", "notebook", "cwl", "template_engine"):
-        if getattr(job, f"is_{kind}"):
-            return kind
-    return "norun" if job.is_norun else "run"
-
-
 def image_for(job: Any, default_image: Optional[str]) -> str:
     url = job.container_img_url
     if url:
@@ -171,7 +164,7 @@ def runs_directly(job: Any, ctx: JobContext) -> bool:
     """A shell: rule runs directly in its image, unless Snakemake must prepare a shadow
     directory or deploy a conda environment around it."""
     return (
-        rule_kind(job) == "shell"
+        job.is_shell
         and not job.is_shadow
         and not (ctx.use_conda and job.conda_env_spec)
     )
