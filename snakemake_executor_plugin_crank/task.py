@@ -10,9 +10,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Mapping, Optional, Tuple
 
-
-class CrankError(Exception):
-    """An error whose message is meant for the user as it is: one line, no traceback."""
+from .errors import CrankError  # noqa: F401  (moving to errors.py)
 
 
 @dataclass(frozen=True)
