@@ -1,5 +1,10 @@
 """Drives tasks on a backend: one status request per round for every active task,
-wall-time limits, group chains, and the message a failure is reported with."""
+wall-time limits, group chains, preemption.
+
+A round is safe chain by chain: an error while handling one chain affects that chain
+only, and what the backend holds for a task is released only once the caller has
+reported the chain's outcome (``release``).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from .backends.base import Backend
-from .task import CrankError, State, TaskResult, TaskSpec
+from .errors import BackendUnavailable, CrankError, failure_message
+from .task import State, TaskResult, TaskSpec
 
 
 @dataclass(eq=False)
@@ -18,14 +24,24 @@ class Chain:
 
     tasks: Tuple[TaskSpec, ...]
     index: int = 0
+    # None while the current task still has to be submitted (the backend failed)
     handle: Optional[str] = None
     running_since: Optional[float] = None
     timed_out: bool = False
+    preemptions: int = 0
     log_files: List[str] = field(default_factory=list)
+    # handles of collected tasks, released once the chain's outcome is reported
+    spent: List[str] = field(default_factory=list)
+    # when the backend started failing this chain (submit or collect), if it is
+    trouble_since: Optional[float] = None
 
     @property
     def current(self) -> TaskSpec:
         return self.tasks[self.index]
+
+    @property
+    def handles(self) -> List[str]:
+        return self.spent + ([self.handle] if self.handle else [])
 
 
 @dataclass(frozen=True)
@@ -35,52 +51,73 @@ class Outcome:
     log_files: Tuple[str, ...] = ()
 
 
-def failure_message(task: TaskSpec, result: TaskResult) -> str:
-    what = f"{task.label} (job {task.job_id}, attempt {task.attempt}) failed in image {task.image}"
-    details = []
-    if result.exit_code is not None:
-        details.append(f"exit code {result.exit_code}")
-    if result.reason:
-        details.append(result.reason)
-    message = what + (": " + "; ".join(details) if details else "")
-    if result.stderr_tail.strip():
-        message += "\nlast lines of stderr:\n" + result.stderr_tail.rstrip()
-    return message + "\n"
-
-
 class Runner:
     def __init__(
         self,
         backend: Backend,
         on_success: Callable[[TaskSpec, TaskResult], None] = lambda task, result: None,
         clock: Callable[[], float] = time.monotonic,
+        preemptible_retries: int = 0,
+        tolerance_s: float = 120.0,
     ):
         self.backend = backend
         self.on_success = on_success
         self.clock = clock
+        self.preemptible_retries = preemptible_retries
+        # how long the backend may fail one chain before the chain is reported failed
+        self.tolerance_s = tolerance_s
 
     def start(self, tasks: Sequence[TaskSpec]) -> Chain:
+        """Submit the first task. Raises CrankError when the backend refuses it."""
         chain = Chain(tuple(tasks))
         chain.handle = self.backend.submit(chain.current)
         return chain
 
     def step(self, chains: Sequence[Chain]) -> Dict[Chain, Outcome]:
         """Advance every chain by what happened since the last round; return the
-        outcome of each chain that ended."""
+        outcome of each chain that ended. Raises BackendUnavailable only when the
+        round's one status request fails."""
         if not chains:
             return {}
-        states = self.backend.poll([c.handle for c in chains])
+        states = self.backend.poll([c.handle for c in chains if c.handle])
         now = self.clock()
         ended: Dict[Chain, Outcome] = {}
         for chain in chains:
-            state = states[chain.handle]
-            if state is State.RUNNING:
-                self._enforce_wall_time(chain, now)
-            elif state.terminal:
-                outcome = self._finish_task(chain)
-                if outcome is not None:
-                    ended[chain] = outcome
+            try:
+                outcome = self._advance(chain, states.get(chain.handle), now)
+                chain.trouble_since = None
+            except BackendUnavailable as e:
+                if chain.trouble_since is None:
+                    chain.trouble_since = now
+                if now - chain.trouble_since < self.tolerance_s:
+                    continue
+                outcome = self._failed(chain, f"{chain.current.label}: the backend failed ({e})")
+            except CrankError as e:
+                outcome = self._failed(chain, str(e))
+            if outcome is not None:
+                ended[chain] = outcome
         return ended
+
+    def _advance(self, chain: Chain, state: Optional[State], now: float) -> Optional[Outcome]:
+        if chain.handle is None:
+            chain.handle = self.backend.submit(chain.current)
+            return None
+        if state is State.RUNNING:
+            self._enforce_wall_time(chain, now)
+            return None
+        if state is None or not state.terminal:
+            return None
+        if state is State.PREEMPTED and self._may_resubmit(chain):
+            chain.preemptions += 1
+            chain.spent.append(chain.handle)
+            chain.handle = None
+            chain.running_since = None
+            chain.handle = self.backend.submit(chain.current)
+            return None
+        return self._finish_task(chain, state)
+
+    def _may_resubmit(self, chain: Chain) -> bool:
+        return chain.current.resources.preemptible and chain.preemptions < self.preemptible_retries
 
     def _enforce_wall_time(self, chain: Chain, now: float) -> None:
         if chain.running_since is None:
@@ -90,7 +127,7 @@ class Runner:
             chain.timed_out = True
             self.backend.stop(chain.handle)
 
-    def _finish_task(self, chain: Chain) -> Optional[Outcome]:
+    def _finish_task(self, chain: Chain, state: State) -> Optional[Outcome]:
         task = chain.current
         result = self.backend.result(chain.handle, task)
         if chain.timed_out:
@@ -98,25 +135,40 @@ class Runner:
             result = dataclasses.replace(
                 result, ok=False, reason=f"wall time exceeded (runtime limit {limit} min)"
             )
+        elif state is State.PREEMPTED:
+            retries = "" if not task.resources.preemptible else (
+                f" {chain.preemptions} time(s), no preemptible retry left"
+            )
+            result = dataclasses.replace(result, ok=False, reason=f"preempted{retries}")
+        elif state is State.CANCELED:
+            result = dataclasses.replace(result, ok=False, reason="canceled outside crank")
         chain.log_files.extend(result.log_files)
-        logs = tuple(chain.log_files)
+        chain.spent.append(chain.handle)
+        chain.handle = None
         if not result.ok:
-            return Outcome(False, failure_message(task, result), logs)
+            return Outcome(False, failure_message(task, result), tuple(chain.log_files))
         self.on_success(task, result)
         if chain.index + 1 == len(chain.tasks):
-            return Outcome(True, log_files=logs)
+            return Outcome(True, log_files=tuple(chain.log_files))
         chain.index += 1
         chain.running_since = None
         chain.timed_out = False
-        try:
-            chain.handle = self.backend.submit(chain.current)
-        except CrankError as e:
-            chain.handle = None
-            return Outcome(False, f"{e}\n", logs)
+        chain.preemptions = 0
+        # a failure here leaves handle None: the next round submits again
+        chain.handle = self.backend.submit(chain.current)
         return None
 
+    def _failed(self, chain: Chain, message: str) -> Outcome:
+        return Outcome(False, message, tuple(chain.log_files))
+
+    def release(self, chain: Chain) -> None:
+        """Free what the backend holds for the chain, once its outcome is reported."""
+        self.backend.release(chain.handles)
+        chain.spent.clear()
+        chain.handle = None
+
     def cancel(self, chains: Sequence[Chain]) -> None:
-        self.backend.cancel([c.handle for c in chains if c.handle])
+        self.backend.cancel([h for c in chains for h in c.handles])
 
     @staticmethod
     def next_interval(chains: Sequence[Chain], now: float, ceiling: float) -> float:
@@ -124,4 +176,3 @@ class Runner:
         ages = [now - c.running_since for c in chains if c.running_since is not None]
         youngest = min(ages, default=0.0)
         return max(0.1, min(ceiling, youngest / 10))
-

@@ -1,7 +1,7 @@
 """Backend-neutral description of one container task and of its outcome.
 
-Plain values: no Snakemake, no Docker, no I/O. A task is built once by ``jobs.py`` and
-handed to a backend unchanged.
+Plain values: no Snakemake, no Docker, no I/O. A task is built once by the adapter and
+handed to a backend unchanged. This module imports nothing of crank's.
 """
 
 from __future__ import annotations
@@ -10,7 +10,28 @@ import enum
 from dataclasses import dataclass, field
 from typing import Mapping, Optional, Tuple
 
-from .errors import CrankError  # noqa: F401  (moving to errors.py)
+
+class Kind(enum.Enum):
+    FILE = "file"
+    DIRECTORY = "directory"
+
+
+@dataclass(frozen=True)
+class Input:
+    """A file or directory the task reads, at the same absolute path inside and outside.
+    ``url`` is set when it already lives in object storage."""
+
+    path: str
+    kind: Kind = Kind.FILE
+    url: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class Output:
+    """A file or directory the task writes, at the same absolute path inside and outside."""
+
+    path: str
+    kind: Kind = Kind.FILE
 
 
 @dataclass(frozen=True)
@@ -21,6 +42,15 @@ class Resources:
     runtime_s: Optional[int] = None
     gpus: int = 0
     preemptible: bool = False
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """What one task may get at most on a backend; None means no known limit."""
+
+    cpus: Optional[int] = None
+    mem_mb: Optional[int] = None
+    gpus: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -35,17 +65,24 @@ class TaskSpec:
     script: str
     workdir: str
     env: Mapping[str, str] = field(default_factory=dict)
-    inputs: Tuple[str, ...] = ()
-    outputs: Tuple[str, ...] = ()
+    inputs: Tuple[Input, ...] = ()
+    outputs: Tuple[Output, ...] = ()
+    logs: Tuple[Output, ...] = ()
+    # benchmark files, and whether crank writes them from the task's running time (a
+    # command run directly has nothing around it to measure it) or the command does
+    benchmarks: Tuple[str, ...] = ()
+    benchmarks_by_crank: bool = False
     resources: Resources = Resources()
-    log_dir: str = ""
-    # written by crank from the task's running time (a command run directly has no
-    # Snakemake around it to measure it)
-    benchmark: Optional[str] = None
+    log_dir: str = ""  # where crank keeps the task's stdout and stderr
 
     @property
     def argv(self) -> Tuple[str, ...]:
         return shell_argv(self.script)
+
+    @property
+    def products(self) -> Tuple[Output, ...]:
+        """Everything the task writes: outputs, logs and benchmark files."""
+        return self.outputs + self.logs + tuple(Output(b) for b in self.benchmarks)
 
 
 # bash in strict mode when the image has it, else a POSIX sh (e.g. busybox), with
@@ -66,12 +103,15 @@ class State(enum.Enum):
     QUEUED = "queued"
     RUNNING = "running"
     FINISHED = "finished"
+    # the backend took the task back (a preemptible machine was reclaimed)
+    PREEMPTED = "preempted"
+    CANCELED = "canceled"
     # gone from the backend without a terminal state (removed by someone else)
     LOST = "lost"
 
     @property
     def terminal(self) -> bool:
-        return self in (State.FINISHED, State.LOST)
+        return self not in (State.QUEUED, State.RUNNING)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 import docker
 import pytest
 
-from snakemake_executor_plugin_crank.jobs import snakemake_version
+from snakemake_executor_plugin_crank.adapter.jobs import snakemake_version
 
 WORKFLOWS = Path(__file__).parent / "workflows"
 BUSYBOX = "crank-test/busybox:1"

@@ -3,7 +3,7 @@
 import pytest
 
 from conftest import BUSYBOX, SNAKEMAKE_IMAGE, containers_of, copy_workflow, snakemake
-from snakemake_executor_plugin_crank.jobs import snakemake_version
+from snakemake_executor_plugin_crank.adapter.jobs import snakemake_version
 
 pytestmark = pytest.mark.docker
 

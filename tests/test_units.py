@@ -5,10 +5,12 @@ import subprocess
 import pytest
 
 from snakemake_executor_plugin_crank.backends.docker import gpu_request, plan_mounts
-from snakemake_executor_plugin_crank.resources import Capacity, fit, from_snakemake
-from snakemake_executor_plugin_crank.runner import Runner, failure_message
+from snakemake_executor_plugin_crank.adapter.resources import from_snakemake
+from snakemake_executor_plugin_crank.errors import CrankError, failure_message
+from snakemake_executor_plugin_crank.limits import fit
+from snakemake_executor_plugin_crank.runner import Runner
 from snakemake_executor_plugin_crank.task import (
-    CrankError,
+    Capacity,
     Resources,
     TaskResult,
     TaskSpec,
@@ -123,7 +125,7 @@ def test_poll_interval_is_short_for_young_tasks_and_bounded():
     "found,expected", [("9.1.0", 0), ("8.30.0", 127), (None, 127)]
 )
 def test_snakemake_guard_accepts_only_the_same_major_version(tmp_path, found, expected):
-    from snakemake_executor_plugin_crank.jobs import SNAKEMAKE_GUARD
+    from snakemake_executor_plugin_crank.adapter.jobs import SNAKEMAKE_GUARD
 
     python = tmp_path / "python"
     body = f"echo {found}" if found else "exit 1"

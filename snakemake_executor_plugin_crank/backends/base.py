@@ -1,19 +1,27 @@
-"""The few operations every backend offers. Backends never import Snakemake."""
+"""The few operations every backend offers. Backends never import Snakemake.
+
+Errors: ``CrankError`` for what the task asks that the backend refuses (a final answer),
+``BackendUnavailable`` for a backend that did not answer or answered with a server
+error (worth trying again later). Nothing else escapes a backend.
+"""
 
 from __future__ import annotations
 
 from typing import Mapping, Protocol, Sequence
 
-from ..resources import Capacity
-from ..task import State, TaskResult, TaskSpec
+from ..task import Capacity, State, TaskResult, TaskSpec
 
 
 class Backend(Protocol):
     def capacity(self) -> Capacity:
         """The most one task may ask for."""
 
+    def remove_orphans(self) -> int:
+        """Cancel what an earlier run with the same owner left behind (it crashed);
+        return how many tasks that was."""
+
     def submit(self, task: TaskSpec) -> str:
-        """Start the task; return its handle. Raises CrankError for bad input."""
+        """Start the task; return its handle."""
 
     def poll(self, handles: Sequence[str]) -> Mapping[str, State]:
         """The state of every handle, in one request to the backend."""
@@ -23,10 +31,14 @@ class Backend(Protocol):
 
     def result(self, handle: str, task: TaskSpec) -> TaskResult:
         """Collect a finished task: exit code, reason, logs saved under task.log_dir,
-        outputs in place. Releases what the backend still holds for it."""
+        outputs in place. Keeps what the backend holds for it (see ``release``), so a
+        collection that fails can be tried again."""
+
+    def release(self, handles: Sequence[str]) -> None:
+        """Free what the backend still holds for collected tasks."""
 
     def cancel(self, handles: Sequence[str]) -> None:
-        """Stop the tasks and release what the backend holds for them."""
+        """Stop the tasks and free what the backend holds for them."""
 
     def close(self) -> None:
         """Cancel whatever this run still has on the backend."""

@@ -6,6 +6,7 @@ outside it read-only at theirs, so the command sees the host's paths.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -14,9 +15,10 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import docker
 import docker.errors
 import docker.types
+import requests
 
-from ..resources import Capacity
-from ..task import CrankError, State, TaskResult, TaskSpec
+from ..errors import BackendUnavailable, CrankError, ImageUnavailable
+from ..task import Capacity, State, TaskResult, TaskSpec
 from .logs import save_logs
 
 LABEL_RUN = "crank.run"
@@ -107,11 +109,26 @@ def running_seconds(state: Mapping[str, Any]) -> Optional[float]:
         return None
 
 
+@contextlib.contextmanager
+def engine_errors(doing: str):
+    """Turn the engine's transport and server errors into BackendUnavailable; its
+    refusals (4xx) stay APIError for the caller to explain."""
+    try:
+        yield
+    except docker.errors.APIError as e:  # also a requests error: test it first
+        if e.is_server_error():
+            raise BackendUnavailable(f"the Docker engine failed while {doing} ({_short(e)})") from None
+        raise
+    except requests.RequestException as e:
+        raise BackendUnavailable(f"the Docker engine did not answer while {doing} ({_short(e)})") from None
+
+
 class DockerBackend:
     def __init__(self, run_id: str, workdir: str, options: DockerOptions = DockerOptions()):
         self.run_id = run_id
         self.workdir = workdir
         self.options = options
+        where = options.base_url or os.environ.get("DOCKER_HOST") or "the default socket"
         try:
             self.client = (
                 docker.DockerClient(base_url=options.base_url)
@@ -120,11 +137,9 @@ class DockerBackend:
             )
             self.api = self.client.api
             info = self.api.info()
-        except docker.errors.DockerException as e:
-            where = options.base_url or os.environ.get("DOCKER_HOST") or "the default socket"
-            raise CrankError(
-                f"cannot reach the Docker engine at {where} ({_short(e)}); start dockerd "
-                "or point --crank-docker-url / DOCKER_HOST at a running engine"
+        except (docker.errors.DockerException, requests.RequestException) as e:
+            raise BackendUnavailable(
+                f"cannot reach the Docker engine at {where} ({_short(e)})"
             ) from None
         self._capacity = Capacity(
             cpus=info.get("NCPU"), mem_mb=int(info.get("MemTotal", 0) / 1e6) or None
@@ -134,13 +149,15 @@ class DockerBackend:
     def capacity(self) -> Capacity:
         return self._capacity
 
+    def _containers(self, label: str, value: str) -> List[Mapping[str, Any]]:
+        with engine_errors("listing containers"):
+            return self.api.containers(all=True, filters={"label": f"{label}={value}"})
+
     def remove_orphans(self) -> int:
         """Remove containers an earlier run in this workdir left behind (it crashed)."""
         stale = [
             row["Id"]
-            for row in self.api.containers(
-                all=True, filters={"label": f"{LABEL_WORKDIR}={self.workdir}"}
-            )
+            for row in self._containers(LABEL_WORKDIR, self.workdir)
             if row.get("Labels", {}).get(LABEL_RUN) != self.run_id
         ]
         self.cancel(stale)
@@ -151,31 +168,29 @@ class DockerBackend:
             return
         if self.options.pull != "always":
             try:
-                self.api.inspect_image(image)
+                with engine_errors("looking up an image"):
+                    self.api.inspect_image(image)
                 self._images.add(image)
                 return
             except docker.errors.ImageNotFound:
                 if self.options.pull == "never":
-                    raise CrankError(
-                        f"image {image!r} is not on the Docker engine and pulling is off "
-                        "(--crank-docker-pull never); load or build it first"
+                    raise ImageUnavailable(
+                        f"image {image!r} is not on the Docker engine and pulling is off"
                     ) from None
         try:
-            self.api.pull(image)
+            with engine_errors("pulling an image"):
+                self.api.pull(image)
         except docker.errors.DockerException as e:
-            raise CrankError(
-                f"could not pull image {image!r} ({_short(e)}); load or build it on the "
-                "Docker engine, or fix the rule's container: image"
-            ) from None
+            raise ImageUnavailable(f"could not pull image {image!r} ({_short(e)})") from None
         self._images.add(image)
 
     def submit(self, task: TaskSpec) -> str:
         self._ensure_image(task.image)
-        for path in task.outputs:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
         mounts = [
             docker.types.Mount(target=p, source=p, type="bind", read_only=not rw)
-            for p, rw in plan_mounts(task.workdir, task.inputs, task.outputs)
+            for p, rw in plan_mounts(
+                task.workdir, [i.path for i in task.inputs], [o.path for o in task.products]
+            )
         ]
         res = task.resources
         host_config: Dict[str, Any] = {
@@ -192,49 +207,66 @@ class DockerBackend:
                 gpu_request(res.gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
             ]
         host_config.update(self.options.host_config)
-        created = None
+        name = f"crank-{self.run_id[:8]}-{task.name}"
         try:
-            created = self.api.create_container(
-                image=task.image,
-                command=list(task.argv),
-                working_dir=task.workdir,
-                user=f"{os.getuid()}:{os.getgid()}",
-                environment=dict(task.env),
-                labels={
-                    LABEL_RUN: self.run_id,
-                    LABEL_JOB: task.job_id,
-                    LABEL_WORKDIR: self.workdir,
-                },
-                name=f"crank-{self.run_id[:8]}-{task.name}",
-                host_config=self.api.create_host_config(**host_config),
-            )
-            self.api.start(created["Id"])
+            with engine_errors("creating a container"):
+                handle = self._create(task, name, host_config)
+                self.api.start(handle)
         except (docker.errors.DockerException, TypeError) as e:
-            if created:
-                self.cancel([created["Id"]])
+            self._remove_quietly(name)
             raise CrankError(f"Docker refused the container for {task.label}: {_short(e)}") from None
-        return created["Id"]
+        except BackendUnavailable:
+            # the engine may have made the container before the connection broke
+            self._remove_quietly(name)
+            raise
+        return handle
+
+    def _create(self, task: TaskSpec, name: str, host_config: Dict[str, Any]) -> str:
+        config = dict(
+            image=task.image,
+            command=list(task.argv),
+            working_dir=task.workdir,
+            user=f"{os.getuid()}:{os.getgid()}",
+            environment=dict(task.env),
+            labels={LABEL_RUN: self.run_id, LABEL_JOB: task.job_id, LABEL_WORKDIR: self.workdir},
+            name=name,
+            host_config=self.api.create_host_config(**host_config),
+        )
+        try:
+            return self.api.create_container(**config)["Id"]
+        except docker.errors.APIError as e:
+            if e.status_code != 409:
+                raise
+        # 409: a container of this name is left from a submission whose answer was lost
+        self.api.remove_container(name, force=True)
+        return self.api.create_container(**config)["Id"]
+
+    def _remove_quietly(self, name: str) -> None:
+        with contextlib.suppress(CrankError, docker.errors.DockerException):
+            self.cancel([name])
 
     def poll(self, handles: Sequence[str]) -> Mapping[str, State]:
-        rows = self.api.containers(all=True, filters={"label": f"{LABEL_RUN}={self.run_id}"})
+        rows = self._containers(LABEL_RUN, self.run_id)
         seen = {row["Id"]: _STATES.get(row["State"], State.RUNNING) for row in rows}
         return {h: seen.get(h, State.LOST) for h in handles}
 
     def stop(self, handle: str) -> None:
         try:
-            self.api.kill(handle)
+            with engine_errors("stopping a container"):
+                self.api.kill(handle)
         except docker.errors.APIError:
             pass  # already ended
 
     def result(self, handle: str, task: TaskSpec) -> TaskResult:
         try:
-            state = self.api.inspect_container(handle)["State"]
+            with engine_errors("inspecting a container"):
+                state = self.api.inspect_container(handle)["State"]
         except docker.errors.NotFound:
             return TaskResult(ok=False, reason="the container was removed outside crank")
-        stdout = self.api.logs(handle, stdout=True, stderr=False, stream=True)
-        stderr = self.api.logs(handle, stdout=False, stderr=True, stream=True)
-        files, tail = save_logs(task, stdout, stderr)
-        self.cancel([handle])
+        with engine_errors("reading a container's logs"):
+            stdout = self.api.logs(handle, stdout=True, stderr=False, stream=True)
+            stderr = self.api.logs(handle, stdout=False, stderr=True, stream=True)
+            files, tail = save_logs(task, stdout, stderr)
         code = state.get("ExitCode")
         reason = failure_reason(state, task)
         return TaskResult(
@@ -246,20 +278,25 @@ class DockerBackend:
             seconds=running_seconds(state),
         )
 
+    def release(self, handles: Sequence[str]) -> None:
+        self.cancel(handles)
+
     def cancel(self, handles: Sequence[str]) -> None:
         for handle in handles:
             try:
-                self.api.remove_container(handle, force=True)
+                with engine_errors("removing a container"):
+                    self.api.remove_container(handle, force=True)
             except docker.errors.NotFound:
                 pass
             except docker.errors.APIError as e:
                 if e.status_code != 409:  # 409: removal already in progress
-                    raise
+                    raise CrankError(f"Docker refused to remove container {handle[:12]}: {_short(e)}") from None
 
     def close(self) -> None:
-        rows = self.api.containers(all=True, filters={"label": f"{LABEL_RUN}={self.run_id}"})
-        self.cancel([row["Id"] for row in rows])
-        self.client.close()
+        try:
+            self.cancel([row["Id"] for row in self._containers(LABEL_RUN, self.run_id)])
+        finally:
+            self.client.close()
 
 
 def _short(error: Exception) -> str:

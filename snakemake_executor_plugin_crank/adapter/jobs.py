@@ -1,12 +1,11 @@
-"""Snakemake job -> TaskSpec. The only module that reads Snakemake's job objects.
+"""Snakemake job -> TaskSpec.
 
 Two launch modes. A shell: rule runs its formatted command directly in its image; any
 other rule (run:, script:, wrapper:, notebook:), and a group holding one, runs Snakemake's
 own job command in an image that has Snakemake.
 
-``job.shellcmd``, ``job.container_img_url``, ``job.remove_existing_output`` and
-``dag.get_sources`` belong to Snakemake, not to the plugin interface: that coupling stays
-here.
+``job.shellcmd``, ``job.container_img_url`` and ``dag.get_sources`` belong to Snakemake,
+not to the plugin interface: that coupling stays in this package.
 """
 
 from __future__ import annotations
@@ -14,11 +13,14 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, List, Mapping, Optional
+from typing import Any, Callable, Iterable, List, Mapping, Optional, Tuple
 
+from snakemake.io import is_flagged
+
+from .. import limits
+from ..errors import CrankError
+from ..task import Capacity, Input, Kind, Output, TaskSpec
 from . import resources
-from .resources import Capacity
-from .task import CrankError, TaskSpec
 
 THREAD_VARIABLES = (
     "OMP_NUM_THREADS",
@@ -76,6 +78,15 @@ def image_for(job: Any, default_image: Optional[str]) -> str:
     )
 
 
+def image_source(job: Any, ctx: "JobContext") -> str:
+    """Where the image of a job's tasks came from, for messages about it."""
+    if not job.is_group() and job.container_img_url:
+        return f"the container: image of rule {job.rule.name}"
+    if all(runs_directly(j, ctx) for j in single_jobs(job)):
+        return "--crank-default-image (or --container-image)"
+    return "--container-image (the image with Snakemake)"
+
+
 def task_env(threads: int, envvars: Mapping[str, str]) -> Mapping[str, str]:
     env = {name: str(threads) for name in THREAD_VARIABLES}
     env.update(TMPDIR=CONTAINER_TMPDIR, TMP=CONTAINER_TMPDIR, TEMP=CONTAINER_TMPDIR)
@@ -83,16 +94,22 @@ def task_env(threads: int, envvars: Mapping[str, str]) -> Mapping[str, str]:
     return env
 
 
-def _absolute(paths: Iterable[Any]) -> tuple:
-    return tuple(os.path.abspath(str(p)) for p in paths)
+def _inputs(paths: Iterable[Any]) -> Tuple[Input, ...]:
+    found = []
+    for path in map(os.path.abspath, map(str, paths)):
+        found.append(Input(path, Kind.DIRECTORY if os.path.isdir(path) else Kind.FILE))
+    return tuple(found)
 
 
-def _outputs(jobs: Iterable[Any]) -> tuple:
-    return _absolute(
-        path
-        for job in jobs
-        for path in [*job.output, *job.log, *([job.benchmark] if job.benchmark else [])]
+def _outputs(files: Iterable[Any]) -> Tuple[Output, ...]:
+    return tuple(
+        Output(os.path.abspath(str(f)), Kind.DIRECTORY if is_flagged(f, "directory") else Kind.FILE)
+        for f in files
     )
+
+
+def _benchmarks(jobs: Iterable[Any]) -> Tuple[str, ...]:
+    return tuple(os.path.abspath(str(j.benchmark)) for j in jobs if j.benchmark)
 
 
 def _task_name(*parts: Any) -> str:
@@ -102,7 +119,7 @@ def _task_name(*parts: Any) -> str:
 
 def _resources(label: str, job: Any, preemptible: bool, ctx: JobContext) -> resources.Resources:
     wanted = resources.from_snakemake(label, job.threads, job.resources, preemptible)
-    res, warnings = resources.fit(label, wanted, ctx.capacity, ctx.clamp)
+    res, warnings = limits.fit(label, wanted, ctx.capacity, ctx.clamp)
     for warning in warnings:
         ctx.warn(warning)
     return res
@@ -120,11 +137,13 @@ def shell_task(job: Any, ctx: JobContext) -> TaskSpec:
         script=job.shellcmd,
         workdir=ctx.workdir,
         env=task_env(res.cpus, ctx.envvars),
-        inputs=_absolute(job.input),
-        outputs=_outputs([job]),
+        inputs=_inputs(job.input),
+        outputs=_outputs(job.output),
+        logs=_outputs(job.log),
+        benchmarks=_benchmarks([job]),
+        benchmarks_by_crank=True,
         resources=res,
         log_dir=ctx.log_dir,
-        benchmark=os.path.abspath(job.benchmark) if job.benchmark else None,
     )
 
 
@@ -153,8 +172,11 @@ def snakemake_task(job: Any, ctx: JobContext) -> TaskSpec:
         workdir=ctx.workdir,
         # Snakemake writes caches under $HOME, which an unknown uid lacks
         env={**task_env(res.cpus, ctx.envvars), "HOME": CONTAINER_TMPDIR},
-        inputs=_absolute([*(f for j in singles for f in j.input), *ctx.sources]),
-        outputs=_outputs(singles),
+        inputs=_inputs([*(f for j in singles for f in j.input), *ctx.sources]),
+        outputs=_outputs(f for j in singles for f in j.output),
+        logs=_outputs(f for j in singles for f in j.log),
+        # Snakemake in the image measures and writes them
+        benchmarks=_benchmarks(singles),
         resources=res,
         log_dir=ctx.log_dir,
     )
@@ -191,19 +213,3 @@ def workflow_sources(workflow: Any) -> List[str]:
     if prefix.startswith("file://"):
         sources.append(prefix[len("file://") :])
     return sources
-
-
-def write_benchmark(path: str, seconds: Optional[float]) -> None:
-    """A benchmark file in Snakemake's format with the running time (the other columns,
-    measured by Snakemake around a local process, are NA)."""
-    from snakemake.benchmark import BenchmarkRecord, write_benchmark_records
-
-    record = BenchmarkRecord(running_time=seconds)
-    record.process_gone = True  # nothing was sampled: NA without a warning
-    write_benchmark_records([record], path, extended_fmt=False)
-
-
-def prepare_outputs(job: Any, async_run: Callable) -> None:
-    """Remove stale outputs, as Snakemake's local executor does before a job; remote
-    executors must do it themselves."""
-    async_run(job.remove_existing_output())

@@ -1,0 +1,1 @@
+"""The only code that reads Snakemake's job objects: job -> tasks, resources, outputs."""

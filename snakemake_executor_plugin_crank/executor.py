@@ -1,0 +1,158 @@
+"""Snakemake's RemoteExecutor glue: jobs in, tasks through the runner, outcomes out."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from typing import AsyncGenerator, List, Optional
+
+from snakemake_interface_common.exceptions import WorkflowError
+from snakemake_interface_executor_plugins.executors.base import SubmittedJobInfo
+from snakemake_interface_executor_plugins.executors.remote import RemoteExecutor
+from snakemake_interface_executor_plugins.jobs import JobExecutorInterface
+from snakemake_interface_executor_plugins.settings import DeploymentMethod
+
+from .adapter import jobs, outputs
+from .errors import BackendUnavailable, CrankError, ImageUnavailable
+from .runner import Runner
+from .settings import ExecutorSettings, backend_from, image_hint
+
+# how long status rounds may keep failing (engine restarting, network blip) before the
+# active jobs are reported as failed; meanwhile rounds back off up to the slowest interval
+BACKEND_TOLERANCE_S = 120.0
+IDLE_INTERVAL = 0.1
+
+
+class Executor(RemoteExecutor):
+    def __post_init__(self):
+        self.settings = self.workflow.executor_settings or ExecutorSettings()
+        self.run_id = uuid.uuid4().hex
+        workdir = os.getcwd()
+        try:
+            self.backend = backend_from(self.settings, self.run_id, workdir)
+            removed = self.backend.remove_orphans()
+        except CrankError as e:
+            raise WorkflowError(str(e)) from None
+        if removed:
+            self.logger.info(f"crank: removed {removed} container(s) left by an earlier run")
+        remote = self.workflow.remote_execution_settings
+        self.runner = Runner(
+            self.backend,
+            on_success=self._task_succeeded,
+            preemptible_retries=remote.preemptible_retries or 0,
+            tolerance_s=BACKEND_TOLERANCE_S,
+        )
+        self._failing_since: Optional[float] = None
+        self._warned = set()
+        self.context = jobs.JobContext(
+            workdir=workdir,
+            log_dir=os.path.join(workdir, ".snakemake", "crank", "logs", self.run_id),
+            default_image=self.settings.default_image or remote.container_image,
+            snakemake_image=remote.container_image,
+            snakemake_version=jobs.snakemake_version(),
+            job_command=self.format_job_exec,
+            sources=jobs.workflow_sources(self.workflow),
+            use_conda=DeploymentMethod.CONDA
+            in self.workflow.deployment_settings.deployment_method,
+            envvars=self.envvars(),
+            is_preemptible=remote.preemptible_rules.is_preemptible,
+            capacity=self.backend.capacity(),
+            clamp=self.settings.clamp_resources,
+            warn=self._warn_once,
+        )
+
+    def _warn_once(self, message: str) -> None:
+        if message not in self._warned:
+            self._warned.add(message)
+            self.logger.warning(f"crank: {message}")
+
+    def run_job(self, job: JobExecutorInterface):
+        try:
+            tasks = jobs.tasks_for(job, self.context)
+            outputs.prepare(job, tasks, self.workflow.async_run)
+            chain = self.runner.start(tasks)
+        except ImageUnavailable as e:
+            source = jobs.image_source(job, self.context)
+            self._report_error(
+                SubmittedJobInfo(job), f"{e}; {image_hint(self.settings)}, or fix {source}"
+            )
+            return
+        except CrankError as e:
+            self._report_error(SubmittedJobInfo(job), str(e))
+            return
+        self.report_job_submission(
+            SubmittedJobInfo(job, external_jobid=chain.handle, aux={"chain": chain})
+        )
+
+    async def check_active_jobs(
+        self, active_jobs: List[SubmittedJobInfo]
+    ) -> AsyncGenerator[SubmittedJobInfo, None]:
+        if not active_jobs:
+            # nothing to ask the backend; look again soon so new jobs are seen early
+            # (this also covers the first round, which can come before __post_init__)
+            self.next_seconds_between_status_checks = IDLE_INTERVAL
+            return
+        chains = [info.aux["chain"] for info in active_jobs]
+        ceiling = self.workflow.remote_execution_settings.seconds_between_status_checks
+        now = self.runner.clock()
+        try:
+            async with self.status_rate_limiter:
+                ended = self.runner.step(chains)
+            self._failing_since = None
+        except BackendUnavailable as e:
+            if self._failing_since is None:
+                self._failing_since = now
+            failing_for = now - self._failing_since
+            if failing_for < BACKEND_TOLERANCE_S:
+                self.logger.warning(f"crank: status check failed, will retry: {e}")
+                self.next_seconds_between_status_checks = min(ceiling, max(1.0, failing_for))
+                for info in active_jobs:
+                    yield info
+                return
+            message = (
+                f"crank lost the backend for {failing_for:.0f} s ({e}); the task's state is unknown"
+            )
+            for info in active_jobs:
+                self._report_error(info, message)
+            self.runner.cancel(chains)
+            return
+        for info in active_jobs:
+            chain = info.aux["chain"]
+            outcome = ended.get(chain)
+            if outcome is None:
+                yield info
+                continue
+            if outcome.ok:
+                self.report_job_success(info)
+            else:
+                self._report_error(info, outcome.message, outcome.log_files)
+            self._release(chain)
+        still = [c for c in chains if c not in ended]
+        self.next_seconds_between_status_checks = Runner.next_interval(
+            still, self.runner.clock(), ceiling
+        )
+
+    def _release(self, chain) -> None:
+        try:
+            self.runner.release(chain)
+        except CrankError as e:
+            # the outcome is reported; what is left is removed at shutdown or next start
+            self.logger.warning(f"crank: {e}")
+
+    def _task_succeeded(self, task, result) -> None:
+        if task.benchmarks_by_crank:
+            for path in task.benchmarks:
+                outputs.write_benchmark(path, result.seconds)
+
+    def _report_error(self, info: SubmittedJobInfo, message: str, logs=()) -> None:
+        if info.job.is_group():
+            # Snakemake does not print the message of a failed group job
+            self.logger.error(message)
+        self.report_job_error(info, msg=message + "\n", aux_logs=list(logs))
+
+    def cancel_jobs(self, active_jobs: List[SubmittedJobInfo]):
+        self.runner.cancel([info.aux["chain"] for info in active_jobs])
+
+    def shutdown(self):
+        super().shutdown()
+        self.backend.close()
