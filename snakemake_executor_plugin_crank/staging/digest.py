@@ -1,0 +1,121 @@
+"""sha256 of local files, streamed, with a cache so that an unchanged file is never hashed twice.
+
+The cache is a small SQLite file (WAL mode) keyed by the file's real path and its
+(size, mtime_ns, inode, device): any change to the file changes one of them, so a stale entry is
+never used. Two runs sharing a workdir share the file safely (SQLite locking, busy timeout).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+import threading
+import time
+
+from ..errors import CrankError
+
+# Large reads keep the per-call overhead negligible; hashlib releases the GIL on big buffers, so
+# hashing in several threads uses several cores.
+BLOCK_SIZE = 4 << 20
+# A file modified this recently may be modified again within the same mtime tick (a few ms on
+# Linux) without its stat changing: such a digest is used but not cached ("racy git" problem).
+RACY_NS = 2_000_000_000
+
+
+def sha256_file(path: str) -> str:
+    """Hex sha256 of a file, read in large blocks (never the whole file in memory)."""
+    digest, _ = _hash_with_stat(path)
+    return digest
+
+
+def file_identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    """What the cache compares: a change to the content changes at least one of these."""
+    return (st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
+
+
+def _hash_with_stat(path: str) -> tuple[str, os.stat_result]:
+    """Hash a file and return the stat it was hashed under. The stat is taken on the open file
+    before and after reading: a file written to meanwhile is refused instead of hashed wrong."""
+    h = hashlib.sha256()
+    buf = bytearray(BLOCK_SIZE)
+    view = memoryview(buf)
+    try:
+        with open(path, "rb", buffering=0) as f:
+            before = os.fstat(f.fileno())
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            while n := f.readinto(buf):
+                h.update(view[:n])
+            after = os.fstat(f.fileno())
+    except OSError as e:
+        raise CrankError(f"cannot read {path}: {e.strerror or e}") from None
+    if file_identity(before) != file_identity(after):
+        raise CrankError(f"{path} changed while it was being read; is something still writing it?")
+    return h.hexdigest(), after
+
+
+class DigestCache:
+    """sha256 of files, cached in a SQLite file by (real path, size, mtime_ns, inode, device)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.hits = 0
+        self.misses = 0
+        self._lock = threading.Lock()
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            # One connection shared by the threads of this process, guarded by _lock; other
+            # processes get SQLite's own locking, with a generous busy timeout.
+            self._db = sqlite3.connect(path, timeout=30, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS digests ("
+                " path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, inode INTEGER,"
+                " dev INTEGER, sha256 TEXT NOT NULL)"
+            )
+        except sqlite3.Error as e:
+            raise CrankError(f"digest cache {path}: {e}") from None
+
+    def lookup(self, path: str) -> str | None:
+        """The cached digest of ``path`` if the file is unchanged since it was hashed."""
+        real = os.path.realpath(path)
+        try:
+            st = os.stat(real)
+        except OSError as e:
+            raise CrankError(f"cannot read {path}: {e.strerror or e}") from None
+        with self._lock:
+            row = self._db.execute(
+                "SELECT size, mtime_ns, inode, dev, sha256 FROM digests WHERE path = ?", (real,)
+            ).fetchone()
+        if row is not None and tuple(row[:4]) == file_identity(st):
+            return row[4]
+        return None
+
+    def digest(self, path: str) -> str:
+        """sha256 hex of ``path``; hashed only when the cache has no entry for this exact file."""
+        cached = self.lookup(path)
+        if cached is not None:
+            with self._lock:
+                self.hits += 1
+            return cached
+        real = os.path.realpath(path)
+        digest, st = _hash_with_stat(real)
+        size, mtime_ns, inode, dev = file_identity(st)
+        with self._lock:
+            self.misses += 1
+            if time.time_ns() - mtime_ns < RACY_NS:
+                return digest
+            try:
+                self._db.execute(
+                    "INSERT OR REPLACE INTO digests VALUES (?, ?, ?, ?, ?, ?)",
+                    (real, size, mtime_ns, inode, dev, digest),
+                )
+            except sqlite3.Error:
+                pass  # a cache that cannot be written only costs a rehash next time
+        return digest
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

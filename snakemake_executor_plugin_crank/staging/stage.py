@@ -1,0 +1,332 @@
+"""Local inputs to content-addressed objects, and outputs back.
+
+Layout under the store's prefix (every file key has the same length, so no key is a string
+prefix of another: Funnel fetches a key as a directory when a longer key starts with it):
+
+    cas/sha256/<64 hex>   a file, named by the sha256 of its content
+    cas/dirs/<64 hex>     a directory manifest (JSON list of {path, size, sha256, mode}, named by
+                          its own sha256), written after all the directory's files: it marks the
+                          directory complete
+    runs/...              outputs, under keys the backend chooses
+
+A file already in the store with the right size is not uploaded again; identical content is
+uploaded once per run; hashing of one file overlaps the upload of others.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import stat
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+from ..errors import CrankError
+from .digest import DigestCache
+from .store import Store
+
+FILES = "cas/sha256"
+DIRS = "cas/dirs"
+_REMOTE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def file_key(sha256: str) -> str:
+    return f"{FILES}/{sha256}"
+
+
+def dir_key(sha256: str) -> str:
+    return f"{DIRS}/{sha256}"
+
+
+def cas_digest(key: str) -> str | None:
+    """The sha256 a content-addressed file key names, else None."""
+    head, _, hexdigest = key.rpartition("/")
+    return hexdigest if head == FILES and _HEX64.match(hexdigest) else None
+
+
+def is_remote(path: str) -> bool:
+    """An input that already is an object-store URL (file:// counts as local)."""
+    return bool(_REMOTE.match(path)) and not path.startswith("file://")
+
+
+def manifest_bytes(entries: list[dict]) -> bytes:
+    """Canonical JSON of a directory manifest: the same directory always gives the same bytes."""
+    ordered = sorted(entries, key=lambda e: e["path"])
+    return json.dumps(ordered, sort_keys=True, separators=(",", ":")).encode()
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError  # unreachable
+
+
+@dataclass(frozen=True)
+class StagedFile:
+    path: str  # local absolute path (for a directory input: each file in it); a remote input: its URL
+    url: str  # where it is in the store, or the input's own URL when it already was remote
+    size: int  # bytes; -1 for a remote input (crank does not look it up)
+
+
+@dataclass
+class StageStats:
+    files: int = 0
+    bytes_sent: int = 0
+    bytes_deduplicated: int = 0  # already in the store, or identical to another file of the run
+    seconds: float = 0.0  # wall time during which at least one stage() call was running
+
+
+class Stager:
+    """Uploads inputs by content; thread-safe (several jobs may stage at once)."""
+
+    def __init__(
+        self,
+        store: Store,
+        cache: DigestCache,
+        workers: int = 8,
+        progress: Callable[[str], None] | None = None,
+        progress_interval: float = 10.0,
+    ):
+        self.store = store
+        self.cache = cache
+        self.stats = StageStats()
+        self._pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="crank-stage")
+        self._progress = progress
+        self._progress_interval = progress_interval
+        self._lock = threading.Lock()
+        self._present: set[str] = set()  # digests known to be in the store
+        self._uploading: dict[str, Future] = {}  # digest -> the upload of that content
+        self._active = 0
+        self._active_since = 0.0
+        self._queued_bytes = 0
+        self._sent_bytes = 0
+        self._last_report = time.monotonic()
+
+    # ------------------------------------------------------------------ inputs
+
+    def stage(self, paths: Sequence[str]) -> list[StagedFile]:
+        """Put every local file (a directory: each file in it, then its manifest) in the store.
+        Remote URLs pass through. Returns one StagedFile per file, in input order."""
+        self._begin()
+        try:
+            return self._stage(paths)
+        finally:
+            self._end()
+
+    def _stage(self, paths: Sequence[str]) -> list[StagedFile]:
+        plan: list[tuple[str, str | list[str]]] = []  # (input, remote url | [files])
+        for path in paths:
+            if is_remote(path):
+                plan.append((path, path))
+                continue
+            local = os.path.abspath(path[len("file://"):] if path.startswith("file://") else path)
+            if os.path.isdir(local):
+                plan.append((local, _files_below(local)))
+            elif os.path.exists(local):
+                plan.append((local, [local]))
+            else:
+                raise CrankError(f"input {path}: no such file or directory")
+
+        # one task per distinct file; identical content in different files is handled in _put
+        futures: dict[str, Future] = {}
+        for _, target in plan:
+            if isinstance(target, list):
+                for f in target:
+                    if f not in futures:
+                        futures[f] = self._pool.submit(self._stage_file, f)
+        done = _wait_all(futures)
+
+        staged: list[StagedFile] = []
+        for source, target in plan:
+            if isinstance(target, str):
+                staged.append(StagedFile(source, target, -1))
+                continue
+            for f in target:
+                digest, size = done[f]
+                staged.append(StagedFile(f, self.store.url(file_key(digest)), size))
+            if os.path.isdir(source):
+                self._put_manifest(source, target, done)
+        with self._lock:
+            self.stats.files += sum(1 for s in staged if s.size >= 0)
+        return staged
+
+    def _stage_file(self, path: str) -> tuple[str, int]:
+        digest = self.cache.digest(path)
+        size = os.stat(path).st_size
+        sent = self._put(path, digest, size)
+        with self._lock:
+            if sent:
+                self.stats.bytes_sent += size
+            else:
+                self.stats.bytes_deduplicated += size
+        return digest, size
+
+    def _put(self, path: str, digest: str, size: int) -> bool:
+        """Make sure the content ``digest`` is in the store; True when this call uploaded it."""
+        with self._lock:
+            if digest in self._present:
+                return False
+            pending = self._uploading.get(digest)
+            if pending is None:
+                mine = self._uploading[digest] = Future()
+        if pending is not None:  # the same bytes under another name, being uploaded right now
+            pending.result()
+            return False
+        key = file_key(digest)
+        try:
+            uploaded = False
+            if self.store.head(key) != size:
+                with self._lock:
+                    self._queued_bytes += size
+                self.store.put_file(path, key, sha256=digest, on_bytes=self._sent)
+                uploaded = True
+            with self._lock:
+                self._present.add(digest)
+            mine.set_result(None)
+            return uploaded
+        except BaseException as e:
+            mine.set_exception(e)
+            raise
+        finally:
+            with self._lock:
+                del self._uploading[digest]
+
+    def _put_manifest(self, directory: str, files: list[str], done: dict[str, tuple[str, int]]) -> str:
+        entries = []
+        for f in files:
+            digest, size = done[f]
+            mode = stat.S_IMODE(os.stat(f).st_mode)
+            entries.append({"path": os.path.relpath(f, directory), "size": size, "sha256": digest, "mode": mode})
+        data = manifest_bytes(entries)
+        key = dir_key(hashlib.sha256(data).hexdigest())
+        if self.store.head(key) != len(data):
+            self.store.put_bytes(data, key)
+        return self.store.url(key)
+
+    # ------------------------------------------------------------------ outputs
+
+    def fetch_file(self, key: str, dest: str, size: int | None = None) -> None:
+        """Download one object to ``dest`` (temp name beside it, checked, renamed)."""
+        self.store.get_file(key, dest, size, sha256=cas_digest(key))
+
+    def fetch_dir(self, key_prefix: str, dest: str) -> None:
+        """Every object under ``key_prefix``/ to ``dest``/<relative path>, built in a temporary
+        directory beside ``dest`` and renamed into place: it arrives whole or not at all."""
+        key_prefix = key_prefix.strip("/")
+        objects = self.store.list(key_prefix)
+        dest = os.path.abspath(dest)
+        parent = os.path.dirname(dest)
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dest)}.crank-", dir=parent)
+        try:
+            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; outputs get the usual mode
+            futures = {}
+            for key, size in objects:
+                relative = key[len(key_prefix) + 1:]
+                parts = relative.split("/")
+                if not relative or any(p in ("", ".", "..") for p in parts):
+                    raise CrankError(f"{self.store.url(key)}: not a usable file name below {dest}")
+                target = os.path.join(tmp, *parts)
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                futures[key] = self._pool.submit(self.store.get_file, key, target, size)
+            _wait_all(futures)
+            _install_dir(tmp, dest)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    # ------------------------------------------------------------------ reporting
+
+    def summary(self) -> str:
+        """One line for the run."""
+        with self._lock:
+            s = self.stats
+            return (
+                f"staging: {s.files} files, {human_bytes(s.bytes_sent)} sent, "
+                f"{human_bytes(s.bytes_deduplicated)} already in store, {s.seconds:.1f} s"
+            )
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    def _sent(self, n: int) -> None:
+        message = None
+        with self._lock:
+            self._sent_bytes += n
+            now = time.monotonic()
+            if self._progress and now - self._last_report >= self._progress_interval:
+                self._last_report = now
+                message = (
+                    f"staging: {human_bytes(self._sent_bytes)} of "
+                    f"{human_bytes(self._queued_bytes)} uploaded"
+                )
+        if message:
+            self._progress(message)
+
+    def _begin(self) -> None:
+        with self._lock:
+            if self._active == 0:
+                self._active_since = time.monotonic()
+                self._last_report = self._active_since
+            self._active += 1
+
+    def _end(self) -> None:
+        with self._lock:
+            self._active -= 1
+            if self._active == 0:
+                self.stats.seconds += time.monotonic() - self._active_since
+
+
+def _files_below(directory: str) -> list[str]:
+    """Every regular file below ``directory`` (symlinks followed), in a stable order."""
+    found = []
+    for root, dirs, files in os.walk(directory, followlinks=True):
+        dirs.sort()
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            if os.path.isfile(path):
+                found.append(path)
+    return found
+
+
+def _wait_all(futures: dict) -> dict:
+    """Results of all futures; waits for every one before raising the first error, so nothing
+    is still running for this call when it returns."""
+    results, error = {}, None
+    for name, future in futures.items():
+        try:
+            results[name] = future.result()
+        except BaseException as e:  # noqa: BLE001 - re-raised below
+            error = error or e
+    if error is not None:
+        raise error
+    return results
+
+
+def _umask() -> int:
+    mask = os.umask(0o22)
+    os.umask(mask)
+    return mask
+
+
+def _install_dir(tmp: str, dest: str) -> None:
+    """Put the complete directory ``tmp`` at ``dest``, replacing whatever was there."""
+    if os.path.isdir(dest) and not os.path.islink(dest):
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(dest)}.crank-old-", dir=os.path.dirname(dest))
+        os.rename(dest, os.path.join(old, "d"))
+        os.rename(tmp, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        if os.path.lexists(dest):
+            os.unlink(dest)
+        os.rename(tmp, dest)
