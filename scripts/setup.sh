@@ -9,6 +9,7 @@
 #
 # Environment:
 #   CRANK_TEST_STATE     state dir for logs and data (default: ~/.cache/crank-test)
+#   CRANK_STARTED        a file to which each server this run starts is added as "name pid"
 #   CRANK_DOCKERD_ARGS   extra arguments for dockerd when this script starts it
 #                        (e.g. -H/--data-root/--exec-root/--pidfile for a private engine;
 #                        set DOCKER_HOST to match). Never --bridge=none next to another
@@ -21,6 +22,9 @@ DOCKER_TIMEOUT=60
 BASE_PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 
 log() { printf '%s\n' "$*"; }
+# Note a server this run started (name, pid) in $CRANK_STARTED, when the caller wants to stop
+# what it started (scripts/test.sh does).
+started() { [[ -z ${CRANK_STARTED:-} ]] || printf '%s %s\n' "$1" "$2" >>"$CRANK_STARTED"; }
 die() { printf 'setup.sh: FAILED: %s\n' "$*" >&2; exit 1; }
 # die with the tail of a log file
 die_log() { tail -n 25 "$2" >&2 2>/dev/null || true; die "$1 (log: $2)"; }
@@ -129,6 +133,7 @@ start_dockerd() {
             fi
             sleep 0.2
         done
+        started dockerd "$pid"
         return 0
     done
 }
@@ -421,6 +426,7 @@ start_weed() {
         >"$STATE/weed.log" 2>&1 </dev/null 9>&- &
     pid=$!
     echo "$pid" >"$STATE/weed.pid"
+    started weed "$pid"
     local deadline=$((SECONDS + S3_TIMEOUT))
     until port_open "$S3_PORT"; do
         kill -0 "$pid" 2>/dev/null || die_log "weed server exited during startup" "$STATE/weed.log"
