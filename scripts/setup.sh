@@ -450,6 +450,129 @@ ensure_object_storage() {
     log "object storage: bucket $S3_BUCKET ready (credentials: . $STATE/s3.env)"
 }
 
+# ---------------------------------------------------------------- funnel (TES server)
+
+# Funnel, the reference GA4GH TES server, for the TES tests: HTTP on 127.0.0.1:18000, its S3
+# pointed at the SeaweedFS above. It listens on every interface whatever its HostName says, so
+# non-loopback traffic to its ports is dropped where iptables exists. Found as $CRANK_FUNNEL or
+# `funnel` on PATH, else installed with `go install` (needs Go and internet); where neither
+# works, nothing is written and the TES tests are skipped, saying so.
+FUNNEL_HTTP_PORT=18000
+FUNNEL_RPC_PORT=19090
+FUNNEL_VERSION=v0.11.12
+FUNNEL_TIMEOUT=60
+
+find_funnel() {
+    if [[ -n ${CRANK_FUNNEL:-} ]]; then
+        [[ -x $CRANK_FUNNEL ]] && { printf '%s\n' "$CRANK_FUNNEL"; return; }
+        log "WARNING: CRANK_FUNNEL=$CRANK_FUNNEL is not an executable" >&2
+        return 1
+    fi
+    command -v funnel && return
+    local gobin
+    command -v go >/dev/null || return 1
+    gobin=$(go env GOPATH 2>/dev/null)/bin
+    [[ -x $gobin/funnel ]] && { printf '%s\n' "$gobin/funnel"; return; }
+    log "funnel: trying go install github.com/ohsu-comp-bio/funnel@$FUNNEL_VERSION (log: $STATE/funnel-install.log)"
+    CGO_ENABLED=0 timeout 1200 go install "github.com/ohsu-comp-bio/funnel@$FUNNEL_VERSION" \
+        >"$STATE/funnel-install.log" 2>&1 || return 1
+    [[ -x $gobin/funnel ]] && printf '%s\n' "$gobin/funnel"
+}
+
+write_funnel_config() {
+    mkdir -p "$STATE/funnel/work" "$STATE/funnel/shared"
+    (umask 077 && set -a && . "$STATE/s3.env" && python3 - "$STATE/funnel" "$FUNNEL_HTTP_PORT" \
+        "$FUNNEL_RPC_PORT" >"$STATE/funnel/funnel.yml.new" <<'PYEOF'
+import json, os, sys
+base, http, rpc = sys.argv[1:]
+q = json.dumps  # JSON strings are valid YAML scalars
+endpoint = os.environ["AWS_ENDPOINT_URL"].split("://", 1)[1]
+print(f"""Database: boltdb
+Compute: local
+Logger:
+  Level: info
+  OutputFile: {q(base + "/funnel.log")}
+Server:
+  HostName: 127.0.0.1
+  HTTPPort: {q(http)}
+  RPCPort: {q(rpc)}
+RPCClient:
+  ServerAddress: {q("127.0.0.1:" + rpc)}
+BoltDB:
+  Path: {q(base + "/funnel.db")}
+Worker:
+  WorkDir: {q(base + "/work")}
+  PollingRate: "1s"
+  LogUpdateRate: "1s"
+  Container:
+    PullCommand: "image inspect {{{{.Image}}}}"
+LocalStorage:
+  AllowedDirs:
+    - {q(base + "/shared")}
+AmazonS3:
+  Disabled: true
+GoogleStorage:
+  Disabled: true
+Swift:
+  Disabled: true
+GenericS3:
+  - Endpoint: {q(endpoint)}
+    Key: {q(os.environ["AWS_ACCESS_KEY_ID"])}
+    Secret: {q(os.environ["AWS_SECRET_ACCESS_KEY"])}
+    Region: {q(os.environ.get("AWS_REGION", "us-east-1"))}""")
+PYEOF
+    ) || die "cannot write $STATE/funnel/funnel.yml"
+    mv "$STATE/funnel/funnel.yml.new" "$STATE/funnel/funnel.yml"
+}
+
+funnel_healthy() { curl -fsS -m 2 "http://127.0.0.1:$FUNNEL_HTTP_PORT/healthz" >/dev/null 2>&1; }
+
+# Drop traffic to Funnel's ports that does not come from loopback (idempotent).
+firewall_funnel() {
+    command -v iptables >/dev/null || { log "funnel: no iptables; it listens on all interfaces" >&2; return 0; }
+    local port
+    for port in "$FUNNEL_HTTP_PORT" "$FUNNEL_RPC_PORT"; do
+        iptables -C INPUT -p tcp --dport "$port" ! -i lo -j DROP 2>/dev/null \
+            || iptables -A INPUT -p tcp --dport "$port" ! -i lo -j DROP 2>/dev/null \
+            || log "WARNING: could not add an iptables rule for port $port" >&2
+    done
+}
+
+ensure_funnel() {
+    local funnel pid deadline old
+    rm -f "$STATE/tes.env"
+    if ! funnel=$(find_funnel); then
+        log "funnel: NOT AVAILABLE (no CRANK_FUNNEL, no funnel on PATH, go install failed); TES tests will be skipped" >&2
+        return 0
+    fi
+    old=$(cat "$STATE/funnel/funnel.yml" 2>/dev/null || true)
+    write_funnel_config
+    firewall_funnel
+    if funnel_healthy && [[ $old == "$(cat "$STATE/funnel/funnel.yml")" ]] && [[ -s $STATE/funnel.pid ]] \
+        && kill -0 "$(cat "$STATE/funnel.pid")" 2>/dev/null; then
+        log "funnel: running on 127.0.0.1:$FUNNEL_HTTP_PORT"
+    else
+        if [[ -s $STATE/funnel.pid ]] && kill -0 "$(cat "$STATE/funnel.pid")" 2>/dev/null; then
+            kill "$(cat "$STATE/funnel.pid")" 2>/dev/null || true  # our Funnel with another config
+            deadline=$((SECONDS + 20))
+            while funnel_healthy && ((SECONDS < deadline)); do sleep 0.2; done
+        fi
+        funnel_healthy && die "port $FUNNEL_HTTP_PORT answers /healthz but not as the Funnel this script started"
+        setsid nohup "$funnel" server run --config "$STATE/funnel/funnel.yml" \
+            >"$STATE/funnel.out" 2>&1 </dev/null 9>&- &
+        pid=$!
+        echo "$pid" >"$STATE/funnel.pid"
+        deadline=$((SECONDS + FUNNEL_TIMEOUT))
+        until funnel_healthy; do
+            kill -0 "$pid" 2>/dev/null || die_log "funnel exited during startup" "$STATE/funnel.out"
+            ((SECONDS < deadline)) || die_log "funnel not ready after ${FUNNEL_TIMEOUT}s" "$STATE/funnel.out"
+            sleep 0.2
+        done
+        log "funnel: started on 127.0.0.1:$FUNNEL_HTTP_PORT ($funnel)"
+    fi
+    printf 'export CRANK_TEST_TES_URL=http://127.0.0.1:%s\n' "$FUNNEL_HTTP_PORT" >"$STATE/tes.env"
+}
+
 # ---------------------------------------------------------------- main
 
 ensure_docker
@@ -465,4 +588,5 @@ out=$(docker run --rm --network none crank-test/busybox:1 true 2>&1) \
 log "containers: ok"
 
 ensure_object_storage
+ensure_funnel
 log "setup: done (state: $STATE)"
