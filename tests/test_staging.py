@@ -1,0 +1,513 @@
+"""Staging to object storage: pure logic, and against the real SeaweedFS S3 server that
+scripts/setup.sh starts (credentials enforced). Each test works under its own uuid prefix."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import obstore
+import pytest
+from obstore.store import from_url as obstore_from_url
+
+from snakemake_executor_plugin_crank.errors import BackendUnavailable, CrankError
+from snakemake_executor_plugin_crank.staging.digest import DigestCache, sha256_file
+from snakemake_executor_plugin_crank.staging.stage import (
+    Stager,
+    cas_digest,
+    dir_key,
+    file_key,
+    is_remote,
+    manifest_bytes,
+)
+from snakemake_executor_plugin_crank.staging.store import PART_SIZE, ContentChanged, Store
+
+from conftest import wait_for
+
+OLD = 1_600_000_000  # an mtime well in the past: the digest cache only keeps settled files
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write(path: Path, data: bytes, settled: bool = True) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    if settled:
+        os.utime(path, (OLD, OLD))
+    return path
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# ---------------------------------------------------------------- pure logic
+
+
+def test_key_layout_no_key_is_a_prefix_of_another():
+    keys = [file_key(sha(bytes([i]))) for i in range(50)] + [dir_key(sha(bytes([i]))) for i in range(50)]
+    assert len({len(k) for k in keys if k.startswith("cas/sha256/")}) == 1
+    assert not [a for a in keys for b in keys if a != b and b.startswith(a)]
+    assert file_key("a" * 64) == "cas/sha256/" + "a" * 64
+    assert cas_digest(file_key("0f" * 32)) == "0f" * 32
+    assert cas_digest(dir_key("0f" * 32)) is None
+    assert cas_digest("runs/x/y") is None
+
+
+def test_remote_inputs_are_recognised():
+    assert is_remote("s3://b/k") and is_remote("gs://b/k") and is_remote("https://h/x")
+    assert not is_remote("/abs/file") and not is_remote("rel/file") and not is_remote("file:///x")
+
+
+def test_manifest_is_canonical():
+    a = {"path": "a", "size": 1, "sha256": "x", "mode": 0o644}
+    b = {"path": "b/c", "size": 2, "sha256": "y", "mode": 0o755}
+    assert manifest_bytes([b, a]) == manifest_bytes([a, b])
+    assert json.loads(manifest_bytes([b, a]))[0]["path"] == "a"
+
+
+def test_digest_cache_hits_and_invalidation(tmp_path):
+    cache = DigestCache(str(tmp_path / ".snakemake" / "crank" / "digests.sqlite"))
+    f = write(tmp_path / "f", b"one")
+    assert cache.digest(str(f)) == sha(b"one") == sha256_file(str(f))
+    assert cache.digest(str(f)) == sha(b"one")
+    assert (cache.hits, cache.misses) == (1, 1)
+
+    # same size, content changed in place: the mtime changes, so does the digest
+    f.write_bytes(b"two")
+    os.utime(f, (OLD + 1, OLD + 1))
+    assert cache.digest(str(f)) == sha(b"two")
+    # a new file under the same name (new inode), same size and mtime
+    replacement = write(tmp_path / "g", b"333")
+    os.utime(replacement, (OLD + 1, OLD + 1))
+    os.replace(replacement, f)
+    assert cache.digest(str(f)) == sha(b"333")
+    assert cache.misses == 3
+
+    # reached through a symlink: the same entry (keyed by the real path)
+    (tmp_path / "link").symlink_to(f)
+    assert cache.digest(str(tmp_path / "link")) == sha(b"333")
+    assert cache.hits == 2
+
+
+def test_digest_cache_does_not_keep_a_file_written_just_now(tmp_path):
+    cache = DigestCache(str(tmp_path / "d.sqlite"))
+    f = write(tmp_path / "f", b"fresh", settled=False)
+    cache.digest(str(f))
+    # it may still change within the same mtime tick: not cached, hashed again
+    assert cache.lookup(str(f)) is None
+    cache.digest(str(f))
+    assert cache.misses == 2
+
+
+def test_digest_cache_streams_large_files(tmp_path):
+    data = os.urandom(9 << 20)
+    f = write(tmp_path / "big", data)
+    assert DigestCache(str(tmp_path / "d.sqlite")).digest(str(f)) == sha(data)
+
+
+def test_unreadable_input_is_one_line(tmp_path):
+    with pytest.raises(CrankError, match="cannot read .*missing"):
+        sha256_file(str(tmp_path / "missing"))
+
+
+@pytest.mark.parametrize(
+    "prefix, message",
+    [
+        ("ftp://host/dir", "unknown scheme"),
+        ("bucket/path", "unknown scheme"),
+        ("file://relative/dir", "absolute path"),
+        ("file:///nonexistent-crank-dir/x", "directory does not exist"),
+    ],
+)
+def test_bad_prefix_is_one_line(prefix, message):
+    with pytest.raises(CrankError, match=message) as info:
+        Store.from_url(prefix)
+    assert "\n" not in str(info.value)
+
+
+# ---------------------------------------------------------------- helpers for the real stores
+
+
+@pytest.fixture
+def s3_prefix(s3, monkeypatch):
+    """A fresh prefix in the test bucket, with the server's credentials in the environment."""
+    for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in s3.env().items():
+        monkeypatch.setenv(key, value)
+    return f"s3://{s3.bucket}/test-{uuid.uuid4().hex}"
+
+
+@pytest.fixture(params=["s3", "file"])
+def any_prefix(request, tmp_path):
+    """The same test against S3 and against a file:// store."""
+    if request.param == "s3":
+        return request.getfixturevalue("s3_prefix")
+    root = tmp_path / "store"
+    root.mkdir()
+    return f"file://{root}"
+
+
+def objects(prefix: str) -> dict[str, tuple[int, object]]:
+    """key -> (size, last_modified), straight from the store (not through crank's code)."""
+    kwargs = {"client_options": {"allow_http": True}} if prefix.startswith("s3://") else {}
+    raw = obstore_from_url(prefix, **kwargs)
+    return {m["path"]: (m["size"], m["last_modified"]) for batch in obstore.list(raw) for m in batch}
+
+
+def stager(prefix: str, workdir: Path, **kwargs) -> Stager:
+    cache = DigestCache(str(workdir / ".snakemake" / "crank" / "digests.sqlite"))
+    return Stager(Store.from_url(prefix), cache, **kwargs)
+
+
+# ---------------------------------------------------------------- against the real stores
+
+
+@pytest.mark.s3
+def test_second_run_sends_nothing(s3, s3_prefix, tmp_path):
+    inputs = {
+        "big": os.urandom(PART_SIZE * 2 + 12345),  # multipart
+        "small": b"small input\n",
+        "empty": b"",
+    }
+    paths = [str(write(tmp_path / name, data)) for name, data in inputs.items()]
+    total = sum(map(len, inputs.values()))
+
+    first = stager(s3_prefix, tmp_path)
+    staged = first.stage(paths)
+    assert first.stats.bytes_sent == total and first.stats.files == 3
+    assert [s.url for s in staged] == [f"{s3_prefix}/{file_key(sha(d))}" for d in inputs.values()]
+    assert [s.size for s in staged] == [len(d) for d in inputs.values()]
+    before = objects(s3_prefix)
+    assert sorted(before) == sorted(file_key(sha(d)) for d in inputs.values())
+    writes_before = s3.requests("PUT", "POST")
+
+    # a second run: new stager, same workdir (digest cache), nothing changed
+    second = stager(s3_prefix, tmp_path)
+    assert second.stage(paths) == staged
+    assert second.stats.bytes_sent == 0 and second.stats.bytes_deduplicated == total
+    assert second.cache.misses == 0 and second.cache.hits == 3  # nothing hashed again
+    assert s3.requests("PUT", "POST") == writes_before  # server side: no write request at all
+    assert objects(s3_prefix) == before  # same objects, same modification times
+    assert "0 B sent" in second.summary()
+
+
+@pytest.mark.s3
+def test_identical_files_are_uploaded_once(s3_prefix, tmp_path):
+    data = os.urandom(PART_SIZE + 1)
+    paths = [str(write(tmp_path / f"copy{i}", data)) for i in range(4)]
+    s = stager(s3_prefix, tmp_path, workers=4)
+    staged = s.stage(paths)
+    assert {x.url for x in staged} == {f"{s3_prefix}/{file_key(sha(data))}"}
+    assert s.stats.bytes_sent == len(data) and s.stats.bytes_deduplicated == 3 * len(data)
+    assert list(objects(s3_prefix)) == [file_key(sha(data))]
+
+
+@pytest.mark.s3
+def test_concurrent_stage_calls_share_uploads(s3_prefix, tmp_path):
+    shared = [str(write(tmp_path / f"shared{i}", os.urandom(1000 + i))) for i in range(6)]
+    own = [[str(write(tmp_path / f"own{j}-{i}", os.urandom(500 + i))) for i in range(3)] for j in range(4)]
+    s = stager(s3_prefix, tmp_path, workers=3)
+    errors = []
+
+    def job(j):
+        try:
+            s.stage(shared + own[j])
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=job, args=(j,)) for j in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    unique = sum(os.path.getsize(p) for p in shared + sum(own, []))
+    assert s.stats.bytes_sent == unique
+    assert len(objects(s3_prefix)) == 6 + 12
+
+
+@pytest.mark.s3
+def test_file_changed_in_place_gets_a_new_digest(s3_prefix, tmp_path):
+    f = write(tmp_path / "in.txt", b"version 1")
+    s = stager(s3_prefix, tmp_path)
+    [first] = s.stage([str(f)])
+    f.write_bytes(b"version 2")  # same size, same inode
+    os.utime(f, (OLD + 5, OLD + 5))
+    [second] = s.stage([str(f)])
+    assert first.url != second.url and second.url.endswith(sha(b"version 2"))
+    assert s.stats.bytes_sent == 18
+    assert len(objects(s3_prefix)) == 2
+
+
+@pytest.mark.s3
+def test_changed_content_never_lands_under_a_digest_key(any_prefix, tmp_path):
+    store = Store.from_url(any_prefix)
+    for size in (10, PART_SIZE * 2 + 1):  # single PUT and multipart
+        f = write(tmp_path / f"f{size}", os.urandom(size))
+        wrong = sha(b"what the file held when it was hashed")
+        with pytest.raises(ContentChanged, match="changed while being staged"):
+            store.put_file(str(f), file_key(wrong), sha256=wrong)
+        assert store.head(file_key(wrong)) is None
+    assert objects(any_prefix) == {}
+
+
+STAGE_SCRIPT = """
+import sys
+from snakemake_executor_plugin_crank.staging.digest import DigestCache
+from snakemake_executor_plugin_crank.staging.stage import Stager
+from snakemake_executor_plugin_crank.staging.store import Store
+prefix, cache, *paths = sys.argv[1:]
+stager = Stager(Store.from_url(prefix), DigestCache(cache), workers=4,
+                progress=lambda m: print("progress", m, flush=True), progress_interval=0)
+staged = stager.stage(paths)
+print("done", stager.stats.bytes_sent, flush=True)
+"""
+
+
+def stage_process(prefix: str, cache: Path, paths: list[str], **kwargs) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-c", STAGE_SCRIPT, prefix, str(cache), *paths],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs,
+    )
+
+
+@pytest.mark.s3
+def test_two_runs_at_once_in_one_workdir(s3_prefix, tmp_path):
+    datas = [os.urandom(PART_SIZE + i * 4096) for i in range(3)] + [os.urandom(100 + i) for i in range(20)]
+    paths = [str(write(tmp_path / f"in{i}", d)) for i, d in enumerate(datas)]
+    cache = tmp_path / ".snakemake" / "crank" / "digests.sqlite"
+    runs = [stage_process(s3_prefix, cache, paths) for _ in range(2)]
+    for run in runs:
+        out, err = run.communicate(timeout=120)
+        assert run.returncode == 0, err
+        assert "done" in out
+    found = objects(s3_prefix)
+    assert {k: v[0] for k, v in found.items()} == {file_key(sha(d)): len(d) for d in datas}
+    # both processes filled the one cache; a third run hashes nothing
+    later = DigestCache(str(cache))
+    assert [later.lookup(p) for p in paths] == [sha(d) for d in datas]
+
+
+@pytest.mark.s3
+def test_killed_mid_upload_leaves_no_object(s3, s3_prefix, tmp_path):
+    data = os.urandom(256 << 20)
+    f = write(tmp_path / "large", data)
+    run = stage_process(s3_prefix, tmp_path / "d.sqlite", [str(f)])
+    try:
+        first = run.stdout.readline()  # the first progress line: parts are on the wire
+        assert first.startswith("progress"), first + run.stderr.read()
+    finally:
+        os.kill(run.pid, signal.SIGKILL)
+        run.wait(timeout=30)
+    assert run.returncode == -signal.SIGKILL
+    wait_for(lambda: s3.in_flight() == 0, 30, "the server to finish the dead client's requests")
+    assert Store.from_url(s3_prefix).head(file_key(sha(data))) is None
+    assert objects(s3_prefix) == {}
+
+
+@pytest.mark.s3
+def test_killed_mid_upload_to_a_file_store_leaves_no_object(tmp_path):
+    root = tmp_path / "store"
+    root.mkdir()
+    data = os.urandom(256 << 20)
+    f = write(tmp_path / "large", data)
+    run = stage_process(f"file://{root}", tmp_path / "d.sqlite", [str(f)])
+    try:
+        first = run.stdout.readline()
+        assert first.startswith("progress"), first + run.stderr.read()
+    finally:
+        os.kill(run.pid, signal.SIGKILL)
+        run.wait(timeout=30)
+    assert Store.from_url(f"file://{root}").head(file_key(sha(data))) is None
+    assert not (root / file_key(sha(data))).exists()
+
+
+@pytest.mark.s3
+def test_directory_round_trip_with_manifest_last(any_prefix, tmp_path):
+    tree = {"a.txt": b"alpha", "sub/b.bin": os.urandom(PART_SIZE + 7), "sub/deeper/c": b"alpha", "x": b""}
+    src = tmp_path / "src"
+    for rel, data in tree.items():
+        write(src / rel, data)
+    os.chmod(src / "x", 0o755)
+
+    order = []
+    store = Store.from_url(any_prefix)
+    for name in ("put_file", "put_bytes"):  # watch the order of writes; they still go to the server
+        original = getattr(store, name)
+
+        def watched(*args, _original=original, **kwargs):
+            _original(*args, **kwargs)
+            order.append(args[1])
+
+        setattr(store, name, watched)
+    s = Stager(store, DigestCache(str(tmp_path / "d.sqlite")))
+    staged = s.stage([str(src)])
+
+    assert sorted(x.path for x in staged) == sorted(str(src / rel) for rel in tree)
+    assert order[-1].startswith("cas/dirs/") and len(order) == 4  # 3 distinct contents, then the manifest
+    manifest_key = order[-1]
+    s.fetch_file(manifest_key, str(tmp_path / "manifest.json"))
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest_key == dir_key(sha((tmp_path / "manifest.json").read_bytes()))
+    assert {e["path"]: (e["size"], e["sha256"]) for e in manifest} == {
+        rel: (len(d), sha(d)) for rel, d in tree.items()
+    }
+    assert next(e["mode"] for e in manifest if e["path"] == "x") == 0o755
+
+    # back from the content-addressed objects ...
+    back = tmp_path / "back"
+    for e in manifest:
+        (back / e["path"]).parent.mkdir(parents=True, exist_ok=True)
+        s.fetch_file(file_key(e["sha256"]), str(back / e["path"]), e["size"])
+    assert {rel: (back / rel).read_bytes() for rel in tree} == tree
+
+    # ... and as a directory output: uploaded one object per file, fetched whole
+    run = f"runs/{uuid.uuid4().hex}/1-1/out"
+    for rel in tree:
+        store.put_file(str(src / rel), f"{run}/{rel}")
+    dest = tmp_path / "out"
+    write(dest / "stale", b"from an earlier attempt")
+    s.fetch_dir(run, str(dest))
+    assert sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file()) == sorted(tree)
+    assert {rel: (dest / rel).read_bytes() for rel in tree} == tree
+    assert [p.name for p in tmp_path.iterdir() if ".crank-" in p.name] == []
+
+
+@pytest.mark.s3
+def test_directory_output_arrives_whole_or_not_at_all(any_prefix, tmp_path):
+    store = Store.from_url(any_prefix)
+    run = f"runs/{uuid.uuid4().hex}/out"
+    store.put_bytes(b"fine", f"{run}/a")
+    store.put_bytes(b"fine", f"{run}/b")
+    s = Stager(store, DigestCache(str(tmp_path / "d.sqlite")))
+    original = store.get_file
+
+    def failing(key, dest, size=None, sha256=None):
+        if key.endswith("/b"):
+            raise BackendUnavailable("store went away")
+        original(key, dest, size, sha256)
+
+    store.get_file = failing
+    with pytest.raises(BackendUnavailable):
+        s.fetch_dir(run, str(tmp_path / "out"))
+    assert list(tmp_path.glob("*out*")) == []  # neither the target nor a temporary directory
+
+
+@pytest.mark.s3
+def test_download_is_atomic_and_checked(any_prefix, tmp_path):
+    store = Store.from_url(any_prefix)
+    s = Stager(store, DigestCache(str(tmp_path / "d.sqlite")))
+    store.put_bytes(b"twelve bytes", "runs/r/out.txt")
+    dest = tmp_path / "out.txt"
+    dest.write_bytes(b"previous")
+
+    with pytest.raises(CrankError, match="has 12 bytes, expected 13"):
+        s.fetch_file("runs/r/out.txt", str(dest), size=13)
+    # a content-addressed object whose bytes are not its name's: refused
+    bogus = file_key(sha(b"something else entirely"))
+    store.put_bytes(b"twelve bytes", bogus)
+    with pytest.raises(CrankError, match="does not match its sha256"):
+        s.fetch_file(bogus, str(dest))
+    with pytest.raises(CrankError, match="no such object"):
+        s.fetch_file("runs/r/missing", str(dest))
+    assert dest.read_bytes() == b"previous"  # untouched by every failure
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+    s.fetch_file("runs/r/out.txt", str(dest), size=12)
+    assert dest.read_bytes() == b"twelve bytes"
+
+
+@pytest.mark.s3
+def test_file_store_stages_and_deduplicates(tmp_path):
+    root = tmp_path / "shared"
+    root.mkdir()
+    f = write(tmp_path / "in", os.urandom(PART_SIZE * 2))
+    s = stager(f"file://{root}", tmp_path)
+    [staged] = s.stage([str(f), "s3://elsewhere/already-remote"])[:1]
+    assert staged.url == f"file://{root}/{file_key(sha(f.read_bytes()))}"
+    assert (root / file_key(sha(f.read_bytes()))).read_bytes() == f.read_bytes()
+    again = stager(f"file://{root}", tmp_path)
+    again.stage([str(f)])
+    assert again.stats.bytes_sent == 0
+
+
+@pytest.mark.s3
+def test_remote_inputs_pass_through(s3_prefix, tmp_path):
+    s = stager(s3_prefix, tmp_path)
+    staged = s.stage(["s3://other-bucket/reads.fq.gz", "gs://b/ref.fa"])
+    assert [(x.path, x.url, x.size) for x in staged] == [
+        ("s3://other-bucket/reads.fq.gz", "s3://other-bucket/reads.fq.gz", -1),
+        ("gs://b/ref.fa", "gs://b/ref.fa", -1),
+    ]
+    assert objects(s3_prefix) == {}
+
+
+@pytest.mark.s3
+def test_progress_is_reported(s3_prefix, tmp_path):
+    messages = []
+    f = write(tmp_path / "big", os.urandom(PART_SIZE * 3))
+    s = stager(s3_prefix, tmp_path, progress=messages.append, progress_interval=0)
+    s.stage([str(f)])
+    assert messages and messages[-1] == "staging: 24.0 MiB of 24.0 MiB uploaded"
+    quiet = []
+    f2 = write(tmp_path / "big2", os.urandom(PART_SIZE * 3))
+    stager(s3_prefix, tmp_path, progress=quiet.append).stage([str(f2)])  # default: every 10 s
+    assert quiet == []
+
+
+@pytest.mark.s3
+def test_check_passes_and_leaves_nothing(s3_prefix):
+    Store.from_url(s3_prefix).check()
+    assert objects(s3_prefix) == {}
+
+
+@pytest.mark.s3
+def test_missing_bucket_is_one_clear_line(s3_prefix):
+    with pytest.raises(CrankError) as info:
+        Store.from_url(f"s3://crank-no-such-bucket-{uuid.uuid4().hex[:8]}/x").check()
+    assert "bucket does not exist; create it or fix the storage prefix" in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.s3
+@pytest.mark.parametrize("variable, hint", [
+    ("AWS_SECRET_ACCESS_KEY", "secret key was rejected; check AWS_SECRET_ACCESS_KEY"),
+    ("AWS_ACCESS_KEY_ID", "does not know this access key; check AWS_ACCESS_KEY_ID"),
+])
+def test_wrong_credentials_are_one_clear_line(s3, s3_prefix, monkeypatch, variable, hint):
+    wrong = "wrong-" + uuid.uuid4().hex
+    monkeypatch.setenv(variable, wrong)
+    with pytest.raises(CrankError) as info:
+        Store.from_url(s3_prefix).check()
+    message = str(info.value)
+    assert hint in message and "\n" not in message
+    assert wrong not in message and s3.env()["AWS_SECRET_ACCESS_KEY"] not in message
+
+
+@pytest.mark.s3
+def test_unreachable_endpoint_is_one_clear_line_fast(s3_prefix):
+    start = time.monotonic()
+    with pytest.raises(BackendUnavailable) as info:
+        Store.from_url(s3_prefix, endpoint="http://127.0.0.1:9").check()
+    assert time.monotonic() - start < 10
+    message = str(info.value)
+    assert "http://127.0.0.1:9 unreachable" in message and "is it running?" in message
+    assert "\n" not in message
+
+
+@pytest.mark.s3
+def test_store_down_while_staging_is_backend_unavailable(s3_prefix, tmp_path):
+    f = write(tmp_path / "in", b"data")
+    s = Stager(Store.from_url(s3_prefix, endpoint="http://127.0.0.1:9"), DigestCache(str(tmp_path / "d.sqlite")))
+    with pytest.raises(BackendUnavailable, match="unreachable"):
+        s.stage([str(f)])
