@@ -144,7 +144,11 @@ def s3_prefix(s3, monkeypatch):
         monkeypatch.delenv(key, raising=False)
     for key, value in s3.env().items():
         monkeypatch.setenv(key, value)
-    return f"s3://{s3.bucket}/test-{uuid.uuid4().hex}"
+    prefix = f"s3://{s3.bucket}/test-{uuid.uuid4().hex}"
+    yield prefix
+    for key, value in s3.env().items():  # a test may have spoilt them
+        monkeypatch.setenv(key, value)
+    remove_all(prefix)
 
 
 @pytest.fixture(params=["s3", "file"])
@@ -162,6 +166,13 @@ def objects(prefix: str) -> dict[str, tuple[int, object]]:
     kwargs = {"client_options": {"allow_http": True}} if prefix.startswith("s3://") else {}
     raw = obstore_from_url(prefix, **kwargs)
     return {m["path"]: (m["size"], m["last_modified"]) for batch in obstore.list(raw) for m in batch}
+
+
+def remove_all(prefix: str) -> None:
+    raw = obstore_from_url(prefix, client_options={"allow_http": True})
+    keys = [m["path"] for batch in obstore.list(raw) for m in batch]
+    for i in range(0, len(keys), 500):
+        obstore.delete(raw, keys[i:i + 500])
 
 
 def stager(prefix: str, workdir: Path, **kwargs) -> Stager:
