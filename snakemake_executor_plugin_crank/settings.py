@@ -16,7 +16,7 @@ class ExecutorSettings(ExecutorSettingsBase):
         default="docker",
         metadata={
             "help": "Where tasks run: 'docker' (a Docker engine) or 'tes' (a GA4GH TES "
-            "server; not available yet).",
+            "server: set --crank-tes-url and --crank-storage-prefix).",
             "env_var": True,
             "choices": ["docker", "tes"],
         },
@@ -74,6 +74,81 @@ class ExecutorSettings(ExecutorSettingsBase):
         },
     )
 
+    tes_url: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Base URL of the GA4GH TES server (the part before /v1/tasks), e.g. "
+            "http://127.0.0.1:8000. Required with --crank-backend tes.",
+            "env_var": True,
+        },
+    )
+    tes_user: Optional[str] = field(
+        default=None,
+        metadata={"help": "User name for HTTP basic auth at the TES server.", "env_var": True},
+    )
+    tes_password: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Password for HTTP basic auth at the TES server (prefer the environment "
+            "variable: it is never logged nor put in a task).",
+            "env_var": True,
+        },
+    )
+    tes_token: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Bearer token for the TES server (prefer the environment variable: it is "
+            "never logged nor put in a task).",
+            "env_var": True,
+        },
+    )
+    storage_prefix: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Object storage the TES server can read and write, where crank puts inputs "
+            "and the tasks put outputs: s3://bucket/path, gs://bucket/path, "
+            "az://container/path or file:///shared/dir. Required with --crank-backend tes.",
+            "env_var": True,
+        },
+    )
+    storage_endpoint: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Endpoint of an S3-compatible store (e.g. http://127.0.0.1:9000). "
+            "Default: AWS_ENDPOINT_URL. Credentials come from the AWS_* variables.",
+            "env_var": True,
+        },
+    )
+
+
+def tes_backend(settings: ExecutorSettings, run_id: str, workdir: str):
+    """The TES backend, checked before any job: server reachable, storage writable."""
+    missing = [
+        name for name, value in (
+            ("--crank-tes-url", settings.tes_url), ("--crank-storage-prefix", settings.storage_prefix)
+        ) if not value
+    ]
+    if missing:
+        raise CrankError(f"--crank-backend tes needs {' and '.join(missing)}")
+    if settings.tes_token and (settings.tes_user or settings.tes_password):
+        raise CrankError("give either --crank-tes-token or --crank-tes-user/--crank-tes-password, not both")
+    if settings.tes_password and not settings.tes_user:
+        raise CrankError("--crank-tes-password needs --crank-tes-user")
+    from .backends.tes import TesBackend, TesOptions
+
+    options = TesOptions(
+        url=settings.tes_url,
+        storage_prefix=settings.storage_prefix,
+        user=settings.tes_user,
+        password=settings.tes_password,
+        token=settings.tes_token,
+        storage_endpoint=settings.storage_endpoint,
+    )
+    try:
+        return TesBackend(run_id, workdir, options)
+    except BackendUnavailable as e:
+        raise CrankError(str(e)) from None
+
 
 def docker_host_config(text: Optional[str]) -> dict:
     if not text:
@@ -90,10 +165,7 @@ def docker_host_config(text: Optional[str]) -> dict:
 def backend_from(settings: ExecutorSettings, run_id: str, workdir: str):
     """The backend the settings choose, checked to answer."""
     if settings.backend == "tes":
-        raise CrankError(
-            "--crank-backend tes is not available in this version of crank; "
-            "use --crank-backend docker"
-        )
+        return tes_backend(settings, run_id, workdir)
     from .backends.docker import DockerBackend, DockerOptions
 
     options = DockerOptions(

@@ -119,3 +119,40 @@ def s3() -> S3Server:
             key, _, value = line.partition("=")
             values[key] = value
     return S3Server(values)
+
+
+class TesServer:
+    """The Funnel TES server scripts/setup.sh starts, with the S3 store its tasks use."""
+
+    def __init__(self, url: str, s3: S3Server):
+        self.url = url
+        self.s3 = s3
+
+    def prefix(self, name: str) -> str:
+        """A storage prefix of its own for one test."""
+        return f"s3://{self.s3.bucket}/tests/{name}"
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, **self.s3.env(), "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="session")
+def tes(s3) -> TesServer:
+    """Funnel, or a skip saying loudly what is missing (setup.sh writes tes.env only when it
+    started one)."""
+    import urllib.request
+
+    state = Path(os.environ.get("CRANK_TEST_STATE") or Path.home() / ".cache" / "crank-test")
+    env_file = state / "tes.env"
+    if not env_file.is_file():
+        pytest.skip(
+            f"TES TESTS SKIPPED: no Funnel ({env_file} missing): put a funnel v0.11.12 binary on PATH "
+            "or in CRANK_FUNNEL and run scripts/setup.sh",
+        )
+    url = env_file.read_text().strip().removeprefix("export ").partition("=")[2]
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        opener.open(f"{url}/healthz", timeout=5).read()
+    except OSError as e:
+        pytest.fail(f"Funnel at {url} does not answer ({e}); run scripts/setup.sh", pytrace=False)
+    return TesServer(url, s3)

@@ -190,7 +190,7 @@ def test_unreachable_engine_is_one_clear_line(tmp_path):
 @pytest.mark.parametrize(
     "args,expected",
     [
-        (["--crank-backend", "tes"], "--crank-backend tes is not available in this version"),
+        (["--crank-backend", "tes"], "--crank-backend tes needs --crank-tes-url and --crank-storage-prefix"),
         (["--crank-docker-host-config", "{shm"], "--crank-docker-host-config is not valid JSON"),
     ],
 )

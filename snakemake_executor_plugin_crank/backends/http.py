@@ -1,0 +1,218 @@
+"""One HTTP session for a TES server: auth, retries with backoff and jitter, errors in one line.
+
+Transport errors and 502/503/504 are retried for every method (and 500 for GET), with
+exponential backoff and jitter (urllib3 ``Retry``); what still fails becomes
+``BackendUnavailable``. A 4xx is final and explained (401/403: the credentials, 404: the URL).
+Credentials never appear in a message: the URL is shown without its user-info.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any, Mapping, Optional
+from urllib.parse import urlsplit, urlunsplit
+
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
+
+from ..errors import BackendUnavailable, CrankError
+
+CONNECT_TIMEOUT = 10.0
+READ_TIMEOUT = 60.0
+RETRIES = 5
+
+
+def redact(url: str) -> str:
+    """``url`` without user name and password."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host += f":{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+
+
+def retry_policy(total: int = RETRIES, backoff: float = 0.5) -> Retry:
+    # 500 only where a repeat cannot do harm: GET (POST :cancel is idempotent too, but a
+    # create is not; crank looks a create up by its tag before posting it again)
+    return Retry(
+        total=total,
+        connect=total,
+        read=total,
+        status=total,
+        backoff_factor=backoff,
+        backoff_jitter=backoff,
+        backoff_max=10.0,
+        status_forcelist=(502, 503, 504),
+        allowed_methods=frozenset({"GET", "HEAD", "POST", "DELETE"}),
+        respect_retry_after_header=True,
+        raise_on_status=False,
+        raise_on_redirect=False,
+    )
+
+
+class _GetRetry(Retry):
+    """Also retry a 500 answer to an idempotent GET."""
+
+    def is_retry(self, method, status_code, has_retry_after=False):
+        if method == "GET" and status_code == 500:
+            return self.total is None or self.total > 0
+        return super().is_retry(method, status_code, has_retry_after)
+
+
+class HttpError(CrankError):
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
+class Session:
+    """Requests to one server; thread-safe enough for crank (one requests.Session whose
+    connection pool is shared; a counter of requests by kind for tests and benchmarks)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        user: Optional[str] = None,
+        password: Optional[str] = None,
+        token: Optional[str] = None,
+        retries: int = RETRIES,
+        backoff: float = 0.5,
+        what: str = "the TES server",
+    ):
+        parts = urlsplit(base_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise CrankError(
+                f"--crank-tes-url {redact(base_url)!r} is not an http(s) URL, e.g. http://host:8000"
+            )
+        if parts.username and not user:  # user:password@host in the URL
+            user, password = parts.username, parts.password or ""
+        self.base = redact(base_url).rstrip("/")
+        self.what = what
+        self.session = requests.Session()
+        self.session.trust_env = True
+        policy = retry_policy(retries, backoff)
+        policy = _GetRetry(**{k: getattr(policy, k) for k in (
+            "total", "connect", "read", "status", "backoff_factor", "backoff_jitter",
+            "backoff_max", "status_forcelist", "allowed_methods",
+            "respect_retry_after_header", "raise_on_status", "raise_on_redirect")})
+        adapter = HTTPAdapter(max_retries=policy, pool_connections=4, pool_maxsize=32)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+        # for requests that must not be sent twice (a create): retried only when the
+        # connection was never made; the caller decides after a lost answer
+        self.once = requests.Session()
+        once = HTTPAdapter(max_retries=Retry(
+            total=retries, connect=retries, read=0, status=0, other=0,
+            backoff_factor=backoff, backoff_jitter=backoff, backoff_max=10.0,
+            allowed_methods=None, raise_on_status=False), pool_maxsize=8)
+        self.once.mount("http://", once)
+        self.once.mount("https://", once)
+        if token:
+            self.session.headers["Authorization"] = f"Bearer {token}"
+            self.auth_hint = "--crank-tes-token / SNAKEMAKE_CRANK_TES_TOKEN"
+        elif user:
+            self.session.auth = (user, password or "")
+            self.auth_hint = (
+                "--crank-tes-user and --crank-tes-password / SNAKEMAKE_CRANK_TES_USER and "
+                "SNAKEMAKE_CRANK_TES_PASSWORD"
+            )
+        else:
+            self.auth_hint = "--crank-tes-token or --crank-tes-user/--crank-tes-password (none given)"
+        self.once.headers.update(self.session.headers)
+        self.once.auth = self.session.auth
+        self._secrets = [s for s in (token, password) if s]
+        self._lock = threading.Lock()
+        self.counts: dict = {}
+
+    def count(self, kind: str) -> None:
+        with self._lock:
+            self.counts[kind] = self.counts.get(kind, 0) + 1
+
+    def _clean(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        kind: str,
+        params: Optional[Mapping[str, Any]] = None,
+        body: Any = None,
+        timeout: float = READ_TIMEOUT,
+        allow: tuple = (),
+        retry_reads: bool = True,
+    ) -> Optional[Any]:
+        """JSON answer of ``method path``; None for a status in ``allow``."""
+        self.count(kind)
+        url = self.base + path
+        try:
+            session = self.session if retry_reads else self.once
+            response = session.request(
+                method, url, params=params,
+                data=None if body is None else json.dumps(body),
+                headers={"Content-Type": "application/json"} if body is not None else None,
+                timeout=(CONNECT_TIMEOUT, timeout),
+            )
+        except requests.RequestException as e:
+            raise BackendUnavailable(
+                f"{self.what} at {self.base} did not answer ({self._clean(_reason(e))}), after retries"
+            ) from None
+        status = response.status_code
+        if status in allow:
+            return None
+        if status >= 500:
+            raise BackendUnavailable(
+                f"{self.what} at {self.base} failed: HTTP {status} on {method} {path}"
+                f"{_detail(response, self._clean)}"
+            )
+        if status == 401:
+            raise HttpError(f"401 from {self.what} ({self.base}): check {self.auth_hint}", status)
+        if status == 403:
+            raise HttpError(
+                f"403 from {self.what} ({self.base}): these credentials may not {method} {path}; "
+                f"check {self.auth_hint}", status)
+        if status == 404:
+            raise HttpError(
+                f"404 from {self.what} for {method} {path}: is {self.base} the TES base URL "
+                "(the part before /v1/tasks)?", status)
+        if status >= 400:
+            raise HttpError(
+                f"{self.what} refused {method} {path}: HTTP {status}{_detail(response, self._clean)}",
+                status)
+        try:
+            return response.json() if response.content else {}
+        except ValueError:
+            raise CrankError(
+                f"{self.what} at {self.base} answered {method} {path} with something other than "
+                "JSON; is this a TES server?"
+            ) from None
+
+    def close(self) -> None:
+        self.session.close()
+        self.once.close()
+
+
+def _reason(e: Exception) -> str:
+    text = str(e)
+    for marker in ("Caused by ", "Failed to establish a new connection: "):
+        if marker in text:
+            text = text.split(marker, 1)[1]
+    return text.strip("()'\" ").splitlines()[0][:200] if text.strip() else type(e).__name__
+
+
+def _detail(response: requests.Response, clean) -> str:
+    text = response.text.strip()
+    if not text:
+        return ""
+    try:
+        value = json.loads(text)
+        text = value.get("message") or value.get("error") or text if isinstance(value, dict) else text
+    except ValueError:
+        pass
+    return ": " + clean(str(text).splitlines()[0][:300])
