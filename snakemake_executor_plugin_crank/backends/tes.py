@@ -358,7 +358,7 @@ class TesBackend:
             if state != "COMPLETE":
                 reason = f"TES state {state}"
                 if system:
-                    reason += ": " + " | ".join(system[-5:])
+                    reason += ": " + system_summary(system)
                 return TaskResult(ok=False, exit_code=tes_code, reason=reason, stderr_tail=tail,
                                   log_files=files, seconds=seconds)
             code = _exit_code(tmp)
@@ -460,6 +460,14 @@ class TesBackend:
             self.stager.close()
             self.http.close()
             shutil.rmtree(self.tmp_root, ignore_errors=True)
+
+
+def system_summary(lines: Sequence[str], limit: int = 3) -> str:
+    """The server's own error lines (Funnel: logfmt with level='error'), else its last lines."""
+    errors = [line for line in lines if "level='error'" in line or 'level="error"' in line
+              or "level=error" in line]
+    chosen = (errors or list(lines))[-limit:]
+    return " | ".join(line if len(line) <= 300 else line[:297] + "..." for line in chosen)
 
 
 def _mkdirs(path: str) -> str:

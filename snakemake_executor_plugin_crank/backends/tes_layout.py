@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import os
 import posixpath
+import re
 import shlex
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Sequence, Set, Tuple
@@ -41,6 +42,7 @@ EXIT = "exit"
 INDEX = "index"
 # Funnel mounts these itself (writable); a volume path that string-extends them is escaped
 RESERVED = ("/tmp", ROOT)
+UNSAFE = re.compile(r"[\s:,\"'\\]")
 
 
 def product_name(n: int) -> str:
@@ -82,7 +84,17 @@ def volumes(dirs: Iterable[str]) -> List[str]:
         d = posixpath.normpath(d)
         if _under(d, ROOT):
             raise CrankError(f"{d}: paths under {ROOT} are reserved for crank on TES")
-        wanted.add(d)
+        # Funnel splits its docker command line on white space, and ':' ',' '"' end a
+        # volume spec: mount the deepest directory above that has none of them
+        safe = d
+        while UNSAFE.search(safe):
+            safe = posixpath.dirname(safe)
+        if safe == "/":
+            raise CrankError(
+                f"{d}: a TES server like Funnel cannot mount a directory whose top-level name "
+                "holds white space, ':', ',' or quotes; move the workflow or its files"
+            )
+        wanted.add(safe)
     current = minimal(wanted)
     escaped: Dict[str, int] = {}
     while True:
