@@ -433,7 +433,7 @@ class TesBackend:
 
     def _cancel_id(self, task_id: str) -> None:
         try:
-            self.http.request("POST", f"/v1/tasks/{task_id}:cancel", "cancel", body={})
+            self.http.request("POST", f"/v1/tasks/{task_id}:cancel", "cancel")
         except HttpError as e:
             if e.status != 404:
                 raise CrankError(f"the TES server refused to cancel task {task_id}: {e}") from None
