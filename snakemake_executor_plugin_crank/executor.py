@@ -44,6 +44,7 @@ class Executor(RemoteExecutor):
         )
         self._failing_since: Optional[float] = None
         self._warned = set()
+        self._noted = {}
         self.context = jobs.JobContext(
             workdir=workdir,
             log_dir=os.path.join(workdir, ".snakemake", "crank", "logs", self.run_id),
@@ -59,12 +60,22 @@ class Executor(RemoteExecutor):
             capacity=self.backend.capacity(),
             clamp=self.settings.clamp_resources,
             warn=self._warn_once,
+            note=self._note,
+            envmodules=self.settings.envmodules,
         )
 
     def _warn_once(self, message: str) -> None:
         if message not in self._warned:
             self._warned.add(message)
             self.logger.warning(f"crank: {message}")
+
+    def _note(self, topic: str, names) -> None:
+        """One line per run for a topic: only names not reported before are printed."""
+        seen = self._noted.setdefault(topic, set())
+        new = sorted(set(names) - seen)
+        if new:
+            seen.update(new)
+            self.logger.warning(f"crank: {topic}: {', '.join(new)}")
 
     def run_job(self, job: JobExecutorInterface):
         try:

@@ -32,9 +32,20 @@ class ExecutorSettings(ExecutorSettingsBase):
     clamp_resources: bool = field(
         default=False,
         metadata={
-            "help": "Lower threads or mem_mb requests that exceed the engine's CPUs or "
-            "memory to what it has, with a warning, instead of failing the job.",
+            "help": "Lower mem_mb requests that exceed the engine's memory to what it has, "
+            "with a warning, instead of failing the job. (Threads above the engine's CPUs "
+            "are always lowered, as Snakemake caps threads at --cores.)",
             "env_var": True,
+        },
+    )
+    envmodules: str = field(
+        default="ignore",
+        metadata={
+            "help": "Rules with envmodules: and no container: image: 'ignore' (run them in "
+            "the default image; say so once per run) or 'fail' (fail their jobs). A "
+            "container has no environment modules.",
+            "env_var": True,
+            "choices": ["ignore", "fail"],
         },
     )
     docker_url: Optional[str] = field(

@@ -42,6 +42,7 @@ class Resources:
     runtime_s: Optional[int] = None
     gpus: int = 0
     preemptible: bool = False
+    gpu_model: Optional[str] = None  # e.g. a100; TES backend_parameters, not used by Docker
 
 
 @dataclass(frozen=True)

@@ -30,23 +30,35 @@ def test_unset_and_remote_decided_resources_stay_unset():
 
 @pytest.mark.parametrize(
     "name,value",
-    [("mem_mb", "lots"), ("mem_mb", -5), ("runtime", 1.5), ("gpu", True), ("mem_mb", "inf")],
+    [("mem_mb", "lots"), ("mem_mb", -5), ("runtime", "soon"), ("gpu", True), ("mem_mb", "inf")],
 )
 def test_invalid_resource_values_name_the_rule_and_resource(name, value):
     with pytest.raises(CrankError, match=rf"rule myrule: resource {name}="):
         from_snakemake("rule myrule", 1, {name: value})
 
 
-def test_request_above_capacity_is_an_error_by_default():
-    with pytest.raises(CrankError, match="threads=8 .* at most 2 CPUs.*--crank-clamp-resources"):
-        fit("rule big", Resources(cpus=8), Capacity(cpus=2, mem_mb=1000), clamp=False)
+CPUS_LOWERED = (
+    "rule big asks for 8 CPUs (threads), more than the 2 the backend has: its jobs run "
+    "with 2, as Snakemake caps threads at --cores"
+)
+
+
+def test_threads_above_capacity_run_with_the_backend_cpus_and_one_warning():
+    res, warnings = fit("rule big", Resources(cpus=8, mem_mb=500), Capacity(cpus=2, mem_mb=1000), clamp=False)
+    assert res == Resources(cpus=2, mem_mb=500)
+    assert warnings == [CPUS_LOWERED]
+
+
+def test_memory_above_capacity_is_an_error_by_default():
+    with pytest.raises(CrankError, match="mem_mb=5000 .* at most 1000 MB.*--crank-clamp-resources"):
+        fit("rule big", Resources(cpus=1, mem_mb=5000), Capacity(cpus=2, mem_mb=1000), clamp=False)
 
 
 def test_request_above_capacity_is_clamped_with_a_warning_when_asked():
     res, warnings = fit("rule big", Resources(cpus=8, mem_mb=5000), Capacity(cpus=2, mem_mb=1000), True)
     assert (res.cpus, res.mem_mb) == (2, 1000)
     assert warnings == [
-        "rule big: threads=8 lowered to 2 (CPUs available)",
+        CPUS_LOWERED,
         "rule big: mem_mb=5000 lowered to 1000 (MB of memory available)",
     ]
 

@@ -57,6 +57,9 @@ class JobContext:
     capacity: Capacity = Capacity()
     clamp: bool = False
     warn: Callable[[str], None] = lambda message: None
+    # once per run: note(topic, names) -> the executor prints "topic: names" for new names
+    note: Callable[[str, Iterable[str]], None] = lambda topic, names: None
+    envmodules: str = "ignore"  # or "fail": a job of a rule with envmodules: and no container:
 
 
 def single_jobs(job: Any) -> List[Any]:
@@ -117,10 +120,32 @@ def _task_name(*parts: Any) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", "-".join(str(p) for p in parts))
 
 
+IGNORED_NOTE = "ignored resources with no meaning in a container"
+ENVMODULES_NOTE = (
+    "envmodules: are ignored in containers (no environment modules there); give these rules "
+    "a container: image with their tools, or pass --crank-envmodules fail to stop instead"
+)
+
+
+def _envmodules(job: Any, ctx: JobContext) -> None:
+    if not job.env_modules or job.container_img_url:
+        return
+    if ctx.envmodules == "fail":
+        raise CrankError(
+            f"rule {job.rule.name} has envmodules: and no container:, and a container has no "
+            "environment modules; give it a container: image with its tools "
+            "(--crank-envmodules fail is set)"
+        )
+    ctx.note(ENVMODULES_NOTE, [f"rule {job.rule.name}"])
+
+
 def _resources(label: str, job: Any, preemptible: bool, ctx: JobContext) -> resources.Resources:
-    wanted = resources.from_snakemake(label, job.threads, job.resources, preemptible)
-    res, warnings = limits.fit(label, wanted, ctx.capacity, ctx.clamp)
-    for warning in warnings:
+    mapped = resources.map_job(label, job.threads, job.resources, preemptible)
+    ctx.note(IGNORED_NOTE, mapped.ignored)
+    res, warnings = limits.fit(
+        label, mapped.resources, ctx.capacity, ctx.clamp, mapped.mem_mb_per_cpu
+    )
+    for warning in (*mapped.warnings, *warnings):
         ctx.warn(warning)
     return res
 
@@ -194,6 +219,8 @@ def runs_directly(job: Any, ctx: JobContext) -> bool:
 
 def tasks_for(job: Any, ctx: JobContext) -> List[TaskSpec]:
     singles = single_jobs(job)
+    for single in singles:
+        _envmodules(single, ctx)
     if all(runs_directly(j, ctx) for j in singles):
         return [shell_task(j, ctx) for j in singles]
     return [snakemake_task(job, ctx)]
