@@ -373,7 +373,8 @@ def test_volumes_never_prefix_each_other():
     everything = found + list(layout.RESERVED)
     for a in everything:
         for b in everything:
-            assert a == b or not b.startswith(a), (a, b)
+            # a string prefix only where it is a parent directory (same host tree on Funnel)
+            assert a == b or not b.startswith(a) or b.startswith(a + "/"), (a, b)
     assert "/w" in found and "//tmpx/a" in found
     assert layout.volumes(["/data/my dir/x"]) == ["/data"]
     with pytest.raises(CrankError, match="reserved"):
