@@ -329,11 +329,17 @@ def test_staging_failure_is_a_failed_task_with_one_line(aws_env, tmp_path):
     backend = TesBackend(uuid.uuid4().hex, str(tmp_path),
                          TesOptions(url=aws_env.url, storage_prefix=aws_env.prefix("missing")))
     try:
-        task = sleeper(tmp_path, 1, script="true", inputs=(Input(str(tmp_path / "absent.txt")),))
+        # a socket cannot be read: staging fails (a missing path is skipped, see _stage)
+        import socket
+
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind(str(tmp_path / "unreadable.sock"))
+        task = sleeper(tmp_path, 1, script="true", inputs=(Input(str(tmp_path / "unreadable.sock")),))
         handle = backend.submit(task)
         assert wait_terminal(backend, [handle])[handle] is State.FINISHED
         result = backend.result(handle, task)
-        assert not result.ok and "absent.txt" in result.reason and "\n" not in result.reason
+        assert not result.ok and "unreadable.sock" in result.reason and "\n" not in result.reason
+        sock.close()
     finally:
         backend.close()
 
@@ -351,8 +357,10 @@ def test_bad_tes_settings_are_one_clear_line(tes, tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "snakemake", "--executor", "crank", "--jobs", "1", "fails",
          "--crank-backend", "tes", "--crank-tes-url", "http://127.0.0.1:9",
-         "--crank-storage-prefix", tes.prefix("x"), "--crank-tes-token", "sekrit-token-1"],
-        cwd=workdir, capture_output=True, text=True, timeout=120, env=tes.env())
+         "--crank-storage-prefix", tes.prefix("x")],
+        # Snakemake echoes its own command line: secrets belong in the environment
+        cwd=workdir, capture_output=True, text=True, timeout=120,
+        env={**tes.env(), "SNAKEMAKE_CRANK_TES_TOKEN": "sekrit-token-1"})
     assert done.returncode != 0
     assert "did not answer" in done.stderr and "check --crank-tes-url" in done.stderr
     assert "sekrit-token-1" not in done.stderr + done.stdout

@@ -253,7 +253,10 @@ class TesBackend:
 
     def _stage(self, task: TaskSpec) -> List[layout.Staged]:
         staged: List[layout.Staged] = []
-        local = [i for i in task.inputs if not i.url]
+        # Snakemake checks a job's inputs before it hands the job over; a local path missing
+        # here is a workflow source it lists but nothing made (e.g. a wrapper's
+        # environment.yaml): on Docker a missing path is simply not there either
+        local = [i for i in task.inputs if not i.url and os.path.lexists(i.path)]
         for i in task.inputs:
             if i.url:
                 staged.append(layout.Staged(i.path, i.url, layout.url_digest(i.url),
