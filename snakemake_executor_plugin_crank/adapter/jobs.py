@@ -4,7 +4,7 @@ Two launch modes. A shell: rule runs its formatted command directly in its image
 other rule (run:, script:, wrapper:, notebook:), and a group holding one, runs Snakemake's
 own job command in an image that has Snakemake.
 
-``job.shellcmd``, ``job.container_img_url`` and ``dag.get_sources`` belong to Snakemake,
+``job.container_img_url`` and ``dag.get_sources`` belong to Snakemake,
 not to the plugin interface: that coupling stays in this package.
 """
 
@@ -20,7 +20,7 @@ from snakemake.io import is_flagged
 from .. import limits
 from ..errors import CrankError
 from ..task import Capacity, Input, Kind, Output, TaskSpec
-from . import resources
+from . import command, resources
 
 THREAD_VARIABLES = (
     "OMP_NUM_THREADS",
@@ -151,7 +151,10 @@ def _resources(label: str, job: Any, preemptible: bool, ctx: JobContext) -> reso
 
 
 def shell_task(job: Any, ctx: JobContext) -> TaskSpec:
+    """The command Snakemake would execute for the job (see ``command``), run directly.
+    Raises command.NotPlainShell when the rule is not one plain shell call."""
     rule = job.rule.name
+    script = command.script_for(command.record(job, CONTAINER_TMPDIR))
     res = _resources(f"rule {rule}", job, ctx.is_preemptible(rule), ctx)
     return TaskSpec(
         name=_task_name(rule, job.jobid, job.attempt),
@@ -159,7 +162,7 @@ def shell_task(job: Any, ctx: JobContext) -> TaskSpec:
         job_id=str(job.jobid),
         attempt=job.attempt,
         image=image_for(job, ctx.default_image),
-        script=job.shellcmd,
+        script=script,
         workdir=ctx.workdir,
         env=task_env(res.cpus, ctx.envvars),
         inputs=_inputs(job.input),
@@ -222,7 +225,10 @@ def tasks_for(job: Any, ctx: JobContext) -> List[TaskSpec]:
     for single in singles:
         _envmodules(single, ctx)
     if all(runs_directly(j, ctx) for j in singles):
-        return [shell_task(j, ctx) for j in singles]
+        try:
+            return [shell_task(j, ctx) for j in singles]
+        except command.NotPlainShell:
+            pass  # Snakemake in the image runs it as it would locally
     return [snakemake_task(job, ctx)]
 
 

@@ -1,0 +1,86 @@
+"""End to end on the real Docker engine: a workflow gives, byte for byte, the files it gives
+under Snakemake's local executor, run in the same test (issue 8)."""
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import containers_of, copy_workflow, snakemake
+
+pytestmark = pytest.mark.docker
+
+
+def local_snakemake(workdir: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """The same workflow under Snakemake's local executor."""
+    return subprocess.run(
+        [sys.executable, "-m", "snakemake", "--cores", "2", *args],
+        cwd=workdir, capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdin=subprocess.DEVNULL,
+    )
+
+
+def tree(root: Path, skip=()) -> dict:
+    """Every path under root (but .snakemake) -> its type, write bits and content."""
+    found = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel_dir = os.path.relpath(dirpath, root)
+        if rel_dir.split(os.sep)[0] == ".snakemake":
+            dirnames[:] = []
+            continue
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            rel = os.path.normpath(os.path.join(rel_dir, name))
+            if rel.split(os.sep)[0] == ".snakemake" or rel in skip:
+                continue
+            mode = path.lstat().st_mode
+            writable = bool(mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+            if stat.S_ISDIR(mode):
+                found[rel] = ("dir", writable)
+            elif stat.S_ISFIFO(mode):
+                found[rel] = ("fifo", writable)
+            else:
+                found[rel] = ("file", writable, path.read_bytes())
+    return found
+
+
+def both(name: str, tmp_path: Path, *args: str, crank_args=()):
+    """Run the workflow under the local executor and under crank, each in its own copy."""
+    local_dir = copy_workflow(name, tmp_path / "local")
+    crank_dir = copy_workflow(name, tmp_path / "crank")
+    local = local_snakemake(local_dir, *args)
+    crank = snakemake(crank_dir, *args, *crank_args)
+    return local, crank, local_dir, crank_dir
+
+
+def assert_same_files(local_dir: Path, crank_dir: Path, skip=()):
+    local, crank = tree(local_dir, skip), tree(crank_dir, skip)
+    assert sorted(crank) == sorted(local)
+    for rel in local:
+        assert crank[rel] == local[rel], rel
+
+
+# ------------------------------------------------------------------ the command itself
+
+
+def test_modules_config_and_names_as_locally(docker_api, tmp_path):
+    """Item 1 and the root cause: the command is formatted in the rule's own module
+    (module config, module-level names, nested modules, params built from them),
+    with --config applied, {resources.tmpdir} the container's, `name` not shadowed."""
+    local, crank, local_dir, crank_dir = both(
+        "semantics_modules", tmp_path, "--config", "who=cli"
+    )
+    assert local.returncode == 0, local.stderr
+    assert crank.returncode == 0, crank.stderr
+    assert_same_files(local_dir, crank_dir)
+    # the values that were wrong when the displayed command ran
+    read = lambda rel: (crank_dir / rel).read_text()
+    assert read("name.txt") == "workflow-variable name_var main-greeting\n"
+    assert read("m/out/config.txt") == "{greeting: module-greeting, who: cli}\n"
+    assert read("m/out/branch.txt") == "yes\n"
+    assert read("m/n/nested.txt") == "x nested\n"
+    assert read("tmpdir.txt") == "tmp\n"
+    assert containers_of(docker_api, crank_dir) == []
