@@ -84,3 +84,37 @@ def test_modules_config_and_names_as_locally(docker_api, tmp_path):
     assert read("m/n/nested.txt") == "x nested\n"
     assert read("tmpdir.txt") == "tmp\n"
     assert containers_of(docker_api, crank_dir) == []
+
+
+# ------------------------------------------------------------------ shell settings (item 7)
+
+SHELL_ARGS = (
+    "--retries", "1", "--set-threads", "res=2",
+    "--set-resources", "res:mem_mb=70", "res:foo=3",
+    "--default-resources", "mem_mb=30", "disk_mb=7",
+)
+
+
+def test_shell_settings_and_resource_overrides_as_locally(docker_api, tmp_path):
+    local, crank, local_dir, crank_dir = both("semantics_shell", tmp_path, *SHELL_ARGS)
+    assert local.returncode == 0, local.stderr
+    assert crank.returncode == 0, crank.stderr
+    # the host's own cgroup limit is not the container's: compared below instead
+    assert_same_files(local_dir, crank_dir, skip={"logs/retry_limit.txt"})
+    read = lambda rel: (crank_dir / rel).read_text()
+    assert read("prefix.txt") == "from-prefix bash\nsuffix-ran\n"
+    assert read("notstrict.txt") == "after-false\nsuffix-ran\n"
+    assert read("res.txt") == "threads=2 mem=70 foo=3 disk=7\nsuffix-ran\n"
+    # the second attempt ran with the second attempt's limit
+    assert read("retry.txt") == "mem=200\nsuffix-ran\n"
+    limit = int(read("logs/retry_limit.txt"))  # the engine rounds down to whole pages
+    assert any(0 <= mb - limit < 4096 for mb in (200 * 10**6, 200 * 2**20)), limit
+    assert containers_of(docker_api, crank_dir) == []
+
+
+def test_shell_executable_as_locally(docker_api, tmp_path):
+    local, crank, local_dir, crank_dir = both("semantics_executable", tmp_path)
+    assert local.returncode == 0, local.stderr
+    assert crank.returncode == 0, crank.stderr
+    assert_same_files(local_dir, crank_dir)
+    assert (crank_dir / "which.txt").read_text() == "sh:none\n"

@@ -155,21 +155,26 @@ def script_for(recorded: Recorded) -> str:
         if shell._process_prefix is not None:
             return NOT_STRICT + command
         return command
-    # another shell (shell.executable or the shell_exec resource): run it, as Snakemake does
+    # another shell (shell.executable or the shell_exec resource): run it, as Snakemake
+    # does; Snakemake made its path absolute on the host, the image may keep it elsewhere
     exe = shlex.quote(recorded.executable)
-    missing = (
-        f"command -v {exe} >/dev/null 2>&1 || {{ echo "
-        + shlex.quote(f"crank: the image has no {recorded.executable} (the workflow's shell executable)")
-        + " >&2; exit 127; }\n"
+    base = shlex.quote(os.path.basename(recorded.executable))
+    missing = shlex.quote(
+        f"crank: the image has no {recorded.executable} nor "
+        f"{os.path.basename(recorded.executable)} on its PATH (the workflow's shell executable)"
+    )
+    find = (
+        f"if [ -x {exe} ]; then crank_shell={exe}; "
+        f"elif crank_shell=$(command -v {base}); then :; "
+        f"else echo {missing} >&2; exit 127; fi\n"
     )
     if len(command) + 2 <= MAX_ARG_LEN:
-        return missing + f"exec {exe} -c {shlex.quote(command)}\n"
+        return find + f'exec "$crank_shell" -c {shlex.quote(command)}\n'
     # too long for one argument: a script file, as Snakemake does for long commands
     mark = f"CRANK_EOF_{uuid.uuid4().hex}"
     return (
-        missing
-        + 'crank_script=$(mktemp)\n'
+        find
+        + "crank_script=$(mktemp)\n"
         + f"cat > \"$crank_script\" <<'{mark}'\n{command}\n{mark}\n"
-        + f'exec {exe} "$crank_script"\n'
+        + 'exec "$crank_shell" "$crank_script"\n'
     )
-
