@@ -100,6 +100,26 @@ def shell_argv(script: str) -> Tuple[str, ...]:
     return ("/bin/sh", "-c", LAUNCHER, "crank", script)
 
 
+# The same for a script delivered as a file ($1 is its path inside the container): a
+# script longer than the kernel's limit for one argument (MAX_ARG_STRLEN, 128 KiB) cannot
+# travel in argv. Backends send scripts longer than SCRIPT_ARG_LIMIT bytes as a file.
+SCRIPT_ARG_LIMIT = 64 * 1024
+FILE_LAUNCHER = (
+    'if command -v bash >/dev/null 2>&1; then exec bash -euo pipefail "$1"; fi; '
+    "set -eu; "
+    "if (set -o pipefail) 2>/dev/null; then set -o pipefail; fi; "
+    '. "$1"'
+)
+
+
+def file_argv(path: str) -> Tuple[str, ...]:
+    return ("/bin/sh", "-c", FILE_LAUNCHER, "crank", path)
+
+
+def script_fits_argv(script: str) -> bool:
+    return len(script.encode()) <= SCRIPT_ARG_LIMIT
+
+
 class State(enum.Enum):
     QUEUED = "queued"
     RUNNING = "running"

@@ -118,3 +118,17 @@ def test_shell_executable_as_locally(docker_api, tmp_path):
     assert crank.returncode == 0, crank.stderr
     assert_same_files(local_dir, crank_dir)
     assert (crank_dir / "which.txt").read_text() == "sh:none\n"
+
+
+# ------------------------------------------------------------------ long commands (item 5)
+
+
+def test_command_longer_than_one_argument_runs_as_locally(docker_api, tmp_path):
+    local, crank, local_dir, crank_dir = both("semantics_long", tmp_path)
+    assert local.returncode == 0, local.stderr[-3000:]
+    assert crank.returncode == 0, crank.stderr[-3000:]
+    assert_same_files(local_dir, crank_dir)
+    assert len((crank_dir / "long.txt").read_bytes()) > 200_000
+    # the script files are gone with the run
+    assert not list((crank_dir / ".snakemake" / "crank").glob("scripts/*/*"))
+    assert containers_of(docker_api, crank_dir) == []

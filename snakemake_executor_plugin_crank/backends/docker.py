@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -18,7 +19,7 @@ import docker.types
 import requests
 
 from ..errors import BackendUnavailable, CrankError, ImageUnavailable
-from ..task import Capacity, State, TaskResult, TaskSpec
+from ..task import Capacity, State, TaskResult, TaskSpec, file_argv, script_fits_argv
 from .logs import save_logs
 
 LABEL_RUN = "crank.run"
@@ -128,6 +129,7 @@ class DockerBackend:
         self.run_id = run_id
         self.workdir = workdir
         self.options = options
+        self._script_dirs: set = set()  # where scripts too long for argv were written
         where = options.base_url or os.environ.get("DOCKER_HOST") or "the default socket"
         try:
             self.client = (
@@ -221,10 +223,26 @@ class DockerBackend:
             raise
         return handle
 
+    def command_for(self, task: TaskSpec) -> Tuple[str, ...]:
+        """The container's argv: the script as one argument, or, when it is too long for
+        one, as a file under the workdir, which the workdir mount makes visible."""
+        if script_fits_argv(task.script):
+            return task.argv
+        directory = os.path.join(task.workdir, ".snakemake", "crank", "scripts", self.run_id)
+        path = os.path.join(directory, task.name + ".sh")
+        try:
+            os.makedirs(directory, exist_ok=True)
+            with open(path, "w") as f:
+                f.write(task.script)
+        except OSError as e:
+            raise CrankError(f"{task.label}: cannot write its script to {path!r} ({e.strerror})") from None
+        self._script_dirs.add(directory)
+        return file_argv(path)
+
     def _create(self, task: TaskSpec, name: str, host_config: Dict[str, Any]) -> str:
         config = dict(
             image=task.image,
-            command=list(task.argv),
+            command=list(self.command_for(task)),
             working_dir=task.workdir,
             user=f"{os.getuid()}:{os.getgid()}",
             environment=dict(task.env),
@@ -297,6 +315,8 @@ class DockerBackend:
             self.cancel([row["Id"] for row in self._containers(LABEL_RUN, self.run_id)])
         finally:
             self.client.close()
+            for directory in self._script_dirs:
+                shutil.rmtree(directory, ignore_errors=True)
 
 
 def _short(error: Exception) -> str:
