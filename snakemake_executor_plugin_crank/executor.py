@@ -63,6 +63,7 @@ class Executor(RemoteExecutor):
             note=self._note,
             envmodules=self.settings.envmodules,
         )
+        self._note(jobs.IGNORED_NOTE, jobs.ignored_resources(self.workflow))
 
     def _warn_once(self, message: str) -> None:
         if message not in self._warned:

@@ -166,17 +166,28 @@ def test_invalid_resource_is_one_clear_line(docker_api, tmp_path):
     assert "Traceback" not in done.stderr
 
 
-def test_request_above_host_fails_unless_clamping(docker_api, tmp_path):
+def test_threads_above_host_run_with_its_cpus_and_memory_above_fails_unless_clamping(docker_api, tmp_path):
     workdir = copy_workflow("failing", tmp_path / "wf")
-    cpus = docker_api.info()["NCPU"]
+    info = docker_api.info()
+    cpus = info["NCPU"]
     done = snakemake(workdir, "greedy", "--max-threads", "64")
-    assert done.returncode != 0
-    assert f"rule greedy asks for threads=64 but the backend offers at most {cpus} CPUs" in done.stderr
-
-    done = snakemake(workdir, "greedy", "--max-threads", "64", "--crank-clamp-resources")
     assert done.returncode == 0, done.stderr
-    assert f"threads=64 lowered to {cpus}" in done.stderr
+    warning = f"rule greedy asks for 64 CPUs (threads), more than the {cpus} the backend has"
+    assert done.stderr.count(warning) == 1
     assert read(workdir / "greedy.txt") == f"{cpus}\n"
+
+    (workdir / "greedy.txt").unlink()
+    too_much = info["MemTotal"] // 1_000_000 + 1000
+    done = snakemake(workdir, "greedy", "--set-resources", f"greedy:mem_mb={too_much}")
+    assert done.returncode != 0
+    assert f"rule greedy asks for mem_mb={too_much} but the backend offers at most" in done.stderr
+    assert "--crank-clamp-resources" in done.stderr
+
+    done = snakemake(
+        workdir, "greedy", "--set-resources", f"greedy:mem_mb={too_much}", "--crank-clamp-resources"
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"mem_mb={too_much} lowered to" in done.stderr
 
 
 def test_unreachable_engine_is_one_clear_line(tmp_path):

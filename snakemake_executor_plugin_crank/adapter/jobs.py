@@ -139,6 +139,12 @@ def _envmodules(job: Any, ctx: JobContext) -> None:
     ctx.note(ENVMODULES_NOTE, [f"rule {job.rule.name}"])
 
 
+def ignored_resources(workflow: Any) -> List[str]:
+    """The resources with no meaning in a container that the workflow's rules set
+    (defaults, profile and --set-resources included), to report once when a run starts."""
+    return resources.ignored_names(name for rule in workflow.rules for name in rule.resources)
+
+
 def _resources(label: str, job: Any, preemptible: bool, ctx: JobContext) -> resources.Resources:
     mapped = resources.map_job(label, job.threads, job.resources, preemptible)
     ctx.note(IGNORED_NOTE, mapped.ignored)

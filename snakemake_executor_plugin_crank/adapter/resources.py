@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 from ..errors import CrankError
 from ..task import Resources
@@ -45,8 +45,8 @@ TABLE: Tuple[Row, ...] = (
     Row("gpu", "count", "GPUs", "number of GPUs; wins over a disagreeing `gres`"),
     Row("gres", "gres", "GPUs", "`gpu`, `gpu:N` or `gpu:model:N` -> N GPUs (1 without N) and "
         "the model; any other GRES is ignored"),
-    Row("gpu_model", "name", "GPU model", "TES: a `backend_parameters` entry; Docker: not used; "
-        "alone it means 1 GPU (as in the Slurm plugin)"),
+    Row("gpu_model", "name", "GPU model", "kept in the task for TES `backend_parameters`; "
+        "Docker: not used; alone it means 1 GPU (as in the Slurm plugin)"),
     Row("nodes", "single", IGNORED, "1 is ignored; more than 1 is an error (one container runs "
         "on one machine)"),
     Row("tasks", "single", IGNORED, "1 is ignored; more than 1 (MPI ranks) is an error"),
@@ -246,15 +246,12 @@ def map_job(
     elif gpus and values.get("cpus_per_gpu", 0) > 0:
         cpus = max(cpus, values["cpus_per_gpu"] * gpus)
 
-    # memory: mem_mb_per_cpu × CPUs takes precedence over mem_mb
+    # memory: mem_mb_per_cpu × CPUs takes precedence over mem_mb, silently as in the Slurm
+    # plugin: Snakemake gives every rule a default mem_mb as soon as a profile sets any
+    # default resource, so a warning would be printed for every rule of every such profile
     mem_mb = values.get("mem_mb")
     per_cpu = values.get("mem_mb_per_cpu")
     if per_cpu:
-        if mem_mb and mem_mb > per_cpu * cpus:
-            warnings.append(
-                f"{what}: mem_mb_per_cpu={per_cpu} takes precedence over mem_mb={mem_mb} "
-                f"(as in the Slurm plugin): the task gets {per_cpu} MB per CPU"
-            )
         mem_mb = per_cpu * cpus
 
     minutes = values.get("runtime")
@@ -279,3 +276,8 @@ def from_snakemake(
 ) -> Resources:
     """The task resources of ``map_job``, without the notes."""
     return map_job(what, threads, resources, preemptible).resources
+
+
+def ignored_names(names: Iterable[str]) -> List[str]:
+    """Of these resource names, those ignored in a container whatever their value, sorted."""
+    return sorted({n for n in names if n in ROWS and ROWS[n].kind == "any"})
