@@ -44,6 +44,10 @@ class Executor(RemoteExecutor):
         )
         self._failing_since: Optional[float] = None
         self._warned = set()
+        # running time of each task that ran directly, for its job's benchmark file
+        self._seconds = {}
+        # update() outputs crank backed up before a job that runs directly
+        self._backups = {}
         self._noted = {}
         self.context = jobs.JobContext(
             workdir=workdir,
@@ -81,7 +85,9 @@ class Executor(RemoteExecutor):
     def run_job(self, job: JobExecutorInterface):
         try:
             tasks = jobs.tasks_for(job, self.context)
-            outputs.prepare(job, tasks, self.workflow.async_run)
+            backed_up = outputs.prepare(job, tasks, self.workflow.async_run)
+            if backed_up:
+                self._backups[job] = backed_up
             chain = self.runner.start(tasks)
         except ImageUnavailable as e:
             source = jobs.image_source(job, self.context)
@@ -134,10 +140,17 @@ class Executor(RemoteExecutor):
             if outcome is None:
                 yield info
                 continue
-            if outcome.ok:
+            problem = None
+            if outcome.ok and outputs.ran_directly(chain.tasks):
+                # what Snakemake does after a job, which no Snakemake in the image did
+                problem = await outputs.finish(info.job, chain.tasks, self._seconds)
+            for task in chain.tasks:
+                self._seconds.pop(task.name, None)
+            if outcome.ok and problem is None:
+                self._backups.pop(info.job, None)
                 self.report_job_success(info)
             else:
-                self._report_error(info, outcome.message, outcome.log_files)
+                self._report_error(info, problem or outcome.message, outcome.log_files)
             self._release(chain)
         still = [c for c in chains if c not in ended]
         self.next_seconds_between_status_checks = Runner.next_interval(
@@ -153,14 +166,20 @@ class Executor(RemoteExecutor):
 
     def _task_succeeded(self, task, result) -> None:
         if task.benchmarks_by_crank:
-            for path in task.benchmarks:
-                outputs.write_benchmark(path, result.seconds)
+            self._seconds[task.name] = result.seconds
 
     def _report_error(self, info: SubmittedJobInfo, message: str, logs=()) -> None:
         if info.job.is_group():
             # Snakemake does not print the message of a failed group job
             self.logger.error(message)
         self.report_job_error(info, msg=message + "\n", aux_logs=list(logs))
+
+    def handle_job_error(self, job: JobExecutorInterface):
+        # Snakemake has just removed the failed job's outputs: update() ones come back
+        super().handle_job_error(job)
+        backed_up = self._backups.pop(job, None)
+        if backed_up:
+            outputs.restore(job, backed_up)
 
     def cancel_jobs(self, active_jobs: List[SubmittedJobInfo]):
         self.runner.cancel([info.aux["chain"] for info in active_jobs])

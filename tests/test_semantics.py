@@ -2,6 +2,7 @@
 under Snakemake's local executor, run in the same test (issue 8)."""
 
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import containers_of, copy_workflow, snakemake
+from conftest import SNAKEMAKE_IMAGE, containers_of, copy_workflow, snakemake
 
 pytestmark = pytest.mark.docker
 
@@ -131,4 +132,42 @@ def test_command_longer_than_one_argument_runs_as_locally(docker_api, tmp_path):
     assert len((crank_dir / "long.txt").read_bytes()) > 200_000
     # the script files are gone with the run
     assert not list((crank_dir / ".snakemake" / "crank").glob("scripts/*/*"))
+    assert containers_of(docker_api, crank_dir) == []
+
+
+# ------------------------------------------------------------------ after a job (item 2)
+
+
+def test_files_snakemake_makes_after_a_job_as_locally(docker_api, tmp_path):
+    local, crank, local_dir, crank_dir = both(
+        "semantics_after", tmp_path, crank_args=("--container-image", SNAKEMAKE_IMAGE)
+    )
+    assert local.returncode == 0, local.stderr
+    assert crank.returncode == 0, crank.stderr
+    # running times differ: the benchmark files are compared by their rows
+    benchmarks = {"bench/shadowed.tsv", "bench/repeated.tsv"}
+    assert_same_files(local_dir, crank_dir, skip=benchmarks)
+    for rel in benchmarks:
+        ours = (crank_dir / rel).read_text().splitlines()
+        theirs = (local_dir / rel).read_text().splitlines()
+        assert len(ours) == len(theirs) and ours[0] == theirs[0], rel
+    assert len((crank_dir / "bench/repeated.tsv").read_text().splitlines()) == 4
+    assert (crank_dir / "repeated.txt").read_text() == "iteration 0\niteration 1\niteration 2\n"
+    assert (crank_dir / "logs/quiet.log").read_text() == ""
+    assert not os.access(crank_dir / "prot.txt", os.W_OK) or os.geteuid() == 0
+    assert not (crank_dir / "prot.txt").stat().st_mode & 0o222
+    assert containers_of(docker_api, crank_dir) == []
+
+
+# ------------------------------------------------------------------ checks (item 3)
+
+
+def test_output_checks_fail_the_job_as_locally(docker_api, tmp_path):
+    local, crank, local_dir, crank_dir = both("semantics_checks", tmp_path, "--keep-going", "--forceall")
+    assert local.returncode != 0 and crank.returncode != 0
+    failed = lambda run: set(re.findall(r"(?:Error|Exception) in rule (\w+)", run.stderr))
+    assert failed(local) >= {"empty", "badsum", "notadir", "kept"}, local.stderr
+    assert failed(crank) == failed(local), crank.stderr[-3000:]
+    assert_same_files(local_dir, crank_dir)
+    assert (crank_dir / "kept.txt").read_text() == "before\n"
     assert containers_of(docker_api, crank_dir) == []

@@ -156,14 +156,29 @@ def _resources(label: str, job: Any, preemptible: bool, ctx: JobContext) -> reso
     return res
 
 
-def shell_task(job: Any, ctx: JobContext) -> TaskSpec:
-    """The command Snakemake would execute for the job (see ``command``), run directly.
-    Raises command.NotPlainShell when the rule is not one plain shell call."""
+def shell_tasks(job: Any, ctx: JobContext) -> List[TaskSpec]:
+    """The command Snakemake would execute for the job (see ``command``), run directly:
+    one task, or one per repeat of ``benchmark: repeat(..., n)`` (each with its own
+    ``bench_iteration``), as Snakemake runs the command n times. Raises
+    command.NotPlainShell when the rule is not one plain shell call."""
     rule = job.rule.name
-    script = command.script_for(command.record(job, CONTAINER_TMPDIR))
+    repeats = max(1, job.benchmark_repeats or 1) if job.benchmark else 1
+    # Snakemake passes bench_iteration 0..n-1 when benchmarking, else None
+    iterations = range(repeats) if job.benchmark else [None]
+    scripts = [
+        command.script_for(command.record(job, CONTAINER_TMPDIR, i)) for i in iterations
+    ]
     res = _resources(f"rule {rule}", job, ctx.is_preemptible(rule), ctx)
+    suffixes = [()] if repeats == 1 else [(f"b{i}",) for i in range(repeats)]
+    return [
+        _shell_task(job, ctx, rule, script, res, suffix)
+        for script, suffix in zip(scripts, suffixes)
+    ]
+
+
+def _shell_task(job, ctx, rule, script, res, suffix) -> TaskSpec:
     return TaskSpec(
-        name=_task_name(rule, job.jobid, job.attempt),
+        name=_task_name(rule, job.jobid, job.attempt, *suffix),
         label=f"rule {rule}",
         job_id=str(job.jobid),
         attempt=job.attempt,
@@ -232,7 +247,7 @@ def tasks_for(job: Any, ctx: JobContext) -> List[TaskSpec]:
         _envmodules(single, ctx)
     if all(runs_directly(j, ctx) for j in singles):
         try:
-            return [shell_task(j, ctx) for j in singles]
+            return [t for j in singles for t in shell_tasks(j, ctx)]
         except command.NotPlainShell:
             pass  # Snakemake in the image runs it as it would locally
     return [snakemake_task(job, ctx)]

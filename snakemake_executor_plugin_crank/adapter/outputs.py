@@ -1,18 +1,55 @@
 """Around a job, for every backend: before it, stale outputs removed and parent
 directories made (Snakemake's local executor does both itself, remote executors must);
-after it, the benchmark file of a command that ran directly."""
+after a job whose commands ran directly (no Snakemake in the image to do it), what
+Snakemake's local executor does after a job, by Snakemake's own functions: benchmark
+records, ``touch()`` outputs, missing logs created, the output checks (missing files,
+``directory()`` type, ``ensure()``), ``protected()`` outputs write-protected, ``update()``
+backups kept and restored.
+
+Crank declares no shared filesystem (the TES backend has none), so Snakemake's main
+process skips these steps (``Job.postprocess``): crank does them once the outputs are
+back on the host (the TES backend downloads them in ``result()``)."""
 
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Optional, Sequence
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+
+from snakemake.io import is_flagged
 
 from ..errors import CrankError
 from ..task import TaskSpec
 
 
-def prepare(job: Any, tasks: Sequence[TaskSpec], async_run: Callable) -> None:
-    async_run(job.remove_existing_output())
+def ran_directly(tasks: Sequence[TaskSpec]) -> bool:
+    """The tasks run the jobs' commands themselves (crank post-processes them)."""
+    return bool(tasks) and all(t.benchmarks_by_crank for t in tasks)
+
+
+def _singles(job: Any) -> List[Any]:
+    return [j for level in job.toposorted for j in level] if job.is_group() else [job]
+
+
+def prepare(job: Any, tasks: Sequence[TaskSpec], async_run: Callable) -> List[str]:
+    """Returns the update() outputs backed up (restore them if the job fails)."""
+    backed_up = []
+    if ran_directly(tasks):
+        # as Job.prepare: an update() output is kept, with a backup for a failure
+        for single in _singles(job):
+            persistence = single.dag.workflow.persistence
+            for f in single.output:
+                if is_flagged(f, "update") and os.path.exists(f):
+                    persistence.backup_output(Path(f))
+                    backed_up.append(str(f))
+    try:
+        async_run(job.remove_existing_output())
+    except OSError as e:
+        # e.g. a path component of an output that is a file, not a directory
+        raise CrankError(
+            f"rule {job.rule.name}: cannot remove the old output {e.filename!r} "
+            f"({e.strerror}); remove what is in the way"
+        ) from None
     for task in tasks:
         for product in task.products:
             parent = os.path.dirname(product.path)
@@ -21,15 +58,90 @@ def prepare(job: Any, tasks: Sequence[TaskSpec], async_run: Callable) -> None:
             except OSError as e:
                 raise CrankError(
                     f"{task.label}: cannot create the directory {parent!r} for "
-                    f"{product.path!r} ({e.strerror})"
+                    f"{product.path!r} ({e.strerror}); put the output in a writable "
+                    "directory, or remove what is in the way"
                 ) from None
+    return backed_up
 
 
-def write_benchmark(path: str, seconds: Optional[float]) -> None:
-    """A benchmark file in Snakemake's format with the running time (the other columns,
-    measured by Snakemake around a local process, are NA)."""
+def write_benchmark(job: Any, seconds: Sequence[Optional[float]], extended: bool) -> None:
+    """The benchmark file in Snakemake's format: one record per repeat, with its running
+    time (the other columns, measured by Snakemake around a local process, are NA)."""
     from snakemake.benchmark import BenchmarkRecord, write_benchmark_records
 
-    record = BenchmarkRecord(running_time=seconds)
-    record.process_gone = True  # nothing was sampled: NA without a warning
-    write_benchmark_records([record], path, extended_fmt=False)
+    records = []
+    for running_time in seconds:
+        record = BenchmarkRecord(running_time=running_time)
+        record.process_gone = True  # nothing was sampled: NA without a warning
+        # as run_wrapper does, for the extended format
+        record.jobid = job.jobid
+        record.rule_name = job.rule.name
+        record.wildcards = job.wildcards
+        record.params = job.params
+        record.resources = job.resources
+        record.input = job.input
+        record.threads = job.threads
+        records.append(record)
+    write_benchmark_records(records, str(job.benchmark), extended)
+
+
+async def finish(job: Any, tasks: Sequence[TaskSpec],
+                 seconds: Mapping[str, Optional[float]]) -> Optional[str]:
+    """After the tasks of a job that ran directly succeeded: Snakemake's own steps after
+    a job (``Job.postprocess`` with a shared filesystem). Returns why the job fails
+    (an output check), or None."""
+    dag = job.dag
+    workflow = dag.workflow
+    ignore: Any = False
+    if job.is_group():
+        # as GroupJob.postprocess: temp files nobody outside the group needs may be gone
+        outside = lambda j, f: (
+            f in dag.targetfiles
+            or not is_flagged(f, "temp")
+            or any(
+                f in files
+                for other, files in dag.depending[j].items()
+                if not dag.finished(other) and dag.needrun(other) and other not in job.jobs
+            )
+        )
+        ignore = [
+            f for j in job.jobs for f in j.output
+            if is_flagged(f, "nodelocal") or (is_flagged(f, "temp") and not outside(j, f))
+        ]
+    for single in _singles(job):
+        own = [t for t in tasks if t.job_id == str(single.jobid)]
+        if single.benchmark and own:
+            write_benchmark(single, [seconds.get(t.name) for t in own],
+                            workflow.output_settings.benchmark_extended)
+        try:
+            await _postprocess(single, ignore, workflow, grouped=job.is_group())
+        except Exception as e:  # Snakemake's own message for the failed check
+            text = str(e).strip() or type(e).__name__
+            return f"rule {single.rule.name} (job {single.jobid}): {text}"
+    return None
+
+
+async def _postprocess(job: Any, ignore: Any, workflow: Any, grouped: bool) -> None:
+    dag = job.dag
+    for f in job.output:
+        if is_flagged(f, "update"):
+            workflow.persistence.cleanup_backup(Path(f))
+    dag.handle_touch(job)
+    await dag.handle_log(job)
+    await dag.check_and_touch_output(
+        job,
+        wait=workflow.execution_settings.latency_wait,
+        ignore_missing_output=ignore,
+        wait_for_local=True,
+        # a group's members are touched level by level: no mtime check (as Snakemake)
+        check_output_mtime=not grouped,
+    )
+    dag.handle_protected(job)
+
+
+def restore(job: Any, backed_up: Sequence[str]) -> None:
+    """After a failed job (and Snakemake's removal of its outputs): update() outputs
+    back as they were, as Snakemake does locally."""
+    persistence = job.dag.workflow.persistence
+    for path in backed_up:
+        persistence.restore_output(Path(path))
