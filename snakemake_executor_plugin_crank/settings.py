@@ -84,6 +84,17 @@ class ExecutorSettings(ExecutorSettingsBase):
             "env_var": True,
         },
     )
+    docker_warm: str = field(
+        default="yes",
+        metadata={
+            "help": "Run jobs by exec in warm containers kept per image, mounts and limits "
+            "(each job still gets a private /tmp, its limits and OOM and wall-time "
+            "reports), which is several times faster than a container per job. "
+            "'no': one new container per job.",
+            "env_var": True,
+            "choices": ["yes", "no"],
+        },
+    )
 
     tes_url: Optional[str] = field(
         default=None,
@@ -184,6 +195,7 @@ def backend_from(settings: ExecutorSettings, run_id: str, workdir: str):
         network=settings.docker_network,
         pull=settings.docker_pull,
         host_config=docker_host_config(settings.docker_host_config),
+        warm=settings.docker_warm == "yes",
     )
     try:
         return DockerBackend(run_id, workdir, options)

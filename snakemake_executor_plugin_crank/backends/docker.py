@@ -46,6 +46,16 @@ class DockerOptions:
     network: str = "bridge"
     pull: str = "missing"
     host_config: Mapping[str, Any] = field(default_factory=dict)
+    # run tasks by exec in warm containers where that is safe (backends/warm.py)
+    warm: bool = False
+
+
+# handles of tasks run by the warm pool
+WARM_PREFIX = "warm:"
+
+
+def _is_warm(handle: str) -> bool:
+    return handle.startswith(WARM_PREFIX)
 
 
 def _under(path: str, root: str) -> bool:
@@ -147,6 +157,20 @@ class DockerBackend:
             cpus=info.get("NCPU"), mem_mb=int(info.get("MemTotal", 0) / 1e6) or None
         )
         self._images: set = set()
+        self.warm = None
+        if options.warm:
+            from .warm import WarmPool
+
+            self.warm = WarmPool(self, self._new_api)
+
+    def _new_api(self, pool_size: int):
+        """Another client of the same engine (the warm pool's threads use their own)."""
+        client = (
+            docker.DockerClient(base_url=self.options.base_url, max_pool_size=pool_size)
+            if self.options.base_url
+            else docker.from_env(max_pool_size=pool_size)
+        )
+        return client.api
 
     def capacity(self) -> Capacity:
         return self._capacity
@@ -187,12 +211,17 @@ class DockerBackend:
         self._images.add(image)
 
     def submit(self, task: TaskSpec) -> str:
-        self._ensure_image(task.image)
+        if self.warm is not None:
+            handle = self.warm.try_submit(task)
+            if handle is not None:
+                return handle
+        return self.submit_cold(task)
+
+    def host_config_for(self, task: TaskSpec, plan: Sequence[Tuple[str, bool]]) -> Dict[str, Any]:
+        """The container's host config: the mounts of ``plan``, limits, network, extras."""
         mounts = [
             docker.types.Mount(target=p, source=p, type="bind", read_only=not rw)
-            for p, rw in plan_mounts(
-                task.workdir, [i.path for i in task.inputs], [o.path for o in task.products]
-            )
+            for p, rw in plan
         ]
         res = task.resources
         host_config: Dict[str, Any] = {
@@ -209,6 +238,15 @@ class DockerBackend:
                 gpu_request(res.gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
             ]
         host_config.update(self.options.host_config)
+        return host_config
+
+    def submit_cold(self, task: TaskSpec) -> str:
+        """Start the task as a container of its own."""
+        self._ensure_image(task.image)
+        plan = plan_mounts(
+            task.workdir, [i.path for i in task.inputs], [o.path for o in task.products]
+        )
+        host_config = self.host_config_for(task, plan)
         name = f"crank-{self.run_id[:8]}-{task.name}"
         try:
             with engine_errors("creating a container"):
@@ -264,11 +302,17 @@ class DockerBackend:
             self.cancel([name])
 
     def poll(self, handles: Sequence[str]) -> Mapping[str, State]:
+        warm = [h for h in handles if _is_warm(h)]
+        if warm:  # answered from memory; the rest with the one list request
+            rest = [h for h in handles if not _is_warm(h)]
+            return {**self.warm.poll(warm), **(self.poll(rest) if rest else {})}
         rows = self._containers(LABEL_RUN, self.run_id)
         seen = {row["Id"]: _STATES.get(row["State"], State.RUNNING) for row in rows}
         return {h: seen.get(h, State.LOST) for h in handles}
 
     def stop(self, handle: str) -> None:
+        if _is_warm(handle):
+            return self.warm.stop(handle)
         try:
             with engine_errors("stopping a container"):
                 self.api.kill(handle)
@@ -276,6 +320,8 @@ class DockerBackend:
             pass  # already ended
 
     def result(self, handle: str, task: TaskSpec) -> TaskResult:
+        if _is_warm(handle):
+            return self.warm.result(handle, task)
         try:
             with engine_errors("inspecting a container"):
                 state = self.api.inspect_container(handle)["State"]
@@ -297,9 +343,14 @@ class DockerBackend:
         )
 
     def release(self, handles: Sequence[str]) -> None:
-        self.cancel(handles)
+        if any(_is_warm(h) for h in handles):
+            self.warm.release([h for h in handles if _is_warm(h)])
+        self.cancel([h for h in handles if not _is_warm(h)])
 
     def cancel(self, handles: Sequence[str]) -> None:
+        if any(_is_warm(h) for h in handles):
+            self.warm.cancel([h for h in handles if _is_warm(h)])
+            handles = [h for h in handles if not _is_warm(h)]
         for handle in handles:
             try:
                 with engine_errors("removing a container"):
@@ -311,6 +362,8 @@ class DockerBackend:
                     raise CrankError(f"Docker refused to remove container {handle[:12]}: {_short(e)}") from None
 
     def close(self) -> None:
+        if self.warm is not None:
+            self.warm.close()
         try:
             self.cancel([row["Id"] for row in self._containers(LABEL_RUN, self.run_id)])
         finally:
