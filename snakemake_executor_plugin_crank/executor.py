@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from typing import AsyncGenerator, List, Optional
+from typing import AsyncGenerator, List, Optional, Tuple
 
 from snakemake_interface_common.exceptions import WorkflowError
 from snakemake_interface_executor_plugins.executors.base import SubmittedJobInfo
@@ -24,10 +24,18 @@ IDLE_INTERVAL = 0.1
 
 
 class Executor(RemoteExecutor):
+    # read by status rounds, which can begin before __post_init__ has run
+    _canceling = False
+
     def __post_init__(self):
         self.settings = self.workflow.executor_settings or ExecutorSettings()
         self.run_id = uuid.uuid4().hex
         workdir = os.getcwd()
+        self._tolerance_s = (
+            self.settings.backend_tolerance
+            if getattr(self.settings, "backend_tolerance", None) is not None
+            else BACKEND_TOLERANCE_S
+        )
         try:
             self.backend = backend_from(self.settings, self.run_id, workdir)
             removed = self.backend.remove_orphans()
@@ -40,9 +48,14 @@ class Executor(RemoteExecutor):
             self.backend,
             on_success=self._task_succeeded,
             preemptible_retries=remote.preemptible_retries or 0,
-            tolerance_s=BACKEND_TOLERANCE_S,
+            tolerance_s=self._tolerance_s,
         )
         self._failing_since: Optional[float] = None
+        # Ctrl-C or shutdown: crank removes the tasks itself, no round reports them
+        self._canceling = False
+        # jobs reported failed because the backend stayed unreachable, and whether their
+        # tasks were confirmed removed (docs/reliability.md)
+        self._given_up: List[Tuple[JobExecutorInterface, bool]] = []
         self._warned = set()
         # running time of each task that ran directly, for its job's benchmark file
         self._seconds = {}
@@ -91,9 +104,19 @@ class Executor(RemoteExecutor):
             chain = self.runner.start(tasks)
         except ImageUnavailable as e:
             source = jobs.image_source(job, self.context)
-            self._report_error(
-                SubmittedJobInfo(job), f"{e}; {image_hint(self.settings)}, or fix {source}"
-            )
+            if source.startswith("--crank-default-image") and not self.settings.default_image:
+                # nobody chose this image: it is Snakemake's --container-image (or its default)
+                source = (
+                    "the image: the rule has no container: and --crank-default-image is unset, "
+                    "so crank used --container-image "
+                    f"({self.context.default_image}); pass --crank-default-image or add "
+                    "container: to the rule"
+                )
+            if getattr(e, "invalid_reference", False):
+                message = f"{e}; fix {source}"
+            else:
+                message = f"{e}; {image_hint(self.settings)}, or fix {source}"
+            self._report_error(SubmittedJobInfo(job), message)
             return
         except CrankError as e:
             self._report_error(SubmittedJobInfo(job), str(e))
@@ -105,6 +128,8 @@ class Executor(RemoteExecutor):
     async def check_active_jobs(
         self, active_jobs: List[SubmittedJobInfo]
     ) -> AsyncGenerator[SubmittedJobInfo, None]:
+        if self._canceling:
+            return  # crank removes these tasks itself: nothing to report
         if not active_jobs:
             # nothing to ask the backend; look again soon so new jobs are seen early
             # (this also covers the first round, which can come before __post_init__)
@@ -121,19 +146,28 @@ class Executor(RemoteExecutor):
             if self._failing_since is None:
                 self._failing_since = now
             failing_for = now - self._failing_since
-            if failing_for < BACKEND_TOLERANCE_S:
+            if failing_for < self._tolerance_s:
                 self.logger.warning(f"crank: status check failed, will retry: {e}")
                 self.next_seconds_between_status_checks = min(ceiling, max(1.0, failing_for))
                 for info in active_jobs:
                     yield info
                 return
+            # remove the tasks before reporting: Snakemake then deletes whatever they wrote
+            try:
+                self.runner.cancel(chains)
+                removed = True
+            except CrankError:
+                removed = False
             message = (
-                f"crank lost the backend for {failing_for:.0f} s ({e}); the task's state is unknown"
+                f"crank lost the backend for {failing_for:.0f} s ({e}); the job is reported "
+                "failed" + ("" if removed else ", its outputs are marked incomplete")
             )
             for info in active_jobs:
+                self._given_up.append((info.job, removed))
                 self._report_error(info, message)
-            self.runner.cancel(chains)
             return
+        if self._canceling:
+            return  # canceled while the round ran
         for info in active_jobs:
             chain = info.aux["chain"]
             outcome = ended.get(chain)
@@ -165,6 +199,9 @@ class Executor(RemoteExecutor):
             self.logger.warning(f"crank: {e}")
 
     def _task_succeeded(self, task, result) -> None:
+        if result.reason:
+            # e.g. a child killed for lack of memory while the command exited 0
+            self.logger.warning(f"crank: {task.label} (job {task.job_id}): {result.reason}")
         if task.benchmarks_by_crank:
             self._seconds[task.name] = result.seconds
 
@@ -182,8 +219,40 @@ class Executor(RemoteExecutor):
             outputs.restore(job, backed_up)
 
     def cancel_jobs(self, active_jobs: List[SubmittedJobInfo]):
-        self.runner.cancel([info.aux["chain"] for info in active_jobs])
+        self._canceling = True
+        try:
+            self.runner.cancel([info.aux["chain"] for info in active_jobs])
+        except CrankError as e:
+            # shutdown tries again; the next start in this workdir removes what is left
+            self.logger.warning(f"crank: {e}")
 
     def shutdown(self):
         super().shutdown()
-        self.backend.close()
+        self._canceling = True
+        try:
+            self.backend.close()
+            closed = True
+        except CrankError as e:
+            closed = False
+            self.logger.warning(
+                f"crank: could not remove this run's containers ({e}); the next crank run in "
+                "this directory removes them"
+            )
+        self._fence_given_up(closed)
+
+    def _fence_given_up(self, closed: bool) -> None:
+        """Jobs reported failed while their task may still run: a task that outlives
+        Snakemake could write outputs after Snakemake deleted them. Mark those outputs
+        incomplete, so a later run never takes them as complete."""
+        pending = [job for job, removed in self._given_up if not removed]
+        if not pending:
+            return
+        persistence = self.workflow.persistence
+        for job in pending:
+            for single in jobs.single_jobs(job):
+                persistence.started(single)
+        if not closed:
+            self.logger.warning(
+                "crank: the outputs of jobs whose task could not be stopped are marked "
+                "incomplete; rerun with --rerun-incomplete once the engine is back"
+            )

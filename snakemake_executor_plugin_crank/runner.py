@@ -34,6 +34,8 @@ class Chain:
     spent: List[str] = field(default_factory=list)
     # when the backend started failing this chain (submit or collect), if it is
     trouble_since: Optional[float] = None
+    # canceled by crank (Ctrl-C, giving up): no outcome is reported for it any more
+    canceled: bool = False
 
     @property
     def current(self) -> TaskSpec:
@@ -68,9 +70,14 @@ class Runner:
         self.tolerance_s = tolerance_s
 
     def start(self, tasks: Sequence[TaskSpec]) -> Chain:
-        """Submit the first task. Raises CrankError when the backend refuses it."""
+        """Submit the first task. Raises CrankError when the backend refuses it; when
+        the backend does not answer (BackendUnavailable) the task is submitted again at
+        the next rounds, for up to ``tolerance_s``."""
         chain = Chain(tuple(tasks))
-        chain.handle = self.backend.submit(chain.current)
+        try:
+            chain.handle = self.backend.submit(chain.current)
+        except BackendUnavailable:
+            chain.trouble_since = self.clock()
         return chain
 
     def step(self, chains: Sequence[Chain]) -> Dict[Chain, Outcome]:
@@ -83,6 +90,8 @@ class Runner:
         now = self.clock()
         ended: Dict[Chain, Outcome] = {}
         for chain in chains:
+            if chain.canceled:
+                continue
             try:
                 outcome = self._advance(chain, states.get(chain.handle), now)
                 chain.trouble_since = None
@@ -94,6 +103,11 @@ class Runner:
                 outcome = self._failed(chain, f"{chain.current.label}: the backend failed ({e})")
             except CrankError as e:
                 outcome = self._failed(chain, str(e))
+            except OSError as e:
+                # e.g. a benchmark file that cannot be written: the job fails, the round goes on
+                outcome = self._failed(chain, f"{chain.current.label}: {e}")
+            if chain.canceled:
+                continue  # canceled while this round ran: crank removed it, nothing to report
             if outcome is not None:
                 ended[chain] = outcome
         return ended
@@ -168,6 +182,10 @@ class Runner:
         chain.handle = None
 
     def cancel(self, chains: Sequence[Chain]) -> None:
+        """Stop and free the chains' tasks; raises BackendUnavailable when the backend
+        cannot be reached (the tasks may then still run)."""
+        for chain in chains:
+            chain.canceled = True
         self.backend.cancel([h for c in chains for h in c.handles])
 
     @staticmethod

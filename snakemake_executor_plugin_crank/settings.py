@@ -75,6 +75,15 @@ class ExecutorSettings(ExecutorSettingsBase):
             "choices": ["missing", "always", "never"],
         },
     )
+    backend_tolerance: float = field(
+        default=120.0,
+        metadata={
+            "help": "Seconds the backend may stay unreachable or failing (engine restart, "
+            "network blip) before the running jobs are reported failed; meanwhile crank "
+            "retries with backoff.",
+            "env_var": True,
+        },
+    )
     docker_host_config: Optional[str] = field(
         default=None,
         metadata={
@@ -178,9 +187,14 @@ def docker_host_config(text: Optional[str]) -> dict:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
-        raise CrankError(f"--crank-docker-host-config is not valid JSON ({e})") from None
+        raise CrankError(
+            f"--crank-docker-host-config is not valid JSON ({e}); give a JSON object, "
+            'e.g. \'{"shm_size": "1g"}\''
+        ) from None
     if not isinstance(value, dict):
-        raise CrankError("--crank-docker-host-config must be a JSON object")
+        raise CrankError(
+            "--crank-docker-host-config must be a JSON object, e.g. '{\"shm_size\": \"1g\"}'"
+        )
     return value
 
 
@@ -197,8 +211,17 @@ def backend_from(settings: ExecutorSettings, run_id: str, workdir: str):
         host_config=docker_host_config(settings.docker_host_config),
         warm=settings.docker_warm == "yes",
     )
+    if not settings.backend_tolerance >= 0:
+        raise CrankError(
+            f"--crank-backend-tolerance {settings.backend_tolerance!r} must be a number of "
+            "seconds >= 0"
+        )
     try:
-        return DockerBackend(run_id, workdir, options)
+        backend = DockerBackend(run_id, workdir, options)
+        # options the engine would refuse are found now, not job by job
+        backend.check_host_config()
+        backend.check_network()
+        return backend
     except BackendUnavailable as e:
         raise CrankError(
             f"{e}; start dockerd or point --crank-docker-url / DOCKER_HOST at a running engine"

@@ -28,6 +28,9 @@ LABEL_WORKDIR = "crank.workdir"
 
 # Docker refuses memory limits below 6 MB.
 DOCKER_MIN_MEMORY = 6 * 1024 * 1024
+# the start-up check: an engine that accepts connections but never answers is reported
+# quickly; later requests keep the SDK's longer timeout (pulls, large logs)
+STARTUP_TIMEOUT_S = 10
 
 _STATES = {
     "created": State.QUEUED,
@@ -94,10 +97,29 @@ def gpu_request(count: int, visible: Optional[str]) -> docker.types.DeviceReques
     return docker.types.DeviceRequest(count=count, capabilities=[["gpu"]])
 
 
-def failure_reason(state: Mapping[str, Any], task: TaskSpec) -> Optional[str]:
+def memory_limit_text(limit_bytes: Optional[int], task: TaskSpec) -> str:
+    """The limit the container really had, in decimal MB, and the request when Docker's
+    floor raised it."""
+    asked = task.resources.mem_mb
+    if not limit_bytes:
+        return f" (limit {asked} MB)" if asked else ""
+    real = limit_bytes / 1_000_000
+    text = f"{real:.0f}" if real == int(real) else f"{real:.2f}"
+    if asked and asked * 1_000_000 < limit_bytes:
+        return f" (limit {text} MB, Docker's minimum; mem_mb={asked} was asked)"
+    return f" (limit {text} MB)"
+
+
+def failure_reason(
+    state: Mapping[str, Any], task: TaskSpec, limit_bytes: Optional[int] = None
+) -> Optional[str]:
     if state.get("OOMKilled"):
-        limit = task.resources.mem_mb
-        return f"killed: out of memory (limit {limit} MB)" if limit else "killed: out of memory"
+        limit = memory_limit_text(limit_bytes, task)
+        if state.get("ExitCode") == 0:
+            # a child was killed but the command chose to go on and exit 0: the exit
+            # code decides, as with Snakemake's local executor (docs/reliability.md)
+            return f"a process was killed: out of memory{limit}; the command still exited 0"
+        return f"killed: out of memory{limit}"
     code = state.get("ExitCode")
     if state.get("Error"):
         return state["Error"]
@@ -120,6 +142,10 @@ def running_seconds(state: Mapping[str, Any]) -> Optional[float]:
         return None
 
 
+# answered with status 500 by the engine, yet final: asking again cannot help
+_FINAL_SERVER_ERRORS = ("could not select device driver", "invalid reference format")
+
+
 @contextlib.contextmanager
 def engine_errors(doing: str):
     """Turn the engine's transport and server errors into BackendUnavailable; its
@@ -127,7 +153,7 @@ def engine_errors(doing: str):
     try:
         yield
     except docker.errors.APIError as e:  # also a requests error: test it first
-        if e.is_server_error():
+        if e.is_server_error() and not any(final in str(e) for final in _FINAL_SERVER_ERRORS):
             raise BackendUnavailable(f"the Docker engine failed while {doing} ({_short(e)})") from None
         raise
     except requests.RequestException as e:
@@ -142,17 +168,43 @@ class DockerBackend:
         self._script_dirs: set = set()  # where scripts too long for argv were written
         where = options.base_url or os.environ.get("DOCKER_HOST") or "the default socket"
         try:
+            # a short timeout for the first requests (the SDK asks the version at once)
             self.client = (
-                docker.DockerClient(base_url=options.base_url)
+                docker.DockerClient(base_url=options.base_url, timeout=STARTUP_TIMEOUT_S)
                 if options.base_url
-                else docker.from_env()
+                else docker.from_env(timeout=STARTUP_TIMEOUT_S)
             )
             self.api = self.client.api
+            timeout = docker.constants.DEFAULT_TIMEOUT_SECONDS
+            try:
+                self.api.ping()  # cheap: a busy engine still answers it at once
+            except requests.Timeout:
+                raise CrankError(
+                    f"the Docker engine at {where} accepted the connection but did not answer "
+                    f"within {STARTUP_TIMEOUT_S} s; check that this address is a Docker engine "
+                    "and that it is not stuck (restart it)"
+                ) from None
+            finally:
+                self.api.timeout = timeout
             info = self.api.info()
-        except (docker.errors.DockerException, requests.RequestException) as e:
+        except docker.errors.DockerException as e:
+            if "timed out" in str(e):
+                raise CrankError(
+                    f"the Docker engine at {where} accepted the connection but did not answer "
+                    f"within {STARTUP_TIMEOUT_S} s; check that this address is a Docker engine "
+                    "and that it is not stuck (restart it)"
+                ) from None
+            if "Invalid bind address" in str(e) or "scheme" in str(e).lower():
+                raise CrankError(
+                    f"--crank-docker-url / DOCKER_HOST {where!r} is not a Docker engine "
+                    "address; use unix:///path/to/docker.sock or tcp://host:port"
+                ) from None
+            raise BackendUnavailable(f"cannot reach the Docker engine at {where} ({_short(e)})") from None
+        except requests.RequestException as e:
             raise BackendUnavailable(
                 f"cannot reach the Docker engine at {where} ({_short(e)})"
             ) from None
+        self._runtimes = set(info.get("Runtimes") or {})
         self._capacity = Capacity(
             cpus=info.get("NCPU"), mem_mb=int(info.get("MemTotal", 0) / 1e6) or None
         )
@@ -203,15 +255,22 @@ class DockerBackend:
                     raise ImageUnavailable(
                         f"image {image!r} is not on the Docker engine and pulling is off"
                     ) from None
+            except docker.errors.APIError as e:
+                raise _invalid_image(image, e) from None
         try:
             with engine_errors("pulling an image"):
                 self.api.pull(image)
+        except docker.errors.APIError as e:
+            if e.status_code == 400 or "invalid reference" in str(e):
+                raise _invalid_image(image, e) from None
+            raise ImageUnavailable(f"could not pull image {image!r} ({_short(e)})") from None
         except docker.errors.DockerException as e:
             raise ImageUnavailable(f"could not pull image {image!r} ({_short(e)})") from None
         self._images.add(image)
 
     def submit(self, task: TaskSpec) -> str:
-        if self.warm is not None:
+        # a script too long for argv goes as a file: containers of its own (command_for)
+        if self.warm is not None and script_fits_argv(task.script):
             handle = self.warm.try_submit(task)
             if handle is not None:
                 return handle
@@ -254,12 +313,56 @@ class DockerBackend:
                 self.api.start(handle)
         except (docker.errors.DockerException, TypeError) as e:
             self._remove_quietly(name)
-            raise CrankError(f"Docker refused the container for {task.label}: {_short(e)}") from None
+            raise CrankError(self._refusal(task, e)) from None
         except BackendUnavailable:
             # the engine may have made the container before the connection broke
             self._remove_quietly(name)
             raise
         return handle
+
+    def _refusal(self, task: TaskSpec, error: Exception) -> str:
+        """Docker's refusal of a container, explained when the cause is known."""
+        text = _short(error)
+        if task.resources.gpus and "device driver" in text:
+            return (
+                f"{task.label} asks for gpu={task.resources.gpus} but the Docker engine has no "
+                f"NVIDIA runtime ({text}); install the NVIDIA Container Toolkit on the engine's "
+                "host, or run the rule without the gpu resource"
+            )
+        network = self.options.network
+        if "network" in text and network in text and "not found" in text:
+            return (
+                f"--crank-docker-network {network!r} does not exist on the Docker engine; "
+                f"create it (docker network create {network}) or use bridge or none"
+            )
+        return f"Docker refused the container for {task.label}: {text}"
+
+    def check_host_config(self) -> None:
+        """Raise CrankError when the extra host-config options are not ones the Docker SDK
+        takes (checked at start, not per job)."""
+        try:
+            self.api.create_host_config(**self.options.host_config)
+        except (TypeError, ValueError, docker.errors.DockerException) as e:
+            text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CrankError(
+                f"--crank-docker-host-config is refused: {text}; use Docker SDK host-config "
+                "arguments (e.g. shm_size, cap_add, ulimits)"
+            ) from None
+
+    def check_network(self) -> None:
+        """Raise CrankError when the chosen network does not exist on the engine."""
+        network = self.options.network
+        if network in ("bridge", "none", "host", "default") or network.startswith("container:"):
+            return
+        with engine_errors("listing networks"):
+            known = {n.get("Name") for n in self.api.networks()} | {
+                n.get("Id") for n in self.api.networks()
+            }
+        if network not in known:
+            raise CrankError(
+                f"--crank-docker-network {network!r} does not exist on the Docker engine; "
+                f"create it (docker network create {network}) or use bridge or none"
+            )
 
     def command_for(self, task: TaskSpec) -> Tuple[str, ...]:
         """The container's argv: the script as one argument, or, when it is too long for
@@ -324,17 +427,20 @@ class DockerBackend:
             return self.warm.result(handle, task)
         try:
             with engine_errors("inspecting a container"):
-                state = self.api.inspect_container(handle)["State"]
+                inspected = self.api.inspect_container(handle)
         except docker.errors.NotFound:
             return TaskResult(ok=False, reason="the container was removed outside crank")
+        state = inspected["State"]
         with engine_errors("reading a container's logs"):
             stdout = self.api.logs(handle, stdout=True, stderr=False, stream=True)
             stderr = self.api.logs(handle, stdout=False, stderr=True, stream=True)
             files, tail = save_logs(task, stdout, stderr)
         code = state.get("ExitCode")
-        reason = failure_reason(state, task)
+        limit = (inspected.get("HostConfig") or {}).get("Memory")
+        reason = failure_reason(state, task, limit)
         return TaskResult(
-            ok=code == 0 and not reason,
+            # an OOM kill with exit code 0 keeps ok (reason is then a warning)
+            ok=code == 0 and (not reason or bool(state.get("OOMKilled"))),
             exit_code=code,
             reason=reason,
             stderr_tail=tail,
@@ -370,6 +476,12 @@ class DockerBackend:
             self.client.close()
             for directory in self._script_dirs:
                 shutil.rmtree(directory, ignore_errors=True)
+
+
+def _invalid_image(image: str, error: Exception) -> ImageUnavailable:
+    e = ImageUnavailable(f"image reference {image!r} is invalid ({_short(error)})")
+    e.invalid_reference = True  # the fix is the reference, not loading an image
+    return e
 
 
 def _short(error: Exception) -> str:

@@ -1,0 +1,248 @@
+"""A fault-injecting proxy on a Unix socket in front of a Docker engine, for the tests.
+
+Every request is forwarded on a fresh connection to the engine with ``Connection: close``,
+so the proxy needs no HTTP response parsing: it copies bytes until the engine closes.
+Faults are chosen per request by a rule ``(method, path) -> action``, changeable at any
+time:
+
+- ``"pass"``: forward;
+- ``"refuse"``: close the client's connection without forwarding (engine gone);
+- ``"lose_answer"``: forward, let the engine act, then close without answering;
+- ``"hang"``: accept and never answer (until ``hang_s`` or ``stop()``);
+- ``"error500"``: answer 500 without forwarding.
+
+Local only (a Unix socket in a test's temporary directory) and bounded: every socket has
+a timeout, every thread is a daemon, ``stop()`` closes everything.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import threading
+from typing import Callable, List, Optional, Tuple
+
+Rule = Callable[[str, str], str]
+TIMEOUT_S = 30.0
+
+
+def _read_head(conn: socket.socket) -> Optional[bytes]:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return None
+        data += chunk
+        if len(data) > 1 << 20:
+            return None
+    return data
+
+
+class FaultProxy:
+    def __init__(self, listen_path: str, engine_path: str, hang_s: float = 120.0):
+        self.listen_path = listen_path
+        self.engine_path = engine_path
+        self.hang_s = hang_s
+        self.rule: Rule = lambda method, path: "pass"
+        self.seen: List[Tuple[str, str, str]] = []  # (method, path, action)
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._conns: List[socket.socket] = []
+        self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._server.bind(listen_path)
+        self._server.listen(64)
+        self._server.settimeout(0.2)
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"unix://{self.listen_path}"
+
+    def __enter__(self) -> "FaultProxy":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def set_rule(self, rule: Rule) -> None:
+        with self._lock:
+            self.rule = rule
+
+    def actions(self, action: str) -> List[Tuple[str, str]]:
+        with self._lock:
+            return [(m, p) for m, p, a in self.seen if a == action]
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join(timeout=5)
+        with self._lock:
+            for conn in self._conns:
+                try:
+                    conn.close()
+                except OSError:
+                    pass
+        self._server.close()
+        if os.path.exists(self.listen_path):
+            os.unlink(self.listen_path)
+
+    def _accept(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                conn, _ = self._server.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            conn.settimeout(TIMEOUT_S)
+            with self._lock:
+                self._conns.append(conn)
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            head = _read_head(conn)
+            if head is None:
+                return
+            request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+            method, path = (request_line.split(" ") + ["", ""])[:2]
+            path = re.sub(r"^/v[0-9.]+", "", path.split("?", 1)[0])
+            with self._lock:
+                action = self.rule(method, path)
+                self.seen.append((method, path, action))
+            if action == "refuse":
+                return
+            if action == "hang":
+                self._stopped.wait(self.hang_s)
+                return
+            if action == "error500":
+                body = b'{"message":"injected server error"}'
+                conn.sendall(
+                    b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
+                )
+                return
+            self._forward(conn, head, lose_answer=action == "lose_answer")
+        except OSError:
+            pass
+        finally:
+            try:
+                conn.close()
+            except OSError:
+                pass
+
+    def _forward(self, conn: socket.socket, head: bytes, lose_answer: bool) -> None:
+        header_end = head.index(b"\r\n\r\n")
+        headers, rest = head[:header_end], head[header_end + 4 :]
+        lines = [
+            line for line in headers.split(b"\r\n")
+            if not line.lower().startswith(b"connection:")
+        ]
+        length = 0
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value.strip())
+        while len(rest) < length:
+            chunk = conn.recv(65536)
+            if not chunk:
+                return
+            rest += chunk
+        upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        upstream.settimeout(TIMEOUT_S)
+        with self._lock:
+            self._conns.append(upstream)
+        try:
+            upstream.connect(self.engine_path)
+            upstream.sendall(b"\r\n".join(lines + [b"Connection: close"]) + b"\r\n\r\n" + rest)
+            if lose_answer:
+                upstream.recv(1)  # the engine has acted and begun to answer
+                return
+            while True:
+                chunk = upstream.recv(65536)
+                if not chunk:
+                    return
+                conn.sendall(chunk)
+        finally:
+            upstream.close()
+
+
+class PrivateEngine:
+    """A private dockerd for fault tests: its own socket, data, exec root and pid file
+    under ``root`` (short: Unix socket paths are limited), default bridge settings without
+    iptables changes, live-restore off (a restart stops its containers). Tests run their
+    containers with network none. Never the shared engine: only this one is restarted."""
+
+    def __init__(self, root: str, images=("crank-test/busybox:1",)):
+        import subprocess  # noqa: F401  (kept local: the proxy itself needs none)
+
+        self.root = root
+        self.socket = os.path.join(root, "d.sock")
+        self.images = images
+        self.proc = None
+
+    @property
+    def url(self) -> str:
+        return f"unix://{self.socket}"
+
+    def start(self, timeout: float = 30.0) -> None:
+        import subprocess
+        import time
+
+        self.proc = subprocess.Popen(
+            ["dockerd", "-H", self.url, "--data-root", os.path.join(self.root, "data"),
+             "--exec-root", os.path.join(self.root, "x"),
+             "--pidfile", os.path.join(self.root, "pid"),
+             "--iptables=false", "--ip-masq=false", "--shutdown-timeout", "2"],
+            stdout=open(os.path.join(self.root, "dockerd.log"), "ab"),
+            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"private dockerd exited; see {self.root}/dockerd.log")
+            if self.ping():
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"private dockerd not ready after {timeout} s")
+
+    def ping(self) -> bool:
+        try:
+            conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            conn.settimeout(2)
+            conn.connect(self.socket)
+            conn.sendall(b"GET /_ping HTTP/1.1\r\nHost: docker\r\nConnection: close\r\n\r\n")
+            answer = conn.recv(64)
+            conn.close()
+            return answer.startswith(b"HTTP/1.1 200")
+        except OSError:
+            return False
+
+    def load_images(self, source_url: Optional[str] = None) -> None:
+        import subprocess
+
+        for image in self.images:
+            tar = os.path.join(self.root, "image.tar")
+            save = ["docker"] + (["-H", source_url] if source_url else []) + ["save", "-o", tar, image]
+            subprocess.run(save, check=True, timeout=60, capture_output=True)
+            subprocess.run(["docker", "-H", self.url, "load", "-i", tar], check=True,
+                           timeout=60, capture_output=True)
+            os.unlink(tar)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        import signal
+        import subprocess
+
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
