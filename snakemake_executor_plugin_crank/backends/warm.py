@@ -125,7 +125,7 @@ class WarmPool:
         self.api = make_api(WORKERS + 4)
         self.events_api = make_api(2)
         self.user = f"{os.getuid()}:{os.getgid()}"
-        self.root = tempfile.mkdtemp(prefix="crank-warm-")
+        self.root: Optional[str] = None  # made with the first runner
         self.lock = threading.Lock()
         self.jobs: Dict[str, _Job] = {}
         self.by_exec: Dict[str, _Job] = {}
@@ -274,7 +274,8 @@ class WarmPool:
         self.workers.shutdown(wait=True)
         for runner in list(self.runners.values()):  # started while closing
             self._remove(runner)
-        shutil.rmtree(self.root, ignore_errors=True)
+        if self.root is not None:
+            shutil.rmtree(self.root, ignore_errors=True)
         self.api.close()
         self.events_api.close()
 
@@ -332,6 +333,9 @@ class WarmPool:
         return self._start_runner(key, task, mounts, host_config)
 
     def _start_runner(self, key, task, mounts, host_config) -> _Runner:
+        with self.lock:
+            if self.root is None:
+                self.root = tempfile.mkdtemp(prefix="crank-warm-")
         host_dir = tempfile.mkdtemp(dir=self.root)
         binds = []
         keep = {}
