@@ -272,6 +272,24 @@ def test_changed_content_never_lands_under_a_digest_key(any_prefix, tmp_path):
     assert objects(any_prefix) == {}
 
 
+@pytest.mark.s3
+def test_file_changed_after_hashing_is_not_uploaded(any_prefix, tmp_path):
+    store = Store.from_url(any_prefix)
+    cache = DigestCache(str(tmp_path / "d.sqlite"))
+    f = write(tmp_path / "big", os.urandom(PART_SIZE * 2))
+    digest, identity = cache.digest_with_identity(str(f))
+    with f.open("r+b") as out:  # rewritten in place after it was hashed: same size and inode
+        out.write(b"changed")
+    os.utime(f, (OLD + 9, OLD + 9))
+    with pytest.raises(ContentChanged):
+        store.put_file(str(f), file_key(digest), sha256=digest, identity=identity)
+    assert store.head(file_key(digest)) is None
+    # unchanged: checked by stat alone, uploaded
+    digest, identity = cache.digest_with_identity(str(f))
+    store.put_file(str(f), file_key(digest), sha256=digest, identity=identity)
+    assert store.head(file_key(digest)) == PART_SIZE * 2
+
+
 STAGE_SCRIPT = """
 import sys
 from snakemake_executor_plugin_crank.staging.digest import DigestCache

@@ -80,33 +80,41 @@ class DigestCache:
 
     def lookup(self, path: str) -> str | None:
         """The cached digest of ``path`` if the file is unchanged since it was hashed."""
-        real = os.path.realpath(path)
+        return self._lookup(os.path.realpath(path))[0]
+
+    def _lookup(self, real: str) -> tuple[str | None, tuple[int, int, int, int]]:
         try:
-            st = os.stat(real)
+            identity = file_identity(os.stat(real))
         except OSError as e:
-            raise CrankError(f"cannot read {path}: {e.strerror or e}") from None
+            raise CrankError(f"cannot read {real}: {e.strerror or e}") from None
         with self._lock:
             row = self._db.execute(
                 "SELECT size, mtime_ns, inode, dev, sha256 FROM digests WHERE path = ?", (real,)
             ).fetchone()
-        if row is not None and tuple(row[:4]) == file_identity(st):
-            return row[4]
-        return None
+        if row is not None and tuple(row[:4]) == identity:
+            return row[4], identity
+        return None, identity
 
     def digest(self, path: str) -> str:
         """sha256 hex of ``path``; hashed only when the cache has no entry for this exact file."""
-        cached = self.lookup(path)
+        return self.digest_with_identity(path)[0]
+
+    def digest_with_identity(self, path: str) -> tuple[str, tuple[int, int, int, int]]:
+        """The digest and the (size, mtime_ns, inode, device) of the file it is the digest of,
+        so that a later reader can tell whether the file is still the same."""
+        real = os.path.realpath(path)
+        cached, identity = self._lookup(real)
         if cached is not None:
             with self._lock:
                 self.hits += 1
-            return cached
-        real = os.path.realpath(path)
+            return cached, identity
         digest, st = _hash_with_stat(real)
-        size, mtime_ns, inode, dev = file_identity(st)
+        identity = file_identity(st)
+        size, mtime_ns, inode, dev = identity
         with self._lock:
             self.misses += 1
             if time.time_ns() - mtime_ns < RACY_NS:
-                return digest
+                return digest, identity
             try:
                 self._db.execute(
                     "INSERT OR REPLACE INTO digests VALUES (?, ?, ?, ?, ?, ?)",
@@ -114,7 +122,7 @@ class DigestCache:
                 )
             except sqlite3.Error:
                 pass  # a cache that cannot be written only costs a rehash next time
-        return digest
+        return digest, identity
 
     def close(self) -> None:
         with self._lock:

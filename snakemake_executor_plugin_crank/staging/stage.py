@@ -161,9 +161,9 @@ class Stager:
         return staged
 
     def _stage_file(self, path: str) -> tuple[str, int]:
-        digest = self.cache.digest(path)
-        size = os.stat(path).st_size
-        sent = self._put(path, digest, size)
+        digest, identity = self.cache.digest_with_identity(path)
+        size = identity[0]
+        sent = self._put(path, digest, size, identity)
         with self._lock:
             if sent:
                 self.stats.bytes_sent += size
@@ -171,7 +171,7 @@ class Stager:
                 self.stats.bytes_deduplicated += size
         return digest, size
 
-    def _put(self, path: str, digest: str, size: int) -> bool:
+    def _put(self, path: str, digest: str, size: int, identity: tuple[int, int, int, int]) -> bool:
         """Make sure the content ``digest`` is in the store; True when this call uploaded it."""
         with self._lock:
             if digest in self._present:
@@ -188,7 +188,7 @@ class Stager:
             if self.store.head(key) != size:
                 with self._lock:
                     self._queued_bytes += size
-                self.store.put_file(path, key, sha256=digest, on_bytes=self._sent)
+                self.store.put_file(path, key, sha256=digest, on_bytes=self._sent, identity=identity)
                 uploaded = True
             with self._lock:
                 self._present.add(digest)

@@ -16,6 +16,7 @@ import ipaddress
 import os
 import re
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -31,6 +32,7 @@ from obstore.exceptions import (
 from obstore.store import from_url as obstore_from_url
 
 from ..errors import BackendUnavailable, CrankError
+from .digest import RACY_NS, file_identity
 
 # Scheme of a storage prefix -> the kind of store obstore builds for it.
 SCHEMES = {
@@ -250,12 +252,16 @@ class Store:
         key: str,
         sha256: str | None = None,
         on_bytes: Callable[[int], None] | None = None,
+        identity: tuple[int, int, int, int] | None = None,
     ) -> None:
         """Upload ``path`` to ``key``, atomically; multipart for files above PART_SIZE.
 
-        With ``sha256``, the bytes sent are hashed on the way and the upload is abandoned (nothing
-        appears under ``key``) when they do not match: a file changed after it was hashed can never
-        land under a content address that is not its own. ``on_bytes(n)`` reports progress."""
+        A file changed after it was hashed must never land under a content address that is not
+        its own: the upload is abandoned (nothing appears under ``key``) when the bytes sent may
+        differ from ``sha256``. With ``identity`` (the file's (size, mtime_ns, inode, device)
+        when it was hashed) a large file is checked by stat when opened and at its end, which
+        costs nothing; it is hashed again on the way only when it was modified too recently for
+        its stat to tell (or without ``identity``). ``on_bytes(n)`` reports progress."""
         try:
             size = os.stat(path).st_size
             if size <= PART_SIZE:
@@ -271,7 +277,7 @@ class Store:
                 # the parts in flight, plus the one being read and the one obstore buffers
                 with self._budget.take(PART_CONCURRENCY + 2):
                     obstore.put(
-                        self._store, key, _chunks(path, sha256, on_bytes),
+                        self._store, key, _chunks(path, sha256, identity, on_bytes),
                         chunk_size=PART_SIZE, max_concurrency=PART_CONCURRENCY,
                     )
         except CrankError:
@@ -347,17 +353,29 @@ class Store:
             raise self._error(e, "deleting", key) from None
 
 
-def _chunks(path: str, sha256: str | None, on_bytes: Callable[[int], None] | None) -> Iterator[bytes]:
-    """The file in PART_SIZE pieces. When the bytes read do not hash to ``sha256``, raises before
-    the last piece is handed over, so obstore aborts the multipart upload instead of completing it."""
-    h = hashlib.sha256() if sha256 else None
+def _chunks(
+    path: str,
+    sha256: str | None,
+    identity: tuple[int, int, int, int] | None,
+    on_bytes: Callable[[int], None] | None,
+) -> Iterator[bytes]:
+    """The file in PART_SIZE pieces. When the bytes read may not be those that hash to
+    ``sha256``, raises before the last piece is handed over, so obstore aborts the multipart
+    upload instead of completing it."""
     with open(path, "rb", buffering=0) as f:
+        opened = file_identity(os.fstat(f.fileno()))
+        if identity is not None and opened != identity:
+            raise ContentChanged(f"{path} changed while being staged; run again")
+        racy = time.time_ns() - opened[1] < RACY_NS
+        h = hashlib.sha256() if sha256 and (identity is None or racy) else None
         chunk = f.read(PART_SIZE)
         while chunk:
             following = f.read(PART_SIZE)
             if h:
                 h.update(chunk)
-                if not following and h.hexdigest() != sha256:
+            if not following:
+                changed = identity is not None and file_identity(os.fstat(f.fileno())) != identity
+                if changed or (h and h.hexdigest() != sha256):
                     raise ContentChanged(f"{path} changed while being staged; run again")
             yield chunk
             if on_bytes:
