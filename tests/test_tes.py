@@ -399,7 +399,8 @@ def example_task(tmp_path: Path) -> TaskSpec:
         workdir=str(tmp_path), env={"OMP_NUM_THREADS": "2"},
         inputs=(Input(str(tmp_path / "a.txt")), Input("/data/ref", Kind.DIRECTORY, url="s3://b/ref")),
         outputs=(Output(str(tmp_path / "out")),),
-        resources=Resources(cpus=2, mem_mb=1500, disk_mb=2500, gpus=1, preemptible=True),
+        resources=Resources(cpus=2, mem_mb=1500, disk_mb=2500, gpus=1, gpu_model="a100",
+                            preemptible=True),
         log_dir=str(tmp_path / "logs"))
 
 
@@ -407,7 +408,7 @@ def test_resources_are_mapped_exactly(tmp_path):
     staged = [layout.Staged(str(tmp_path / "a.txt"), "s3://b/cas/sha256/" + "0" * 64, "0" * 64)]
     body = task_body(to_tes_task(example_task(tmp_path), staged, "s3://b/runs/r/1-1", {"crank-run": "r"}))
     assert body["resources"] == {"cpu_cores": 2, "ram_gb": 1.5, "disk_gb": 2.5, "preemptible": True,
-                                 "backend_parameters": {"gpus": "1"}}
+                                 "backend_parameters": {"gpus": "1", "gpu_model": "a100"}}
     paths = [i["path"] for i in body["inputs"]]
     assert f"/crank/in/{'0' * 64}" in paths and layout.WRAPPER in paths and layout.COMMAND in paths
     assert body["outputs"] == [{"path": "/crank/out", "url": "s3://b/runs/r/1-1", "type": "DIRECTORY"}]

@@ -45,7 +45,7 @@ TABLE: Tuple[Row, ...] = (
     Row("gpu", "count", "GPUs", "number of GPUs; wins over a disagreeing `gres`"),
     Row("gres", "gres", "GPUs", "`gpu`, `gpu:N` or `gpu:model:N` -> N GPUs (1 without N) and "
         "the model; any other GRES is ignored"),
-    Row("gpu_model", "name", "GPU model", "kept in the task for TES `backend_parameters`; "
+    Row("gpu_model", "name", "GPU model", 'TES: `backend_parameters: {"gpu_model": ...}`; '
         "Docker: not used; alone it means 1 GPU (as in the Slurm plugin)"),
     Row("nodes", "single", IGNORED, "1 is ignored; more than 1 is an error (one container runs "
         "on one machine)"),

@@ -81,13 +81,15 @@ def workdir_tag(workdir: str) -> str:
 def resources_of(task: TaskSpec) -> tes.Resources:
     """Exact mapping: decimal MB to GB, never rounded up; GPUs as backend parameters."""
     r = task.resources
-    params = {"gpus": str(r.gpus)} if r.gpus else None
+    params = {"gpus": str(r.gpus)} if r.gpus else {}
+    if r.gpus and r.gpu_model:
+        params["gpu_model"] = r.gpu_model
     return tes.Resources(
         cpu_cores=r.cpus,
         ram_gb=r.mem_mb / 1000 if r.mem_mb else None,
         disk_gb=r.disk_mb / 1000 if r.disk_mb else None,
         preemptible=True if r.preemptible else None,
-        backend_parameters=params,
+        backend_parameters=params or None,
     )
 
 
