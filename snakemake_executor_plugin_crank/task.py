@@ -86,14 +86,19 @@ class TaskSpec:
         return self.outputs + self.logs + tuple(Output(b) for b in self.benchmarks)
 
 
-# bash in strict mode when the image has it, else a POSIX sh (e.g. busybox), with
-# pipefail where that sh knows it (dash does not); the script travels as $1, unquoted.
-LAUNCHER = (
-    'if command -v bash >/dev/null 2>&1; then exec bash -euo pipefail -c "$1"; fi; '
-    "set -eu; "
-    "if (set -o pipefail) 2>/dev/null; then set -o pipefail; fi; "
-    'eval "$1"'
-)
+def _launcher(with_bash: str, with_sh: str) -> str:
+    """bash in strict mode when the image has it, else a POSIX sh (e.g. busybox), with
+    pipefail where that sh knows it (dash does not)."""
+    return (
+        f"if command -v bash >/dev/null 2>&1; then exec bash -euo pipefail {with_bash}; fi; "
+        "set -eu; "
+        "if (set -o pipefail) 2>/dev/null; then set -o pipefail; fi; "
+        f"{with_sh}"
+    )
+
+
+# the script travels as $1, unquoted
+LAUNCHER = _launcher('-c "$1"', 'eval "$1"')
 
 
 def shell_argv(script: str) -> Tuple[str, ...]:
@@ -104,12 +109,7 @@ def shell_argv(script: str) -> Tuple[str, ...]:
 # script longer than the kernel's limit for one argument (MAX_ARG_STRLEN, 128 KiB) cannot
 # travel in argv. Backends send scripts longer than SCRIPT_ARG_LIMIT bytes as a file.
 SCRIPT_ARG_LIMIT = 64 * 1024
-FILE_LAUNCHER = (
-    'if command -v bash >/dev/null 2>&1; then exec bash -euo pipefail "$1"; fi; '
-    "set -eu; "
-    "if (set -o pipefail) 2>/dev/null; then set -o pipefail; fi; "
-    '. "$1"'
-)
+FILE_LAUNCHER = _launcher('"$1"', '. "$1"')
 
 
 def file_argv(path: str) -> Tuple[str, ...]:

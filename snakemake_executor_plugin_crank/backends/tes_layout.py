@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Dict, Iterable, List, Sequence, Set, Tuple
 
 from ..errors import CrankError
-from ..task import LAUNCHER, Kind, TaskSpec
+from ..task import FILE_LAUNCHER, Kind, TaskSpec
 
 ROOT = "/crank"
 IN = "/crank/in"
@@ -161,9 +161,8 @@ def wrapper_script(task: TaskSpec, staged: Sequence[Staged], local_dirs: Sequenc
         mkdir(posixpath.dirname(s.path))
         lines.append(f"ln -sfn {container_path(s)} {q(s.path)} || crank_fail 'cannot link an input'")
     lines.append(f"cd {q(task.workdir)} || crank_fail 'cannot enter the workdir'")
-    # the same launcher as on Docker, but reading the command from a file (no argv limit)
-    launcher = LAUNCHER.replace('-c "$1"', f"{COMMAND}").replace('eval "$1"', f". {COMMAND}")
-    lines.append(f"/bin/sh -c {q(launcher)} crank")
+    # the same launcher as on Docker, reading the command from a file (no argv limit)
+    lines.append(f"/bin/sh -c {q(FILE_LAUNCHER)} crank {COMMAND}")
     lines.append("crank_code=$?")
     lines.append(f"cd {OUT} || crank_fail 'no {OUT}'")
     lines.append(f": > {INDEX}")
