@@ -61,6 +61,9 @@ class Executor(RemoteExecutor):
         self._seconds = {}
         # update() outputs crank backed up before a job that runs directly
         self._backups = {}
+        # the last task of each member of a group run job after job -> (group, member,
+        # members finished so far): temp files go once their consumers finish
+        self._group_steps = {}
         self._noted = {}
         self.context = jobs.JobContext(
             workdir=workdir,
@@ -102,6 +105,11 @@ class Executor(RemoteExecutor):
             if backed_up:
                 self._backups[job] = backed_up
             chain = self.runner.start(tasks)
+            if job.is_group() and outputs.ran_directly(tasks):
+                members = {str(j.jobid): j for j in job.jobs}
+                done = set()
+                for job_id, name in {t.job_id: t.name for t in tasks}.items():
+                    self._group_steps[name] = (job, members[job_id], done)
         except ImageUnavailable as e:
             source = jobs.image_source(job, self.context)
             if source.startswith("--crank-default-image") and not self.settings.default_image:
@@ -180,6 +188,7 @@ class Executor(RemoteExecutor):
                 problem = await outputs.finish(info.job, chain.tasks, self._seconds)
             for task in chain.tasks:
                 self._seconds.pop(task.name, None)
+                self._group_steps.pop(task.name, None)
             if outcome.ok and problem is None:
                 self._backups.pop(info.job, None)
                 self.report_job_success(info)
@@ -204,6 +213,14 @@ class Executor(RemoteExecutor):
             self.logger.warning(f"crank: {task.label} (job {task.job_id}): {result.reason}")
         if task.benchmarks_by_crank:
             self._seconds[task.name] = result.seconds
+        step = self._group_steps.pop(task.name, None)
+        if step:
+            # before the group's next job starts, as the local executor between two jobs
+            group, member, done = step
+            done.add(member)
+            outputs.remove_temp(
+                outputs.consumed_temp(group, member, done), self.logger.info, self.logger.warning
+            )
 
     def _report_error(self, info: SubmittedJobInfo, message: str, logs=()) -> None:
         if info.job.is_group():

@@ -10,6 +10,7 @@ not to the plugin interface: that coupling stays in this package.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from dataclasses import dataclass, field
@@ -85,7 +86,7 @@ def image_source(job: Any, ctx: "JobContext") -> str:
     """Where the image of a job's tasks came from, for messages about it."""
     if not job.is_group() and job.container_img_url:
         return f"the container: image of rule {job.rule.name}"
-    if all(runs_directly(j, ctx) for j in single_jobs(job)):
+    if not runs_concurrently(job) and all(runs_directly(j, ctx) for j in single_jobs(job)):
         return "--crank-default-image (or --container-image)"
     return "--container-image (the image with Snakemake)"
 
@@ -196,17 +197,45 @@ def _shell_task(job, ctx, rule, script, res, suffix) -> TaskSpec:
     )
 
 
+# memory added to the limit of a pipe() or service() group for Snakemake's own process
+SNAKEMAKE_MEM_MB = 200
+
+GROUP_IMAGE_NOTE = (
+    "these rules run in a group that Snakemake runs as a whole in --container-image (a group "
+    "with pipe() or service() outputs, or with a rule that needs Snakemake), not in their own image"
+)
+
+
+def _group_image_note(job: Any, ctx: JobContext) -> None:
+    """One line per run naming the group members whose own image is not used."""
+    moved = set()
+    for single in job.jobs:
+        own = single.container_img_url or ctx.default_image
+        own = own[len("docker://") :] if own and own.startswith("docker://") else own
+        if own and own != ctx.snakemake_image:
+            moved.add(f"rule {single.rule.name} (not {own})")
+    ctx.note(GROUP_IMAGE_NOTE, moved)
+
+
 def snakemake_task(job: Any, ctx: JobContext) -> TaskSpec:
     """The whole job (or group) as Snakemake's own job command, run inside the image."""
     singles = single_jobs(job)
     if job.is_group():
         label, name = f"group {job.groupid}", job.groupid
         image = ctx.snakemake_image
+        _group_image_note(job, ctx)
     else:
         label, name = f"rule {job.rule.name}", job.rule.name
         image = image_for(job, ctx.snakemake_image)
     preemptible = all(ctx.is_preemptible(j.rule.name) for j in singles)
     res = _resources(label, job, preemptible, ctx)
+    if runs_concurrently(job) and res.mem_mb:
+        # crank, not the user, chose to run these shell: rules through Snakemake: its own
+        # process (about 100 MB) must not eat the memory the rules asked for
+        mem_mb = res.mem_mb + SNAKEMAKE_MEM_MB
+        if ctx.capacity.mem_mb:
+            mem_mb = min(mem_mb, ctx.capacity.mem_mb)
+        res = dataclasses.replace(res, mem_mb=mem_mb)
     major = ctx.snakemake_version.split(".")[0]
     guard = SNAKEMAKE_GUARD.format(
         image=image, label=label, version=ctx.snakemake_version, major=major
@@ -241,11 +270,22 @@ def runs_directly(job: Any, ctx: JobContext) -> bool:
     )
 
 
+def runs_concurrently(job: Any) -> bool:
+    """A group whose jobs must run at the same time: a pipe() output is a FIFO its
+    consumer reads while the producer writes, a service() job serves its consumers until
+    they finish. Snakemake in the image runs such a group as it does locally."""
+    return job.is_group() and any(
+        is_flagged(f, "pipe") or is_flagged(f, "service")
+        for j in job.jobs
+        for f in j.output
+    )
+
+
 def tasks_for(job: Any, ctx: JobContext) -> List[TaskSpec]:
     singles = single_jobs(job)
     for single in singles:
         _envmodules(single, ctx)
-    if all(runs_directly(j, ctx) for j in singles):
+    if not runs_concurrently(job) and all(runs_directly(j, ctx) for j in singles):
         try:
             return [t for j in singles for t in shell_tasks(j, ctx)]
         except command.NotPlainShell:

@@ -13,8 +13,9 @@ back on the host (the TES backend downloads them in ``result()``)."""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Collection, Dict, Iterable, List, Mapping, Optional, Sequence
 
 from snakemake.io import is_flagged
 
@@ -137,6 +138,58 @@ async def _postprocess(job: Any, ignore: Any, workflow: Any, grouped: bool) -> N
         check_output_mtime=not grouped,
     )
     dag.handle_protected(job)
+
+
+def consumed_temp(group: Any, single: Any, done: Collection[Any]) -> List[Any]:
+    """The temp() files Snakemake's local executor removes once ``single``, a member of
+    a group that crank runs job after job, has finished (``Dag.handle_temp``): its temp
+    inputs and its own temp outputs that no job still to run needs. ``done``: the
+    members finished so far. Snakemake's main process only removes them when the whole
+    group has finished, so later members would still see them."""
+    dag = group.dag
+    if dag.workflow.storage_settings.notemp:
+        return []
+    finished = lambda j: j in done or dag.finished(j)
+
+    def needed(producer: Any, f: Any) -> bool:
+        return f in dag.derived_targetfiles or any(
+            f in files
+            for consumer, files in dag.depending[producer].items()
+            if consumer is not producer and not finished(consumer) and dag.needrun(consumer)
+        )
+
+    found = [
+        f
+        for producer, files in dag.dependencies[single].items()
+        for f in producer.output
+        if is_flagged(f, "temp") and f in files and not needed(producer, f)
+    ]
+    if not single.is_checkpoint and (
+        single not in dag.targetjobs or single.rule.name == dag.workflow.default_target
+    ):
+        found += [
+            f for f in single.output
+            if is_flagged(f, "temp") and f not in dag.targetfiles and not needed(single, f)
+        ]
+    return found
+
+
+def remove_temp(files: Iterable[Any], info: Callable[[str], None],
+                warn: Callable[[str], None]) -> None:
+    """Remove temp files as Snakemake does, saying so with its words."""
+    for f in files:
+        path = str(f)
+        try:
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            elif os.path.lexists(path):
+                os.remove(path)
+            else:
+                continue
+        except OSError as e:
+            warn(f"crank: cannot remove temporary output {path} ({e.strerror})")
+            continue
+        info(f"Removing temporary output {path}.")
 
 
 def restore(job: Any, backed_up: Sequence[str]) -> None:
