@@ -73,6 +73,24 @@ def running(api):
     return [c for c in api.containers(all=True) if c["State"] == "running"]
 
 
+# the paths a job can take on Docker: by exec in a warm runner (the default) or in a
+# container of its own; the fault tests of promises 2-4 run both
+BOTH = pytest.mark.parametrize("warm", ["yes", "no"], ids=["warm", "cold"])
+
+
+def running_command(api, text):
+    """Whether a process whose command line holds ``text`` runs in a container: the job
+    itself, whether a container of its own or an exec in a warm runner."""
+    for c in running(api):
+        try:
+            top = api.top(c["Id"], ps_args="-o pid,args")
+        except docker.errors.APIError:
+            continue  # ended meanwhile
+        if any(text in " ".join(row) for row in top.get("Processes") or []):
+            return True
+    return False
+
+
 # ------------------------------------------------------------------ 1. engine restart
 
 
@@ -91,15 +109,18 @@ rule b:
 """
 
 
-def test_engine_restart_mid_run_is_survived(engine, api, tmp_path):
+@BOTH
+def test_engine_restart_mid_run_is_survived(engine, api, tmp_path, warm):
     """Item 1: dockerd restarts (live-restore off) while a job runs: crank keeps polling
     with backoff, reports the killed task truthfully, Snakemake's retry runs it again,
-    and the run completes. Bounded: the whole test stays well under two minutes."""
+    and the run completes. Bounded: the whole test stays well under two minutes. In a
+    warm runner the job is an exec, whose end an engine that restarted never reports:
+    crank finds it when the event stream reconnects."""
     workdir = workflow(tmp_path, RESTART)
     began = time.monotonic()
-    proc = start(workdir, engine.url, "--retries", "1", "--crank-docker-warm", "no")
+    proc = start(workdir, engine.url, "--retries", "1", "--crank-docker-warm", warm)
     try:
-        wait_for(lambda: running(api), 30, "job a to run")
+        wait_for(lambda: running_command(api, "sleep 8"), 30, "job a to run")
         engine.restart()  # its containers are stopped: live-restore is off
         out = finish(proc, timeout=90)
     finally:
@@ -167,10 +188,11 @@ rule make:
 """
 
 
-def test_engine_lost_during_submit_is_retried_and_leaves_nothing(engine, api, tmp_path):
+@BOTH
+def test_engine_lost_during_submit_is_retried_and_leaves_nothing(engine, api, tmp_path, warm):
     """Item 2: the connection breaks during create (request refused) and during start
-    (the engine started the container but the answer was lost): the submission is made
-    again, the jobs complete, no container is left, no traceback."""
+    (the engine started the container, or the exec, but the answer was lost): the
+    submission is made again, the jobs complete, no container is left, no traceback."""
     workdir = workflow(tmp_path, TWO)
     faults = {"create": 1, "start": 1, "image": 1}
 
@@ -186,8 +208,7 @@ def test_engine_lost_during_submit_is_retried_and_leaves_nothing(engine, api, tm
 
     with FaultProxy(str(tmp_path / "p.sock"), engine.socket) as proxy:
         proxy.set_rule(rule)
-        # cold containers: the warm pool's handling of a lost answer is not covered here
-        done = run(workdir, proxy.url, "--crank-docker-warm", "no")
+        done = run(workdir, proxy.url, "--crank-docker-warm", warm)
         assert {a for a in ("refuse", "lose_answer") if proxy.actions(a)} == {"refuse", "lose_answer"}
     assert done.returncode == 0, done.stderr
     assert (workdir / "x.txt").read_text() == "x\n" and (workdir / "y.txt").read_text() == "y\n"
@@ -204,7 +225,10 @@ def test_engine_gone_during_submit_fails_the_job_in_one_line(engine, api, tmp_pa
         done = run(workdir, proxy.url, "--crank-backend-tolerance", "2")
     assert done.returncode != 0
     lines = [l for l in done.stderr.splitlines() if "rule slow: the backend failed" in l]
-    assert lines and "did not answer while creating a container" in lines[0], done.stderr
+    # a container of its own is created and started in one step; a warm runner's start
+    # is its own step
+    assert lines and ("did not answer while creating a container" in lines[0]
+                      or "did not answer while starting a container" in lines[0]), done.stderr
     assert "Traceback" not in done.stderr
     assert api.containers(all=True) == []
     assert not (workdir / "slow.txt").exists()
@@ -238,16 +262,17 @@ def small_fs(tmp_path):
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-def test_disk_full_fails_with_the_jobs_own_error(engine, api, tmp_path, small_fs):
+@BOTH
+def test_disk_full_fails_with_the_jobs_own_error(engine, api, tmp_path, small_fs, warm):
     """Item 3: the job's own 'No space left on device' is the report, once; saving logs
     on a full disk never changes an outcome: a job that succeeded while its log could not
-    be saved is reported successful."""
+    be saved is reported successful. A warm exec writes its logs in the runner's
+    scratch directory, off the workdir's disk, and crank moves them afterwards."""
     workdir = workflow(small_fs, DISK)
     elsewhere = tmp_path / "elsewhere" / "ok.txt"
     elsewhere.parent.mkdir()
-    # cold containers: the warm pool keeps a job's stderr on the same full disk
-    cold = ("--crank-docker-warm", "no", "--config", f"elsewhere={elsewhere}")
-    done = run(workdir, engine.url, "fill", *cold)
+    args = ("--crank-docker-warm", warm, "--config", f"elsewhere={elsewhere}")
+    done = run(workdir, engine.url, "fill", *args)
     assert done.returncode != 0
     assert "rule fill (job" in done.stderr and "No space left on device" in done.stderr, done.stderr
     assert "lost the backend" not in done.stderr and "backend failed" not in done.stderr
@@ -257,7 +282,7 @@ def test_disk_full_fails_with_the_jobs_own_error(engine, api, tmp_path, small_fs
     # the partial output (its cleanup comes after that): docs/reliability.md
     (workdir / "big.txt").unlink(missing_ok=True)
 
-    done = run(workdir, engine.url, "chatty", *cold)
+    done = run(workdir, engine.url, "chatty", *args)
     assert done.returncode == 0, done.stderr
     assert elsewhere.read_text() == "ok\n"
     assert "Traceback" not in done.stderr

@@ -101,13 +101,18 @@ def test_stop_kills_the_task_and_keeps_its_logs(both, tmp_path):
     _, warm = both
     task = _task(tmp_path, "long", "echo started >&2; sleep 600")
     handle = warm.submit(task)
+
+    def scratch():  # the exec writes its logs in the runner's scratch directory first
+        job = warm.warm.jobs[handle]
+        return job.runner and Path(job.runner.logs, "long.stderr")
+
     wait_for(lambda: warm.poll([handle])[handle] is State.RUNNING
-             and (tmp_path / "logs" / "long.stderr").exists()
-             and (tmp_path / "logs" / "long.stderr").read_text(), 60, "the task to start")
+             and scratch() and scratch().exists() and scratch().read_text(), 60, "the task to start")
     warm.stop(handle)
     wait_for(lambda: warm.poll([handle])[handle] is State.FINISHED, 60, "the task to end")
     result = warm.result(handle, task)
     assert (result.ok, result.exit_code, result.stderr_tail) == (False, 137, "started")
+    assert (tmp_path / "logs" / "long.stderr").read_text() == "started\n"
 
 
 def test_cancel_removes_the_runner(both, docker_api, tmp_path):
@@ -147,3 +152,106 @@ def test_tail_matches_the_last_lines_kept_for_messages(tmp_path):
     log.write_bytes(b"a\nb\n")
     assert _tail(str(log)) == "a\nb"
     assert _tail(str(tmp_path / "missing")) == ""
+
+
+# ---------------------------------------------------------------- faults of the warm path
+
+
+@pytest.fixture
+def events_refused(docker_api, tmp_path):
+    """A warm backend whose engine refuses the event stream (a fault proxy in front of
+    the real engine): every end must be found by the safety net's checks."""
+    from faultproxy import FaultProxy
+
+    host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+    if not host.startswith("unix://"):
+        pytest.skip("the fault proxy needs the engine on a Unix socket")
+    engine = host[len("unix://"):]
+    run = uuid.uuid4().hex
+    with FaultProxy(str(tmp_path / "p.sock"), engine) as proxy:
+        proxy.set_rule(lambda method, path: "refuse" if path.startswith("/events") else "pass")
+        backend = DockerBackend(run, str(tmp_path), DockerOptions(base_url=proxy.url, warm=True))
+        backend.warm.check_interval = backend.warm.check_age = 0.2
+        try:
+            yield backend, proxy
+        finally:
+            backend.close()
+    assert docker_api.containers(all=True, filters={"label": f"crank.run={run}"}) == []
+
+
+def test_an_end_the_event_stream_never_brings_is_found_by_the_checks(events_refused, tmp_path):
+    backend, proxy = events_refused
+    task = _task(tmp_path, "unseen", "echo out; echo err >&2; exit 3")
+    handle, result = _run(backend, task)
+    assert handle.startswith("warm:")
+    assert (result.ok, result.exit_code, result.stderr_tail) == (False, 3, "err")
+    assert (tmp_path / "logs" / "unseen.stdout").read_text() == "out\n"
+    assert proxy.actions("refuse") and not backend.warm.stream_ok
+
+
+@pytest.mark.parametrize("events", ["stream", "checks"])
+def test_a_runner_killed_under_its_task_fails_the_task_at_once(docker_api, tmp_path, events, request):
+    if events == "stream":
+        backend = DockerBackend(uuid.uuid4().hex, str(tmp_path), DockerOptions(warm=True))
+        request.addfinalizer(backend.close)
+    else:
+        backend, _ = request.getfixturevalue("events_refused")
+    task = _task(tmp_path, "victim", "echo started >&2; sleep 600")
+    handle = backend.submit(task)
+    wait_for(lambda: backend.poll([handle])[handle] is State.RUNNING, 60, "the task to start")
+    runner = backend.warm.jobs[handle].runner
+    docker_api.kill(runner.id)  # not crank: as an engine stopping or someone killing it
+    wait_for(lambda: backend.poll([handle])[handle] is State.FINISHED, 30, "the task to end")
+    result = backend.result(handle, task)
+    assert not result.ok
+    assert "its container stopped while the task ran" in result.reason
+    backend.release([handle])
+    wait_for(lambda: runner.id not in backend.warm.runners, 30, "the dead runner's removal")
+
+
+HARD_KILLED = """
+import os, sys, time, uuid
+from snakemake_executor_plugin_crank.backends.docker import DockerBackend, DockerOptions
+from snakemake_executor_plugin_crank.task import Resources, TaskSpec
+workdir = sys.argv[1]
+backend = DockerBackend(uuid.uuid4().hex, workdir, DockerOptions(warm=True))
+task = TaskSpec(name="held", label="rule held", job_id="1", attempt=1, image=sys.argv[2],
+                script="sleep 600", workdir=workdir, env={}, resources=Resources(),
+                log_dir=os.path.join(workdir, "logs"))
+backend.submit(task)
+deadline = time.monotonic() + 60
+while time.monotonic() < deadline and not backend.warm.busy:
+    time.sleep(0.05)
+print(backend.warm.root, flush=True)
+os._exit(9)  # killed hard: no clean-up at all
+"""
+
+
+def test_a_run_killed_hard_leaves_nothing_after_the_next_start(docker_api, tmp_path):
+    import subprocess
+    import sys
+
+    workdir = tmp_path / "wd"
+    workdir.mkdir()
+    done = subprocess.run([sys.executable, "-c", HARD_KILLED, str(workdir), BUSYBOX],
+                          capture_output=True, text=True, timeout=120)
+    root = Path(done.stdout.strip())
+    assert root.name.startswith("crank-warm-") and root.is_dir(), done.stderr
+    assert containers_of(docker_api, workdir)
+    # a directory of a run in another workdir is not this run's to remove
+    other = tmp_path / "other"
+    other.mkdir()
+    elsewhere = DockerBackend(uuid.uuid4().hex, str(other), DockerOptions(warm=True))
+    try:
+        elsewhere.warm._make_root()
+        backend = DockerBackend(uuid.uuid4().hex, str(workdir), DockerOptions(warm=True))
+        try:
+            assert backend.remove_orphans() == 1
+            assert not root.exists()
+            assert Path(elsewhere.warm.root).is_dir()
+            assert containers_of(docker_api, workdir) == []
+        finally:
+            backend.close()
+    finally:
+        elsewhere.close()
+    assert not Path(elsewhere.warm.root).exists()

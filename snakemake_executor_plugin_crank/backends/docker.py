@@ -232,13 +232,18 @@ class DockerBackend:
             return self.api.containers(all=True, filters={"label": f"{label}={value}"})
 
     def remove_orphans(self) -> int:
-        """Remove containers an earlier run in this workdir left behind (it crashed)."""
+        """Remove containers an earlier run in this workdir left behind (it crashed), then
+        the warm runners' temporary directories of such runs (backends/warm.py)."""
         stale = [
             row["Id"]
             for row in self._containers(LABEL_WORKDIR, self.workdir)
             if row.get("Labels", {}).get(LABEL_RUN) != self.run_id
         ]
         self.cancel(stale)
+        from .warm import remove_stale_dirs
+
+        # every other run's container of this workdir is gone now
+        remove_stale_dirs(self, live_runs=(self.run_id,))
         return len(stale)
 
     def _ensure_image(self, image: str) -> None:
