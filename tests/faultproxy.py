@@ -70,6 +70,18 @@ class FaultProxy:
         with self._lock:
             self.rule = rule
 
+    def cut(self) -> None:
+        """Close every open connection, as an engine that went away would (a long-lived
+        one, such as the event stream, would otherwise keep working)."""
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for conn in conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+                conn.close()
+            except OSError:
+                pass
+
     def actions(self, action: str) -> List[Tuple[str, str]]:
         with self._lock:
             return [(m, p) for m, p, a in self.seen if a == action]

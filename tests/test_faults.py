@@ -143,17 +143,19 @@ rule slow:
 """
 
 
-def test_giving_up_never_lets_a_later_run_accept_the_outputs(engine, api, tmp_path):
+@BOTH
+def test_giving_up_never_lets_a_later_run_accept_the_outputs(engine, api, tmp_path, warm):
     """Item 1: the engine stays unreachable past the tolerance. crank reports the job
     failed; the container (unreachable, so not removable) then writes its output after
     Snakemake has exited. The next run must not take that output as complete, and
     removes the orphan container."""
     workdir = workflow(tmp_path, SLOW)
     with FaultProxy(str(tmp_path / "p.sock"), engine.socket) as proxy:
-        proc = start(workdir, proxy.url, "--crank-backend-tolerance", "2", "--crank-docker-warm", "no")
+        proc = start(workdir, proxy.url, "--crank-backend-tolerance", "2", "--crank-docker-warm", warm)
         try:
-            wait_for(lambda: running(api), 30, "the job to run")
+            wait_for(lambda: running_command(api, "sleep 4"), 30, "the job's command to run")
             proxy.set_rule(lambda method, path: "refuse")  # the engine is gone for crank
+            proxy.cut()
             out = finish(proc, timeout=60)
         finally:
             proc.kill()

@@ -226,20 +226,25 @@ class WarmPool:
         return job.handle
 
     def poll(self, handles: Sequence[str]) -> Dict[str, State]:
+        if not self.stream_ok:
+            # warm states come from the event stream: while it is down, an engine that
+            # does not answer must count against the tolerance like a failed list would
+            with cold.engine_errors("checking the engine"):
+                self.api.ping()
         states = {}
-        cold = {}
+        by_container = {}
         with self.lock:
             for h in handles:
                 job = self.jobs.get(h)
                 if job is None:
                     states[h] = State.LOST
                 elif job.cold:
-                    cold[job.cold] = h
+                    by_container[job.cold] = h
                 else:
                     states[h] = job.state
-        if cold:
-            for cid, state in self.backend.poll(list(cold)).items():
-                states[cold[cid]] = state
+        if by_container:
+            for cid, state in self.backend.poll(list(by_container)).items():
+                states[by_container[cid]] = state
         return states
 
     def stop(self, handle: str) -> None:
@@ -314,10 +319,13 @@ class WarmPool:
                 if job.runner is not None:
                     job.runner.retire = True
                     runners.append(job.runner)
-        for runner in runners:
-            self._remove(runner)
+        kept = [runner for runner in runners if not self._remove(runner)]
         if cold:
             self.backend.cancel(cold)
+        if kept:
+            raise BackendUnavailable(
+                f"the Docker engine did not remove {len(kept)} container(s) of this run"
+            )
 
     def close(self) -> None:
         self.closed = True
@@ -595,18 +603,28 @@ class WarmPool:
     def _changes(self, cid: str) -> Tuple[Tuple[str, int], ...]:
         return tuple(sorted((c["Path"], c["Kind"]) for c in self.api.diff(cid) or ()))
 
-    def _remove(self, runner: _Runner) -> None:
+    def _remove(self, runner: _Runner) -> bool:
+        """Remove a runner; False when the engine did not (it stays for the next start's
+        orphan removal, with its directory, whose owner file names this run)."""
         with self.lock:
             known = self.runners.pop(runner.id, None)
             for idle in self.idle.values():
                 if runner in idle:
                     idle.remove(runner)
         if known is None:
-            return
-        with contextlib.suppress(Exception):
+            return True
+        try:
             self.api.remove_container(runner.id, force=True)
+        except docker.errors.NotFound:
+            pass
+        except docker.errors.APIError as e:
+            if e.status_code != 409:  # 409: removal already in progress
+                return False
+        except Exception:  # noqa: BLE001 - the engine did not answer
+            return False
         self.stats.runners_removed += 1
         _rmtree(runner.host_dir)
+        return True
 
     # ---- the event stream -------------------------------------------------------------
 
