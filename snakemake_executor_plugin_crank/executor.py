@@ -17,9 +17,6 @@ from .errors import BackendUnavailable, CrankError, ImageUnavailable
 from .runner import Runner
 from .settings import ExecutorSettings, backend_from, image_hint
 
-# how long status rounds may keep failing (engine restarting, network blip) before the
-# active jobs are reported as failed; meanwhile rounds back off up to the slowest interval
-BACKEND_TOLERANCE_S = 120.0
 IDLE_INTERVAL = 0.1
 
 
@@ -31,18 +28,15 @@ class Executor(RemoteExecutor):
         self.settings = self.workflow.executor_settings or ExecutorSettings()
         self.run_id = uuid.uuid4().hex
         workdir = os.getcwd()
-        self._tolerance_s = (
-            self.settings.backend_tolerance
-            if getattr(self.settings, "backend_tolerance", None) is not None
-            else BACKEND_TOLERANCE_S
-        )
+        self._tolerance_s = self.settings.backend_tolerance
         try:
             self.backend = backend_from(self.settings, self.run_id, workdir)
             removed = self.backend.remove_orphans()
         except CrankError as e:
             raise WorkflowError(str(e)) from None
         if removed:
-            self.logger.info(f"crank: removed {removed} container(s) left by an earlier run")
+            what = "task(s)" if self.settings.backend == "tes" else "container(s)"
+            self.logger.info(f"crank: removed {removed} {what} left by an earlier run")
         remote = self.workflow.remote_execution_settings
         self.runner = Runner(
             self.backend,
