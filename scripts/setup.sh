@@ -436,17 +436,24 @@ start_weed() {
 }
 
 ensure_object_storage() {
+    local deadline=$((SECONDS + S3_TIMEOUT))
     ensure_s3_credentials
     write_s3_env
-    if port_open "$S3_PORT"; then
-        create_bucket 2>>"$STATE/weed.log" \
+    # A server already on the port is reused once it takes our credentials; one that is
+    # still starting or shutting down gets until the deadline to answer or to go away.
+    while port_open "$S3_PORT"; do
+        if create_bucket 2>>"$STATE/weed.log"; then
+            log "object storage: running on 127.0.0.1:$S3_PORT"
+            log "object storage: bucket $S3_BUCKET ready (credentials: . $STATE/s3.env)"
+            return
+        fi
+        ((SECONDS < deadline)) \
             || die_log "port $S3_PORT answers but not as our S3 server with these credentials" "$STATE/weed.log"
-        log "object storage: running on 127.0.0.1:$S3_PORT"
-    else
-        start_weed
-        create_bucket "$S3_TIMEOUT" 2>>"$STATE/weed.log" || die_log "S3 bucket $S3_BUCKET" "$STATE/weed.log"
-        log "object storage: started on 127.0.0.1:$S3_PORT"
-    fi
+        sleep 1
+    done
+    start_weed
+    create_bucket "$S3_TIMEOUT" 2>>"$STATE/weed.log" || die_log "S3 bucket $S3_BUCKET" "$STATE/weed.log"
+    log "object storage: started on 127.0.0.1:$S3_PORT"
     log "object storage: bucket $S3_BUCKET ready (credentials: . $STATE/s3.env)"
 }
 
@@ -562,6 +569,7 @@ ensure_funnel() {
             >"$STATE/funnel.out" 2>&1 </dev/null 9>&- &
         pid=$!
         echo "$pid" >"$STATE/funnel.pid"
+        started funnel "$pid"
         deadline=$((SECONDS + FUNNEL_TIMEOUT))
         until funnel_healthy; do
             kill -0 "$pid" 2>/dev/null || die_log "funnel exited during startup" "$STATE/funnel.out"
