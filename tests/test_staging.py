@@ -98,6 +98,29 @@ def test_digest_cache_hits_and_invalidation(tmp_path):
     assert cache.hits == 2
 
 
+def _open_cache_at_once(path, barrier):
+    barrier.wait()
+    try:
+        DigestCache(path).close()
+        return None
+    except CrankError as e:
+        return str(e)
+
+
+def test_digest_cache_opened_by_many_runs_at_the_same_moment(tmp_path):
+    """A new cache switched to WAL by several processes at once: SQLite answers "locked"
+    without waiting on its busy timeout; every run must still open it."""
+    import multiprocessing
+
+    with multiprocessing.Manager() as manager:
+        for attempt in range(10):
+            barrier = manager.Barrier(8)
+            path = str(tmp_path / f"c{attempt}" / "digests.sqlite")
+            with multiprocessing.get_context("fork").Pool(8) as pool:
+                errors = [e for e in pool.starmap(_open_cache_at_once, [(path, barrier)] * 8) if e]
+            assert errors == []
+
+
 def test_digest_cache_does_not_keep_a_file_written_just_now(tmp_path):
     cache = DigestCache(str(tmp_path / "d.sqlite"))
     f = write(tmp_path / "f", b"fresh", settled=False)

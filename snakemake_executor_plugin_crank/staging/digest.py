@@ -55,6 +55,20 @@ def _hash_with_stat(path: str) -> tuple[str, os.stat_result]:
     return h.hexdigest(), after
 
 
+def _retry_while_locked(setup, seconds: float = 30.0) -> None:
+    """Run ``setup``, again while another process holds the database: switching a new
+    database to WAL answers "locked" at once, without waiting on the busy timeout, when
+    two runs open it at the same moment."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return setup()
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+        time.sleep(0.05)
+
+
 class DigestCache:
     """sha256 of files, cached in a SQLite file by (real path, size, mtime_ns, inode, device)."""
 
@@ -68,15 +82,18 @@ class DigestCache:
             # One connection shared by the threads of this process, guarded by _lock; other
             # processes get SQLite's own locking, with a generous busy timeout.
             self._db = sqlite3.connect(path, timeout=30, check_same_thread=False, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute(
-                "CREATE TABLE IF NOT EXISTS digests ("
-                " path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, inode INTEGER,"
-                " dev INTEGER, sha256 TEXT NOT NULL)"
-            )
+            _retry_while_locked(self._setup)
         except sqlite3.Error as e:
             raise CrankError(f"digest cache {path}: {e}") from None
+
+    def _setup(self) -> None:
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS digests ("
+            " path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, inode INTEGER,"
+            " dev INTEGER, sha256 TEXT NOT NULL)"
+        )
 
     def lookup(self, path: str) -> str | None:
         """The cached digest of ``path`` if the file is unchanged since it was hashed."""
