@@ -112,12 +112,13 @@ def test_digest_cache_opened_by_many_runs_at_the_same_moment(tmp_path):
     without waiting on its busy timeout; every run must still open it."""
     import multiprocessing
 
-    with multiprocessing.Manager() as manager:
+    # spawn, not fork: earlier tests leave obstore's threads, which a fork would copy mid-lock
+    spawn = multiprocessing.get_context("spawn")
+    with spawn.Manager() as manager, spawn.Pool(8) as pool:
         for attempt in range(10):
             barrier = manager.Barrier(8)
             path = str(tmp_path / f"c{attempt}" / "digests.sqlite")
-            with multiprocessing.get_context("fork").Pool(8) as pool:
-                errors = [e for e in pool.starmap(_open_cache_at_once, [(path, barrier)] * 8) if e]
+            errors = [e for e in pool.starmap(_open_cache_at_once, [(path, barrier)] * 8) if e]
             assert errors == []
 
 

@@ -21,6 +21,7 @@ from snakemake.io import is_flagged
 
 from ..errors import CrankError
 from ..task import TaskSpec
+from .jobs import single_jobs
 
 
 def ran_directly(tasks: Sequence[TaskSpec]) -> bool:
@@ -28,16 +29,12 @@ def ran_directly(tasks: Sequence[TaskSpec]) -> bool:
     return bool(tasks) and all(t.benchmarks_by_crank for t in tasks)
 
 
-def _singles(job: Any) -> List[Any]:
-    return [j for level in job.toposorted for j in level] if job.is_group() else [job]
-
-
 def prepare(job: Any, tasks: Sequence[TaskSpec], async_run: Callable) -> List[str]:
     """Returns the update() outputs backed up (restore them if the job fails)."""
     backed_up = []
     if ran_directly(tasks):
         # as Job.prepare: an update() output is kept, with a backup for a failure
-        for single in _singles(job):
+        for single in single_jobs(job):
             persistence = single.dag.workflow.persistence
             for f in single.output:
                 if is_flagged(f, "update") and os.path.exists(f):
@@ -109,7 +106,7 @@ async def finish(job: Any, tasks: Sequence[TaskSpec],
             f for j in job.jobs for f in j.output
             if is_flagged(f, "nodelocal") or (is_flagged(f, "temp") and not outside(j, f))
         ]
-    for single in _singles(job):
+    for single in single_jobs(job):
         own = [t for t in tasks if t.job_id == str(single.jobid)]
         if single.benchmark and own:
             write_benchmark(single, [seconds.get(t.name) for t in own],
