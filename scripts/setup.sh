@@ -435,6 +435,20 @@ start_weed() {
     done
 }
 
+# Kill the weed this script started ($STATE/weed.pid) and wait for its S3 port to close;
+# fails when that pid is not a running weed.
+stop_own_weed() {
+    local pid deadline=$((SECONDS + 30))
+    pid=$(cat "$STATE/weed.pid" 2>/dev/null) || return 1
+    [[ $(cat "/proc/$pid/comm" 2>/dev/null) == weed ]] || return 1
+    log "object storage: our server on 127.0.0.1:$S3_PORT does not answer; restarting it"
+    kill -9 "$pid"
+    while port_open "$S3_PORT"; do
+        ((SECONDS < deadline)) || return 1
+        sleep 0.2
+    done
+}
+
 ensure_object_storage() {
     local deadline=$((SECONDS + S3_TIMEOUT))
     ensure_s3_credentials
@@ -447,8 +461,11 @@ ensure_object_storage() {
             log "object storage: bucket $S3_BUCKET ready (credentials: . $STATE/s3.env)"
             return
         fi
-        ((SECONDS < deadline)) \
-            || die_log "port $S3_PORT answers but not as our S3 server with these credentials" "$STATE/weed.log"
+        if ((SECONDS >= deadline)); then
+            # our own server, half stopped (its S3 port outlives its filer): replace it
+            stop_own_weed || die_log "port $S3_PORT answers but not as our S3 server with these credentials" "$STATE/weed.log"
+            break
+        fi
         sleep 1
     done
     start_weed
