@@ -15,10 +15,12 @@ from conftest import SNAKEMAKE_IMAGE, containers_of, copy_workflow, snakemake
 pytestmark = pytest.mark.docker
 
 
-def local_snakemake(workdir: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def local_snakemake(
+    workdir: Path, *args: str, cores: int = 2, timeout: float = 300
+) -> subprocess.CompletedProcess:
     """The same workflow under Snakemake's local executor."""
     return subprocess.run(
-        [sys.executable, "-m", "snakemake", "--cores", "2", *args],
+        [sys.executable, "-m", "snakemake", "--cores", str(cores), *args],
         cwd=workdir, capture_output=True, text=True, timeout=timeout,
         env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdin=subprocess.DEVNULL,
     )
@@ -48,11 +50,11 @@ def tree(root: Path, skip=()) -> dict:
     return found
 
 
-def both(name: str, tmp_path: Path, *args: str, crank_args=()):
+def both(name: str, tmp_path: Path, *args: str, crank_args=(), cores: int = 2):
     """Run the workflow under the local executor and under crank, each in its own copy."""
     local_dir = copy_workflow(name, tmp_path / "local")
     crank_dir = copy_workflow(name, tmp_path / "crank")
-    local = local_snakemake(local_dir, *args)
+    local = local_snakemake(local_dir, *args, cores=cores)
     crank = snakemake(crank_dir, *args, *crank_args)
     return local, crank, local_dir, crank_dir
 
@@ -119,6 +121,29 @@ def test_shell_executable_as_locally(docker_api, tmp_path):
     assert crank.returncode == 0, crank.stderr
     assert_same_files(local_dir, crank_dir)
     assert (crank_dir / "which.txt").read_text() == "sh:none\n"
+
+
+# ------------------------------------------------------------------ threads (item 4)
+
+
+def test_threads_and_zero_resources_as_locally(docker_api, tmp_path):
+    """threads above the engine's CPUs give what --cores set to those CPUs gives locally,
+    threads: 0 and mem_mb=0 are accepted; the cap is reported once per rule."""
+    cpus = docker_api.info()["NCPU"]
+    local, crank, local_dir, crank_dir = both(
+        "semantics_threads", tmp_path, "--default-resources", "mem_mb=0",
+        crank_args=("--container-image", SNAKEMAKE_IMAGE), cores=cpus,
+    )
+    assert local.returncode == 0, local.stderr
+    assert crank.returncode == 0, crank.stderr
+    assert_same_files(local_dir, crank_dir)
+    for n in (1, 2):
+        assert (crank_dir / f"many_{n}.txt").read_text() == f"{cpus} {cpus} {cpus} {cpus}\n"
+    assert (crank_dir / "zero.txt").read_text() == "0 0\n"
+    for rule in ("many", "many_run"):
+        warned = [line for line in crank.stderr.splitlines() if f"rule {rule} asks for 64" in line]
+        assert len(warned) == 1, crank.stderr
+    assert containers_of(docker_api, crank_dir) == []
 
 
 # ------------------------------------------------------------------ long commands (item 5)

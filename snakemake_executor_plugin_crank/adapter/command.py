@@ -73,11 +73,11 @@ def _recorder(calls: List[Recorded]):
     return recording_shell
 
 
-def _call_args(job: Any, tmpdir: str, bench_iteration: Optional[int]) -> tuple:
+def _call_args(job: Any, tmpdir: str, threads: int, bench_iteration: Optional[int]) -> tuple:
     """The arguments Snakemake's local executor passes to a rule's function
     (``LocalExecutor.job_args_and_prepare`` / ``run_wrapper``), for a command that runs
-    in a container: no conda, no Apptainer, no shadow directory, and the tmpdir the
-    container has."""
+    in a container: no conda, no Apptainer, no shadow directory, and the tmpdir and
+    threads the container has."""
     from snakemake.iocontainers import ResourceList
 
     workflow = job.rule.workflow
@@ -89,7 +89,7 @@ def _call_args(job: Any, tmpdir: str, bench_iteration: Optional[int]) -> tuple:
         job.output._plainstrings(),
         job.params,
         job.wildcards,
-        job.threads,
+        threads,
         resources,
         job.log._plainstrings(),
         job.rule.name,  # rule
@@ -113,9 +113,13 @@ def _call_args(job: Any, tmpdir: str, bench_iteration: Optional[int]) -> tuple:
     )
 
 
-def record(job: Any, tmpdir: str, bench_iteration: Optional[int] = None) -> Recorded:
-    """Call the rule's generated function with ``shell`` recorded. Raises NotPlainShell
-    when it does not make exactly one shell call, CrankError when formatting fails."""
+def record(
+    job: Any, tmpdir: str, threads: int, bench_iteration: Optional[int] = None
+) -> Recorded:
+    """Call the rule's generated function with ``shell`` recorded. ``threads`` is the
+    job's threads capped at the backend's CPUs, as the local executor caps them at
+    ``--cores``. Raises NotPlainShell when it does not make exactly one shell call,
+    CrankError when formatting fails."""
     func = job.rule.run_func
     if func is None or job.rule.shellcmd is None:
         raise NotPlainShell()
@@ -126,7 +130,7 @@ def record(job: Any, tmpdir: str, bench_iteration: Optional[int] = None) -> Reco
         func.__code__, namespace, func.__name__, func.__defaults__, func.__closure__
     )
     recording.__kwdefaults__ = func.__kwdefaults__
-    args = _call_args(job, tmpdir, bench_iteration)
+    args = _call_args(job, tmpdir, threads, bench_iteration)
     try:
         recording(*args)
     except NotPlainShell:

@@ -166,18 +166,22 @@ def shell_tasks(job: Any, ctx: JobContext) -> List[TaskSpec]:
     repeats = max(1, job.benchmark_repeats or 1) if job.benchmark else 1
     # Snakemake passes bench_iteration 0..n-1 when benchmarking, else None
     iterations = range(repeats) if job.benchmark else [None]
-    scripts = [
-        command.script_for(command.record(job, CONTAINER_TMPDIR, i)) for i in iterations
-    ]
     res = _resources(f"rule {rule}", job, ctx.is_preemptible(rule), ctx)
+    # the local executor caps threads at --cores: {threads} and the thread variables
+    # follow the CPUs the task gets (threads: 0 stays 0, as locally)
+    threads = min(job.threads, res.cpus)
+    scripts = [
+        command.script_for(command.record(job, CONTAINER_TMPDIR, threads, i))
+        for i in iterations
+    ]
     suffixes = [()] if repeats == 1 else [(f"b{i}",) for i in range(repeats)]
     return [
-        _shell_task(job, ctx, rule, script, res, suffix)
+        _shell_task(job, ctx, rule, script, res, threads, suffix)
         for script, suffix in zip(scripts, suffixes)
     ]
 
 
-def _shell_task(job, ctx, rule, script, res, suffix) -> TaskSpec:
+def _shell_task(job, ctx, rule, script, res, threads, suffix) -> TaskSpec:
     return TaskSpec(
         name=_task_name(rule, job.jobid, job.attempt, *suffix),
         label=f"rule {rule}",
@@ -186,7 +190,7 @@ def _shell_task(job, ctx, rule, script, res, suffix) -> TaskSpec:
         image=image_for(job, ctx.default_image),
         script=script,
         workdir=ctx.workdir,
-        env=task_env(res.cpus, ctx.envvars),
+        env=task_env(threads, ctx.envvars),
         inputs=_inputs(job.input),
         outputs=_outputs(job.output),
         logs=_outputs(job.log),
