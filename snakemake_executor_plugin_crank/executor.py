@@ -30,7 +30,9 @@ class Executor(RemoteExecutor):
         workdir = os.getcwd()
         self._tolerance_s = self.settings.backend_tolerance
         try:
-            self.backend = backend_from(self.settings, self.run_id, workdir)
+            self.backend = backend_from(
+                self.settings, self.run_id, workdir, lambda line: self.logger.info(f"crank: {line}")
+            )
             removed = self.backend.remove_orphans()
         except CrankError as e:
             raise WorkflowError(str(e)) from None

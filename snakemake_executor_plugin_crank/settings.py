@@ -152,8 +152,9 @@ class ExecutorSettings(ExecutorSettingsBase):
     )
 
 
-def tes_backend(settings: ExecutorSettings, run_id: str, workdir: str):
-    """The TES backend, checked before any job: server reachable, storage writable."""
+def tes_backend(settings: ExecutorSettings, run_id: str, workdir: str, report=None):
+    """The TES backend, checked before any job: server reachable, storage writable.
+    ``report(line)`` gets staging progress and the run's staging summary."""
     missing = [
         name for name, value in (
             ("--crank-tes-url", settings.tes_url), ("--crank-storage-prefix", settings.storage_prefix)
@@ -176,7 +177,7 @@ def tes_backend(settings: ExecutorSettings, run_id: str, workdir: str):
         storage_endpoint=settings.storage_endpoint,
     )
     try:
-        return TesBackend(run_id, workdir, options)
+        return TesBackend(run_id, workdir, options, report=report)
     except BackendUnavailable as e:
         raise CrankError(str(e)) from None
 
@@ -198,10 +199,11 @@ def docker_host_config(text: Optional[str]) -> dict:
     return value
 
 
-def backend_from(settings: ExecutorSettings, run_id: str, workdir: str):
-    """The backend the settings choose, checked to answer."""
+def backend_from(settings: ExecutorSettings, run_id: str, workdir: str, report=None):
+    """The backend the settings choose, checked to answer; ``report(line)`` gets what a
+    backend has to tell the user (staging progress)."""
     if settings.backend == "tes":
-        return tes_backend(settings, run_id, workdir)
+        return tes_backend(settings, run_id, workdir, report)
     from .backends.docker import DockerBackend, DockerOptions
 
     options = DockerOptions(

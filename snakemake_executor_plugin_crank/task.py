@@ -28,10 +28,13 @@ class Input:
 
 @dataclass(frozen=True)
 class Output:
-    """A file or directory the task writes, at the same absolute path inside and outside."""
+    """A file or directory the task writes, at the same absolute path inside and outside.
+    ``read_later``: another task of the run reads it (a backend that stages may keep it
+    where that task can fetch it)."""
 
     path: str
     kind: Kind = Kind.FILE
+    read_later: bool = False
 
 
 @dataclass(frozen=True)

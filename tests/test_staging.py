@@ -445,15 +445,47 @@ def test_directory_output_arrives_whole_or_not_at_all(any_prefix, tmp_path):
     s = Stager(store, DigestCache(str(tmp_path / "d.sqlite")))
     original = store.get_file
 
-    def failing(key, dest, size=None, sha256=None):
+    def failing(key, dest, size=None, **kwargs):
         if key.endswith("/b"):
             raise BackendUnavailable("store went away")
-        original(key, dest, size, sha256)
+        return original(key, dest, size, **kwargs)
 
     store.get_file = failing
     with pytest.raises(BackendUnavailable):
         s.fetch_dir(run, str(tmp_path / "out"))
     assert list(tmp_path.glob("*out*")) == []  # neither the target nor a temporary directory
+
+
+@pytest.mark.s3
+def test_outputs_another_task_reads_are_shared_by_content(any_prefix, tmp_path):
+    """Outputs fetched back with ``share`` land under their content address by a copy
+    inside the store: staging them for the next task sends nothing. Others do not."""
+    store = Store.from_url(any_prefix)
+    run = f"runs/{uuid.uuid4().hex}/1-1"
+    made = {
+        "p000000": os.urandom(PART_SIZE + 3),  # read later
+        "p000001/a": b"part a\n",  # a directory read later
+        "p000001/sub/b": b"",
+        "p000002": b"a final output\n",  # not read later
+    }
+    for rel, data in made.items():
+        store.put_bytes(data, f"{run}/{rel}")
+    dest = tmp_path / "back"
+    s = Stager(store, DigestCache(str(tmp_path / "d.sqlite")))
+    s.fetch_dir(run, str(dest), share={"p000000", "p000001"})
+    assert {rel: (dest / rel).read_bytes() for rel in made} == made
+
+    keys = set(objects(any_prefix))
+    for rel, data in made.items():
+        assert (file_key(sha(data)) in keys) == (rel != "p000002"), rel
+    # the next task: a fresh stager, as in a later round or run, finds them there
+    s2 = Stager(store, DigestCache(str(tmp_path / "d2.sqlite")))
+    s2.stage([str(dest / "p000000"), str(dest / "p000001")])
+    assert s2.stats.bytes_sent == 0
+    assert s2.stats.bytes_deduplicated == sum(len(made[r]) for r in made if r != "p000002")
+    # the same stager knows without asking the store
+    s.stage([str(dest / "p000000")])
+    assert s.stats.bytes_sent == 0
 
 
 @pytest.mark.s3

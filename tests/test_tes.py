@@ -1,6 +1,7 @@
 """End-to-end tests of the TES backend against the real Funnel server and SeaweedFS that
 scripts/setup.sh starts (skipped, with one line saying why, where there is no Funnel)."""
 
+import hashlib
 import os
 import shutil
 import signal
@@ -30,6 +31,8 @@ from snakemake_executor_plugin_crank.backends.tes import (
     workdir_tag,
 )
 from snakemake_executor_plugin_crank.errors import CrankError
+from snakemake_executor_plugin_crank.staging.stage import file_key
+from snakemake_executor_plugin_crank.staging.store import Store
 from snakemake_executor_plugin_crank.task import Input, Kind, Output, Resources, State, TaskSpec
 
 from conftest import BASH, BUSYBOX, SNAKEMAKE_IMAGE, copy_workflow, wait_for
@@ -323,6 +326,25 @@ def test_second_run_with_unchanged_inputs_uploads_nothing(aws_env, tmp_path):
             backend.close()
     assert sent[0] >= 3 << 20
     assert sent[1] == 0
+
+
+def test_an_output_the_next_job_reads_is_not_uploaded_again(aws_env, tmp_path):
+    """A file and a directory made by one job and read by the next come back once; they
+    reach the next task by their content address without being sent again (3 files: the
+    directory holds Snakemake's timestamp file too)."""
+    run = uuid.uuid4().hex  # crank() names the storage prefix after the workdir's parent
+    workdir = copy_workflow("tes_handoff", tmp_path / run / "wf")
+    done = crank(aws_env, workdir)
+    assert done.returncode == 0, done.stderr
+    assert read(workdir / "sizes.txt") == f"{3 << 20}\n{1 << 20}\n"
+    summary = [line for line in done.stderr.splitlines() if "crank: staging:" in line]
+    assert len(summary) == 1 and " 3 files, 0 B sent, 4.0 MiB already in store" in summary[0], summary
+    store = Store.from_url(aws_env.prefix(run))
+    for made in ("mid/data.bin", "mid/parts/one"):
+        digest = hashlib.sha256((workdir / made).read_bytes()).hexdigest()
+        assert store.head(file_key(digest)) == (workdir / made).stat().st_size, made
+    final = hashlib.sha256((workdir / "sizes.txt").read_bytes()).hexdigest()
+    assert store.head(file_key(final)) is None  # no job reads it: not kept
 
 
 def test_staging_failure_is_a_failed_task_with_one_line(aws_env, tmp_path):

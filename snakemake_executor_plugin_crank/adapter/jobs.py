@@ -14,7 +14,7 @@ import dataclasses
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Collection, Iterable, List, Mapping, Optional, Set, Tuple
 
 from snakemake.io import is_flagged
 
@@ -105,11 +105,25 @@ def _inputs(paths: Iterable[Any]) -> Tuple[Input, ...]:
     return tuple(found)
 
 
-def _outputs(files: Iterable[Any]) -> Tuple[Output, ...]:
-    return tuple(
-        Output(os.path.abspath(str(f)), Kind.DIRECTORY if is_flagged(f, "directory") else Kind.FILE)
+def _outputs(files: Iterable[Any], read_later: Collection[str] = ()) -> Tuple[Output, ...]:
+    found = []
+    for f in files:
+        path = os.path.abspath(str(f))
+        kind = Kind.DIRECTORY if is_flagged(f, "directory") else Kind.FILE
+        found.append(Output(path, kind, read_later=path in read_later))
+    return tuple(found)
+
+
+def _read_later(jobs: Collection[Any]) -> Set[str]:
+    """The outputs of ``jobs`` that a task of the run outside them reads (a local job,
+    such as a target rule, reads them on the host)."""
+    return {
+        os.path.abspath(str(f))
+        for job in jobs
+        for consumer, files in job.dag.depending.get(job, {}).items()
+        if consumer not in jobs and not consumer.is_local
         for f in files
-    )
+    }
 
 
 def _benchmarks(jobs: Iterable[Any]) -> Tuple[str, ...]:
@@ -192,7 +206,7 @@ def _shell_task(job, ctx, rule, script, res, threads, suffix) -> TaskSpec:
         workdir=ctx.workdir,
         env=task_env(threads, ctx.envvars),
         inputs=_inputs(job.input),
-        outputs=_outputs(job.output),
+        outputs=_outputs(job.output, _read_later([job])),
         logs=_outputs(job.log),
         benchmarks=_benchmarks([job]),
         benchmarks_by_crank=True,
@@ -255,7 +269,7 @@ def snakemake_task(job: Any, ctx: JobContext) -> TaskSpec:
         # Snakemake writes caches under $HOME, which an unknown uid lacks
         env={**task_env(res.cpus, ctx.envvars), "HOME": CONTAINER_TMPDIR},
         inputs=_inputs([*(f for j in singles for f in j.input), *ctx.sources]),
-        outputs=_outputs(f for j in singles for f in j.output),
+        outputs=_outputs((f for j in singles for f in j.output), _read_later(singles)),
         logs=_outputs(f for j in singles for f in j.log),
         # Snakemake in the image measures and writes them
         benchmarks=_benchmarks(singles),

@@ -21,7 +21,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import tes
 
@@ -149,7 +149,14 @@ class _Submission:
 
 
 class TesBackend:
-    def __init__(self, run_id: str, workdir: str, options: TesOptions, session: Optional[Session] = None):
+    def __init__(
+        self,
+        run_id: str,
+        workdir: str,
+        options: TesOptions,
+        session: Optional[Session] = None,
+        report: Optional[Callable[[str], None]] = None,
+    ):
         from ..staging.digest import DigestCache
         from ..staging.stage import Stager
         from ..staging.store import Store
@@ -164,7 +171,10 @@ class TesBackend:
         state_dir = os.path.join(self.workdir, ".snakemake", "crank")
         os.makedirs(state_dir, exist_ok=True)
         self.cache = DigestCache(os.path.join(state_dir, "digests.sqlite"))
-        self.stager = Stager(self.store, self.cache, workers=options.upload_workers)
+        self.report = report or (lambda line: None)
+        self.stager = Stager(
+            self.store, self.cache, workers=options.upload_workers, progress=self.report
+        )
         self.tmp_root = os.path.join(state_dir, "tmp", run_id)
         self._pool = ThreadPoolExecutor(max(1, options.submit_workers), thread_name_prefix="crank-tes")
         self._lock = threading.Lock()
@@ -352,7 +362,7 @@ class TesBackend:
         tes_code = exec_log.get("exit_code")
         seconds = _seconds(exec_log.get("start_time"), exec_log.get("end_time"))
         system = [line for entry in (last.get("system_logs") or []) for line in str(entry).splitlines()]
-        tmp = self._download(sub) if state == "COMPLETE" else self._download_logs(sub)
+        tmp = self._download(sub, task) if state == "COMPLETE" else self._download_logs(sub)
         try:
             stdout, stderr = (os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")) if tmp else ("", "")
             files, tail = save_logs(
@@ -379,13 +389,15 @@ class TesBackend:
             if tmp:
                 shutil.rmtree(tmp, ignore_errors=True)
 
-    def _download(self, sub: _Submission) -> str:
-        """Everything the task uploaded, in a fresh local directory (whole or nothing)."""
+    def _download(self, sub: _Submission, task: TaskSpec) -> str:
+        """Everything the task uploaded, in a fresh local directory (whole or nothing); the
+        outputs a later task reads are also put under their content address."""
         os.makedirs(self.tmp_root, exist_ok=True)
         dest = os.path.join(self.tmp_root, sub.handle)
         if os.path.exists(dest):
             shutil.rmtree(dest)
-        self.stager.fetch_dir(sub.key, dest)
+        share = {layout.product_name(n) for n, p in enumerate(task.products) if p.read_later}
+        self.stager.fetch_dir(sub.key, dest, share)
         return dest
 
     def _download_logs(self, sub: _Submission) -> Optional[str]:
@@ -463,6 +475,8 @@ class TesBackend:
                     self._cancel_id(t["id"])
         finally:
             self.stager.close()
+            if self.stager.stats.files:
+                self.report(self.stager.summary())
             self.http.close()
             shutil.rmtree(self.tmp_root, ignore_errors=True)
 

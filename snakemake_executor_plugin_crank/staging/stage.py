@@ -24,7 +24,7 @@ import stat
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -219,9 +219,13 @@ class Stager:
         """Download one object to ``dest`` (temp name beside it, checked, renamed)."""
         self.store.get_file(key, dest, size, sha256=cas_digest(key))
 
-    def fetch_dir(self, key_prefix: str, dest: str) -> None:
+    def fetch_dir(self, key_prefix: str, dest: str, share: Collection[str] = ()) -> None:
         """Every object under ``key_prefix``/ to ``dest``/<relative path>, built in a temporary
-        directory beside ``dest`` and renamed into place: it arrives whole or not at all."""
+        directory beside ``dest`` and renamed into place: it arrives whole or not at all.
+
+        The files under the top-level names in ``share`` (outputs another task will read) are
+        also copied, inside the store, to their content address, so that staging them for that
+        task finds them there and sends nothing."""
         key_prefix = key_prefix.strip("/")
         objects = self.store.list(key_prefix)
         dest = os.path.abspath(dest)
@@ -238,12 +242,32 @@ class Stager:
                     raise CrankError(f"{self.store.url(key)}: not a usable file name below {dest}")
                 target = os.path.join(tmp, *parts)
                 os.makedirs(os.path.dirname(target), exist_ok=True)
-                futures[key] = self._pool.submit(self.store.get_file, key, target, size)
+                shared = parts[0] in share
+                futures[key] = self._pool.submit(self._fetch, key, target, size, shared)
             _wait_all(futures)
             _install_dir(tmp, dest)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+    def _fetch(self, key: str, target: str, size: int, shared: bool) -> None:
+        digest = self.store.get_file(key, target, size, digest=shared)
+        if digest is not None:
+            self._share(key, digest, size)
+
+    def _share(self, key: str, digest: str, size: int) -> None:
+        """Put the object ``key``, whose content has ``digest``, under its content address."""
+        with self._lock:
+            if digest in self._present or digest in self._uploading:
+                return
+        cas = file_key(digest)
+        try:
+            if self.store.head(cas) != size:
+                self.store.copy(key, cas)
+        except CrankError:
+            return  # e.g. above a store's copy limit: staging uploads it when it is needed
+        with self._lock:
+            self._present.add(digest)
 
     # ------------------------------------------------------------------ reporting
 

@@ -294,9 +294,13 @@ class Store:
         except (BaseError, OSError) as e:
             raise self._error(e, "uploading", key) from None
 
-    def get_file(self, key: str, dest: str, size: int | None = None, sha256: str | None = None) -> None:
+    def get_file(
+        self, key: str, dest: str, size: int | None = None, sha256: str | None = None,
+        digest: bool = False,
+    ) -> str | None:
         """Download ``key`` to ``dest``: into a temporary name beside it, size (and digest, when
-        given) checked, then renamed. ``dest`` is never left partial."""
+        given) checked, then renamed. ``dest`` is never left partial. Returns the sha256 of
+        what was written when ``sha256`` or ``digest`` is given."""
         directory, name = os.path.split(os.path.abspath(dest))
         tmp = os.path.join(directory, f".{name}.crank-{uuid.uuid4().hex[:12]}.part")
         try:
@@ -304,7 +308,7 @@ class Store:
             expected = int(result.meta["size"]) if size is None else size
             if size is not None and int(result.meta["size"]) != size:
                 raise CrankError(f"{self.url(key)}: has {result.meta['size']} bytes, expected {size}")
-            h = hashlib.sha256() if sha256 else None
+            h = hashlib.sha256() if sha256 or digest else None
             written = 0
             with open(tmp, "wb") as f:
                 for chunk in result.stream(min_chunk_size=DOWNLOAD_CHUNK):
@@ -314,9 +318,11 @@ class Store:
                     written += len(chunk)
             if written != expected:
                 raise CrankError(f"{self.url(key)}: received {written} bytes, expected {expected}")
-            if h and h.hexdigest() != sha256:
+            got = h.hexdigest() if h else None
+            if sha256 and got != sha256:
                 raise CrankError(f"{self.url(key)}: content does not match its sha256 {sha256}")
             os.replace(tmp, dest)
+            return got
         except CrankError:
             _remove(tmp)
             raise
@@ -328,6 +334,13 @@ class Store:
         except BaseException:
             _remove(tmp)
             raise
+
+    def copy(self, src: str, dst: str) -> None:
+        """Copy an object inside the store; ``dst`` appears whole (one request on S3)."""
+        try:
+            obstore.copy(self._store, src, dst)
+        except (BaseError, OSError) as e:
+            raise self._error(e, "copying", src) from None
 
     def list(self, key_prefix: str) -> list[tuple[str, int]]:
         """(key, size) of every object under ``key_prefix``/ (whole path segments: ``runs/a``
