@@ -32,6 +32,31 @@ def docker_api():
     client.close()
 
 
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    """A private Docker engine (tests/faultproxy.py) for one test module: tests that restart
+    an engine or leave it in a bad state never wait on, nor disturb, the shared one."""
+    from faultproxy import PrivateEngine
+
+    engine = PrivateEngine(str(tmp_path_factory.mktemp("eng", numbered=True)))
+    engine.start()
+    try:
+        engine.load_images()
+        yield engine
+    finally:
+        engine.stop()
+
+
+@pytest.fixture
+def api(engine):
+    """A client of the private engine; the test's containers are removed after it."""
+    client = docker.APIClient(base_url=engine.url, timeout=30)
+    yield client
+    for row in client.containers(all=True):
+        client.remove_container(row["Id"], force=True)
+    client.close()
+
+
 def copy_workflow(name: str, dest: Path) -> Path:
     shutil.copytree(WORKFLOWS / name, dest)
     return dest

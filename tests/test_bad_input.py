@@ -2,32 +2,14 @@
 names the culprit and says what to do; no traceback, no container left, no partial file
 under a final name. See docs/reliability.md."""
 
-import json
 import os
 import textwrap
 
 import pytest
 
 from conftest import BUSYBOX, snakemake
-from faultproxy import PrivateEngine
 
 pytestmark = pytest.mark.docker
-
-
-@pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    """A private engine: these tests never wait on, nor disturb, the shared one."""
-    import docker
-
-    engine = PrivateEngine(str(tmp_path_factory.mktemp("eng", numbered=True)))
-    engine.start()
-    try:
-        engine.load_images()
-        api = docker.APIClient(base_url=engine.url)
-        yield engine, api
-        api.close()
-    finally:
-        engine.stop()
 
 SNAKEFILE = textwrap.dedent(
     """
@@ -130,8 +112,7 @@ def _fresh(tmp_path):
 
 
 @pytest.mark.parametrize("args,culprit,advice", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_bad_input_is_one_clear_line(engine, tmp_path, args, culprit, advice):
-    engine, api = engine
+def test_bad_input_is_one_clear_line(engine, api, tmp_path, args, culprit, advice):
     workdir = _fresh(tmp_path)
     before = set(_files(workdir))
     done = snakemake(workdir, "--crank-docker-url", engine.url, "--crank-docker-network", "none",

@@ -6,7 +6,6 @@ import subprocess
 import sys
 import time
 import uuid
-from pathlib import Path
 from typing import Optional
 
 import pytest
@@ -17,14 +16,8 @@ from snakemake_executor_plugin_crank import ExecutorSettings
 from snakemake_executor_plugin_crank.backends.docker import DockerBackend
 from snakemake_executor_plugin_crank.task import Resources, State, TaskSpec
 
-from conftest import (
-    BUSYBOX,
-    SNAKEMAKE_IMAGE,
-    containers_of,
-    copy_workflow,
-    snakemake,
-    wait_for,
-)
+from conftest import BUSYBOX, containers_of, copy_workflow, snakemake, wait_for
+from expectations import assert_exact_outputs, exact_workdir, read
 
 pytestmark = pytest.mark.docker
 
@@ -51,42 +44,12 @@ class TestSnakemakeBaseOnDocker(TestWorkflowsLocalStorageBase):
         pass
 
 
-def read(path: Path) -> str:
-    return path.read_text()
-
 
 def test_exact_outputs_across_rules(docker_api, tmp_path):
-    workdir = copy_workflow("exact", tmp_path / "work dir")
-    (workdir / "data").mkdir()
-    (workdir / "data" / "a.txt").write_text("hello a\n")
-    (workdir / "data" / "b.txt").write_text("hello b\n")
-    outside = tmp_path / "elsewhere" / "ref file.txt"
-    outside.parent.mkdir()
-    outside.write_text("ref line\n")
-
-    args = ("--config", f"outside={outside}", "--container-image", SNAKEMAKE_IMAGE)
+    workdir, args = exact_workdir(tmp_path)
     done = snakemake(workdir, *args)
     assert done.returncode == 0, done.stderr
-
-    results = workdir / "results"
-    assert read(results / "a.upper.txt") == "HELLO A\n"
-    assert read(results / "b.upper.txt") == "HELLO B\n"
-    assert read(workdir / "logs" / "upper" / "a.log") == "upper a\n"
-    joined = "HELLO A\nHELLO B\nref line\nthreads=2 omp=2\nshell=bash\n"
-    assert read(results / "space dir" / "joined.txt") == joined
-    assert read(results / "tree" / "sub" / "copy.txt") == joined
-    assert read(results / "tree" / "owner.txt") == f"{os.getuid()}:{os.getgid()}\n"
-    assert read(results / "env.txt") == f"cwd={workdir} tmp=/tmp\nsh\n"
-    owner = (results / "env.txt").stat()
-    assert (owner.st_uid, owner.st_gid) == (os.getuid(), os.getgid())
-    # a command run directly: crank writes the benchmark from the container's run time
-    header, row = read(workdir / "benchmarks" / "timed.tsv").splitlines()
-    assert header.split("\t")[:2] == ["s", "h:m:s"]
-    assert 1.0 <= float(row.split("\t")[0]) < 10
-    assert read(results / "timed.txt") == "timed\n"
-    # shadow: goes through Snakemake in the image that has it; scratch stays in the shadow
-    assert read(results / "shadowed.txt") == "shadowed\n"
-    assert not (workdir / "scratch.txt").exists()
+    assert_exact_outputs(workdir, f"{os.getuid()}:{os.getgid()}")
     assert containers_of(docker_api, workdir) == []
 
     again = snakemake(workdir, *args)

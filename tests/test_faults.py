@@ -2,7 +2,6 @@
 and a proxy on a Unix socket between crank and that engine (tests/faultproxy.py). Every
 test is bounded in time and polls with a deadline. See docs/reliability.md."""
 
-import os
 import signal
 import subprocess
 import sys
@@ -13,29 +12,9 @@ import docker
 import pytest
 
 from conftest import BUSYBOX, wait_for
-from faultproxy import FaultProxy, PrivateEngine
+from faultproxy import FaultProxy
 
 pytestmark = pytest.mark.docker
-
-
-@pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    engine = PrivateEngine(str(tmp_path_factory.mktemp("eng", numbered=True)))
-    engine.start()
-    try:
-        engine.load_images()
-        yield engine
-    finally:
-        engine.stop()
-
-
-@pytest.fixture
-def api(engine):
-    client = docker.APIClient(base_url=engine.url, timeout=30)
-    yield client
-    for row in client.containers(all=True):
-        client.remove_container(row["Id"], force=True)
-    client.close()
 
 
 def workflow(tmp_path, text, name="wf"):

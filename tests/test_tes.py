@@ -7,7 +7,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 from typing import Optional
@@ -35,7 +34,14 @@ from snakemake_executor_plugin_crank.staging.stage import file_key
 from snakemake_executor_plugin_crank.staging.store import Store
 from snakemake_executor_plugin_crank.task import Input, Kind, Output, Resources, State, TaskSpec
 
-from conftest import BASH, BUSYBOX, SNAKEMAKE_IMAGE, copy_workflow, wait_for
+from conftest import BASH, BUSYBOX, copy_workflow, wait_for
+from expectations import (
+    assert_exact_outputs,
+    assert_rulekinds_outputs,
+    exact_workdir,
+    read,
+    rulekinds_workdir,
+)
 
 pytestmark = pytest.mark.tes
 
@@ -73,9 +79,6 @@ def live_tasks(tes, workdir: Path):
     return [t for t in tasks_of(tes, workdir) if t.get("state") in NON_TERMINAL]
 
 
-def read(path: Path) -> str:
-    return path.read_text()
-
 
 # ---------------------------------------------------------------- Snakemake's own cases
 
@@ -109,36 +112,11 @@ class TestSnakemakeBaseOnTes(TestWorkflowsLocalStorageBase):
 
 
 def test_exact_outputs_across_rules(tes, tmp_path):
-    workdir = copy_workflow("exact", tmp_path / "work dir")
-    (workdir / "data").mkdir()
-    (workdir / "data" / "a.txt").write_text("hello a\n")
-    (workdir / "data" / "b.txt").write_text("hello b\n")
-    outside = tmp_path / "elsewhere" / "ref file.txt"
-    outside.parent.mkdir()
-    outside.write_text("ref line\n")
-
-    args = ("--config", f"outside={outside}", "--container-image", SNAKEMAKE_IMAGE)
+    workdir, args = exact_workdir(tmp_path)
     done = crank(tes, workdir, *args)
     assert done.returncode == 0, done.stderr
-
-    results = workdir / "results"
-    assert read(results / "a.upper.txt") == "HELLO A\n"
-    assert read(results / "b.upper.txt") == "HELLO B\n"
-    assert read(workdir / "logs" / "upper" / "a.log") == "upper a\n"
-    joined = "HELLO A\nHELLO B\nref line\nthreads=2 omp=2\nshell=bash\n"
-    assert read(results / "space dir" / "joined.txt") == joined
-    assert read(results / "tree" / "sub" / "copy.txt") == joined
     # Funnel runs containers as root (no user option); the files arrive as the caller's
-    assert read(results / "tree" / "owner.txt") == "0:0\n"
-    assert read(results / "env.txt") == f"cwd={workdir} tmp=/tmp\nsh\n"
-    owner = (results / "env.txt").stat()
-    assert (owner.st_uid, owner.st_gid) == (os.getuid(), os.getgid())
-    header, row = read(workdir / "benchmarks" / "timed.tsv").splitlines()
-    assert header.split("\t")[:2] == ["s", "h:m:s"]
-    assert 1.0 <= float(row.split("\t")[0]) < 10
-    assert read(results / "timed.txt") == "timed\n"
-    assert read(results / "shadowed.txt") == "shadowed\n"
-    assert not (workdir / "scratch.txt").exists()
+    assert_exact_outputs(workdir, "0:0")
     assert live_tasks(tes, workdir) == []
 
     again = crank(tes, workdir, *args)
@@ -169,31 +147,10 @@ def test_paths_that_are_string_prefixes_of_each_other(tes, tmp_path):
 
 
 def test_every_rule_kind_runs_with_exact_outputs(tes, tmp_path):
-    workdir = copy_workflow("rulekinds", tmp_path / "wf")
-    wrappers = tmp_path / "wrappers"
-    (workdir / "wrappers").rename(wrappers)
-    args = ("--container-image", SNAKEMAKE_IMAGE, "--wrapper-prefix", f"file://{wrappers}/")
+    workdir, args = rulekinds_workdir(tmp_path)
     done = crank(tes, workdir, *args, timeout=600)
     assert done.returncode == 0, done.stderr
-
-    def text(name):
-        return (workdir / name).read_text()
-
-    run = f"hello from run threads=2 cwd={workdir}\n"
-    assert text("run.txt") == run
-    script_py = run.upper() + "word=snake threads=1\n"
-    assert text("script_py.txt") == script_py
-    assert text("logs/script_py.log") == "upper done\n"
-    assert text("script_sh.txt") == script_py + "tag=bash\n"
-    assert text("aggregated.txt") == "PART 0\nPART 1\nPART 2\n"
-    assert text("grouped/final.txt") == "from-shell\nfrom-run\n"
-    assert not (workdir / "grouped" / "intermediate.txt").exists()
-    assert text("consumed.txt") == "42\n"
-    assert text("bench_done.txt") == "done\n"
-    assert text("benchmarks/bench.tsv").startswith("s\th:m:s\t")
-    assert text("wrapped.txt") == "3\n"
-    assert text("shadowed.txt") == "shadowed\n"
-    assert not (workdir / "scratch.txt").exists()
+    assert_rulekinds_outputs(workdir)
     assert live_tasks(tes, workdir) == []
 
 

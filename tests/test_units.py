@@ -1,6 +1,8 @@
 """Unit tests of pure logic: resource mapping, mount planning, launch command, messages."""
 
+import dataclasses
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -161,3 +163,22 @@ def test_running_time_comes_from_the_container_timestamps():
     state = {"StartedAt": "2026-11-23T13:00:01.250000123Z", "FinishedAt": "2026-11-23T13:01:02.5Z"}
     assert running_seconds(state) == 61.25
     assert running_seconds({"StartedAt": "0001-01-01T00:00:00Z"}) is None
+
+
+def _settings_rows(path):
+    text = (Path(__file__).parent.parent / path).read_text()
+    return [line for line in text.splitlines() if line.startswith("| `--crank-")]
+
+
+def test_every_setting_is_documented_alike_in_readme_and_plugin_catalog_page():
+    """docs/further.md is shown on its own by Snakemake's plugin catalog, so it keeps a copy
+    of README's settings table; the two must not drift, and both must name every setting."""
+    from snakemake_executor_plugin_crank import ExecutorSettings
+
+    readme = _settings_rows("README.md")
+    assert readme == _settings_rows("docs/further.md")
+    documented = " ".join(readme)
+    for f in dataclasses.fields(ExecutorSettings):
+        option = "--crank-" + f.name.replace("_", "-")
+        variable = "SNAKEMAKE_CRANK_" + f.name.upper()
+        assert f"`{option}`" in documented and f"`{variable}`" in documented, f.name

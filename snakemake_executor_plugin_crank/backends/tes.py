@@ -19,9 +19,9 @@ import tempfile
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
 
 import tes
 
@@ -29,7 +29,7 @@ from ..errors import BackendUnavailable, CrankError
 from ..task import Capacity, Kind, State, TaskResult, TaskSpec
 from . import tes_layout as layout
 from .http import HttpError, Session
-from .logs import TAIL_LINES, save_logs
+from .logs import save_logs
 
 TAG_RUN = "crank-run"
 TAG_JOB = "crank-job"

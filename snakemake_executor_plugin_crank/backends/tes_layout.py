@@ -21,7 +21,6 @@ Pure functions: no I/O, no TES client.
 from __future__ import annotations
 
 import hashlib
-import os
 import posixpath
 import re
 import shlex
@@ -143,7 +142,7 @@ def wrapper_script(task: TaskSpec, staged: Sequence[Staged], local_dirs: Sequenc
     lines = [
         "# crank: make the user's paths, run the command, collect the products",
         "set -u",
-        f"crank_fail() {{ echo \"crank: $*\" >&2; exit 70; }}",
+        "crank_fail() { echo \"crank: $*\" >&2; exit 70; }",
     ]
     made: Set[str] = set()
 

@@ -288,6 +288,26 @@ class WarmPool:
         )
 
     def release(self, handles: Sequence[str]) -> None:
+        cold, runners = self._forget(handles, keep_ended=True)
+        for runner in runners:
+            self._remove(runner)
+        if cold:
+            self.backend.release(cold)
+
+    def cancel(self, handles: Sequence[str]) -> None:
+        cold, runners = self._forget(handles, keep_ended=False)
+        kept = [runner for runner in runners if not self._remove(runner)]
+        if cold:
+            self.backend.cancel(cold)
+        if kept:
+            raise BackendUnavailable(
+                f"the Docker engine did not remove {len(kept)} container(s) of this run"
+            )
+
+    def _forget(self, handles: Sequence[str], keep_ended: bool):
+        """Drop the jobs; return their cold handles and the runners to remove: each job's
+        runner, but with ``keep_ended`` the runner of a job that ended stays for reuse
+        (one given up while it ran must not go on)."""
         cold, runners = [], []
         with self.lock:
             for h in handles:
@@ -297,35 +317,10 @@ class WarmPool:
                 job.canceled = True  # a launch still being tried again stops
                 if job.cold:
                     cold.append(job.cold)
-                elif not job.ended and job.runner is not None:
-                    # given up while it ran (the engine failed too long): it must not go on
+                elif job.runner is not None and not (keep_ended and job.ended):
                     job.runner.retire = True
                     runners.append(job.runner)
-        for runner in runners:
-            self._remove(runner)
-        if cold:
-            self.backend.release(cold)
-
-    def cancel(self, handles: Sequence[str]) -> None:
-        cold, runners = [], []
-        with self.lock:
-            for h in handles:
-                job = self.jobs.pop(h, None)
-                if job is None:
-                    continue
-                job.canceled = True
-                if job.cold:
-                    cold.append(job.cold)
-                if job.runner is not None:
-                    job.runner.retire = True
-                    runners.append(job.runner)
-        kept = [runner for runner in runners if not self._remove(runner)]
-        if cold:
-            self.backend.cancel(cold)
-        if kept:
-            raise BackendUnavailable(
-                f"the Docker engine did not remove {len(kept)} container(s) of this run"
-            )
+        return cold, runners
 
     def close(self) -> None:
         self.closed = True
