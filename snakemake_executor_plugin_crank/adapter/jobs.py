@@ -4,7 +4,7 @@ Two launch modes. A shell: rule runs its formatted command directly in its image
 other rule (run:, script:, wrapper:, notebook:), and a group holding one, runs Snakemake's
 own job command in an image that has Snakemake.
 
-``job.container_img_url`` and ``dag.get_sources`` belong to Snakemake,
+``job.container_img_url``, ``dag.get_sources`` and ``dag.depending`` belong to Snakemake,
 not to the plugin interface: that coupling stays in this package.
 """
 
