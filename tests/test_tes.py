@@ -285,6 +285,35 @@ def test_second_run_with_unchanged_inputs_uploads_nothing(aws_env, tmp_path):
     assert sent[1] == 0
 
 
+def test_an_input_removed_from_the_store_mid_run_is_sent_again_on_retry(aws_env, tmp_path):
+    """The run remembers what it staged; when the object goes (a lifecycle rule, a person),
+    the task fails with the server's reason, and the job's retry uploads it again."""
+    (tmp_path / "in.txt").write_text("input\n")
+    prefix = aws_env.prefix(f"gone-{uuid.uuid4().hex[:8]}")
+    backend = TesBackend(uuid.uuid4().hex, str(tmp_path), TesOptions(url=aws_env.url, storage_prefix=prefix))
+    try:
+        def run(i):
+            task = sleeper(tmp_path, i, script=f"cat in.txt > out{i}.txt", inputs=(Input(str(tmp_path / "in.txt")),),
+                           outputs=(Output(str(tmp_path / f"out{i}.txt")),))
+            handle = backend.submit(task)
+            wait_terminal(backend, [handle])
+            result = backend.result(handle, task)
+            backend.release([handle])
+            return result
+
+        assert run(0).ok
+        key = file_key(hashlib.sha256(b"input\n").hexdigest())
+        backend.store.delete(key)
+        failed = run(1)
+        assert not failed.ok and "SYSTEM_ERROR" in failed.reason, failed
+        retried = run(2)
+        assert retried.ok, retried
+        assert read(tmp_path / "out2.txt") == "input\n"
+        assert backend.store.head(key) == len("input\n")
+    finally:
+        backend.close()
+
+
 def test_an_output_the_next_job_reads_is_not_uploaded_again(aws_env, tmp_path):
     """A file and a directory made by one job and read by the next come back once; they
     reach the next task by their content address without being sent again (3 files: the

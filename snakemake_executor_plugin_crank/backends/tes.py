@@ -21,7 +21,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import tes
 
@@ -146,6 +146,7 @@ class _Submission:
     created_at: Optional[float] = None
     canceled: bool = False
     last_state: Optional[str] = None
+    digests: Tuple[str, ...] = ()  # of its inputs
 
 
 class TesBackend:
@@ -249,6 +250,7 @@ class TesBackend:
     def _stage_and_create(self, sub: _Submission) -> None:
         try:
             staged = self._stage(sub.task)
+            sub.digests = tuple(s.digest for s in staged)
             tags = {**self.tags, TAG_JOB: f"{sub.task.job_id}-{sub.task.attempt}",
                     TAG_RULE: sub.task.label, TAG_SUBMISSION: sub.tag}
             body = task_body(to_tes_task(sub.task, staged, self.store.url(sub.key), tags))
@@ -371,6 +373,10 @@ class TesBackend:
                 _read(stderr) if tmp and os.path.exists(stderr) else _text(exec_log.get("stderr")),
             )
             if state != "COMPLETE":
+                if state == "SYSTEM_ERROR":
+                    # perhaps an input removed from the store meanwhile: a retry of the job
+                    # looks its inputs up again instead of trusting this run's memory
+                    self.stager.forget(sub.digests)
                 reason = f"TES state {state}"
                 if system:
                     reason += ": " + system_summary(system)

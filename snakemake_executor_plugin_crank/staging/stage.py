@@ -24,7 +24,7 @@ import stat
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -159,6 +159,12 @@ class Stager:
         with self._lock:
             self.stats.files += sum(1 for s in staged if s.size >= 0)
         return staged
+
+    def forget(self, digests: Iterable[str]) -> None:
+        """Look these contents up in the store again next time they are staged (something
+        may have removed them)."""
+        with self._lock:
+            self._present.difference_update(digests)
 
     def _stage_file(self, path: str) -> tuple[str, int]:
         digest, identity = self.cache.digest_with_identity(path)
