@@ -1,4 +1,5 @@
-"""A fault-injecting proxy on a Unix socket in front of a Docker engine, for the tests.
+"""A fault-injecting HTTP proxy for the tests: on a Unix socket in front of a Docker engine,
+or on a loopback TCP port in front of a TES server.
 
 Every request is forwarded on a fresh connection to the engine with ``Connection: close``,
 so the proxy needs no HTTP response parsing: it copies bytes until the engine closes.
@@ -11,8 +12,8 @@ time:
 - ``"hang"``: accept and never answer (until ``hang_s`` or ``stop()``);
 - ``"error500"``: answer 500 without forwarding.
 
-Local only (a Unix socket in a test's temporary directory) and bounded: every socket has
-a timeout, every thread is a daemon, ``stop()`` closes everything.
+Local only (a Unix socket in a test's temporary directory, or 127.0.0.1) and bounded: every
+socket has a timeout, every thread is a daemon, ``stop()`` closes everything.
 """
 
 from __future__ import annotations
@@ -21,10 +22,17 @@ import os
 import re
 import socket
 import threading
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple, Union
 
 Rule = Callable[[str, str], str]
 TIMEOUT_S = 30.0
+# a Unix socket's path, or a TCP (host, port)
+Address = Union[str, Tuple[str, int]]
+
+
+def _socket(address: Address) -> socket.socket:
+    family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
+    return socket.socket(family, socket.SOCK_STREAM)
 
 
 def _read_head(conn: socket.socket) -> Optional[bytes]:
@@ -40,24 +48,28 @@ def _read_head(conn: socket.socket) -> Optional[bytes]:
 
 
 class FaultProxy:
-    def __init__(self, listen_path: str, engine_path: str, hang_s: float = 120.0):
-        self.listen_path = listen_path
-        self.engine_path = engine_path
+    def __init__(self, listen: Address, upstream: Address, hang_s: float = 120.0):
+        """``listen``: a Unix socket path, or ("127.0.0.1", 0) for a free loopback port."""
+        self.listen = listen
+        self.upstream = upstream
         self.hang_s = hang_s
         self.rule: Rule = lambda method, path: "pass"
         self.seen: List[Tuple[str, str, str]] = []  # (method, path, action)
         self._lock = threading.Lock()
         self._stopped = threading.Event()
         self._conns: List[socket.socket] = []
-        self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._server.bind(listen_path)
+        self._server = _socket(listen)
+        self._server.bind(listen)
         self._server.listen(64)
         self._server.settimeout(0.2)
         self._thread = threading.Thread(target=self._accept, daemon=True)
 
     @property
     def url(self) -> str:
-        return f"unix://{self.listen_path}"
+        if isinstance(self.listen, str):
+            return f"unix://{self.listen}"
+        host, port = self._server.getsockname()
+        return f"http://{host}:{port}"
 
     def __enter__(self) -> "FaultProxy":
         self._thread.start()
@@ -96,8 +108,8 @@ class FaultProxy:
                 except OSError:
                     pass
         self._server.close()
-        if os.path.exists(self.listen_path):
-            os.unlink(self.listen_path)
+        if isinstance(self.listen, str) and os.path.exists(self.listen):
+            os.unlink(self.listen)
 
     def _accept(self) -> None:
         while not self._stopped.is_set():
@@ -161,12 +173,12 @@ class FaultProxy:
             if not chunk:
                 return
             rest += chunk
-        upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        upstream = _socket(self.upstream)
         upstream.settimeout(TIMEOUT_S)
         with self._lock:
             self._conns.append(upstream)
         try:
-            upstream.connect(self.engine_path)
+            upstream.connect(self.upstream)
             upstream.sendall(b"\r\n".join(lines + [b"Connection: close"]) + b"\r\n\r\n" + rest)
             if lose_answer:
                 upstream.recv(1)  # the engine has acted and begun to answer

@@ -35,6 +35,7 @@ from snakemake_executor_plugin_crank.staging.store import Store
 from snakemake_executor_plugin_crank.task import Input, Kind, Output, Resources, State, TaskSpec
 
 from conftest import BASH, BUSYBOX, copy_workflow, wait_for
+from faultproxy import FaultProxy
 from expectations import (
     assert_exact_outputs,
     assert_rulekinds_outputs,
@@ -217,6 +218,75 @@ def test_tasks_of_a_crashed_run_are_canceled_at_start(tes, tmp_path):
         assert state(other) in NON_TERMINAL  # another workdir's run is left alone
     finally:
         requests.post(f"{tes.url}/v1/tasks/{other}:cancel", timeout=30)
+
+
+# ---------------------------------------------------------------- faults (docs/reliability.md)
+
+
+def crank_command(tes, workdir: Path, *args: str):
+    return [
+        sys.executable, "-m", "snakemake", "--executor", "crank", "--jobs", "4",
+        "--crank-backend", "tes", "--crank-tes-url", tes.url,
+        "--crank-storage-prefix", tes.prefix(workdir.parent.name),
+        "--crank-default-image", BUSYBOX, "--seconds-between-status-checks", "1", *args,
+    ]
+
+
+def test_server_unreachable_mid_run_is_survived(tes, tmp_path):
+    """Promise 2 on TES: the server stops answering while a task runs and ends; crank keeps
+    trying within --crank-backend-tolerance and then collects the task as usual."""
+    workdir = tmp_path / uuid.uuid4().hex / "wf"
+    workdir.mkdir(parents=True)
+    (workdir / "Snakefile").write_text(
+        'rule slow:\n    output: "slow.txt"\n    shell: "sleep 4; echo done > {output}"\n'
+    )
+    host, port = tes.url.rsplit("//", 1)[1].split(":")
+    with FaultProxy(("127.0.0.1", 0), (host, int(port))) as proxy:
+        proc = subprocess.Popen(
+            crank_command(tes, workdir, "--crank-tes-url", proxy.url), cwd=workdir,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=tes.env(),
+            stdin=subprocess.DEVNULL,
+        )
+        try:
+            wait_for(lambda: [t for t in tasks_of(tes, workdir) if t["state"] == "RUNNING"],
+                     timeout=60, what="the task running")
+            proxy.set_rule(lambda method, path: "refuse")
+            # down until the task has ended on the server and crank has tried a few rounds
+            wait_for(lambda: not live_tasks(tes, workdir) and len(proxy.actions("refuse")) >= 3,
+                     timeout=60, what="the task ended while crank could not reach the server")
+            proxy.set_rule(lambda method, path: "pass")
+            _, stderr = proc.communicate(timeout=120)
+        finally:
+            proc.kill()
+    assert proc.returncode == 0, stderr
+    assert (workdir / "slow.txt").read_text() == "done\n"
+    assert len(tasks_of(tes, workdir)) == 1
+
+
+def test_lost_answer_to_create_makes_one_task(tes, tmp_path):
+    """The server created the task but its answer was lost: crank finds the task by its
+    submission tag instead of posting again."""
+    workdir = copy_workflow("failing", tmp_path / uuid.uuid4().hex / "wf")
+    host, port = tes.url.rsplit("//", 1)[1].split(":")
+    lost = []
+
+    def lose_first_create(method, path):
+        if method == "POST" and path == "/tasks" and not lost:
+            lost.append(path)
+            return "lose_answer"
+        return "pass"
+
+    with FaultProxy(("127.0.0.1", 0), (host, int(port))) as proxy:
+        proxy.set_rule(lose_first_create)
+        done = subprocess.run(
+            crank_command(tes, workdir, "greedy", "--max-threads", "1", "--crank-tes-url", proxy.url),
+            cwd=workdir, capture_output=True, text=True, env=tes.env(), stdin=subprocess.DEVNULL,
+            timeout=300,
+        )
+        assert proxy.actions("lose_answer") == [("POST", "/tasks")]
+    assert done.returncode == 0, done.stderr
+    assert (workdir / "greedy.txt").read_text() == "1\n"
+    assert len(tasks_of(tes, workdir)) == 1
 
 
 # ---------------------------------------------------------------- the backend itself
