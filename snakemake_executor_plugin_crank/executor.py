@@ -247,8 +247,9 @@ class Executor(RemoteExecutor):
             closed = True
         except CrankError as e:
             closed = False
+            what = "tasks" if self.settings.backend == "tes" else "containers"
             self.logger.warning(
-                f"crank: could not remove this run's containers ({e}); the next crank run in "
+                f"crank: could not remove this run's {what} ({e}); the next crank run in "
                 "this directory removes them"
             )
         self._fence_given_up(closed)

@@ -263,6 +263,40 @@ def test_server_unreachable_mid_run_is_survived(tes, tmp_path):
     assert len(tasks_of(tes, workdir)) == 1
 
 
+def test_server_that_stops_answering_is_given_up_within_the_tolerance(tes, tmp_path):
+    """Promises 2 and 3 on TES: a server that accepts status requests but never answers
+    holds no round for long; past --crank-backend-tolerance the job is reported failed with
+    the reason, and its task canceled first."""
+    workdir = tmp_path / uuid.uuid4().hex / "wf"
+    workdir.mkdir(parents=True)
+    (workdir / "Snakefile").write_text(
+        'rule slow:\n    output: "slow.txt"\n    shell: "sleep 600; echo done > {output}"\n'
+    )
+    host, port = tes.url.rsplit("//", 1)[1].split(":")
+    with FaultProxy(("127.0.0.1", 0), (host, int(port)), hang_s=600) as proxy:
+        proc = subprocess.Popen(
+            crank_command(tes, workdir, "--crank-tes-url", proxy.url,
+                          "--crank-backend-tolerance", "10"),
+            cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=tes.env(), stdin=subprocess.DEVNULL,
+        )
+        try:
+            wait_for(lambda: [t for t in tasks_of(tes, workdir) if t["state"] == "RUNNING"],
+                     timeout=60, what="the task running")
+            proxy.set_rule(lambda method, path: "hang" if (method, path) == ("GET", "/tasks") else "pass")
+            # the tolerance, plus one round's timeout and the shutdown: far below the
+            # minutes that a round retrying its reads would hold the run
+            _, stderr = proc.communicate(timeout=120)
+        finally:
+            proc.kill()
+            for task in live_tasks(tes, workdir):  # only after a failure above
+                requests.post(f"{tes.url}/v1/tasks/{task['id']}:cancel", timeout=30)
+    assert proc.returncode != 0
+    assert "did not answer" in stderr, stderr[-3000:]
+    assert live_tasks(tes, workdir) == []
+    assert not (workdir / "slow.txt").exists()
+
+
 def test_lost_answer_to_create_makes_one_task(tes, tmp_path):
     """The server created the task but its answer was lost: crank finds the task by its
     submission tag instead of posting again."""

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3.exceptions import ConnectTimeoutError, ReadTimeoutError
 from urllib3.util.retry import Retry
 
 from ..errors import BackendUnavailable, CrankError
@@ -161,7 +162,8 @@ class Session:
             )
         except requests.RequestException as e:
             raise BackendUnavailable(
-                f"{self.what} at {self.base} did not answer ({self._clean(_reason(e))}), after retries"
+                f"{self.what} at {self.base} did not answer ({self._clean(_reason(e, timeout))})"
+                + (", after retries" if retry_reads else "")
             ) from None
         status = response.status_code
         if status in allow:
@@ -198,7 +200,13 @@ class Session:
         self.once.close()
 
 
-def _reason(e: Exception) -> str:
+def _reason(e: Exception, read_timeout: float) -> str:
+    # requests wraps a timeout that used up urllib3's retries in a plain ConnectionError
+    cause = getattr(e.args[0], "reason", None) if e.args else None
+    if isinstance(e, requests.exceptions.ConnectTimeout) or isinstance(cause, ConnectTimeoutError):
+        return f"no connection within {CONNECT_TIMEOUT:.0f} s"
+    if isinstance(e, requests.exceptions.ReadTimeout) or isinstance(cause, ReadTimeoutError):
+        return f"no answer within {read_timeout:.0f} s"
     text = str(e)
     for marker in ("Caused by ", "Failed to establish a new connection: "):
         if marker in text:

@@ -42,6 +42,12 @@ PAGE_SIZE = 2047
 # how long a created task may be missing from ListTasks / GetTask (404) before it is LOST
 APPEAR_GRACE_S = 60.0
 CREATE_ATTEMPTS = 5
+# Status rounds, collections, cancels and the shutdown run on Snakemake's loop: one attempt,
+# a bounded wait. A server that does not answer then fails the round, and the runner tries
+# again next round within --crank-backend-tolerance (retrying reads here would hold the loop
+# for minutes).
+BOUNDED_READ_TIMEOUT_S = 20.0
+BOUNDED = {"timeout": BOUNDED_READ_TIMEOUT_S, "retry_reads": False}
 
 STATES = {
     "UNKNOWN": State.QUEUED,
@@ -202,15 +208,19 @@ class TesBackend:
 
     # ------------------------------------------------------------------ listing
 
-    def list_tasks(self, tag_key: str, tag_value: str, view: str = "MINIMAL") -> List[Mapping[str, Any]]:
-        """Every task with the tag, following page tokens until the server has no more."""
+    def list_tasks(
+        self, tag_key: str, tag_value: str, view: str = "MINIMAL", bounded: bool = False
+    ) -> List[Mapping[str, Any]]:
+        """Every task with the tag, following page tokens until the server has no more.
+        ``bounded``: one attempt with a bounded wait (see BOUNDED)."""
         found: List[Mapping[str, Any]] = []
         token = None
         while True:
             params = {"tag_key": tag_key, "tag_value": tag_value, "view": view, "page_size": PAGE_SIZE}
             if token:
                 params["page_token"] = token
-            page = self.http.request("GET", "/v1/tasks", "list", params=params) or {}
+            page = self.http.request("GET", "/v1/tasks", "list", params=params, **(
+                BOUNDED if bounded else {})) or {}
             found.extend(page.get("tasks") or [])
             token = page.get("next_page_token") or page.get("nextPageToken")
             if not token or not page.get("tasks"):
@@ -308,7 +318,8 @@ class TesBackend:
         subs = [self._subs[h] for h in handles if h in self._subs]
         listed: Dict[str, str] = {}
         if any(s.tes_id for s in subs):
-            listed = {t["id"]: t.get("state") or "UNKNOWN" for t in self.list_tasks(TAG_RUN, self.run_id)}
+            tasks = self.list_tasks(TAG_RUN, self.run_id, bounded=True)
+            listed = {t["id"]: t.get("state") or "UNKNOWN" for t in tasks}
         now = time.monotonic()
         states: Dict[str, State] = {}
         for h in handles:
@@ -340,7 +351,9 @@ class TesBackend:
     # ------------------------------------------------------------------ results
 
     def get_task(self, task_id: str) -> Mapping[str, Any]:
-        return self.http.request("GET", f"/v1/tasks/{task_id}", "get", params={"view": "FULL"})
+        return self.http.request(
+            "GET", f"/v1/tasks/{task_id}", "get", params={"view": "FULL"}, **BOUNDED
+        )
 
     def result(self, handle: str, task: TaskSpec) -> TaskResult:
         sub = self._subs.get(handle)
@@ -456,7 +469,7 @@ class TesBackend:
 
     def _cancel_id(self, task_id: str) -> None:
         try:
-            self.http.request("POST", f"/v1/tasks/{task_id}:cancel", "cancel")
+            self.http.request("POST", f"/v1/tasks/{task_id}:cancel", "cancel", **BOUNDED)
         except HttpError as e:
             if e.status != 404:
                 raise CrankError(f"the TES server refused to cancel task {task_id}: {e}") from None
@@ -476,7 +489,7 @@ class TesBackend:
             for sub in list(self._subs.values()):
                 sub.canceled = True
             self._pool.shutdown(wait=True, cancel_futures=True)
-            for t in self.list_tasks(TAG_RUN, self.run_id):
+            for t in self.list_tasks(TAG_RUN, self.run_id, bounded=True):
                 if t.get("state") in NON_TERMINAL:
                     self._cancel_id(t["id"])
         finally:
