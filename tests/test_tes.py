@@ -292,7 +292,7 @@ def test_server_that_stops_answering_is_given_up_within_the_tolerance(tes, tmp_p
             for task in live_tasks(tes, workdir):  # only after a failure above
                 requests.post(f"{tes.url}/v1/tasks/{task['id']}:cancel", timeout=30)
     assert proc.returncode != 0
-    assert "did not answer" in stderr, stderr[-3000:]
+    assert "did not answer (no answer within 20 s)" in stderr, stderr[-3000:]
     assert live_tasks(tes, workdir) == []
     assert not (workdir / "slow.txt").exists()
 
