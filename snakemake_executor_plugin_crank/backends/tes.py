@@ -297,7 +297,9 @@ class TesBackend:
         delay = 0.5
         for attempt in range(CREATE_ATTEMPTS):
             if attempt:
-                found = self.list_tasks(TAG_SUBMISSION, tag)
+                if self._closing:  # a task the lost answer hid is canceled by close()
+                    raise CrankError("the run ended before the task was created")
+                found = self.list_tasks(TAG_SUBMISSION, tag, bounded=True)
                 if found:
                     return found[0]["id"]
             try:
