@@ -29,6 +29,8 @@ class Executor(RemoteExecutor):
         self.run_id = uuid.uuid4().hex
         workdir = os.getcwd()
         self._tolerance_s = self.settings.backend_tolerance
+        # what a task is called on the backend, in messages
+        self._unit = "task" if self.settings.backend == "tes" else "container"
         try:
             self.backend = backend_from(
                 self.settings, self.run_id, workdir, lambda line: self.logger.info(f"crank: {line}")
@@ -37,8 +39,7 @@ class Executor(RemoteExecutor):
         except CrankError as e:
             raise WorkflowError(str(e)) from None
         if removed:
-            what = "task(s)" if self.settings.backend == "tes" else "container(s)"
-            self.logger.info(f"crank: removed {removed} {what} left by an earlier run")
+            self.logger.info(f"crank: removed {removed} {self._unit}(s) left by an earlier run")
         remote = self.workflow.remote_execution_settings
         self.runner = Runner(
             self.backend,
@@ -247,9 +248,8 @@ class Executor(RemoteExecutor):
             closed = True
         except CrankError as e:
             closed = False
-            what = "tasks" if self.settings.backend == "tes" else "containers"
             self.logger.warning(
-                f"crank: could not remove this run's {what} ({e}); the next crank run in "
+                f"crank: could not remove this run's {self._unit}s ({e}); the next crank run in "
                 "this directory removes them"
             )
         self._fence_given_up(closed)

@@ -56,16 +56,20 @@ def aws_env(tes, monkeypatch):
     return tes
 
 
-def crank(tes, workdir: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """The real snakemake CLI with crank on Funnel, a storage prefix of this test's own."""
-    command = [
+def crank_command(tes, workdir: Path, *args: str):
+    """The real snakemake CLI with crank on Funnel, a storage prefix of this test's own
+    (named after the workdir's parent); a later --crank-tes-url in ``args`` wins."""
+    return [
         sys.executable, "-m", "snakemake", "--executor", "crank", "--jobs", "4",
         "--crank-backend", "tes", "--crank-tes-url", tes.url,
         "--crank-storage-prefix", tes.prefix(workdir.parent.name),
         "--crank-default-image", BUSYBOX, "--seconds-between-status-checks", "1", *args,
     ]
-    return subprocess.run(command, cwd=workdir, capture_output=True, text=True, timeout=timeout,
-                          env=tes.env(), stdin=subprocess.DEVNULL)
+
+
+def crank(tes, workdir: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(crank_command(tes, workdir, *args), cwd=workdir, capture_output=True,
+                          text=True, timeout=timeout, env=tes.env(), stdin=subprocess.DEVNULL)
 
 
 def tasks_of(tes, workdir: Path):
@@ -188,7 +192,7 @@ def test_ctrl_c_leaves_no_live_task(tes, tmp_path):
     proc = subprocess.Popen(command, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, stdin=subprocess.DEVNULL, env=tes.env())
     try:
-        wait_for(lambda: len([t for t in tasks_of(tes, workdir) if t["state"] == "RUNNING"]) == 2,
+        wait_for(lambda: len(running_tasks(tes, workdir)) == 2,
                  timeout=90, what="two running tasks")
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=60)
@@ -223,33 +227,41 @@ def test_tasks_of_a_crashed_run_are_canceled_at_start(tes, tmp_path):
 # ---------------------------------------------------------------- faults (docs/reliability.md)
 
 
-def crank_command(tes, workdir: Path, *args: str):
-    return [
-        sys.executable, "-m", "snakemake", "--executor", "crank", "--jobs", "4",
-        "--crank-backend", "tes", "--crank-tes-url", tes.url,
-        "--crank-storage-prefix", tes.prefix(workdir.parent.name),
-        "--crank-default-image", BUSYBOX, "--seconds-between-status-checks", "1", *args,
-    ]
+def slow_workflow(tmp_path: Path, seconds: int) -> Path:
+    """A one-job workflow whose job sleeps ``seconds``, with a storage prefix of its own."""
+    workdir = tmp_path / uuid.uuid4().hex / "wf"
+    workdir.mkdir(parents=True)
+    (workdir / "Snakefile").write_text(
+        f'rule slow:\n    output: "slow.txt"\n    shell: "sleep {seconds}; echo done > {{output}}"\n'
+    )
+    return workdir
+
+
+def start_crank(tes, workdir: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        crank_command(tes, workdir, *args), cwd=workdir, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, env=tes.env(), stdin=subprocess.DEVNULL,
+    )
+
+
+def running_tasks(tes, workdir: Path):
+    return [t for t in tasks_of(tes, workdir) if t["state"] == "RUNNING"]
+
+
+def proxy_to(tes, **kwargs) -> FaultProxy:
+    """The fault proxy on a free loopback port in front of Funnel."""
+    host, port = tes.url.rsplit("//", 1)[1].split(":")
+    return FaultProxy(("127.0.0.1", 0), (host, int(port)), **kwargs)
 
 
 def test_server_unreachable_mid_run_is_survived(tes, tmp_path):
     """Promise 2 on TES: the server stops answering while a task runs and ends; crank keeps
     trying within --crank-backend-tolerance and then collects the task as usual."""
-    workdir = tmp_path / uuid.uuid4().hex / "wf"
-    workdir.mkdir(parents=True)
-    (workdir / "Snakefile").write_text(
-        'rule slow:\n    output: "slow.txt"\n    shell: "sleep 4; echo done > {output}"\n'
-    )
-    host, port = tes.url.rsplit("//", 1)[1].split(":")
-    with FaultProxy(("127.0.0.1", 0), (host, int(port))) as proxy:
-        proc = subprocess.Popen(
-            crank_command(tes, workdir, "--crank-tes-url", proxy.url), cwd=workdir,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=tes.env(),
-            stdin=subprocess.DEVNULL,
-        )
+    workdir = slow_workflow(tmp_path, 4)
+    with proxy_to(tes) as proxy:
+        proc = start_crank(tes, workdir, "--crank-tes-url", proxy.url)
         try:
-            wait_for(lambda: [t for t in tasks_of(tes, workdir) if t["state"] == "RUNNING"],
-                     timeout=60, what="the task running")
+            wait_for(lambda: running_tasks(tes, workdir), timeout=60, what="the task running")
             proxy.set_rule(lambda method, path: "refuse")
             # down until the task has ended on the server and crank has tried a few rounds
             wait_for(lambda: not live_tasks(tes, workdir) and len(proxy.actions("refuse")) >= 3,
@@ -267,22 +279,11 @@ def test_server_that_stops_answering_is_given_up_within_the_tolerance(tes, tmp_p
     """Promises 2 and 3 on TES: a server that accepts status requests but never answers
     holds no round for long; past --crank-backend-tolerance the job is reported failed with
     the reason, and its task canceled first."""
-    workdir = tmp_path / uuid.uuid4().hex / "wf"
-    workdir.mkdir(parents=True)
-    (workdir / "Snakefile").write_text(
-        'rule slow:\n    output: "slow.txt"\n    shell: "sleep 600; echo done > {output}"\n'
-    )
-    host, port = tes.url.rsplit("//", 1)[1].split(":")
-    with FaultProxy(("127.0.0.1", 0), (host, int(port)), hang_s=600) as proxy:
-        proc = subprocess.Popen(
-            crank_command(tes, workdir, "--crank-tes-url", proxy.url,
-                          "--crank-backend-tolerance", "10"),
-            cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env=tes.env(), stdin=subprocess.DEVNULL,
-        )
+    workdir = slow_workflow(tmp_path, 600)
+    with proxy_to(tes, hang_s=600) as proxy:
+        proc = start_crank(tes, workdir, "--crank-tes-url", proxy.url, "--crank-backend-tolerance", "10")
         try:
-            wait_for(lambda: [t for t in tasks_of(tes, workdir) if t["state"] == "RUNNING"],
-                     timeout=60, what="the task running")
+            wait_for(lambda: running_tasks(tes, workdir), timeout=60, what="the task running")
             proxy.set_rule(lambda method, path: "hang" if (method, path) == ("GET", "/tasks") else "pass")
             # the tolerance, plus one round's timeout and the shutdown: far below the
             # minutes that a round retrying its reads would hold the run
@@ -301,7 +302,6 @@ def test_lost_answer_to_create_makes_one_task(tes, tmp_path):
     """The server created the task but its answer was lost: crank finds the task by its
     submission tag instead of posting again."""
     workdir = copy_workflow("failing", tmp_path / uuid.uuid4().hex / "wf")
-    host, port = tes.url.rsplit("//", 1)[1].split(":")
     lost = []
 
     def lose_first_create(method, path):
@@ -310,7 +310,7 @@ def test_lost_answer_to_create_makes_one_task(tes, tmp_path):
             return "lose_answer"
         return "pass"
 
-    with FaultProxy(("127.0.0.1", 0), (host, int(port))) as proxy:
+    with proxy_to(tes) as proxy:
         proxy.set_rule(lose_first_create)
         done = subprocess.run(
             crank_command(tes, workdir, "greedy", "--max-threads", "1", "--crank-tes-url", proxy.url),

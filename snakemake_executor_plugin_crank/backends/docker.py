@@ -61,7 +61,8 @@ def _is_warm(handle: str) -> bool:
     return handle.startswith(WARM_PREFIX)
 
 
-def _under(path: str, root: str) -> bool:
+def under(path: str, root: str) -> bool:
+    """``path`` is ``root`` or lies below it."""
     return path == root or path.startswith(root.rstrip("/") + "/")
 
 
@@ -74,14 +75,14 @@ def plan_mounts(
     writable = [workdir]
     for out in outputs:
         parent = os.path.dirname(out)
-        if not any(_under(out, w) for w in writable):
-            writable = [w for w in writable if not _under(w, parent)] + [parent]
+        if not any(under(out, w) for w in writable):
+            writable = [w for w in writable if not under(w, parent)] + [parent]
     readonly: List[str] = []
     for path in inputs:
         for candidate in (path, os.path.realpath(path)):
-            if any(_under(candidate, m) for m in writable + readonly):
+            if any(under(candidate, m) for m in writable + readonly):
                 continue
-            readonly = [r for r in readonly if not _under(r, candidate)] + [candidate]
+            readonly = [r for r in readonly if not under(r, candidate)] + [candidate]
     return [(p, True) for p in writable] + [(p, False) for p in readonly]
 
 
@@ -129,6 +130,16 @@ def failure_reason(
     return None
 
 
+def judge(
+    state: Mapping[str, Any], task: TaskSpec, limit_bytes: Optional[int] = None
+) -> Tuple[bool, Optional[str]]:
+    """Whether the task succeeded, and the reason to report: an OOM kill with exit code 0
+    keeps the success (the reason is then a warning)."""
+    reason = failure_reason(state, task, limit_bytes)
+    ok = state.get("ExitCode") == 0 and (not reason or bool(state.get("OOMKilled")))
+    return ok, reason
+
+
 def running_seconds(state: Mapping[str, Any]) -> Optional[float]:
     """FinishedAt - StartedAt of an inspected container (RFC 3339, nanoseconds)."""
 
@@ -167,33 +178,26 @@ class DockerBackend:
         self.options = options
         self._script_dirs: set = set()  # where scripts too long for argv were written
         where = options.base_url or os.environ.get("DOCKER_HOST") or "the default socket"
+        silent = (
+            f"the Docker engine at {where} accepted the connection but did not answer "
+            f"within {STARTUP_TIMEOUT_S} s; check that this address is a Docker engine "
+            "and that it is not stuck (restart it)"
+        )
         try:
             # a short timeout for the first requests (the SDK asks the version at once)
-            self.client = (
-                docker.DockerClient(base_url=options.base_url, timeout=STARTUP_TIMEOUT_S)
-                if options.base_url
-                else docker.from_env(timeout=STARTUP_TIMEOUT_S)
-            )
+            self.client = self._client(timeout=STARTUP_TIMEOUT_S)
             self.api = self.client.api
             timeout = docker.constants.DEFAULT_TIMEOUT_SECONDS
             try:
                 self.api.ping()  # cheap: a busy engine still answers it at once
             except requests.Timeout:
-                raise CrankError(
-                    f"the Docker engine at {where} accepted the connection but did not answer "
-                    f"within {STARTUP_TIMEOUT_S} s; check that this address is a Docker engine "
-                    "and that it is not stuck (restart it)"
-                ) from None
+                raise CrankError(silent) from None
             finally:
                 self.api.timeout = timeout
             info = self.api.info()
         except docker.errors.DockerException as e:
             if "timed out" in str(e):
-                raise CrankError(
-                    f"the Docker engine at {where} accepted the connection but did not answer "
-                    f"within {STARTUP_TIMEOUT_S} s; check that this address is a Docker engine "
-                    "and that it is not stuck (restart it)"
-                ) from None
+                raise CrankError(silent) from None
             if "Invalid bind address" in str(e) or "scheme" in str(e).lower():
                 raise CrankError(
                     f"--crank-docker-url / DOCKER_HOST {where!r} is not a Docker engine "
@@ -204,7 +208,6 @@ class DockerBackend:
             raise BackendUnavailable(
                 f"cannot reach the Docker engine at {where} ({_short(e)})"
             ) from None
-        self._runtimes = set(info.get("Runtimes") or {})
         self._capacity = Capacity(
             cpus=info.get("NCPU"), mem_mb=int(info.get("MemTotal", 0) / 1e6) or None
         )
@@ -215,14 +218,15 @@ class DockerBackend:
 
             self.warm = WarmPool(self, self._new_api)
 
+    def _client(self, **kwargs) -> docker.DockerClient:
+        """A client of the engine the options name (else DOCKER_HOST, else the socket)."""
+        if self.options.base_url:
+            return docker.DockerClient(base_url=self.options.base_url, **kwargs)
+        return docker.from_env(**kwargs)
+
     def _new_api(self, pool_size: int):
         """Another client of the same engine (the warm pool's threads use their own)."""
-        client = (
-            docker.DockerClient(base_url=self.options.base_url, max_pool_size=pool_size)
-            if self.options.base_url
-            else docker.from_env(max_pool_size=pool_size)
-        )
-        return client.api
+        return self._client(max_pool_size=pool_size).api
 
     def capacity(self) -> Capacity:
         return self._capacity
@@ -336,10 +340,7 @@ class DockerBackend:
             )
         network = self.options.network
         if "network" in text and network in text and "not found" in text:
-            return (
-                f"--crank-docker-network {network!r} does not exist on the Docker engine; "
-                f"create it (docker network create {network}) or use bridge or none"
-            )
+            return _missing_network(network)
         return f"Docker refused the container for {task.label}: {text}"
 
     def check_host_config(self) -> None:
@@ -360,14 +361,9 @@ class DockerBackend:
         if network in ("bridge", "none", "host", "default") or network.startswith("container:"):
             return
         with engine_errors("listing networks"):
-            known = {n.get("Name") for n in self.api.networks()} | {
-                n.get("Id") for n in self.api.networks()
-            }
-        if network not in known:
-            raise CrankError(
-                f"--crank-docker-network {network!r} does not exist on the Docker engine; "
-                f"create it (docker network create {network}) or use bridge or none"
-            )
+            networks = self.api.networks()
+        if network not in {n.get(k) for n in networks for k in ("Name", "Id")}:
+            raise CrankError(_missing_network(network))
 
     def command_for(self, task: TaskSpec) -> Tuple[str, ...]:
         """The container's argv: the script as one argument, or, when it is too long for
@@ -440,13 +436,11 @@ class DockerBackend:
             stdout = self.api.logs(handle, stdout=True, stderr=False, stream=True)
             stderr = self.api.logs(handle, stdout=False, stderr=True, stream=True)
             files, tail = save_logs(task, stdout, stderr)
-        code = state.get("ExitCode")
         limit = (inspected.get("HostConfig") or {}).get("Memory")
-        reason = failure_reason(state, task, limit)
+        ok, reason = judge(state, task, limit)
         return TaskResult(
-            # an OOM kill with exit code 0 keeps ok (reason is then a warning)
-            ok=code == 0 and (not reason or bool(state.get("OOMKilled"))),
-            exit_code=code,
+            ok=ok,
+            exit_code=state.get("ExitCode"),
             reason=reason,
             stderr_tail=tail,
             log_files=files,
@@ -481,6 +475,13 @@ class DockerBackend:
             self.client.close()
             for directory in self._script_dirs:
                 shutil.rmtree(directory, ignore_errors=True)
+
+
+def _missing_network(network: str) -> str:
+    return (
+        f"--crank-docker-network {network!r} does not exist on the Docker engine; "
+        f"create it (docker network create {network}) or use bridge or none"
+    )
 
 
 def _invalid_image(image: str, error: Exception) -> ImageUnavailable:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import collections
 import os
-from typing import Iterable, Tuple
+from typing import Iterable, Sequence, Tuple
 
 from ..task import TaskSpec
 
@@ -61,9 +61,14 @@ def save_logs(
     if pending:
         tail.append(pending)
     text = b"\n".join(tail).decode("utf-8", "replace")
-    if problems:
-        text += ("\n" if text else "") + "(crank could not save the log: " + "; ".join(problems) + ")"
-    return tuple(saved), text
+    return tuple(saved), with_unsaved(text, problems)
+
+
+def with_unsaved(tail: str, problems: Sequence[str]) -> str:
+    """The stderr tail, with a note naming the logs that could not be saved."""
+    if not problems:
+        return tail
+    return tail + ("\n" if tail else "") + "(crank could not save the log: " + "; ".join(problems) + ")"
 
 
 def _close(sink):

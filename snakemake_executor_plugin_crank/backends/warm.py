@@ -45,7 +45,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
-import inspect
 import itertools
 import json
 import os
@@ -66,7 +65,7 @@ import docker.types
 from ..errors import BackendUnavailable, CrankError
 from ..task import State, TaskResult, TaskSpec
 from . import docker as cold
-from .logs import TAIL_LINES
+from .logs import TAIL_LINES, with_unsaved
 
 PREFIX = cold.WARM_PREFIX
 # the runner's first process: waits forever, using only sh and sleep; ignoring SIGCHLD
@@ -100,14 +99,6 @@ DEAD_RUNNER = (
     "killed by signal 9: its container stopped while the task ran (the Docker engine "
     "stopped or restarted, or the container was killed)"
 )
-
-
-def is_warm(handle: str) -> bool:
-    return handle.startswith(PREFIX)
-
-
-def _under(path: str, root: str) -> bool:
-    return path == root or path.startswith(root.rstrip("/") + "/")
 
 
 @dataclass(eq=False)
@@ -199,7 +190,7 @@ class WarmPool:
         mounts = cold.plan_mounts(
             task.workdir, [i.path for i in task.inputs], [o.path for o in task.products]
         )
-        if any(_under(private, path) for path, _ in mounts for private in PRIVATE + (LOGS,)):
+        if any(cold.under(private, path) for path, _ in mounts for private in PRIVATE + (LOGS,)):
             return None  # a mount at or above /tmp or /dev/shm: keep Docker's own
         host_config = self.backend.host_config_for(task, mounts)
         key = json.dumps(
@@ -272,18 +263,13 @@ class WarmPool:
                 raise BackendUnavailable("the Docker engine failed while starting the task; it was started again")
         if job.cold:
             return self.backend.result(job.cold, task)
-        state = {"ExitCode": job.exit_code, "OOMKilled": job.oom, "Error": job.reason or ""}
-        code = job.exit_code
         if job.reason:
-            reason, ok = job.reason, False
-        elif _REASON_TAKES_LIMIT:
-            reason = cold.failure_reason(state, task, job.memory)
-            ok = code == 0 and (not reason or job.oom)
+            ok, reason = False, job.reason
         else:
-            reason = cold.failure_reason(state, task)
-            ok = code == 0 and not reason
+            state = {"ExitCode": job.exit_code, "OOMKilled": job.oom}
+            ok, reason = cold.judge(state, task, job.memory)
         return TaskResult(
-            ok=ok, exit_code=code, reason=reason, stderr_tail=job.tail,
+            ok=ok, exit_code=job.exit_code, reason=reason, stderr_tail=job.tail,
             log_files=job.log_files, seconds=job.seconds,
         )
 
@@ -458,7 +444,7 @@ class WarmPool:
             os.chmod(path, 0o1777)
             binds.append(docker.types.Mount(target=private, source=path, type="bind"))
             keep[path] = tuple(
-                os.path.relpath(p, private) for p, _ in mounts if _under(p, private) and p != private
+                os.path.relpath(p, private) for p, _ in mounts if cold.under(p, private) and p != private
             )
         logs = os.path.join(host_dir, "logs")
         os.mkdir(logs, 0o700)
@@ -858,9 +844,7 @@ def _move_logs(scratch: str, task: TaskSpec) -> Tuple[Tuple[str, ...], str]:
         finally:
             with contextlib.suppress(OSError):
                 os.remove(src)
-    if problems:
-        tail += ("\n" if tail else "") + "(crank could not save the log: " + "; ".join(problems) + ")"
-    return tuple(saved), tail
+    return tuple(saved), with_unsaved(tail, problems)
 
 
 def _empty(root: str, keep: Sequence[str], mode: int = 0o1777) -> None:
@@ -927,6 +911,3 @@ def _tail(path: str) -> str:
         parts.pop()
     return b"\n".join(parts[-TAIL_LINES:]).decode("utf-8", "replace")
 
-
-# the failure reason names the container's real memory limit where docker.py knows it
-_REASON_TAKES_LIMIT = len(inspect.signature(cold.failure_reason).parameters) > 2
