@@ -27,7 +27,9 @@ class Chain:
     # None while the current task still has to be submitted (the backend failed)
     handle: Optional[str] = None
     running_since: Optional[float] = None
+    # past its wall time; ``stopped`` once the backend took the stop
     timed_out: bool = False
+    stopped: bool = False
     preemptions: int = 0
     log_files: List[str] = field(default_factory=list)
     # handles of collected tasks, released once the chain's outcome is reported
@@ -100,7 +102,8 @@ class Runner:
                     chain.trouble_since = now
                 if now - chain.trouble_since < self.tolerance_s:
                     continue
-                outcome = self._failed(chain, f"{chain.current.label}: the backend failed ({e})")
+                over = f"{self._wall_time(chain.current)}; " if chain.timed_out else ""
+                outcome = self._failed(chain, f"{chain.current.label}: {over}the backend failed ({e})")
             except CrankError as e:
                 outcome = self._failed(chain, str(e))
             except OSError as e:
@@ -130,6 +133,10 @@ class Runner:
             return None
         return self._finish_task(chain, state)
 
+    @staticmethod
+    def _wall_time(task: TaskSpec) -> str:
+        return f"wall time exceeded (runtime limit {task.resources.runtime_s // 60} min)"
+
     def _may_resubmit(self, chain: Chain) -> bool:
         return chain.current.resources.preemptible and chain.preemptions < self.preemptible_retries
 
@@ -137,18 +144,25 @@ class Runner:
         if chain.running_since is None:
             chain.running_since = now
         limit = chain.current.resources.runtime_s
-        if limit and not chain.timed_out and now - chain.running_since > limit:
+        if limit and now - chain.running_since > limit:
             chain.timed_out = True
-            self.backend.stop(chain.handle)
+        if chain.timed_out and not chain.stopped:
+            try:
+                self.backend.stop(chain.handle)
+            except BackendUnavailable:
+                raise  # tried again next round, within the tolerance
+            except CrankError as e:
+                raise CrankError(
+                    f"{chain.current.label}: {self._wall_time(chain.current)}; "
+                    f"crank could not stop it: {e}"
+                ) from None
+            chain.stopped = True
 
     def _finish_task(self, chain: Chain, state: State) -> Optional[Outcome]:
         task = chain.current
         result = self.backend.result(chain.handle, task)
         if chain.timed_out:
-            limit = task.resources.runtime_s // 60
-            result = dataclasses.replace(
-                result, ok=False, reason=f"wall time exceeded (runtime limit {limit} min)"
-            )
+            result = dataclasses.replace(result, ok=False, reason=self._wall_time(task))
         elif state is State.PREEMPTED:
             retries = "" if not task.resources.preemptible else (
                 f" {chain.preemptions} time(s), no preemptible retry left"
@@ -166,7 +180,7 @@ class Runner:
             return Outcome(True, log_files=tuple(chain.log_files))
         chain.index += 1
         chain.running_since = None
-        chain.timed_out = False
+        chain.timed_out = chain.stopped = False
         chain.preemptions = 0
         # a failure here leaves handle None: the next round submits again
         chain.handle = self.backend.submit(chain.current)

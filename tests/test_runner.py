@@ -1,0 +1,83 @@
+"""The runner's own logic (wall time, tolerance) with a fake backend and clock: no
+Snakemake, no engine, no sleeping. The same paths run end to end in test_faults.py and
+test_tes.py."""
+
+from snakemake_executor_plugin_crank.errors import BackendUnavailable, CrankError
+from snakemake_executor_plugin_crank.runner import Runner
+from snakemake_executor_plugin_crank.task import Resources, State, TaskResult, TaskSpec
+
+
+class FakeBackend:
+    """One task that runs until it is stopped; ``stop_errors`` are raised by the first stops."""
+
+    def __init__(self, stop_errors=()):
+        self.stop_errors = list(stop_errors)
+        self.stops = 0
+        self.state = State.RUNNING
+
+    def submit(self, task):
+        return "h1"
+
+    def poll(self, handles):
+        return {h: self.state for h in handles}
+
+    def stop(self, handle):
+        self.stops += 1
+        if self.stop_errors:
+            raise self.stop_errors.pop(0)
+        self.state = State.FINISHED
+
+    def result(self, handle, task):
+        return TaskResult(ok=False, exit_code=137)
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def run_rounds(stop_errors, rounds, tolerance_s=120.0):
+    backend, clock = FakeBackend(stop_errors), Clock()
+    task = TaskSpec(name="slow", label="rule slow", job_id="1", attempt=1, image="i",
+                    script="sleep 600", workdir="/w", resources=Resources(runtime_s=60),
+                    log_dir="/w/logs")
+    runner = Runner(backend, clock=clock, tolerance_s=tolerance_s)
+    chain = runner.start([task])
+    runner.step([chain])  # seen running: its wall time starts
+    outcomes = []
+    for _ in range(rounds):
+        clock.now += 61
+        outcomes.append(runner.step([chain]).get(chain))
+    return backend, outcomes
+
+
+def test_a_wall_time_stop_that_fails_is_tried_again_next_round():
+    backend, outcomes = run_rounds([BackendUnavailable("the engine did not answer")], 3)
+    assert backend.stops == 2  # the failed stop, then the one that worked; no more
+    assert outcomes[0] is None and outcomes[1] is None  # stopped, not yet collected
+    assert not outcomes[2].ok
+    assert "wall time exceeded (runtime limit 1 min)" in outcomes[2].message
+
+
+def test_a_wall_time_stop_failing_past_the_tolerance_fails_the_job():
+    unavailable = BackendUnavailable("the engine did not answer")
+    backend, outcomes = run_rounds([unavailable] * 5, 3, tolerance_s=100)
+    assert backend.stops == 3
+    assert outcomes[:2] == [None, None]
+    assert not outcomes[2].ok
+    assert outcomes[2].message == (
+        "rule slow: wall time exceeded (runtime limit 1 min); the backend failed "
+        "(the engine did not answer)"
+    )
+
+
+def test_a_wall_time_stop_refused_fails_the_job_with_the_reason():
+    backend, outcomes = run_rounds([CrankError("the TES server refused to cancel task t")], 1)
+    assert backend.stops == 1
+    assert outcomes[0].message == (
+        "rule slow: wall time exceeded (runtime limit 1 min); crank could not stop it: "
+        "the TES server refused to cancel task t"
+    )
