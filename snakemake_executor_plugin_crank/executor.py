@@ -79,6 +79,8 @@ class Executor(RemoteExecutor):
             warn=self._warn_once,
             note=self._note,
             envmodules=self.settings.envmodules,
+            # RemoteExecutor.cores: "all" when the user gave no --cores (only --jobs)
+            cores=None if self.cores == "all" else self.cores,
         )
         self._note(jobs.IGNORED_NOTE, jobs.ignored_resources(self.workflow))
 

@@ -50,13 +50,32 @@ def tree(root: Path, skip=()) -> dict:
     return found
 
 
-def both(name: str, tmp_path: Path, *args: str, crank_args=(), cores: int = 2):
-    """Run the workflow under the local executor and under crank, each in its own copy."""
+def both(name: str, tmp_path: Path, *args: str, crank_args=(), cores: int = 2, crank=snakemake):
+    """Run the workflow under the local executor and under crank (``crank(workdir, *args)``
+    runs it on a backend), each in its own copy."""
     local_dir = copy_workflow(name, tmp_path / "local")
     crank_dir = copy_workflow(name, tmp_path / "crank")
     local = local_snakemake(local_dir, *args, cores=cores)
-    crank = snakemake(crank_dir, *args, *crank_args)
+    crank = crank(crank_dir, *args, *crank_args)
     return local, crank, local_dir, crank_dir
+
+
+BACKENDS = pytest.mark.parametrize(
+    "backend", ["docker", pytest.param("tes", marks=pytest.mark.tes)]
+)
+
+
+def on(backend: str, request):
+    """How to run crank on the backend, and what it left running there."""
+    if backend == "docker":
+        api = request.getfixturevalue("docker_api")
+        return snakemake, lambda workdir: containers_of(api, workdir)
+    from test_tes import crank, live_tasks
+
+    tes = request.getfixturevalue("tes")
+    return (lambda workdir, *args: crank(tes, workdir, *args)), (
+        lambda workdir: live_tasks(tes, workdir)
+    )
 
 
 def assert_same_files(local_dir: Path, crank_dir: Path, skip=()):
@@ -144,6 +163,31 @@ def test_threads_and_zero_resources_as_locally(docker_api, tmp_path):
         warned = [line for line in crank.stderr.splitlines() if f"rule {rule} asks for 64" in line]
         assert len(warned) == 1, crank.stderr
     assert containers_of(docker_api, crank_dir) == []
+
+
+@BACKENDS
+def test_threads_capped_at_the_cores_given_as_locally(backend, request, tmp_path):
+    """Issue 22, item 1: with --cores above the engine's CPUs, {threads} and the thread
+    variables are the rule's threads capped at --cores, as locally; the container's CPU
+    quota stays within what the engine has."""
+    run, left = on(backend, request)
+    local, crank, local_dir, crank_dir = both(
+        "semantics_cores", tmp_path, cores=5, crank_args=("--cores", "5"), crank=run
+    )
+    assert local.returncode == 0, local.stderr
+    assert crank.returncode == 0, crank.stderr
+    # the host's own cgroup quota is not the container's: checked below instead
+    assert_same_files(local_dir, crank_dir, skip={"logs/five_quota.txt"})
+    read = lambda rel: (crank_dir / rel).read_text()
+    assert read("five.txt") == "5 5 5 5 5 5 5\n"
+    assert read("eight.txt") == "5 5\n"
+    assert read("three.txt") == "3\n"
+    if backend == "docker":
+        cpus = request.getfixturevalue("docker_api").info()["NCPU"]
+        assert cpus < 5, "the test needs an engine with fewer than 5 CPUs"
+        quota, period = read("logs/five_quota.txt").split()[:2]  # cgroup v1 or v2
+        assert 0 < int(quota) <= cpus * int(period), (quota, period)
+    assert left(crank_dir) == []
 
 
 # ------------------------------------------------------------------ long commands (item 5)

@@ -19,6 +19,7 @@ import pytest
 from obstore.store import from_url as obstore_from_url
 
 from snakemake_executor_plugin_crank.errors import BackendUnavailable, CrankError
+from snakemake_executor_plugin_crank.staging import digest as digest_module
 from snakemake_executor_plugin_crank.staging.digest import DigestCache, sha256_file
 from snakemake_executor_plugin_crank.staging.stage import (
     Stager,
@@ -34,6 +35,24 @@ from conftest import wait_for
 
 OLD = 1_600_000_000  # an mtime well in the past: the digest cache only keeps settled files
 REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def settled(monkeypatch):
+    """Files the test wrote count as settled at once. The digest cache keeps no file changed
+    in the last 2 s, and a test can set an old mtime but never an old ctime."""
+    monkeypatch.setattr(digest_module, "RACY_NS", 0)
+
+
+def wait_settled(paths) -> None:
+    """For other processes, which the ``settled`` fixture does not reach."""
+
+    def changed_last(p):
+        st = os.stat(p)
+        return max(st.st_mtime_ns, st.st_ctime_ns)
+
+    wait_for(lambda: time.time_ns() - max(map(changed_last, paths)) > digest_module.RACY_NS,
+             10, "the files to be older than the digest cache's racy window")
 
 
 def write(path: Path, data: bytes, settled: bool = True) -> Path:
@@ -73,7 +92,7 @@ def test_manifest_is_canonical():
     assert json.loads(manifest_bytes([b, a]))[0]["path"] == "a"
 
 
-def test_digest_cache_hits_and_invalidation(tmp_path):
+def test_digest_cache_hits_and_invalidation(tmp_path, settled):
     cache = DigestCache(str(tmp_path / ".snakemake" / "crank" / "digests.sqlite"))
     f = write(tmp_path / "f", b"one")
     assert cache.digest(str(f)) == sha(b"one") == sha256_file(str(f))
@@ -207,7 +226,7 @@ def stager(prefix: str, workdir: Path, **kwargs) -> Stager:
 
 
 @pytest.mark.s3
-def test_second_run_sends_nothing(s3, s3_prefix, tmp_path):
+def test_second_run_sends_nothing(s3, s3_prefix, tmp_path, settled):
     inputs = {
         "big": os.urandom(PART_SIZE * 2 + 12345),  # multipart
         "small": b"small input\n",
@@ -289,7 +308,7 @@ def test_changed_content_never_lands_under_a_digest_key(any_prefix, tmp_path):
     for size in (10, PART_SIZE * 2 + 1):  # single PUT and multipart
         f = write(tmp_path / f"f{size}", os.urandom(size))
         wrong = sha(b"what the file held when it was hashed")
-        with pytest.raises(ContentChanged, match="changed while being staged"):
+        with pytest.raises(ContentChanged, match="changed after crank computed its sha256"):
             store.put_file(str(f), file_key(wrong), sha256=wrong)
         assert store.head(file_key(wrong)) is None
     assert objects(any_prefix) == {}
@@ -338,6 +357,7 @@ def test_two_runs_at_once_in_one_workdir(s3_prefix, tmp_path):
     datas = [os.urandom(PART_SIZE + i * 4096) for i in range(3)] + [os.urandom(100 + i) for i in range(20)]
     paths = [str(write(tmp_path / f"in{i}", d)) for i, d in enumerate(datas)]
     cache = tmp_path / ".snakemake" / "crank" / "digests.sqlite"
+    wait_settled(paths)
     runs = [stage_process(s3_prefix, cache, paths) for _ in range(2)]
     for run in runs:
         out, err = run.communicate(timeout=120)
@@ -595,3 +615,152 @@ def test_store_down_while_staging_is_backend_unavailable(s3_prefix, tmp_path):
     s = Stager(Store.from_url(s3_prefix, endpoint="http://127.0.0.1:9"), DigestCache(str(tmp_path / "d.sqlite")))
     with pytest.raises(BackendUnavailable, match="unreachable"):
         s.stage([str(f)])
+
+
+# ---------------------------------------------------------------- the digest cache keys on ctime
+
+
+def rewrite_keeping_size_and_mtime(path: Path, data: bytes) -> None:
+    """What ``cp -p new path`` does to an existing file: same inode, same size, new content,
+    the old mtime set back."""
+    before = path.stat()
+    assert len(data) == before.st_size
+    source = path.parent / (path.name + ".new")
+    source.write_bytes(data)
+    os.utime(source, ns=(before.st_atime_ns, before.st_mtime_ns))
+    subprocess.run(["cp", "-p", str(source), str(path)], check=True)
+    after = path.stat()
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (before.st_ino, before.st_size, before.st_mtime_ns)
+
+
+@pytest.mark.s3
+@pytest.mark.parametrize("prefix_kind", ["same prefix", "fresh prefix"])
+def test_file_rewritten_with_its_old_mtime_is_staged_anew(s3, s3_prefix, tmp_path, settled, prefix_kind):
+    """Same size, same inode, mtime restored (``cp -p``, ``touch -r``): the ctime tells. Once
+    this staged the old content silently (same prefix: the old object was there) or failed
+    with a false "changed while being staged" (fresh prefix)."""
+    f = write(tmp_path / "in.txt", b"AAAA\n")
+    [first] = stager(s3_prefix, tmp_path).stage([str(f)])
+    assert first.url.endswith(sha(b"AAAA\n"))
+    rewrite_keeping_size_and_mtime(f, b"BBBB\n")
+
+    prefix = s3_prefix if prefix_kind == "same prefix" else f"{s3_prefix}/fresh"
+    again = stager(prefix, tmp_path)
+    [second] = again.stage([str(f)])
+    assert second.url == f"{prefix}/" + file_key(sha(b"BBBB\n"))
+    again.fetch_file(file_key(sha(b"BBBB\n")), str(tmp_path / "back"))
+    assert (tmp_path / "back").read_bytes() == b"BBBB\n"
+    assert again.cache.lookup(str(f)) == sha(b"BBBB\n")  # the cache holds the new digest
+
+
+@pytest.mark.s3
+def test_a_stale_cache_entry_is_hashed_again_not_reported_as_a_change(s3_prefix, tmp_path, settled):
+    """A cached digest that does not match the bytes read for the upload (a file system that
+    keeps no ctime could leave one): the file is hashed again and staged right; the error
+    is kept for a file that really changes while it is staged."""
+    cache_path = tmp_path / ".snakemake" / "crank" / "digests.sqlite"
+    f = write(tmp_path / "in.txt", b"BBBB\n")
+    cache = DigestCache(str(cache_path))
+    cache.digest(str(f))
+    cache._db.execute("UPDATE digests_v2 SET sha256 = ?", (sha(b"AAAA\n"),))  # stale, stat unchanged
+    assert cache.lookup(str(f)) == sha(b"AAAA\n")
+    [staged] = stager(s3_prefix, tmp_path).stage([str(f)])
+    assert staged.url.endswith(sha(b"BBBB\n"))
+    assert objects(s3_prefix).keys() == {file_key(sha(b"BBBB\n"))}
+    assert cache.lookup(str(f)) == sha(b"BBBB\n")
+
+
+@pytest.mark.s3
+def test_a_cache_written_by_an_older_crank_is_not_trusted_and_stays_usable(s3_prefix, tmp_path, settled):
+    """The cache of an older crank (table ``digests`` keyed without the ctime) holds an entry
+    whose stat still matches a file rewritten with its mtime restored: it is not used, and an
+    older crank sharing the file goes on reading and writing its own table."""
+    import sqlite3
+
+    cache_path = tmp_path / ".snakemake" / "crank" / "digests.sqlite"
+    cache_path.parent.mkdir(parents=True)
+    f = write(tmp_path / "in.txt", b"AAAA\n")
+    old = sqlite3.connect(cache_path, isolation_level=None)
+    old.execute("PRAGMA journal_mode=WAL")
+    old.execute("CREATE TABLE digests (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER,"
+                " inode INTEGER, dev INTEGER, sha256 TEXT NOT NULL)")
+    st = f.stat()
+    old.execute("INSERT INTO digests VALUES (?, ?, ?, ?, ?, ?)",
+                (os.path.realpath(f), st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev, sha(b"AAAA\n")))
+    rewrite_keeping_size_and_mtime(f, b"BBBB\n")
+
+    s = stager(s3_prefix, tmp_path)
+    [staged] = s.stage([str(f)])
+    assert staged.url.endswith(sha(b"BBBB\n")) and s.cache.misses == 1
+    assert stager(s3_prefix, tmp_path).cache.lookup(str(f)) == sha(b"BBBB\n")
+    # the older crank, still running on the same file, is not disturbed
+    assert old.execute("SELECT sha256 FROM digests").fetchall() == [(sha(b"AAAA\n"),)]
+    old.execute("INSERT OR REPLACE INTO digests VALUES ('/x', 1, 2, 3, 4, 'y')")
+    old.close()
+
+
+# ---------------------------------------------------------------- directories with symlinks
+
+
+def ancestor_links_tree(root: Path) -> Path:
+    """ref/ with two links back to itself (``sub/up -> ..``, ``sub/deeper/back -> ../..``),
+    one to its parent by absolute path, a link to a file, a broken one, and two links to a
+    directory outside it, which holds a link back to ref/."""
+    ref = root / "ref"
+    write(ref / "a", b"a\n")
+    write(ref / "sub" / "b", b"b\n")
+    (ref / "sub" / "deeper").mkdir()
+    (ref / "sub" / "up").symlink_to("..")
+    (ref / "sub" / "deeper" / "back").symlink_to("../..")
+    (ref / "sub" / "deeper" / "root").symlink_to(root)
+    (ref / "flink").symlink_to("sub/b")
+    (ref / "broken").symlink_to("nowhere")
+    write(root / "shared" / "c", b"c\n")
+    (root / "shared" / "to_ref").symlink_to("../ref")
+    (ref / "outside").symlink_to("../shared")
+    (ref / "outside_again").symlink_to(root / "shared")
+    return ref
+
+
+def stage_within(s: Stager, paths: list[str], seconds: float) -> list:
+    """``s.stage(paths)``, failing the test (instead of hanging it) when it takes longer."""
+    result: list = []
+    worker = threading.Thread(target=lambda: result.append(s.stage(paths)), daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert not worker.is_alive(), f"staging did not finish within {seconds} s"
+    assert result, "staging failed"
+    return result[0]
+
+
+@pytest.mark.s3
+def test_a_directory_with_links_to_its_ancestors_is_staged_once_with_the_links(any_prefix, tmp_path):
+    """Links to files and to directories outside are followed; a link to a directory on the
+    way to it is kept as a link, relative, and not walked. Once this staged 41 copies of
+    every file for one such link, and never ended for two."""
+    ref = ancestor_links_tree(tmp_path)
+    s = Stager(Store.from_url(any_prefix), DigestCache(str(tmp_path / "d.sqlite")))
+    staged = stage_within(s, [str(ref)], 30)
+
+    files = {os.path.relpath(x.path, ref): x.url.rsplit("/", 1)[1] for x in staged if not x.link}
+    assert files == {
+        "a": sha(b"a\n"), "sub/b": sha(b"b\n"), "flink": sha(b"b\n"),
+        "outside/c": sha(b"c\n"), "outside_again/c": sha(b"c\n"),
+    }
+    links = {os.path.relpath(x.path, ref): x.link for x in staged if x.link}
+    assert links == {
+        "sub/up": "..", "sub/deeper/back": "../..", "sub/deeper/root": "../../..",
+        "outside/to_ref": "..", "outside_again/to_ref": "..",
+    }
+    # each link resolves, from where it sits in the staged tree, to the directory it names
+    for rel, target in links.items():
+        here = os.path.dirname(os.path.join(ref, rel))
+        assert os.path.samefile(os.path.normpath(os.path.join(here, target)), os.path.join(ref, rel))
+    assert s.stats.files == 5 and len(objects(any_prefix)) == 3 + 1  # a, b, c and the manifest
+
+    [manifest_key] = [k for k in objects(any_prefix) if k.startswith("cas/dirs/")]
+    s.fetch_file(manifest_key, str(tmp_path / "manifest.json"))
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert {e["path"]: e["link"] for e in manifest if "link" in e} == links
+    assert {e["path"] for e in manifest if "sha256" in e} == set(files)
+

@@ -61,6 +61,8 @@ class JobContext:
     # once per run: note(topic, names) -> the executor prints "topic: names" for new names
     note: Callable[[str, Iterable[str]], None] = lambda topic, names: None
     envmodules: str = "ignore"  # or "fail": a job of a rule with envmodules: and no container:
+    # --cores as the user gave it (Snakemake caps job.threads at it); None with only --jobs
+    cores: Optional[int] = None
 
 
 def single_jobs(job: Any) -> List[Any]:
@@ -181,9 +183,7 @@ def shell_tasks(job: Any, ctx: JobContext) -> List[TaskSpec]:
     # Snakemake passes bench_iteration 0..n-1 when benchmarking, else None
     iterations = range(repeats) if job.benchmark else [None]
     res = _resources(f"rule {rule}", job, ctx.is_preemptible(rule), ctx)
-    # the local executor caps threads at --cores: {threads} and the thread variables
-    # follow the CPUs the task gets (threads: 0 stays 0, as locally)
-    threads = min(job.threads, res.cpus)
+    threads = _threads(job, res, ctx)
     scripts = [
         command.script_for(command.record(job, CONTAINER_TMPDIR, threads, i))
         for i in iterations
@@ -193,6 +193,14 @@ def shell_tasks(job: Any, ctx: JobContext) -> List[TaskSpec]:
         _shell_task(job, ctx, rule, script, res, threads, suffix)
         for script, suffix in zip(scripts, suffixes)
     ]
+
+
+def _threads(job: Any, res: resources.Resources, ctx: JobContext) -> int:
+    """``{threads}`` and the thread variables, as the local executor gives them: the
+    rule's threads capped at --cores when the user gave it (Snakemake has done so in
+    ``job.threads``), else at the CPUs the task gets (``threads: 0`` stays 0, as
+    locally). The task's CPU limit stays within the backend's CPUs either way."""
+    return job.threads if ctx.cores else min(job.threads, res.cpus)
 
 
 def _shell_task(job, ctx, rule, script, res, threads, suffix) -> TaskSpec:
@@ -266,8 +274,11 @@ def snakemake_task(job: Any, ctx: JobContext) -> TaskSpec:
         image=image,
         script=guard + ctx.job_command(job),
         workdir=ctx.workdir,
-        # Snakemake writes caches under $HOME, which an unknown uid lacks
-        env={**task_env(res.cpus, ctx.envvars), "HOME": CONTAINER_TMPDIR},
+        env={
+            **task_env(_threads(job, res, ctx), ctx.envvars),
+            # Snakemake writes caches under $HOME, which an unknown uid lacks
+            "HOME": CONTAINER_TMPDIR,
+        },
         inputs=_inputs([*(f for j in singles for f in j.input), *ctx.sources]),
         outputs=_outputs((f for j in singles for f in j.output), _read_later(singles)),
         logs=_outputs(f for j in singles for f in j.log),

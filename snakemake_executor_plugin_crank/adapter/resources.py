@@ -31,7 +31,8 @@ class Row:
 
 TABLE: Tuple[Row, ...] = (
     Row("threads", "count", "CPUs", "the CPUs of the task; `threads: 0` gets 1 CPU; more than "
-        "the backend has runs with what it has, and `{threads}` says so (warned once per rule)"),
+        "the backend has runs with what it has (warned once per rule); `{threads}` is capped at "
+        "`--cores` when given, else at those CPUs, as locally"),
     Row("cpus_per_task", "count", "CPUs", "CPUs when larger than `threads`; 0 or less counts as "
         "unset (as in the Slurm plugin)"),
     Row("cpus_per_gpu", "count", "CPUs", "× GPUs -> CPUs when the job has GPUs, no "

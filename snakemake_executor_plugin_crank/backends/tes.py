@@ -21,7 +21,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Collection, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import tes
 
@@ -76,6 +76,9 @@ class TesOptions:
     # concurrent stage-and-create jobs (each stages with the stager's own upload pool)
     submit_workers: int = 4
     upload_workers: int = 8
+    # downloads of finished tasks' products: a pool and store client of their own, so a
+    # status round never waits behind input uploads
+    download_workers: int = 8
     # remove a task's objects under runs/ once its outcome is reported
     keep_run_objects: bool = False
 
@@ -106,7 +109,7 @@ def to_tes_task(
     inputs, seen = [], set()
     for s in staged:
         path = layout.container_path(s)
-        if path in seen:
+        if s.link or path in seen:
             continue
         seen.add(path)
         inputs.append(tes.Input(url=s.url, path=path, type="DIRECTORY" if s.directory else "FILE"))
@@ -179,6 +182,10 @@ class TesBackend:
         os.makedirs(state_dir, exist_ok=True)
         self.cache = DigestCache(os.path.join(state_dir, "digests.sqlite"))
         self.report = report or (lambda line: None)
+        self.fetcher = Stager(
+            Store.from_url(options.storage_prefix, options.storage_endpoint), self.cache,
+            workers=options.download_workers,
+        )
         self.stager = Stager(
             self.store, self.cache, workers=options.upload_workers, progress=self.report
         )
@@ -188,6 +195,7 @@ class TesBackend:
         self._subs: Dict[str, _Submission] = {}
         self._counts: Dict[str, int] = collections.Counter()
         self._closing = False
+        self._filter_ignored = False  # said once per run
         self.tags = {TAG_RUN: run_id, TAG_WORKDIR: workdir_tag(self.workdir)}
 
     # ------------------------------------------------------------------ setup
@@ -212,7 +220,11 @@ class TesBackend:
         self, tag_key: str, tag_value: str, view: str = "MINIMAL", bounded: bool = False
     ) -> List[Mapping[str, Any]]:
         """Every task with the tag, following page tokens until the server has no more.
-        ``bounded``: one attempt with a bounded wait (see BOUNDED)."""
+        ``bounded``: one attempt with a bounded wait (see BOUNDED).
+
+        The server's filter is not trusted (TES 1.0 has none; a proxy may drop the query):
+        with a view that carries tags (BASIC, FULL) only the tasks whose tag is checked here
+        are returned. MINIMAL carries none: use it only to look up ids crank made itself."""
         found: List[Mapping[str, Any]] = []
         token = None
         while True:
@@ -221,17 +233,34 @@ class TesBackend:
                 params["page_token"] = token
             page = self.http.request("GET", "/v1/tasks", "list", params=params, **(
                 BOUNDED if bounded else {})) or {}
+            if not isinstance(page, dict):
+                raise BackendUnavailable(
+                    f"the TES server at {self.http.base} answered GET /v1/tasks with something "
+                    "other than a task list")
             found.extend(page.get("tasks") or [])
             token = page.get("next_page_token") or page.get("nextPageToken")
             if not token or not page.get("tasks"):
-                return found
+                break
+        if view == "MINIMAL":
+            return found
+        mine = with_tag(found, tag_key, tag_value)
+        if len(mine) < len(found) and not self._filter_ignored:
+            self._filter_ignored = True
+            self.report(
+                f"the TES server at {self.http.base} ignores the tag filter of ListTasks (a TES "
+                "1.0 server, or a proxy that drops query parameters): crank checks every task's "
+                "tags itself and touches only its own, but each status round lists every task "
+                "on the server"
+            )
+        return mine
 
-    def remove_orphans(self) -> int:
-        """Cancel the non-terminal tasks that an earlier run in this workdir left (it crashed)."""
+    def remove_orphans(self, live_runs: Collection[str]) -> int:
+        """Cancel the non-terminal tasks that dead runs in this workdir left (they crashed)."""
+        keep = {self.run_id, *live_runs}
         stale = [
             t["id"]
             for t in self.list_tasks(TAG_WORKDIR, self.tags[TAG_WORKDIR], view="BASIC")
-            if t.get("state") in NON_TERMINAL and (t.get("tags") or {}).get(TAG_RUN) != self.run_id
+            if t.get("state") in NON_TERMINAL and (t.get("tags") or {}).get(TAG_RUN) not in keep
         ]
         for task_id in stale:
             self._cancel_id(task_id)
@@ -285,10 +314,14 @@ class TesBackend:
             if i.url:
                 staged.append(layout.Staged(i.path, i.url, layout.url_digest(i.url),
                                             directory=i.kind is Kind.DIRECTORY))
-        if local:
-            for f in self.stager.stage([i.path for i in local]):
+        # an update() output is changed in place: its old content goes in too, as a copy
+        updated = [o.path for o in task.outputs if o.update and os.path.lexists(o.path)]
+        paths = [i.path for i in local] + updated
+        if paths:
+            for f in self.stager.stage(paths):
                 digest = f.url.rsplit("/", 1)[-1]
-                staged.append(layout.Staged(f.path, f.url, digest))
+                writable = any(layout.under(f.path, u) for u in updated)
+                staged.append(layout.Staged(f.path, f.url, digest, link=f.link, writable=writable))
         return staged
 
     def _create(self, body: Mapping[str, Any], tag: str) -> str:
@@ -299,7 +332,7 @@ class TesBackend:
             if attempt:
                 if self._closing:  # a task the lost answer hid is canceled by close()
                     raise CrankError("the run ended before the task was created")
-                found = self.list_tasks(TAG_SUBMISSION, tag, bounded=True)
+                found = self.list_tasks(TAG_SUBMISSION, tag, view="BASIC", bounded=True)
                 if found:
                     return found[0]["id"]
             try:
@@ -402,8 +435,8 @@ class TesBackend:
                 return TaskResult(ok=False, exit_code=tes_code,
                                   reason="the task came back without its exit code (TES state COMPLETE)",
                                   stderr_tail=tail, log_files=files, seconds=seconds)
-            if code == 0:
-                self._install(tmp, task)
+            # a failed job's own log files come back too (run.sh collected only those)
+            self._install(tmp, task, None if code == 0 else layout.log_names(task))
             return TaskResult(ok=code == 0, exit_code=code, stderr_tail=tail, log_files=files,
                               seconds=seconds)
         finally:
@@ -418,25 +451,26 @@ class TesBackend:
         if os.path.exists(dest):
             shutil.rmtree(dest)
         share = {layout.product_name(n) for n, p in enumerate(task.products) if p.read_later}
-        self.stager.fetch_dir(sub.key, dest, share)
+        self.fetcher.fetch_dir(sub.key, dest, share)
         return dest
 
     def _download_logs(self, sub: _Submission) -> Optional[str]:
         """stdout/stderr of a task that did not complete, where the server uploaded them
         (Funnel uploads nothing after a failed executor)."""
-        objects = dict(self.store.list(sub.key))
+        objects = dict(self.fetcher.store.list(sub.key))
         wanted = [n for n in ("stdout", "stderr", layout.EXIT) if f"{sub.key}/{n}" in objects]
         if not wanted:
             return None
         dest = tempfile.mkdtemp(prefix=f"{sub.handle}.", dir=_mkdirs(self.tmp_root))
         for name in wanted:
             key = f"{sub.key}/{name}"
-            self.stager.fetch_file(key, os.path.join(dest, name), objects[key])
+            self.fetcher.fetch_file(key, os.path.join(dest, name), objects[key])
         return dest
 
-    def _install(self, tmp: str, task: TaskSpec) -> None:
-        """Move every product the task made into place (each by rename, or copy to a temporary
-        name beside it and rename when it is on another file system)."""
+    def _install(self, tmp: str, task: TaskSpec, only: Optional[Collection[str]] = None) -> None:
+        """Move every product the task made (of the names in ``only``, when given) into
+        place (each by rename, or copy to a temporary name beside it and rename when it is on
+        another file system)."""
         try:
             with open(os.path.join(tmp, layout.INDEX)) as f:
                 kinds, subdirs = layout.read_index(f.read())
@@ -445,7 +479,7 @@ class TesBackend:
         for n, product in enumerate(task.products):
             name = layout.product_name(n)
             kind = kinds.get(name)
-            if kind is None:
+            if kind is None or (only is not None and name not in only):
                 continue  # not made: Snakemake reports missing outputs itself
             src = os.path.join(tmp, name)
             if kind == "d":
@@ -491,15 +525,21 @@ class TesBackend:
             for sub in list(self._subs.values()):
                 sub.canceled = True
             self._pool.shutdown(wait=True, cancel_futures=True)
-            for t in self.list_tasks(TAG_RUN, self.run_id, bounded=True):
+            for t in self.list_tasks(TAG_RUN, self.run_id, view="BASIC", bounded=True):
                 if t.get("state") in NON_TERMINAL:
                     self._cancel_id(t["id"])
         finally:
             self.stager.close()
+            self.fetcher.close()
             if self.stager.stats.files:
                 self.report(self.stager.summary())
             self.http.close()
             shutil.rmtree(self.tmp_root, ignore_errors=True)
+
+
+def with_tag(tasks: Iterable[Mapping[str, Any]], key: str, value: str) -> List[Mapping[str, Any]]:
+    """The tasks whose tag ``key`` is ``value``, checked on the client."""
+    return [t for t in tasks if isinstance(t, Mapping) and (t.get("tags") or {}).get(key) == value]
 
 
 def system_summary(lines: Sequence[str], limit: int = 3) -> str:

@@ -10,7 +10,10 @@ file system. So crank never mounts anything at the user's paths:
 - the user's paths are made by the task's script as symlinks to those (directories as real
   directories of symlinked files), in writable TES ``volumes``: the workdir and the directories
   of inputs and outputs, chosen so that no volume path is a string prefix of another;
-- after the command, every product that exists is copied to ``/crank/out/p<NNNNNN>``, with an
+- an ``update()`` output that exists is staged like an input and *copied* to its path (the
+  command changes it in place; a link would point into a read-only input mount);
+- after the command, every product that exists is copied to ``/crank/out/p<NNNNNN>`` (after a
+  failed command only the rule's log files: nothing else of a failed job is used), with an
   index of what was there and the command's exit code; ``/crank/out`` is the task's one
   DIRECTORY output. The script then exits 0, because Funnel uploads no output of a task whose
   executor failed: the exit code travels in ``/crank/out/exit``.
@@ -60,7 +63,7 @@ class Link:
     target: str
 
 
-def _under(path: str, root: str) -> bool:
+def under(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
 
 
@@ -76,12 +79,12 @@ def volumes(dirs: Iterable[str]) -> List[str]:
     for the container engine, another string for Funnel's prefix test."""
 
     def minimal(paths: Set[str]) -> Set[str]:
-        return {p for p in paths if not any(q != p and _under(p, q) for q in paths)}
+        return {p for p in paths if not any(q != p and under(p, q) for q in paths)}
 
     wanted: Set[str] = set()
     for d in dirs:
         d = posixpath.normpath(d)
-        if _under(d, ROOT):
+        if under(d, ROOT):
             raise CrankError(f"{d}: paths under {ROOT} are reserved for crank on TES")
         # Funnel splits its docker command line on white space, and ':' ',' '"' end a
         # volume spec: mount the deepest directory above that has none of them
@@ -100,7 +103,7 @@ def volumes(dirs: Iterable[str]) -> List[str]:
         shown = {p: "/" * escaped.get(p, 0) + p for p in current}
         pair = next(
             ((p, q) for p in current for q in current
-             if p != q and shown[q].startswith(shown[p]) and not _under(q, p)),
+             if p != q and shown[q].startswith(shown[p]) and not under(q, p)),
             None,
         )
         if pair is not None:
@@ -113,8 +116,8 @@ def volumes(dirs: Iterable[str]) -> List[str]:
             continue
         clash = next(
             (p for p in current for r in RESERVED
-             if (shown[p].startswith(r) and not _under(p, r))
-             or (r.startswith(shown[p]) and not _under(r, p))),
+             if (shown[p].startswith(r) and not under(p, r))
+             or (r.startswith(shown[p]) and not under(r, p))),
             None,
         )
         if clash is None:
@@ -130,10 +133,18 @@ class Staged:
     url: str
     digest: str  # names its container path
     directory: bool = False  # a remote directory passed as one TES DIRECTORY input
+    writable: bool = False  # the old content of an update() output: copied, not linked
+    link: str = ""  # not a TES input: the script makes ``path`` a symlink to this (see staging)
 
 
 def container_path(staged: Staged) -> str:
     return f"{IN}/{staged.digest}"
+
+
+def log_names(task: TaskSpec) -> Set[str]:
+    """Product names of the rule's log files (the products a failed job brings back)."""
+    first = len(task.outputs)
+    return {product_name(n) for n in range(first, first + len(task.logs))}
 
 
 def wrapper_script(task: TaskSpec, staged: Sequence[Staged], local_dirs: Sequence[str]) -> str:
@@ -158,19 +169,26 @@ def wrapper_script(task: TaskSpec, staged: Sequence[Staged], local_dirs: Sequenc
         mkdir(posixpath.dirname(product.path))
     for s in staged:
         mkdir(posixpath.dirname(s.path))
-        lines.append(f"ln -sfn {container_path(s)} {q(s.path)} || crank_fail 'cannot link an input'")
+        if s.writable and not s.link:
+            lines.append(f"cp {container_path(s)} {q(s.path)} || crank_fail 'cannot copy an update() output'")
+            continue
+        target = q(s.link) if s.link else container_path(s)
+        lines.append(f"ln -sfn {target} {q(s.path)} || crank_fail 'cannot link an input'")
     lines.append(f"cd {q(task.workdir)} || crank_fail 'cannot enter the workdir'")
     # the same launcher as on Docker, reading the command from a file (no argv limit)
     lines.append(f"/bin/sh -c {q(FILE_LAUNCHER)} crank {COMMAND}")
     lines.append("crank_code=$?")
     lines.append(f"cd {OUT} || crank_fail 'no {OUT}'")
     lines.append(f": > {INDEX}")
+    logs = log_names(task)
     for n, product in enumerate(task.products):
         name, p = product_name(n), q(product.path)
+        # a failed job's logs come back; its other products would be removed anyway
+        wanted = "" if name in logs else "[ \"$crank_code\" = 0 ] && "
         lines.append(
-            f"if [ -d {p} ]; then cp -RL {p} {name} && echo 'd {name}' >> {INDEX} && "
+            f"if {wanted}[ -d {p} ]; then cp -RL {p} {name} && echo 'd {name}' >> {INDEX} && "
             f"(cd {name} && find . -type d) | sed 's|^|s {name} |' >> {INDEX} || crank_fail 'cannot collect {n}'; "
-            f"elif [ -e {p} ]; then cp -L {p} {name} && echo 'f {name}' >> {INDEX} || crank_fail 'cannot collect {n}'; fi"
+            f"elif {wanted}[ -e {p} ]; then cp -L {p} {name} && echo 'f {name}' >> {INDEX} || crank_fail 'cannot collect {n}'; fi"
         )
     lines.append(f"echo \"$crank_code\" > {EXIT}")
     lines.append("exit 0")

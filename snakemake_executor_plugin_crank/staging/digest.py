@@ -1,8 +1,11 @@
 """sha256 of local files, streamed, with a cache so that an unchanged file is never hashed twice.
 
 The cache is a small SQLite file (WAL mode) keyed by the file's real path and its
-(size, mtime_ns, inode, device): any change to the file changes one of them, so a stale entry is
-never used. Two runs sharing a workdir share the file safely (SQLite locking, busy timeout).
+(size, mtime_ns, inode, device, ctime_ns). A user can set the mtime back (``cp -p``, ``touch -r``,
+an archive extracted with stored mtimes) after rewriting a file in place, but not the ctime: the
+kernel sets it to the current time on every change of content or metadata, so a rewritten file
+never matches its old entry. Two runs sharing a workdir share the file safely (SQLite locking,
+busy timeout).
 """
 
 from __future__ import annotations
@@ -18,9 +21,16 @@ from ..errors import CrankError
 # Large reads keep the per-call overhead negligible; hashlib releases the GIL on big buffers, so
 # hashing in several threads uses several cores.
 BLOCK_SIZE = 1 << 20
-# A file modified this recently may be modified again within the same mtime tick (a few ms on
+# A file changed this recently may be changed again within the same timestamp tick (a few ms on
 # Linux) without its stat changing: such a digest is used but not cached ("racy git" problem).
 RACY_NS = 2_000_000_000
+# The table of the current key. Caches written before the ctime was part of the key hold a table
+# "digests" keyed without it: it is left alone (an older crank sharing the workdir keeps using
+# it) and never read, so each file is hashed once more after an upgrade.
+TABLE = "digests_v2"
+
+# (size, mtime_ns, inode, device, ctime_ns)
+Identity = tuple[int, int, int, int, int]
 
 
 def sha256_file(path: str) -> str:
@@ -29,9 +39,16 @@ def sha256_file(path: str) -> str:
     return digest
 
 
-def file_identity(st: os.stat_result) -> tuple[int, int, int, int]:
-    """What the cache compares: a change to the content changes at least one of these."""
-    return (st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
+def file_identity(st: os.stat_result) -> Identity:
+    """What the cache compares: a change to the content changes at least one of these, the
+    ctime even when the size is kept and the mtime is set back."""
+    return (st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev, st.st_ctime_ns)
+
+
+def recently_changed(identity: Identity) -> bool:
+    """Changed so recently that a further change could leave the same stat (see RACY_NS).
+    Both times count: ``cp -p`` leaves an old mtime and a new ctime."""
+    return time.time_ns() - max(identity[1], identity[4]) < RACY_NS
 
 
 def _hash_with_stat(path: str) -> tuple[str, os.stat_result]:
@@ -70,7 +87,8 @@ def _retry_while_locked(setup, seconds: float = 30.0) -> None:
 
 
 class DigestCache:
-    """sha256 of files, cached in a SQLite file by (real path, size, mtime_ns, inode, device)."""
+    """sha256 of files, cached in a SQLite file by (real path, size, mtime_ns, inode, device,
+    ctime_ns)."""
 
     def __init__(self, path: str):
         self.path = path
@@ -84,58 +102,60 @@ class DigestCache:
             self._db = sqlite3.connect(path, timeout=30, check_same_thread=False, isolation_level=None)
             _retry_while_locked(self._setup)
         except sqlite3.Error as e:
-            raise CrankError(f"digest cache {path}: {e}") from None
+            raise CrankError(f"digest cache {path}: {e}; remove the file to start a new cache") from None
 
     def _setup(self) -> None:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute(
-            "CREATE TABLE IF NOT EXISTS digests ("
+            f"CREATE TABLE IF NOT EXISTS {TABLE} ("
             " path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, inode INTEGER,"
-            " dev INTEGER, sha256 TEXT NOT NULL)"
+            " dev INTEGER, ctime_ns INTEGER, sha256 TEXT NOT NULL)"
         )
 
     def lookup(self, path: str) -> str | None:
         """The cached digest of ``path`` if the file is unchanged since it was hashed."""
         return self._lookup(os.path.realpath(path))[0]
 
-    def _lookup(self, real: str) -> tuple[str | None, tuple[int, int, int, int]]:
+    def _lookup(self, real: str) -> tuple[str | None, Identity]:
         try:
             identity = file_identity(os.stat(real))
         except OSError as e:
             raise CrankError(f"cannot read {real}: {e.strerror or e}") from None
         with self._lock:
             row = self._db.execute(
-                "SELECT size, mtime_ns, inode, dev, sha256 FROM digests WHERE path = ?", (real,)
+                f"SELECT size, mtime_ns, inode, dev, ctime_ns, sha256 FROM {TABLE} WHERE path = ?",
+                (real,),
             ).fetchone()
-        if row is not None and tuple(row[:4]) == identity:
-            return row[4], identity
+        if row is not None and tuple(row[:5]) == identity:
+            return row[5], identity
         return None, identity
 
     def digest(self, path: str) -> str:
         """sha256 hex of ``path``; hashed only when the cache has no entry for this exact file."""
         return self.digest_with_identity(path)[0]
 
-    def digest_with_identity(self, path: str) -> tuple[str, tuple[int, int, int, int]]:
-        """The digest and the (size, mtime_ns, inode, device) of the file it is the digest of,
-        so that a later reader can tell whether the file is still the same."""
+    def digest_with_identity(self, path: str, cached: bool = True) -> tuple[str, Identity]:
+        """The digest and the identity (see file_identity) of the file it is the digest of,
+        so that a later reader can tell whether the file is still the same. ``cached=False``
+        hashes the file whatever the cache holds, and replaces the entry."""
         real = os.path.realpath(path)
-        cached, identity = self._lookup(real)
-        if cached is not None:
-            with self._lock:
-                self.hits += 1
-            return cached, identity
+        if cached:
+            digest, identity = self._lookup(real)
+            if digest is not None:
+                with self._lock:
+                    self.hits += 1
+                return digest, identity
         digest, st = _hash_with_stat(real)
         identity = file_identity(st)
-        size, mtime_ns, inode, dev = identity
         with self._lock:
             self.misses += 1
-            if time.time_ns() - mtime_ns < RACY_NS:
+            if recently_changed(identity):
                 return digest, identity
             try:
                 self._db.execute(
-                    "INSERT OR REPLACE INTO digests VALUES (?, ?, ?, ?, ?, ?)",
-                    (real, size, mtime_ns, inode, dev, digest),
+                    f"INSERT OR REPLACE INTO {TABLE} VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (real, *identity, digest),
                 )
             except sqlite3.Error:
                 pass  # a cache that cannot be written only costs a rehash next time

@@ -4,9 +4,9 @@ Layout under the store's prefix (every file key has the same length, so no key i
 prefix of another: Funnel fetches a key as a directory when a longer key starts with it):
 
     cas/sha256/<64 hex>   a file, named by the sha256 of its content
-    cas/dirs/<64 hex>     a directory manifest (JSON list of {path, size, sha256, mode}, named by
-                          its own sha256), written after all the directory's files: it marks the
-                          directory complete
+    cas/dirs/<64 hex>     a directory manifest (JSON list of {path, size, sha256, mode}, and
+                          {path, link} for a link back to an ancestor, named by its own sha256),
+                          written after all the directory's files: it marks the directory complete
     runs/...              outputs, under keys the backend chooses
 
 A file already in the store with the right size is not uploaded again; identical content is
@@ -29,8 +29,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from ..errors import CrankError
-from .digest import DigestCache
-from .store import Store
+from .digest import DigestCache, Identity
+from .store import ContentChanged, Store
 
 FILES = "cas/sha256"
 DIRS = "cas/dirs"
@@ -74,8 +74,20 @@ def human_bytes(n: float) -> str:
 @dataclass(frozen=True)
 class StagedFile:
     path: str  # local absolute path (for a directory input: each file in it); a remote input: its URL
-    url: str  # where it is in the store, or the input's own URL when it already was remote
+    url: str  # where it is in the store, or the input's own URL when it already was remote; "" for a link
     size: int  # bytes; -1 for a remote input (crank does not look it up)
+    # A directory below a directory input that leads back to one of its own ancestors (a
+    # symlink ``up -> ..``): not walked, but made as a symlink with this relative target
+    link: str = ""
+
+
+@dataclass(frozen=True)
+class _Tree:
+    """What a directory input holds: regular files, and (path, relative target) of each entry
+    that leads back to a directory on the way to it."""
+
+    files: list[str]
+    links: list[tuple[str, str]]
 
 
 @dataclass
@@ -124,24 +136,24 @@ class Stager:
             self._end()
 
     def _stage(self, paths: Sequence[str]) -> list[StagedFile]:
-        plan: list[tuple[str, str | list[str]]] = []  # (input, remote url | [files])
+        plan: list[tuple[str, str | _Tree]] = []  # (input, remote url | what it holds)
         for path in paths:
             if is_remote(path):
                 plan.append((path, path))
                 continue
             local = os.path.abspath(path[len("file://"):] if path.startswith("file://") else path)
             if os.path.isdir(local):
-                plan.append((local, _files_below(local)))
+                plan.append((local, _tree_below(local)))
             elif os.path.exists(local):
-                plan.append((local, [local]))
+                plan.append((local, _Tree([local], [])))
             else:
                 raise CrankError(f"input {path}: no such file or directory")
 
         # one task per distinct file; identical content in different files is handled in _put
         futures: dict[str, Future] = {}
         for _, target in plan:
-            if isinstance(target, list):
-                for f in target:
+            if isinstance(target, _Tree):
+                for f in target.files:
                     if f not in futures:
                         futures[f] = self._pool.submit(self._stage_file, f)
         done = _wait_all(futures)
@@ -151,13 +163,14 @@ class Stager:
             if isinstance(target, str):
                 staged.append(StagedFile(source, target, -1))
                 continue
-            for f in target:
+            for f in target.files:
                 digest, size = done[f]
                 staged.append(StagedFile(f, self.store.url(file_key(digest)), size))
+            staged.extend(StagedFile(path, "", 0, link) for path, link in target.links)
             if os.path.isdir(source):
                 self._put_manifest(source, target, done)
         with self._lock:
-            self.stats.files += sum(1 for s in staged if s.size >= 0)
+            self.stats.files += sum(1 for s in staged if s.size >= 0 and not s.link)
         return staged
 
     def forget(self, digests: Iterable[str]) -> None:
@@ -168,8 +181,16 @@ class Stager:
 
     def _stage_file(self, path: str) -> tuple[str, int]:
         digest, identity = self.cache.digest_with_identity(path)
+        try:
+            sent = self._put(path, digest, identity[0], identity)
+        except ContentChanged:
+            # The bytes read for the upload are not those of the digest. Either the file
+            # changed since it was hashed, or the cached digest was wrong although the stat
+            # matched (a file system that keeps no ctime); hashing it again settles both, and
+            # a file that changes again meanwhile really is being written.
+            digest, identity = self.cache.digest_with_identity(path, cached=False)
+            sent = self._put(path, digest, identity[0], identity)
         size = identity[0]
-        sent = self._put(path, digest, size, identity)
         with self._lock:
             if sent:
                 self.stats.bytes_sent += size
@@ -177,7 +198,7 @@ class Stager:
                 self.stats.bytes_deduplicated += size
         return digest, size
 
-    def _put(self, path: str, digest: str, size: int, identity: tuple[int, int, int, int]) -> bool:
+    def _put(self, path: str, digest: str, size: int, identity: Identity) -> bool:
         """Make sure the content ``digest`` is in the store; True when this call uploaded it."""
         with self._lock:
             if digest in self._present:
@@ -207,12 +228,14 @@ class Stager:
             with self._lock:
                 del self._uploading[digest]
 
-    def _put_manifest(self, directory: str, files: list[str], done: dict[str, tuple[str, int]]) -> str:
+    def _put_manifest(self, directory: str, tree: _Tree, done: dict[str, tuple[str, int]]) -> str:
         entries = []
-        for f in files:
+        for f in tree.files:
             digest, size = done[f]
             mode = stat.S_IMODE(os.stat(f).st_mode)
             entries.append({"path": os.path.relpath(f, directory), "size": size, "sha256": digest, "mode": mode})
+        for path, link in tree.links:
+            entries.append({"path": os.path.relpath(path, directory), "link": link})
         data = manifest_bytes(entries)
         key = dir_key(hashlib.sha256(data).hexdigest())
         if self.store.head(key) != len(data):
@@ -317,16 +340,52 @@ class Stager:
                 self.stats.seconds += time.monotonic() - self._active_since
 
 
-def _files_below(directory: str) -> list[str]:
-    """Every regular file below ``directory`` (symlinks followed), in a stable order."""
-    found = []
-    for root, dirs, files in os.walk(directory, followlinks=True):
-        dirs.sort()
-        for name in sorted(files):
-            path = os.path.join(root, name)
-            if os.path.isfile(path):
-                found.append(path)
-    return found
+def _tree_below(directory: str) -> _Tree:
+    """Every regular file below ``directory``, in a stable order, symlinks to files and to
+    directories followed, except a directory already on the way from ``/`` to the entry
+    (compared by (st_dev, st_ino)): such an entry (``sub/up -> ..``) is returned as a link
+    to that directory, relative to the entry's own directory, and not walked. Following it
+    would repeat the tree until the kernel's limit on symlinks in a path (ELOOP, 40 levels),
+    twice as often with each further such link. Broken symlinks, sockets and the like are left
+    out, as they were by the old walk; an unreadable directory is an error, never silently
+    left out."""
+    top = os.path.abspath(directory)
+    on_path: dict[tuple[int, int], str] = {}  # directory identity -> the path the job sees
+    ancestors = [top]
+    while ancestors[-1] != os.path.dirname(ancestors[-1]):
+        ancestors.append(os.path.dirname(ancestors[-1]))
+    for path in reversed(ancestors):
+        on_path[_dir_identity(os.stat(path))] = path
+    tree = _Tree([], [])
+
+    def walk(path: str) -> None:
+        try:
+            with os.scandir(path) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as e:
+            raise CrankError(f"cannot read directory {path}: {e.strerror or e}") from None
+        for entry in entries:
+            try:
+                st = entry.stat()  # through symlinks
+            except OSError:
+                continue  # a broken symlink
+            if stat.S_ISREG(st.st_mode):
+                tree.files.append(entry.path)
+            elif stat.S_ISDIR(st.st_mode):
+                identity = _dir_identity(st)
+                if identity in on_path:
+                    tree.links.append((entry.path, os.path.relpath(on_path[identity], path)))
+                    continue
+                on_path[identity] = entry.path
+                walk(entry.path)
+                del on_path[identity]
+
+    walk(top)
+    return tree
+
+
+def _dir_identity(st: os.stat_result) -> tuple[int, int]:
+    return (st.st_dev, st.st_ino)
 
 
 def _wait_all(futures: dict) -> dict:

@@ -16,7 +16,6 @@ import ipaddress
 import os
 import re
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -32,7 +31,7 @@ from obstore.exceptions import (
 from obstore.store import from_url as obstore_from_url
 
 from ..errors import BackendUnavailable, CrankError
-from .digest import RACY_NS, file_identity
+from .digest import Identity, file_identity, recently_changed
 
 # Scheme of a storage prefix -> the kind of store obstore builds for it.
 SCHEMES = {
@@ -93,6 +92,13 @@ def _limit_heap_growth() -> None:
 
 class ContentChanged(CrankError):
     """The file read for an upload is not the one its digest was computed from."""
+
+    def __init__(self, path: str):
+        super().__init__(
+            f"{path} changed after crank computed its sha256 (its size, times or content differ "
+            "now); is something still writing it? Run again once it is complete"
+        )
+        self.path = path
 
 
 def is_loopback(endpoint: str) -> bool:
@@ -252,14 +258,14 @@ class Store:
         key: str,
         sha256: str | None = None,
         on_bytes: Callable[[int], None] | None = None,
-        identity: tuple[int, int, int, int] | None = None,
+        identity: Identity | None = None,
     ) -> None:
         """Upload ``path`` to ``key``, atomically; multipart for files above PART_SIZE.
 
         A file changed after it was hashed must never land under a content address that is not
         its own: the upload is abandoned (nothing appears under ``key``) when the bytes sent may
-        differ from ``sha256``. With ``identity`` (the file's (size, mtime_ns, inode, device)
-        when it was hashed) a large file is checked by stat when opened and at its end, which
+        differ from ``sha256``. With ``identity`` (the file's digest.file_identity when it
+        was hashed) a large file is checked by stat when opened and at its end, which
         costs nothing; it is hashed again on the way only when it was modified too recently for
         its stat to tell (or without ``identity``). ``on_bytes(n)`` reports progress."""
         try:
@@ -269,7 +275,7 @@ class Store:
                     with open(path, "rb") as f:
                         data = f.read()
                     if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
-                        raise ContentChanged(f"{path} changed while being staged; run again")
+                        raise ContentChanged(path)
                     obstore.put(self._store, key, data, use_multipart=False)
                 if on_bytes:
                     on_bytes(len(data))
@@ -369,7 +375,7 @@ class Store:
 def _chunks(
     path: str,
     sha256: str | None,
-    identity: tuple[int, int, int, int] | None,
+    identity: Identity | None,
     on_bytes: Callable[[int], None] | None,
 ) -> Iterator[bytes]:
     """The file in PART_SIZE pieces. When the bytes read may not be those that hash to
@@ -378,9 +384,8 @@ def _chunks(
     with open(path, "rb", buffering=0) as f:
         opened = file_identity(os.fstat(f.fileno()))
         if identity is not None and opened != identity:
-            raise ContentChanged(f"{path} changed while being staged; run again")
-        racy = time.time_ns() - opened[1] < RACY_NS
-        h = hashlib.sha256() if sha256 and (identity is None or racy) else None
+            raise ContentChanged(path)
+        h = hashlib.sha256() if sha256 and (identity is None or recently_changed(opened)) else None
         chunk = f.read(PART_SIZE)
         while chunk:
             following = f.read(PART_SIZE)
@@ -389,7 +394,7 @@ def _chunks(
             if not following:
                 changed = identity is not None and file_identity(os.fstat(f.fileno())) != identity
                 if changed or (h and h.hexdigest() != sha256):
-                    raise ContentChanged(f"{path} changed while being staged; run again")
+                    raise ContentChanged(path)
             yield chunk
             if on_bytes:
                 on_bytes(len(chunk))
