@@ -12,6 +12,7 @@ from snakemake_interface_executor_plugins.executors.remote import RemoteExecutor
 from snakemake_interface_executor_plugins.jobs import JobExecutorInterface
 from snakemake_interface_executor_plugins.settings import DeploymentMethod
 
+from . import runs
 from .adapter import jobs, outputs
 from .errors import BackendUnavailable, CrankError, ImageUnavailable
 from .runner import Runner
@@ -31,12 +32,16 @@ class Executor(RemoteExecutor):
         self._tolerance_s = self.settings.backend_tolerance
         # what a task is called on the backend, in messages
         self._unit = "task" if self.settings.backend == "tes" else "container"
+        # before anything is submitted, so that another run starting now leaves ours alone
+        self._run_file = runs.record(workdir, self.run_id)
         try:
             self.backend = backend_from(
                 self.settings, self.run_id, workdir, lambda line: self.logger.info(f"crank: {line}")
             )
-            removed = self.backend.remove_orphans()
+            # other runs of this workdir that are alive keep their tasks (docs/reliability.md)
+            removed = self.backend.remove_orphans(runs.live_runs(workdir))
         except CrankError as e:
+            runs.forget(self._run_file)
             raise WorkflowError(str(e)) from None
         if removed:
             self.logger.info(f"crank: removed {removed} {self._unit}(s) left by an earlier run")
@@ -255,6 +260,7 @@ class Executor(RemoteExecutor):
                 "this directory removes them"
             )
         self._fence_given_up(closed)
+        runs.forget(self._run_file)
 
     def _fence_given_up(self, closed: bool) -> None:
         """Jobs reported failed while their task may still run: a task that outlives

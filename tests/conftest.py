@@ -62,15 +62,19 @@ def copy_workflow(name: str, dest: Path) -> Path:
     return dest
 
 
-def snakemake(workdir: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run the real snakemake CLI with the crank executor in ``workdir``."""
-    command = [
+def snakemake_command(*args: str) -> list:
+    """The real snakemake CLI with the crank executor on the shared Docker engine."""
+    return [
         sys.executable, "-m", "snakemake", "--executor", "crank", "--jobs", "4",
         "--crank-default-image", BUSYBOX, "--seconds-between-status-checks", "1",
         *args,
     ]
+
+
+def snakemake(workdir: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the real snakemake CLI with the crank executor in ``workdir``."""
     return subprocess.run(
-        command, cwd=workdir, capture_output=True, text=True, timeout=timeout,
+        snakemake_command(*args), cwd=workdir, capture_output=True, text=True, timeout=timeout,
         env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdin=subprocess.DEVNULL,
     )
 

@@ -246,7 +246,7 @@ def test_a_run_killed_hard_leaves_nothing_after_the_next_start(docker_api, tmp_p
         elsewhere.warm._make_root()
         backend = DockerBackend(uuid.uuid4().hex, str(workdir), DockerOptions(warm=True))
         try:
-            assert backend.remove_orphans() == 1
+            assert backend.remove_orphans(live_runs=()) == 1
             assert not root.exists()
             assert Path(elsewhere.warm.root).is_dir()
             assert containers_of(docker_api, workdir) == []

@@ -7,7 +7,7 @@ error (worth trying again later). Nothing else escapes a backend.
 
 from __future__ import annotations
 
-from typing import Mapping, Protocol, Sequence
+from typing import Collection, Mapping, Protocol, Sequence
 
 from ..task import Capacity, State, TaskResult, TaskSpec
 
@@ -16,9 +16,10 @@ class Backend(Protocol):
     def capacity(self) -> Capacity:
         """The most one task may ask for."""
 
-    def remove_orphans(self) -> int:
-        """Cancel what an earlier run with the same owner left behind (it crashed);
-        return how many tasks that was."""
+    def remove_orphans(self, live_runs: Collection[str]) -> int:
+        """Cancel what runs of this workdir that are no longer alive left behind (they
+        crashed); never a task of this run or of a run in ``live_runs`` (their run ids).
+        Return how many tasks that was."""
 
     def submit(self, task: TaskSpec) -> str:
         """Start the task; return its handle."""

@@ -11,7 +11,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Collection, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import docker
 import docker.errors
@@ -235,19 +235,19 @@ class DockerBackend:
         with engine_errors("listing containers"):
             return self.api.containers(all=True, filters={"label": f"{label}={value}"})
 
-    def remove_orphans(self) -> int:
-        """Remove containers an earlier run in this workdir left behind (it crashed), then
-        the warm runners' temporary directories of such runs (backends/warm.py)."""
+    def remove_orphans(self, live_runs: Collection[str]) -> int:
+        """Remove the containers that dead runs in this workdir left behind (they crashed),
+        then the warm runners' temporary directories of such runs (backends/warm.py)."""
+        keep = {self.run_id, *live_runs}
         stale = [
             row["Id"]
             for row in self._containers(LABEL_WORKDIR, self.workdir)
-            if row.get("Labels", {}).get(LABEL_RUN) != self.run_id
+            if row.get("Labels", {}).get(LABEL_RUN) not in keep
         ]
         self.cancel(stale)
         from .warm import remove_stale_dirs
 
-        # every other run's container of this workdir is gone now
-        remove_stale_dirs(self, live_runs=(self.run_id,))
+        remove_stale_dirs(self, live_runs=keep)
         return len(stale)
 
     def _ensure_image(self, image: str) -> None:

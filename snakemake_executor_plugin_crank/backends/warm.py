@@ -247,7 +247,8 @@ class WarmPool:
         runner = job.runner
         if runner is not None:
             runner.retire = True
-            with contextlib.suppress(docker.errors.APIError, BackendUnavailable):
+            # an engine that does not answer raises: the runner tries the stop again
+            with contextlib.suppress(docker.errors.APIError):  # already ended
                 with cold.engine_errors("stopping a container"):
                     self.api.kill(runner.id)
 
@@ -767,8 +768,8 @@ def _engine_of(backend) -> str:
 
 def remove_stale_dirs(backend, live_runs: Sequence[str]) -> int:
     """Remove the runners' temporary directories that runs killed hard left behind: those
-    of this workdir and engine whose run is not in ``live_runs`` (runs that still have
-    containers) and whose process no longer runs on this machine. Returns how many."""
+    of this workdir and engine whose run is not in ``live_runs`` (the runs of this workdir
+    that are alive, see runs.py). Returns how many."""
     removed = 0
     base = tempfile.gettempdir()
     try:
@@ -788,23 +789,9 @@ def remove_stale_dirs(backend, live_runs: Sequence[str]) -> int:
             continue
         if owner.get("run") == backend.run_id or owner.get("run") in live_runs:
             continue
-        if owner.get("host") == socket.gethostname() and _alive(owner.get("pid")):
-            continue
         _rmtree(root)
         removed += not os.path.exists(root)
     return removed
-
-
-def _alive(pid: Any) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # exists, owned by someone else
-    return True
 
 
 def _rmtree(path: str) -> None:
