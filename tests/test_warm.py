@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from snakemake_executor_plugin_crank.backends.docker import DockerBackend, DockerOptions
-from snakemake_executor_plugin_crank.backends.warm import _empty, _tail
+from snakemake_executor_plugin_crank.backends.warm import _empty
 from snakemake_executor_plugin_crank.task import Resources, State, TaskSpec
 
 from conftest import BUSYBOX, BASH, copy_workflow, containers_of, snakemake, wait_for
@@ -143,15 +143,6 @@ def test_emptying_keeps_the_way_to_mounts_and_nothing_else(tmp_path):
     _empty(str(root), ["a/wd"])
     assert sorted(str(p.relative_to(root)) for p in root.rglob("*")) == ["a", "a/wd"]
     assert (root.stat().st_mode & 0o7777) == 0o1777
-
-
-def test_tail_matches_the_last_lines_kept_for_messages(tmp_path):
-    log = Path(tmp_path / "e")
-    log.write_bytes(b"".join(b"line %d\n" % i for i in range(30000)) + b"last")
-    assert _tail(str(log)) == "\n".join([f"line {i}" for i in range(29981, 30000)] + ["last"])
-    log.write_bytes(b"a\nb\n")
-    assert _tail(str(log)) == "a\nb"
-    assert _tail(str(tmp_path / "missing")) == ""
 
 
 # ---------------------------------------------------------------- faults of the warm path

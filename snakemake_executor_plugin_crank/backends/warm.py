@@ -65,7 +65,7 @@ import docker.types
 from ..errors import BackendUnavailable, CrankError
 from ..task import State, TaskResult, TaskSpec
 from . import docker as cold
-from .logs import TAIL_LINES, with_unsaved
+from . import logs
 
 PREFIX = cold.WARM_PREFIX
 # the runner's first process: waits forever, using only sh and sleep; ignoring SIGCHLD
@@ -804,34 +804,67 @@ def _rmtree(path: str) -> None:
 
 def _move_logs(scratch: str, task: TaskSpec) -> Tuple[Tuple[str, ...], str]:
     """Move ``<scratch>/<name>.stdout|.stderr`` into ``<log_dir>/<name>.*``; return the
-    files saved and the last lines of stderr, read from the scratch copy. A log that
-    cannot be moved (disk full, no permission) is dropped, never an error, and leaves no
-    truncated file under its name; the tail then says what was not saved."""
-    base = os.path.join(task.log_dir, task.name)
-    source = os.path.join(scratch, task.name)
-    tail = _tail(source + ".stderr")
-    saved, problems = [], []
-    for suffix in (".stdout", ".stderr"):
-        src, dest = source + suffix, base + suffix
-        if not os.path.exists(src):
-            continue
-        try:
-            os.makedirs(task.log_dir, exist_ok=True)
+    files saved and the last lines of stderr, read from the scratch copy. The task could
+    write its scratch directory: only regular files are taken, never through a symlink
+    (see logs.py). A log that cannot be moved (disk full, no permission, not a regular
+    file) is dropped, never an error, and leaves no truncated file under its name; the
+    tail then says what was not saved."""
+    tail, saved, problems = "", [], []
+    dir_fd = None
+    try:
+        for suffix in (".stdout", ".stderr"):
+            name = task.name + suffix
+            src = os.path.join(scratch, name)
             try:
-                os.replace(src, dest)
+                fd = logs.open_job_file(src)
+            except FileNotFoundError:
+                continue
             except OSError as e:
-                if e.errno != errno.EXDEV:
-                    raise
-                shutil.copyfile(src, dest)
-            saved.append(dest)
-        except OSError as e:
-            problems.append(f"{os.path.basename(dest)}: {e.strerror or e}")
-            with contextlib.suppress(OSError):
-                os.remove(dest)
-        finally:
-            with contextlib.suppress(OSError):
-                os.remove(src)
-    return tuple(saved), with_unsaved(tail, problems)
+                problems.append(logs.problem(name, e))
+                _unlink(src)
+                continue
+            try:
+                if suffix == ".stderr":
+                    tail = logs.read_tail(fd)
+                if dir_fd is None:
+                    dir_fd = logs.open_log_dir(task)
+                _move(fd, src, dir_fd, name)
+                saved.append(os.path.join(task.log_dir, name))
+            except OSError as e:
+                problems.append(logs.problem(name, e))
+                if dir_fd is not None:
+                    logs.remove_log(dir_fd, name)
+            finally:
+                os.close(fd)
+                _unlink(src)
+    finally:
+        if dir_fd is not None:
+            os.close(dir_fd)
+    return tuple(saved), logs.with_unsaved(tail, problems)
+
+
+def _move(fd: int, src: str, dir_fd: int, name: str) -> None:
+    """Put the open scratch file ``fd`` (at ``src``) under ``name`` in the log directory:
+    renamed when on the same file system and still the file opened, else copied from
+    ``fd``, into a file created without following a symlink."""
+    try:
+        os.replace(src, name, dst_dir_fd=dir_fd)
+        moved = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        opened = os.fstat(fd)
+        if (moved.st_dev, moved.st_ino) == (opened.st_dev, opened.st_ino):
+            return
+        logs.remove_log(dir_fd, name)  # replaced after it was opened: not what was checked
+    except OSError as e:
+        if e.errno != errno.EXDEV:
+            raise
+    with os.fdopen(fd, "rb", closefd=False) as source, os.fdopen(logs.create_log(dir_fd, name), "wb") as sink:
+        source.seek(0)
+        shutil.copyfileobj(source, sink)
+
+
+def _unlink(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.remove(path)
 
 
 def _empty(root: str, keep: Sequence[str], mode: int = 0o1777) -> None:
@@ -873,28 +906,3 @@ def _environment(env: Mapping[str, str]) -> Dict[str, str]:
     if "SHLVL" in env:  # the wrapper's shell would count itself in it
         env["CRANK_SHLVL"] = env.pop("SHLVL")
     return env
-
-
-def _tail(path: str) -> str:
-    """The last TAIL_LINES lines of a log file, as save_logs keeps them."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            chunk = 65536
-            while True:
-                start = max(0, size - chunk)
-                f.seek(start)
-                data = f.read()
-                if start == 0 or data.count(b"\n") > TAIL_LINES:
-                    break
-                chunk *= 4
-    except OSError:
-        return ""
-    parts = data.split(b"\n")
-    if start > 0:
-        parts = parts[1:]  # a partial first line
-    if parts and parts[-1] == b"":
-        parts.pop()
-    return b"\n".join(parts[-TAIL_LINES:]).decode("utf-8", "replace")
-

@@ -1,0 +1,212 @@
+"""The Docker backend against a hostile job and a hostile world (issue 17): a job cannot
+make the host read or write a file outside its mounts through its logs, nor hang log
+collection; the stderr tail stays bounded; inputs share mounts; an image that cannot be
+pulled is said at once."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+from snakemake_executor_plugin_crank.backends import logs
+from snakemake_executor_plugin_crank.task import TaskSpec
+
+from conftest import snakemake
+
+pytestmark = pytest.mark.docker
+
+
+def workflow(workdir: Path, snakefile: str) -> Path:
+    workdir.mkdir(parents=True)
+    (workdir / "Snakefile").write_text(snakefile)
+    return workdir
+
+
+# ------------------------------------------------------ item 7: what a job leaves as logs
+
+SCRATCH_TRICKS = """
+rule all:
+    input: "leak.txt", "fifo.txt"
+
+rule leak:
+    output: "leak.txt"
+    shell: "for f in /.crank-logs/*.stderr; do rm -f $f; ln -s {config[secret]} $f; done; exit 1"
+
+rule fifo:
+    output: "fifo.txt"
+    shell: "for f in /.crank-logs/*.stderr; do rm -f $f; mkfifo $f; done; exit 1"
+"""
+
+
+def test_a_warm_job_cannot_make_the_host_read_its_files_or_hang_on_a_fifo(docker_api, tmp_path):
+    """Item 7: a job that replaced its scratch stderr by a symlink to a file outside every
+    mount gets no byte of it into its failure message; a FIFO there does not hang the run."""
+    secret = tmp_path / "home" / "secret.txt"
+    secret.parent.mkdir()
+    secret.write_text("TOPSECRET-7f3a\n")
+    workdir = workflow(tmp_path / "wd", SCRATCH_TRICKS)
+    done = snakemake(workdir, "--keep-going", "--crank-docker-warm", "yes",
+                     "--config", f"secret={secret}", timeout=120)
+    assert done.returncode != 0
+    assert "TOPSECRET" not in done.stderr + done.stdout
+    for rule in ("leak", "fifo"):
+        assert f"rule {rule} (job" in done.stderr and "exit code 1" in done.stderr, done.stderr
+    assert ".stderr: not a regular file" in done.stderr, done.stderr
+    assert ".stderr: a symbolic link (not followed)" in done.stderr, done.stderr
+    logs_dir = workdir / ".snakemake" / "crank" / "logs"
+    assert not [p for p in logs_dir.rglob("*") if p.is_symlink() or not (p.is_file() or p.is_dir())]
+
+
+PLANTED_LOG = """
+rule all:
+    input: "b.txt"
+
+rule a:
+    output: "a.txt"
+    shell: "echo a > {output}"
+
+rule b:
+    input: "a.txt"
+    output: "b.txt"
+    shell: "for d in .snakemake/crank/logs/*/; do for i in 0 1 2 3 4 5 6 7 8 9; do "
+           "ln -s {config[victim]} $d/b-$i-1.stdout; done; done; echo overwritten; echo b > {output}"
+"""
+
+
+def test_a_job_cannot_make_the_host_write_its_log_through_a_planted_symlink(docker_api, tmp_path):
+    """Item 7: the log directory is in the workdir, which jobs can write: a symlink a job
+    put under its own log's name is not followed when crank saves the log."""
+    victim = tmp_path / "home" / "victim.txt"
+    victim.parent.mkdir()
+    victim.write_text("untouched\n")
+    workdir = workflow(tmp_path / "wd", PLANTED_LOG)
+    done = snakemake(workdir, "--crank-docker-warm", "no", "--config", f"victim={victim}")
+    assert done.returncode == 0, done.stderr
+    assert victim.read_text() == "untouched\n"
+    assert (workdir / "b.txt").read_text() == "b\n"
+
+
+def test_job_files_are_read_only_when_regular_and_never_through_a_symlink(tmp_path):
+    regular = tmp_path / "regular"
+    regular.write_bytes(b"one\ntwo\n")
+    fd = logs.open_job_file(str(regular))
+    try:
+        assert logs.read_tail(fd) == "one\ntwo"
+    finally:
+        os.close(fd)
+    (tmp_path / "link").symlink_to(regular)
+    os.mkfifo(tmp_path / "fifo")
+    for name in ("link", "fifo"):
+        with pytest.raises(OSError):
+            logs.open_job_file(str(tmp_path / name))
+
+
+def test_the_log_directory_is_never_reached_through_a_symlink_below_the_workdir(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    workdir = tmp_path / "wd"
+    (workdir / ".snakemake").mkdir(parents=True)
+    (workdir / ".snakemake" / "crank").symlink_to(elsewhere)
+    task = TaskSpec(name="t", label="rule t", job_id="1", attempt=1, image="x", script="true",
+                    workdir=str(workdir), log_dir=str(workdir / ".snakemake" / "crank" / "logs" / "r"))
+    saved, tail = logs.save_logs(task, [b"out"], [b"err\n"])
+    assert saved == () and list(elsewhere.iterdir()) == []
+    assert tail == f"err\n(crank could not save the log: {task.log_dir}: a symbolic link (not followed))"
+
+
+# ------------------------------------------------------ item 10: the stderr tail
+
+
+def test_the_tail_is_the_last_lines_as_the_file_reader_sees_them(tmp_path):
+    cases = [
+        b"".join(b"line %d\n" % i for i in range(30000)) + b"last",
+        b"a\nb\n",
+        b"err\nno newline",
+        b"",
+        b"x" * (3 * logs.TAIL_BYTES) + b"\n" + b"tail line",
+        b"y" * (3 * logs.TAIL_BYTES),
+    ]
+    for data in cases:
+        kept = logs.StderrTail()
+        for start in range(0, len(data), 4093):
+            kept.feed(data[start:start + 4093])
+        path = tmp_path / "log"
+        path.write_bytes(data)
+        fd = logs.open_job_file(str(path))
+        try:
+            assert kept.text() == logs.read_tail(fd)
+        finally:
+            os.close(fd)
+    assert kept.text() == "y" * logs.TAIL_BYTES  # one line longer than the window: its end
+    lines = b"".join(b"line %d\n" % i for i in range(30000)) + b"last"
+    assert logs.tail_text(lines, False) == "\n".join(
+        [f"line {i}" for i in range(29981, 30000)] + ["last"])
+
+
+def test_a_progress_bar_without_newlines_keeps_the_tail_bounded():
+    """Item 10: 32 MiB of `\\r` progress output in small chunks: the window never holds
+    more than twice the tail's bytes, and the tail is the end of the output (the old
+    keeper re-split its whole pending line on every chunk: quadratic; timing in
+    bench/stderr_tail.py and docs/performance.md)."""
+    kept = logs.StderrTail()
+    chunk = b"\r[#####     ] 50%" * 256
+    largest = 0
+    for _ in range(32 * 1024 * 1024 // len(chunk)):
+        kept.feed(chunk)
+        largest = max(largest, len(kept.window))
+    assert largest <= 2 * logs.TAIL_BYTES
+    text = kept.text()
+    assert len(text) == logs.TAIL_BYTES and text.endswith("50%")
+
+
+# ------------------------------------------------------ item 13: mounts for many inputs
+
+MANY_INPUTS = """
+rule all:
+    input: "joined.txt"
+
+rule join:
+    input: expand("{root}/ref/part{i}.txt", root=config["root"], i=range(100)), config["alias"]
+    output: joined="joined.txt", mounts="mounts.txt"
+    shell: "cat {input} > {output.joined}; "
+           "awk '{{print $5}}' /proc/self/mountinfo | grep '^{config[root]}/' | sort > {output.mounts}"
+"""
+
+
+def test_many_inputs_outside_the_workdir_share_their_directory_mount(docker_api, tmp_path):
+    """Item 13: 100 inputs in one directory outside the workdir are one read-only mount,
+    not 100; an input that is a symlink still reads its target."""
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    for i in range(100):
+        (ref / f"part{i}.txt").write_text(f"{i}\n")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "target.txt").write_text("target\n")
+    (tmp_path / "links").mkdir()
+    (tmp_path / "links" / "alias.txt").symlink_to(tmp_path / "elsewhere" / "target.txt")
+    workdir = workflow(tmp_path / "wd", MANY_INPUTS)
+    done = snakemake(workdir, "--config", f"root={tmp_path}", f"alias={tmp_path}/links/alias.txt")
+    assert done.returncode == 0, done.stderr
+    assert (workdir / "joined.txt").read_text() == "".join(f"{i}\n" for i in range(100)) + "target\n"
+    mounts = (workdir / "mounts.txt").read_text().split()
+    assert mounts == sorted([str(tmp_path / "elsewhere" / "target.txt"), str(tmp_path / "links" / "alias.txt"),
+                             str(ref), str(workdir)]), mounts
+
+
+def test_merged_input_mounts_never_cover_system_dirs_home_or_writable_ones():
+    from snakemake_executor_plugin_crank.backends.docker import MAX_INPUT_MOUNTS, plan_mounts
+
+    home = os.path.expanduser("~")
+    inputs = ([f"/etc/conf{i}" for i in range(40)] + [f"{home}/f{i}" for i in range(40)]
+              + [f"/data/w/in{i}" for i in range(40)] + [f"/data/ref/s{i}/f.txt" for i in range(6000)]
+              + ["/data/lone/a/b/c.txt"])
+    plan = plan_mounts("/data/w/wd", inputs, ["/data/w/wd/o", "/out/d/f"])
+    writable = [p for p, rw in plan if rw]
+    readonly = [p for p, rw in plan if not rw]
+    assert writable == ["/data/w/wd", "/out/d"]
+    assert "/data/ref" in readonly and "/data/lone/a/b/c.txt" in readonly
+    assert not any(p.startswith("/data/ref/") for p in readonly)
+    assert {p for p in readonly if p.startswith("/etc")} == {f"/etc/conf{i}" for i in range(40)}
+    assert home not in readonly and "/data/w" not in readonly and "/data" not in readonly
+    small = plan_mounts("/wd", [f"/data/ref/f{i}" for i in range(MAX_INPUT_MOUNTS)], [])
+    assert len(small) == MAX_INPUT_MOUNTS + 1  # few inputs: each its own mount, as before
