@@ -1,0 +1,104 @@
+"""Staging end to end: the real snakemake CLI with crank on Funnel and SeaweedFS (see
+docs/staging.md), compared where it matters with Snakemake's local executor."""
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from conftest import wait_for
+from test_tes import crank, live_tasks
+
+pytestmark = pytest.mark.tes
+
+OLD = 1_600_000_000  # an mtime well in the past
+
+
+def new_workdir(tmp_path: Path, snakefile: str) -> Path:
+    """A workdir whose parent names the storage prefix (see crank_command): one per test."""
+    workdir = tmp_path / uuid.uuid4().hex / "wf"
+    workdir.mkdir(parents=True)
+    (workdir / "Snakefile").write_text(snakefile)
+    return workdir
+
+
+def local_snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    """Snakemake's own local executor, for comparison."""
+    return subprocess.run(
+        [sys.executable, "-m", "snakemake", "--cores", "1", *args], cwd=workdir,
+        capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+    )
+
+
+def test_a_file_rewritten_with_its_old_mtime_reaches_the_job(tes, tmp_path):
+    """Same size, same inode, the old mtime restored (``touch -r``, ``cp -p``): a forced rerun
+    gets the new content. Once the digest cache, keyed without the ctime, gave the old one."""
+    workdir = new_workdir(tmp_path, 'rule copy:\n    input: "in.txt"\n    output: "out.txt"\n'
+                                    '    shell: "cat {input} > {output}"\n')
+    data = workdir / "in.txt"
+    data.write_text("AAAA\n")
+    os.utime(data, (OLD, OLD))
+    old = data.stat()
+    # the first run caches the digest only once the file's last change is 2 s old
+    wait_for(lambda: time.time_ns() - old.st_ctime_ns > 2_000_000_000, 10, "the input to settle")
+    first = crank(tes, workdir)
+    assert first.returncode == 0, first.stderr
+    assert (workdir / "out.txt").read_text() == "AAAA\n"
+
+    with open(data, "r+") as f:  # in place: same inode
+        f.write("BBBB\n")
+    os.utime(data, ns=(old.st_atime_ns, old.st_mtime_ns))
+    now = data.stat()
+    assert (now.st_ino, now.st_size, now.st_mtime_ns) == (old.st_ino, old.st_size, old.st_mtime_ns)
+    again = crank(tes, workdir, "-F")
+    assert again.returncode == 0, again.stderr
+    assert (workdir / "out.txt").read_text() == "BBBB\n"
+
+
+LOOK = r'''
+rule look:
+    input: "ref"
+    output: "seen.txt"
+    shell:
+        "cd ref && find . > ../{output} && "
+        "for p in a sub/b sub/up/a sub/up/sub/b sub/deeper/back/a sub/up/sub/deeper/back/sub/up/a; "
+        "do echo \"$p: $(cat $p)\"; done >> ../{output} && "
+        "echo \"up -> $(readlink sub/up)\" >> ../{output} && "
+        "echo \"back -> $(readlink sub/deeper/back)\" >> ../{output}"
+'''
+
+
+def ancestor_links(workdir: Path) -> None:
+    """ref/ with two links back to itself: followed, they repeat the tree 2^40 times."""
+    (workdir / "ref" / "sub" / "deeper").mkdir(parents=True)
+    (workdir / "ref" / "a").write_text("a\n")
+    (workdir / "ref" / "sub" / "b").write_text("b\n")
+    (workdir / "ref" / "sub" / "up").symlink_to("..")
+    (workdir / "ref" / "sub" / "deeper" / "back").symlink_to("../..")
+
+
+def test_a_directory_input_with_links_to_its_ancestors(tes, tmp_path):
+    """The job sees what it sees under Snakemake's local executor: the files once and the
+    links as links, reaching the same files. Once the staging walk followed them to ELOOP:
+    41 copies of every file for one link, and a job that never left "queued" for two."""
+    workdir = new_workdir(tmp_path, LOOK)
+    ancestor_links(workdir)
+    local = new_workdir(tmp_path, LOOK)
+    ancestor_links(local)
+    expected = local_snakemake(local)
+    assert expected.returncode == 0, expected.stderr
+
+    start = time.monotonic()
+    done = crank(tes, workdir, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert time.monotonic() - start < 90
+    seen = (workdir / "seen.txt").read_text().splitlines()
+    assert sorted(seen) == sorted((local / "seen.txt").read_text().splitlines())
+    assert "./sub/up" in seen and "sub/up/sub/deeper/back/sub/up/a: a" in seen and "up -> .." in seen
+    summary = [line for line in done.stderr.splitlines() if "crank: staging:" in line]
+    assert len(summary) == 1 and " 2 files," in summary[0], summary
+    assert live_tasks(tes, workdir) == []
