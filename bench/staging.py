@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 import obstore  # noqa: E402
 from obstore.store import from_url  # noqa: E402
 
-from snakemake_executor_plugin_crank.staging.digest import DigestCache, sha256_file  # noqa: E402
+from snakemake_executor_plugin_crank.staging.digest import RACY_NS, DigestCache, sha256_file  # noqa: E402
 from snakemake_executor_plugin_crank.staging.stage import Stager  # noqa: E402
 from snakemake_executor_plugin_crank.staging.store import Store  # noqa: E402
 
@@ -84,8 +84,11 @@ def make_files(directory: Path, count: int, tag: str) -> list[str]:
         block[:32] = hashlib.sha256(f"{tag}-{i}-{uuid.uuid4()}".encode()).digest()
         path = directory / f"{tag}{i:03d}"
         path.write_bytes(block)
-        os.utime(path, (time.time() - 3600,) * 2)  # settled: the digest cache may keep it
+        os.utime(path, (time.time() - 3600,) * 2)
         paths.append(str(path))
+    # settled, so that the digest cache keeps them: its key includes the ctime, which utime
+    # cannot set back, and it keeps no file changed in the last RACY_NS
+    time.sleep(max(0.0, RACY_NS / 1e9 - (time.time() - os.stat(paths[-1]).st_ctime)))
     return paths
 
 
