@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import uuid
 from typing import AsyncGenerator, List, Optional, Tuple
@@ -13,7 +14,7 @@ from snakemake_interface_executor_plugins.jobs import JobExecutorInterface
 from snakemake_interface_executor_plugins.settings import DeploymentMethod
 
 from . import runs
-from .adapter import jobs, outputs
+from .adapter import jobs, outputs, storage
 from .errors import BackendUnavailable, CrankError, ImageUnavailable
 from .runner import Runner
 from .settings import ExecutorSettings, backend_from, image_hint
@@ -77,7 +78,9 @@ class Executor(RemoteExecutor):
             sources=jobs.workflow_sources(self.workflow),
             use_conda=DeploymentMethod.CONDA
             in self.workflow.deployment_settings.deployment_method,
-            envvars=self.envvars(),
+            # storage plugins' secrets only go to tasks that run Snakemake and need them
+            envvars=storage.user_envvars(self.envvars(), self.workflow),
+            storage_env=lambda job: storage.secrets_for(job, self.workflow),
             is_preemptible=remote.preemptible_rules.is_preemptible,
             capacity=self.backend.capacity(),
             clamp=self.settings.clamp_resources,
@@ -102,18 +105,29 @@ class Executor(RemoteExecutor):
             seen.update(new)
             self.logger.warning(f"crank: {topic}: {', '.join(new)}")
 
+    def format_job_exec(self, job: JobExecutorInterface) -> str:
+        # Snakemake's command names every installed storage plugin's settings
+        return storage.job_command(super().format_job_exec(job), self.workflow)
+
     def run_job(self, job: JobExecutorInterface):
         try:
+            if self._from_cache(job):
+                return
             tasks = jobs.tasks_for(job, self.context)
+            if outputs.ran_directly(tasks) and storage.storage_files(job):
+                # no Snakemake in the image retrieves them: the host does, as locally
+                self.workflow.async_run(storage.retrieve_inputs(job))
+                tasks = jobs.tasks_for(job, self.context)  # inputs now exist locally
             backed_up = outputs.prepare(job, tasks, self.workflow.async_run)
             if backed_up:
                 self._backups[job] = backed_up
-            chain = self.runner.start(tasks)
-            if job.is_group() and outputs.ran_directly(tasks):
-                members = {str(j.jobid): j for j in job.jobs}
-                done = set()
-                for job_id, name in {t.job_id: t.name for t in tasks}.items():
-                    self._group_steps[name] = (job, members[job_id], done)
+            done = set()  # the jobs of a group run job after job that have finished
+            later = [
+                functools.partial(self._member_starts, job, build, done)
+                for build in jobs.later_tasks(job, tasks, self.context)
+            ]
+            chain = self.runner.start(tasks, later)
+            self._track_member(job, tasks, done)
         except ImageUnavailable as e:
             source = jobs.image_source(job, self.context)
             if source.startswith("--crank-default-image") and not self.settings.default_image:
@@ -190,6 +204,10 @@ class Executor(RemoteExecutor):
             if outcome.ok and outputs.ran_directly(chain.tasks):
                 # what Snakemake does after a job, which no Snakemake in the image did
                 problem = await outputs.finish(info.job, chain.tasks, self._seconds)
+                if problem is None:
+                    problem = await self._store(info.job)
+            if outcome.ok and problem is None:
+                problem = await self._to_cache(info.job)
             for task in chain.tasks:
                 self._seconds.pop(task.name, None)
                 self._group_steps.pop(task.name, None)
@@ -204,12 +222,64 @@ class Executor(RemoteExecutor):
             still, self.runner.clock(), ceiling
         )
 
+    async def _store(self, job) -> Optional[str]:
+        """The storage outputs of a job that ran directly, stored; or why not."""
+        try:
+            await storage.store_outputs(job)
+        except Exception as e:  # the plugin's or Snakemake's message
+            where = f"group {job.groupid}" if job.is_group() else f"rule {job.rule.name}"
+            return f"{where}: storing its outputs failed: {e}"
+        return None
+
+    def _cacheable(self, job) -> bool:
+        return (
+            self.workflow.output_file_cache is not None
+            and not job.is_group()
+            and bool(job.rule.cache and job.rule.cache.output)
+        )
+
+    def _from_cache(self, job) -> bool:
+        """A job of a cache: True rule (with --cache) whose outputs the between-workflow
+        cache holds: they are restored and the job succeeds without a task, as locally."""
+        from snakemake.exceptions import CacheMissException
+
+        if not self._cacheable(job):
+            return False
+        try:
+            self.workflow.async_run(job.rule.cache.fetch(job))
+        except CacheMissException:
+            return False
+        self.report_job_success(SubmittedJobInfo(job))
+        return True
+
+    async def _to_cache(self, job) -> Optional[str]:
+        if not self._cacheable(job):
+            return None
+        try:
+            await job.rule.cache.store(job)
+        except Exception as e:  # Snakemake's message: an unwritable cache, ...
+            return f"rule {job.rule.name}: storing its outputs in the cache failed: {e}"
+        return None
+
     def _release(self, chain) -> None:
         try:
             self.runner.release(chain)
         except CrankError as e:
             # the outcome is reported; what is left is removed at shutdown or next start
             self.logger.warning(f"crank: {e}")
+
+    def _member_starts(self, group, build, done):
+        """The tasks of a group's later job, built as it starts (jobs.later_tasks)."""
+        tasks = outputs.make_parents(build())
+        self._track_member(group, tasks, done)
+        return tasks
+
+    def _track_member(self, job, tasks, done) -> None:
+        """The tasks of one job of a group run job after job: when the last succeeds, the
+        temp files the job consumed go (_task_succeeded)."""
+        if job.is_group() and outputs.ran_directly(tasks):
+            member = next(j for j in job.jobs if str(j.jobid) == tasks[-1].job_id)
+            self._group_steps[tasks[-1].name] = (job, member, done)
 
     def _task_succeeded(self, task, result) -> None:
         if result.reason:

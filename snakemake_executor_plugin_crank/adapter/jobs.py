@@ -4,17 +4,22 @@ Two launch modes. A shell: rule runs its formatted command directly in its image
 other rule (run:, script:, wrapper:, notebook:), and a group holding one, runs Snakemake's
 own job command in an image that has Snakemake.
 
-``job.container_img_url``, ``dag.get_sources`` and ``dag.depending`` belong to Snakemake,
-not to the plugin interface: that coupling stays in this package.
+``job.container_img_url``, ``dag.get_sources``, ``dag.depending`` and a job's
+``_params_and_resources_resetted`` belong to Snakemake, not to the plugin interface: that
+coupling stays in this package.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Collection, Iterable, List, Mapping, Optional, Set, Tuple
+from typing import (
+    Any, Callable, Collection, Iterable, List, Mapping, Optional, Sequence, Set, Tuple,
+)
 
 from snakemake.io import is_flagged
 
@@ -54,6 +59,8 @@ class JobContext:
     sources: Iterable[str] = ()
     use_conda: bool = False
     envvars: Mapping[str, str] = field(default_factory=dict)
+    # job -> the storage plugins' settings (secrets) Snakemake in its image needs
+    storage_env: Callable[[Any], Mapping[str, str]] = lambda job: {}
     is_preemptible: Callable[[str], bool] = lambda rule: False
     capacity: Capacity = Capacity()
     clamp: bool = False
@@ -112,7 +119,8 @@ def _outputs(files: Iterable[Any], read_later: Collection[str] = ()) -> Tuple[Ou
     for f in files:
         path = os.path.abspath(str(f))
         kind = Kind.DIRECTORY if is_flagged(f, "directory") else Kind.FILE
-        found.append(Output(path, kind, read_later=path in read_later))
+        found.append(Output(path, kind, read_later=path in read_later,
+                            update=is_flagged(f, "update")))
     return tuple(found)
 
 
@@ -276,6 +284,7 @@ def snakemake_task(job: Any, ctx: JobContext) -> TaskSpec:
         workdir=ctx.workdir,
         env={
             **task_env(_threads(job, res, ctx), ctx.envvars),
+            **ctx.storage_env(job),
             # Snakemake writes caches under $HOME, which an unknown uid lacks
             "HOME": CONTAINER_TMPDIR,
         },
@@ -311,15 +320,66 @@ def runs_concurrently(job: Any) -> bool:
 
 
 def tasks_for(job: Any, ctx: JobContext) -> List[TaskSpec]:
+    """The tasks that start now: the job's, or for a group whose jobs run directly one
+    after another, its first job's (``later_tasks`` builds the others)."""
     singles = single_jobs(job)
     for single in singles:
         _envmodules(single, ctx)
     if not runs_concurrently(job) and all(runs_directly(j, ctx) for j in singles):
         try:
-            return [t for j in singles for t in shell_tasks(j, ctx)]
+            return shell_tasks(singles[0], ctx)
         except command.NotPlainShell:
             pass  # Snakemake in the image runs it as it would locally
     return [snakemake_task(job, ctx)]
+
+
+def later_tasks(
+    job: Any, first: Sequence[TaskSpec], ctx: JobContext
+) -> List[Callable[[], List[TaskSpec]]]:
+    """For a group whose jobs run directly, after ``first`` (``tasks_for``): for each
+    later job, what builds its tasks when it starts, once the jobs before it have
+    finished. Snakemake evaluated their params and resources when it scheduled the group,
+    before the files they read existed (``input.size`` of a file still to be made is
+    ``<TBD>``); the local executor evaluates them when the job is ready."""
+    if not job.is_group() or not all(t.benchmarks_by_crank for t in first):
+        return []
+    return [
+        functools.partial(_outside_event_loop, _member_tasks, single, ctx)
+        for single in single_jobs(job)[1:]
+    ]
+
+
+@functools.lru_cache(maxsize=None)
+def _evaluator() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="crank-evaluate")
+
+
+def _outside_event_loop(func: Callable[..., Any], *args: Any) -> Any:
+    """Snakemake evaluates ``input.size`` and the like in an event loop of its own, which
+    cannot run inside the running one of Snakemake's status checks (the value would be
+    ``<TBD>``): ``func`` runs in a thread of crank's, one for the whole run, so that
+    Snakemake keeps one event loop for it."""
+    return _evaluator().submit(func, *args).result()
+
+
+def _member_tasks(job: Any, ctx: JobContext) -> List[TaskSpec]:
+    # Snakemake resets them once, when the scheduler first finds the job ready
+    job._params_and_resources_resetted = False
+    job.reset_params_and_resources()
+    try:
+        job.params, job.resources
+    except Exception as e:  # an input function's or a resource's error, in Snakemake's words
+        message = " ".join(str(e).split()) or type(e).__name__
+        raise CrankError(
+            f"rule {job.rule.name}: cannot evaluate its params or resources: {message}"
+        ) from None
+    try:
+        return shell_tasks(job, ctx)
+    except command.NotPlainShell:
+        raise CrankError(
+            f"rule {job.rule.name}: its shell: function does not make exactly one shell "
+            "call, so it cannot run directly in its group"
+        ) from None
 
 
 def snakemake_version() -> str:

@@ -1,0 +1,120 @@
+"""Snakemake's storage layer (``storage()`` files, a default storage provider) for crank's jobs.
+
+Snakemake's job command and environment carry the settings of *every* storage plugin
+installed on the host; crank narrows them to what a job needs: the image's Snakemake gets
+the settings of the plugins the workflow registered (it registers them again when it reads
+the Snakefile), and a task gets the secrets (the plugins' environment-variable settings)
+only of the plugins its own files use, and only when Snakemake runs in it. A job whose
+command runs directly never reaches the storage: the host retrieves its storage inputs
+before it runs and stores its outputs after it succeeded, by Snakemake's own storage
+objects, as Snakemake's local executor does.
+
+``_get_storage_provider_setting_items`` and ``StorageRegistry._storages`` belong to
+Snakemake, not to the plugin interface: that coupling stays in this module.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Iterable, Mapping, Set
+
+from snakemake_interface_storage_plugins.registry import StoragePluginRegistry
+
+from .jobs import single_jobs
+
+
+def _plugin_names(providers: Iterable[Any], workflow: Any) -> Set[str]:
+    """The names of the installed plugins these provider instances belong to (a tagged
+    provider is registered under its tag, not its plugin's name)."""
+    registry = StoragePluginRegistry()
+    classes = {
+        name: registry.get_plugin(name).storage_provider
+        for name in workflow.storage_provider_settings
+    }
+    return {
+        name for provider in providers for name, cls in classes.items() if isinstance(provider, cls)
+    }
+
+
+def registered_plugins(workflow: Any) -> Set[str]:
+    """The plugins the workflow registered: its storage() files and storage: directives,
+    and the default storage provider."""
+    return _plugin_names(workflow.storage_registry._storages.values(), workflow)
+
+
+def storage_files(job: Any) -> list:
+    """The storage() files of a job (or of a group's jobs): inputs, outputs, logs, benchmarks."""
+    files = []
+    for single in single_jobs(job):
+        benchmark = [single.benchmark] if single.benchmark else []
+        files += [
+            f for f in (*single.input, *single.output, *single.log, *benchmark) if f.is_storage
+        ]
+    return files
+
+
+def plugins_of(job: Any, workflow: Any) -> Set[str]:
+    """The plugins whose storage a job's own files are in."""
+    names = _plugin_names((f.storage_object.provider for f in storage_files(job)), workflow)
+    default = workflow.storage_settings.default_storage_provider
+    if default:
+        names.add(default)
+    return names
+
+
+def job_command(command: str, workflow: Any) -> str:
+    """Snakemake's job command (``format_job_exec``) without the settings of storage
+    plugins the workflow does not use (the image's Snakemake need not have them, and
+    rejects them when it has not), with the default storage provider's settings (crank
+    tells Snakemake not to add them: a job run directly needs none)."""
+    factory = workflow.spawned_job_args_factory
+    wanted = registered_plugins(workflow)
+    # get_storage_provider_args formats one argument per non-environment setting, in order
+    owners = [
+        plugin.name
+        for plugin, field, _ in factory._get_storage_provider_setting_items()
+        if not field.metadata.get("env_var", False)
+    ]
+    for owner, arg in zip(owners, factory.get_storage_provider_args()):
+        if owner not in wanted:
+            command = command.replace(f" {arg} ", " ", 1)
+    default = factory.get_default_storage_provider_args()
+    return f"{command} {default}" if default else command
+
+
+def all_secret_names(workflow: Any) -> Set[str]:
+    """The environment variables Snakemake would give every job for the storage plugins."""
+    return set(workflow.spawned_job_args_factory.get_storage_provider_envvars())
+
+
+def secrets_for(job: Any, workflow: Any) -> Dict[str, str]:
+    """The storage plugins' environment-variable settings (keys, secrets, endpoints) a task
+    that runs Snakemake needs: those of the plugins its own files are in."""
+    used = plugins_of(job, workflow)
+    return {
+        plugin.get_envvar(field.name): " ".join(map(str, values))
+        for plugin, field, values in
+        workflow.spawned_job_args_factory._get_storage_provider_setting_items()
+        if field.metadata.get("env_var") and plugin.name in used
+    }
+
+
+def user_envvars(envvars: Mapping[str, str], workflow: Any) -> Dict[str, str]:
+    """``envvars`` (Snakemake's, for every job) without the storage plugins' settings,
+    unless the user named them in --envvars or the workflow's envvars:."""
+    declared = {*workflow.remote_execution_settings.envvars, *workflow.envvars}
+    secrets = all_secret_names(workflow)
+    return {k: v for k, v in envvars.items() if k in declared or k not in secrets}
+
+
+async def retrieve_inputs(job: Any) -> None:
+    """Before a job that runs directly: its storage inputs at their local paths, as
+    Snakemake's scheduler does for a local job."""
+    await job.dag.retrieve_storage_inputs(jobs=[job], also_missing_internal=True)
+
+
+async def store_outputs(job: Any) -> None:
+    """After a job that ran directly succeeded (and was post-processed): its storage
+    outputs, logs and benchmark stored, as Snakemake's local executor does
+    (``DAG.handle_storage``, which also drops local copies nobody needs any more)."""
+    for single in single_jobs(job):
+        await single.dag.handle_storage(single)

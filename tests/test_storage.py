@@ -1,0 +1,278 @@
+"""Snakemake's storage layer under crank, end to end: storage() files (the real S3 plugin
+against SeaweedFS with enforced credentials, the real HTTP plugin against a loopback web
+server), a default storage provider, the between-workflow output cache, and which tasks get
+the storage plugins' settings. Each case is compared with Snakemake's local executor."""
+
+import functools
+import http.server
+import os
+import subprocess
+import sys
+import threading
+import uuid
+from pathlib import Path
+
+import pytest
+import requests
+
+import test_tes
+from conftest import SNAKEMAKE_IMAGE, copy_workflow, snakemake
+
+pytestmark = pytest.mark.s3
+
+
+# ---------------------------------------------------------------- helpers
+
+
+@pytest.fixture(scope="module")
+def bucket(s3):
+    """The test bucket, through the plugin's own client library (boto3)."""
+    import boto3
+
+    client = boto3.client(
+        "s3",
+        endpoint_url=s3.endpoint,
+        aws_access_key_id=s3.values["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=s3.values["AWS_SECRET_ACCESS_KEY"],
+        region_name=s3.values.get("AWS_REGION", "us-east-1"),
+    )
+
+    class Bucket:
+        name = s3.bucket
+
+        def prefix(self) -> str:
+            """A key prefix of one run's own."""
+            return f"storage-tests/{uuid.uuid4().hex}"
+
+        def put(self, key: str, body: bytes) -> None:
+            client.put_object(Bucket=s3.bucket, Key=key, Body=body)
+
+        def objects(self, prefix: str) -> dict:
+            """key below ``prefix`` -> content."""
+            found = {}
+            for page in client.get_paginator("list_objects_v2").paginate(
+                Bucket=s3.bucket, Prefix=prefix + "/"
+            ):
+                for item in page.get("Contents", []):
+                    body = client.get_object(Bucket=s3.bucket, Key=item["Key"])["Body"].read()
+                    found[item["Key"][len(prefix) + 1 :]] = body
+            return found
+
+    return Bucket()
+
+
+def storage_args(s3) -> tuple:
+    """The S3 plugin's settings on the command line, as a user passes them."""
+    return (
+        "--storage-s3-endpoint-url", s3.endpoint,
+        "--storage-s3-access-key", s3.values["AWS_ACCESS_KEY_ID"],
+        "--storage-s3-secret-key", s3.values["AWS_SECRET_ACCESS_KEY"],
+    )
+
+
+def without_aws(env) -> dict:
+    """No AWS_* variables: the plugin gets its credentials from its settings only."""
+    return {k: v for k, v in env.items() if not k.startswith("AWS_")}
+
+
+def local_run(workdir: Path, *args: str, env=None) -> subprocess.CompletedProcess:
+    """Snakemake's local executor, the reference every case is compared with."""
+    return subprocess.run(
+        [sys.executable, "-m", "snakemake", "--cores", "2", *args],
+        cwd=workdir, capture_output=True, text=True, timeout=300,
+        env=without_aws({**os.environ, **(env or {})}), stdin=subprocess.DEVNULL,
+    )
+
+
+def docker_run(workdir: Path, *args: str, env=None) -> subprocess.CompletedProcess:
+    command = [
+        sys.executable, "-m", "snakemake", "--executor", "crank", "--jobs", "4",
+        "--crank-default-image", "crank-test/busybox:1", "--container-image", SNAKEMAKE_IMAGE,
+        "--seconds-between-status-checks", "1", *args,
+    ]
+    return subprocess.run(
+        command, cwd=workdir, capture_output=True, text=True, timeout=300,
+        env=without_aws({**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}),
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def tes_run(tes, workdir: Path, *args: str, env=None) -> subprocess.CompletedProcess:
+    """crank on Funnel (crank's own staging store gets its AWS_* variables, the storage
+    plugin its settings)."""
+    command = test_tes.crank_command(tes, workdir, "--container-image", SNAKEMAKE_IMAGE, *args)
+    return subprocess.run(
+        command, cwd=workdir, capture_output=True, text=True, timeout=300,
+        env={**tes.env(), **(env or {})}, stdin=subprocess.DEVNULL,
+    )
+
+
+def ok(done: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done
+
+
+@pytest.fixture(scope="module")
+def web(tmp_path_factory):
+    """A loopback web server serving a directory of its own."""
+    root = tmp_path_factory.mktemp("web")
+    (root / "page.txt").write_text("a page\n")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+# ---------------------------------------------------------------- storage plugins on the host
+
+
+@pytest.mark.docker
+def test_run_rule_needs_no_storage_plugin_in_the_image(docker_api, tmp_path):
+    """The S3 and HTTP plugins are installed on the host (the test extra), not in the image:
+    Snakemake's job command must not name their settings."""
+    workdir = copy_workflow("storage_secrets", tmp_path / "w")
+    ok(docker_run(workdir, "run_env.txt"))
+    assert (workdir / "run_env.txt").is_file()
+
+
+# ---------------------------------------------------------------- secrets
+
+
+SECRET_NAMES = ("SNAKEMAKE_STORAGE_S3_SECRET_KEY", "SNAKEMAKE_STORAGE_S3_ACCESS_KEY")
+
+
+def secrets_workdir(tmp_path: Path):
+    workdir = copy_workflow("storage_secrets", tmp_path / "w")
+    # a user's own --envvars still go to every task
+    args = ("--envvars", "CRANK_TEST_USER_VAR")
+    return workdir, args, {"CRANK_TEST_USER_VAR": "mine"}
+
+
+def assert_no_secret(workdir: Path, s3) -> None:
+    secret = s3.values["AWS_SECRET_ACCESS_KEY"]
+    for name in ("shell_env.txt", "run_env.txt"):
+        text = (workdir / name).read_text()
+        assert "CRANK_TEST_USER_VAR=mine" in text, name
+        assert secret not in text, name
+        assert not any(n in text for n in SECRET_NAMES), name
+
+
+@pytest.mark.docker
+def test_storage_secrets_stay_out_of_tasks_that_do_not_use_storage(docker_api, s3, tmp_path):
+    workdir, args, env = secrets_workdir(tmp_path)
+    ok(docker_run(workdir, *args, *storage_args(s3), env=env))
+    assert_no_secret(workdir, s3)
+
+
+@pytest.mark.tes
+def test_storage_secrets_stay_out_of_tes_task_bodies(tes, s3, tmp_path):
+    workdir, args, env = secrets_workdir(tmp_path)
+    ok(tes_run(tes, workdir, *args, *storage_args(s3), env=env))
+    assert_no_secret(workdir, s3)
+    tasks = test_tes.tasks_of(tes, workdir)
+    assert len(tasks) == 2
+    for task in tasks:
+        full = requests.get(f"{tes.url}/v1/tasks/{task['id']}", params={"view": "FULL"},
+                            timeout=30)
+        full.raise_for_status()
+        assert s3.values["AWS_SECRET_ACCESS_KEY"] not in full.text
+        assert not any(n in full.text for n in SECRET_NAMES)
+
+
+# ---------------------------------------------------------------- storage() files
+
+
+def objects_workdir(tmp_path: Path, bucket, web, name: str):
+    workdir = copy_workflow("storage_objects", tmp_path / name)
+    prefix = bucket.prefix()
+    bucket.put(f"{prefix}/in/in.txt", b"hello storage\n")
+    config = ("--config", f"prefix=s3://{bucket.name}/{prefix}", f"http={web}")
+    return workdir, prefix, config
+
+
+def assert_like_local(run, tmp_path: Path, bucket, web, s3) -> None:
+    local, local_prefix, local_config = objects_workdir(tmp_path, bucket, web, "local")
+    ok(local_run(local, *local_config, *storage_args(s3)))
+    workdir, prefix, config = objects_workdir(tmp_path, bucket, web, "crank")
+    ok(run(workdir, *config, *storage_args(s3)))
+    expected = bucket.objects(local_prefix)
+    assert expected["out/upper.txt"] == b"HELLO STORAGE\n"
+    assert set(expected) == {"in/in.txt", "out/upper.txt", "logs/upper.log"}
+    assert bucket.objects(prefix) == expected
+    joined = (workdir / "results" / "joined.txt").read_text()
+    assert joined == (local / "results" / "joined.txt").read_text() == "HELLO STORAGE\na page\n"
+    # a second run finds everything up to date in storage, as locally
+    again = ok(run(workdir, *config, *storage_args(s3)))
+    assert "Nothing to be done" in again.stderr
+
+
+@pytest.mark.docker
+def test_storage_files_are_retrieved_and_stored_on_docker(docker_api, s3, bucket, web, tmp_path):
+    assert_like_local(docker_run, tmp_path, bucket, web, s3)
+
+
+@pytest.mark.tes
+def test_storage_files_are_retrieved_and_stored_on_tes(tes, s3, bucket, web, tmp_path):
+    assert_like_local(functools.partial(tes_run, tes), tmp_path, bucket, web, s3)
+
+
+# ---------------------------------------------------------------- default storage provider
+
+
+def assert_default_storage_like_local(run, tmp_path: Path, bucket, s3) -> None:
+    results = {}
+    for name, runner in (("local", local_run), ("crank", run)):
+        workdir = copy_workflow("storage_default", tmp_path / name)
+        prefix = bucket.prefix()
+        ok(runner(workdir, "--default-storage-provider", "s3",
+                  "--default-storage-prefix", f"s3://{bucket.name}/{prefix}", *storage_args(s3)))
+        results[name] = bucket.objects(prefix)
+        # every file lives in the store: nothing of the workflow's in the workdir
+        assert not (workdir / "c.txt").exists()
+    assert results["local"]["c.txt"] == b"a\nb\nc\n"
+    assert results["crank"] == results["local"]
+
+
+@pytest.mark.docker
+def test_default_storage_provider_on_docker(docker_api, s3, bucket, tmp_path):
+    assert_default_storage_like_local(docker_run, tmp_path, bucket, s3)
+
+
+@pytest.mark.tes
+def test_default_storage_provider_on_tes(tes, s3, bucket, tmp_path):
+    assert_default_storage_like_local(functools.partial(tes_run, tes), tmp_path, bucket, s3)
+
+
+# ---------------------------------------------------------------- between-workflow cache
+
+
+def assert_cache_like_local(run, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    env = {"SNAKEMAKE_OUTPUT_CACHE": str(cache)}
+    first = copy_workflow("storage_cache", tmp_path / "first")
+    ok(run(first, "--cache", "a", env=env))
+    computed = (first / "a.txt").read_text()
+    assert len(list(cache.iterdir())) == 1  # stored in the cache
+    second = copy_workflow("storage_cache", tmp_path / "second")
+    done = ok(run(second, "--cache", "a", env=env))
+    # reused, not recomputed: the same content, in the consumer too
+    assert (second / "a.txt").read_text() == computed
+    assert (second / "b.txt").read_text() == computed
+    assert "from cache" in done.stderr
+    # the local executor reuses what crank stored
+    local = copy_workflow("storage_cache", tmp_path / "local")
+    ok(local_run(local, "--cache", "a", env=env))
+    assert (local / "a.txt").read_text() == computed
+
+
+@pytest.mark.docker
+def test_output_cache_is_stored_and_reused_on_docker(docker_api, tmp_path):
+    assert_cache_like_local(docker_run, tmp_path)
+
+
+@pytest.mark.tes
+def test_output_cache_is_stored_and_reused_on_tes(tes, tmp_path):
+    assert_cache_like_local(functools.partial(tes_run, tes), tmp_path)
