@@ -219,7 +219,7 @@ def backend_from(settings: ExecutorSettings, run_id: str, workdir: str, report=N
             "seconds >= 0"
         )
     try:
-        backend = DockerBackend(run_id, workdir, options)
+        backend = DockerBackend(run_id, workdir, options, report)
         # options the engine would refuse are found now, not job by job
         backend.check_host_config()
         backend.check_network()

@@ -3,7 +3,13 @@ make the host read or write a file outside its mounts through its logs, nor hang
 collection; the stderr tail stays bounded; inputs share mounts; an image that cannot be
 pulled is said at once."""
 
+import http.server
+import json
 import os
+import signal
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -11,7 +17,7 @@ import pytest
 from snakemake_executor_plugin_crank.backends import logs
 from snakemake_executor_plugin_crank.task import TaskSpec
 
-from conftest import snakemake
+from conftest import snakemake, wait_for
 
 pytestmark = pytest.mark.docker
 
@@ -210,3 +216,91 @@ def test_merged_input_mounts_never_cover_system_dirs_home_or_writable_ones():
     assert home not in readonly and "/data/w" not in readonly and "/data" not in readonly
     small = plan_mounts("/wd", [f"/data/ref/f{i}" for i in range(MAX_INPUT_MOUNTS)], [])
     assert len(small) == MAX_INPUT_MOUNTS + 1  # few inputs: each its own mount, as before
+
+
+# ------------------------------------------------------ item 14: images that cannot be pulled
+
+PULLED = """
+rule all:
+    input: "a.txt", "b.txt"
+
+rule a:
+    output: "a.txt"
+    container: config["image"]
+    shell: "echo a > {output}"
+
+rule b:
+    output: "b.txt"
+    container: config["image"]
+    shell: "echo b > {output}"
+"""
+
+
+def test_a_registry_that_cannot_be_reached_is_said_at_once_and_tried_again(docker_api, tmp_path):
+    """Item 14: one line per image, while the first submission is tried again (not after
+    the whole tolerance); nothing reaches beyond loopback."""
+    image = "127.0.0.1:1/crank-missing:1"
+    workdir = workflow(tmp_path / "wd", PULLED)
+    err = tmp_path / "stderr.txt"
+    with open(err, "w") as sink:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "snakemake", "--executor", "crank", "--jobs", "2",
+             "--seconds-between-status-checks", "1", "--config", f"image={image}"],
+            cwd=workdir, stdout=subprocess.DEVNULL, stderr=sink, stdin=subprocess.DEVNULL,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        try:
+            line = f"could not pull image '{image}'"
+            wait_for(lambda: "trying again" in err.read_text(), 60, "the line saying the pull is tried again")
+            proc.send_signal(signal.SIGINT)
+            proc.wait(60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    text = err.read_text()
+    said = [x for x in text.splitlines() if line in x and "trying again" in x]
+    assert len(said) == 1 and "connection refused" in said[0], text
+    assert "Traceback" not in text
+
+
+class _Registry(http.server.BaseHTTPRequestHandler):
+    """A registry on loopback that has no image: /v2/ answers, every manifest is refused."""
+
+    refusal = ("MANIFEST_UNKNOWN", 404)
+
+    def do_GET(self):
+        if self.path == "/v2/":
+            body, status = b"{}", 200
+        else:
+            code, status = self.refusal
+            body = json.dumps({"errors": [{"code": code, "message": code.lower(), "detail": {}}]}).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Docker-Distribution-API-Version", "registry/2.0")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_HEAD = do_GET
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize("refusal", [("MANIFEST_UNKNOWN", 404), ("UNAUTHORIZED", 401)])
+def test_an_image_the_registry_does_not_have_fails_at_once(docker_api, tmp_path, refusal):
+    """Item 14: the registry answered that the image is not there (or not for us): the
+    jobs fail in one line each, without waiting out --crank-backend-tolerance (120 s)."""
+    handler = type("Registry", (_Registry,), {"refusal": refusal})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    image = f"127.0.0.1:{server.server_port}/crank-missing:1"
+    try:
+        workdir = workflow(tmp_path / "wd", PULLED)
+        done = snakemake(workdir, "--config", f"image={image}", timeout=90)
+    finally:
+        server.shutdown()
+    assert done.returncode != 0
+    assert done.stderr.count(f"could not pull image '{image}'") >= 2, done.stderr
+    assert "trying again" not in done.stderr and "Traceback" not in done.stderr

@@ -13,7 +13,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Collection, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Collection, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import docker
 import docker.errors
@@ -235,6 +235,11 @@ def running_seconds(state: Mapping[str, Any]) -> Optional[float]:
         return None
 
 
+# what the engine says when the registry answered that the image is not there for us
+_REGISTRY_REFUSALS = (
+    "not found", "manifest unknown", "name unknown", "pull access denied", "unauthorized",
+    "denied:", "repository does not exist",
+)
 # answered with status 500 by the engine, yet final: asking again cannot help
 _FINAL_SERVER_ERRORS = ("could not select device driver", "invalid reference format")
 
@@ -254,10 +259,15 @@ def engine_errors(doing: str):
 
 
 class DockerBackend:
-    def __init__(self, run_id: str, workdir: str, options: DockerOptions = DockerOptions()):
+    def __init__(
+        self, run_id: str, workdir: str, options: DockerOptions = DockerOptions(),
+        report: Optional[Callable[[str], None]] = None,
+    ):
         self.run_id = run_id
         self.workdir = workdir
         self.options = options
+        self.report = report or (lambda line: None)  # what the user should know now
+        self._pull_failures: set = set()  # images whose failed pull was reported
         self._script_dirs: set = set()  # where scripts too long for argv were written
         where = options.base_url or os.environ.get("DOCKER_HOST") or "the default socket"
         silent = (
@@ -350,14 +360,27 @@ class DockerBackend:
                 raise _invalid_image(image, e) from None
         try:
             with engine_errors("pulling an image"):
-                self.api.pull(image)
-        except docker.errors.APIError as e:
-            if e.status_code == 400 or "invalid reference" in str(e):
-                raise _invalid_image(image, e) from None
-            raise ImageUnavailable(f"could not pull image {image!r} ({_short(e)})") from None
+                try:
+                    self.api.pull(image)
+                except docker.errors.APIError as e:
+                    raise self._pull_failed(image, e) from None
         except docker.errors.DockerException as e:
             raise ImageUnavailable(f"could not pull image {image!r} ({_short(e)})") from None
         self._images.add(image)
+
+    def _pull_failed(self, image: str, error: docker.errors.APIError) -> CrankError:
+        """What a refused pull means: a bad reference or an image the registry does not
+        have for us fail the job now; anything else (most often a registry that cannot
+        be reached) is said at once, once per image, and tried again."""
+        if error.status_code == 400 or "invalid reference" in str(error):
+            return _invalid_image(image, error)
+        failed = f"could not pull image {image!r} ({_short(error)})"
+        if not error.is_server_error() or any(a in str(error).lower() for a in _REGISTRY_REFUSALS):
+            return ImageUnavailable(failed)
+        if image not in self._pull_failures:
+            self._pull_failures.add(image)
+            self.report(f"{failed}; trying again until --crank-backend-tolerance runs out")
+        return BackendUnavailable(failed)
 
     def submit(self, task: TaskSpec) -> str:
         # a script too long for argv goes as a file: containers of its own (command_for)
