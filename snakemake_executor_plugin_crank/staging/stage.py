@@ -346,9 +346,8 @@ def _tree_below(directory: str) -> _Tree:
     (compared by (st_dev, st_ino)): such an entry (``sub/up -> ..``) is returned as a link
     to that directory, relative to the entry's own directory, and not walked. Following it
     would repeat the tree until the kernel's limit on symlinks in a path (ELOOP, 40 levels),
-    twice as often with each further such link. Broken symlinks, sockets and the like are left
-    out, as they were by the old walk; an unreadable directory is an error, never silently
-    left out."""
+    twice as often with each further such link. Broken symlinks, sockets and FIFOs are left
+    out; an unreadable directory is an error, never silently left out."""
     top = os.path.abspath(directory)
     on_path: dict[tuple[int, int], str] = {}  # directory identity -> the path the job sees
     ancestors = [top]

@@ -98,7 +98,6 @@ class ContentChanged(CrankError):
             f"{path} changed after crank computed its sha256 (its size, times or content differ "
             "now); is something still writing it? Run again once it is complete"
         )
-        self.path = path
 
 
 def is_loopback(endpoint: str) -> bool:
