@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import wait_for
+from conftest import snakemake, wait_for
 from test_tes import crank, live_tasks
 
 pytestmark = pytest.mark.tes
@@ -82,8 +82,8 @@ def ancestor_links(workdir: Path) -> None:
 
 
 def test_a_directory_input_with_links_to_its_ancestors(tes, tmp_path):
-    """The job sees what it sees under Snakemake's local executor: the files once and the
-    links as links, reaching the same files. Once the staging walk followed them to ELOOP:
+    """The job sees what it sees under Snakemake's local executor and crank on Docker: the
+    files once and the links as links, reaching the same files. Once the staging walk followed them to ELOOP:
     41 copies of every file for one link, and a job that never left "queued" for two."""
     workdir = new_workdir(tmp_path, LOOK)
     ancestor_links(workdir)
@@ -91,6 +91,10 @@ def test_a_directory_input_with_links_to_its_ancestors(tes, tmp_path):
     ancestor_links(local)
     expected = local_snakemake(local)
     assert expected.returncode == 0, expected.stderr
+    on_docker = new_workdir(tmp_path, LOOK)
+    ancestor_links(on_docker)
+    docker_run = snakemake(on_docker)
+    assert docker_run.returncode == 0, docker_run.stderr
 
     start = time.monotonic()
     done = crank(tes, workdir, timeout=120)
@@ -98,6 +102,7 @@ def test_a_directory_input_with_links_to_its_ancestors(tes, tmp_path):
     assert time.monotonic() - start < 90
     seen = (workdir / "seen.txt").read_text().splitlines()
     assert sorted(seen) == sorted((local / "seen.txt").read_text().splitlines())
+    assert sorted(seen) == sorted((on_docker / "seen.txt").read_text().splitlines())
     assert "./sub/up" in seen and "sub/up/sub/deeper/back/sub/up/a: a" in seen and "up -> .." in seen
     summary = [line for line in done.stderr.splitlines() if "crank: staging:" in line]
     assert len(summary) == 1 and " 2 files," in summary[0], summary
