@@ -20,9 +20,13 @@ from .task import State, TaskResult, TaskSpec
 
 @dataclass(eq=False)
 class Chain:
-    """The tasks of one Snakemake job (several for a group job), run one after another."""
+    """The tasks of one Snakemake job (several for a group job), run one after another.
+    ``tasks`` holds those built so far; each of ``later`` builds the next ones when they
+    start, after the tasks before them have finished (a group's job may read what the jobs
+    before it wrote to decide its resources and command)."""
 
-    tasks: Tuple[TaskSpec, ...]
+    tasks: List[TaskSpec]
+    later: List[Callable[[], Sequence[TaskSpec]]] = field(default_factory=list)
     index: int = 0
     # None while the current task still has to be submitted (the backend failed)
     handle: Optional[str] = None
@@ -71,11 +75,15 @@ class Runner:
         # how long the backend may fail one chain before the chain is reported failed
         self.tolerance_s = tolerance_s
 
-    def start(self, tasks: Sequence[TaskSpec]) -> Chain:
-        """Submit the first task. Raises CrankError when the backend refuses it; when
-        the backend does not answer (BackendUnavailable) the task is submitted again at
-        the next rounds, for up to ``tolerance_s``."""
-        chain = Chain(tuple(tasks))
+    def start(
+        self, tasks: Sequence[TaskSpec], later: Sequence[Callable[[], Sequence[TaskSpec]]] = ()
+    ) -> Chain:
+        """Submit the first task; ``later`` build the tasks that follow ``tasks``, each when
+        its turn comes (a CrankError it raises fails the chain). Raises CrankError when
+        the backend refuses the first task; when the backend does not answer
+        (BackendUnavailable) the task is submitted again at the next rounds, for up to
+        ``tolerance_s``."""
+        chain = Chain(list(tasks), list(later))
         try:
             chain.handle = self.backend.submit(chain.current)
         except BackendUnavailable:
@@ -177,7 +185,9 @@ class Runner:
             return Outcome(False, failure_message(task, result), tuple(chain.log_files))
         self.on_success(task, result)
         if chain.index + 1 == len(chain.tasks):
-            return Outcome(True, log_files=tuple(chain.log_files))
+            if not chain.later:
+                return Outcome(True, log_files=tuple(chain.log_files))
+            chain.tasks.extend(chain.later.pop(0)())
         chain.index += 1
         chain.running_since = None
         chain.timed_out = chain.stopped = False

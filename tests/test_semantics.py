@@ -190,6 +190,31 @@ def test_threads_capped_at_the_cores_given_as_locally(backend, request, tmp_path
     assert left(crank_dir) == []
 
 
+FROM_INPUT = (
+    "--default-resources", "mem_mb=max(2*input.size, 1000.1)", "disk_mb=max(2*input.size, 1000.2)"
+)
+
+
+@BACKENDS
+def test_group_jobs_resources_from_inputs_as_locally(backend, request, tmp_path):
+    """Issue 22, item 2: a group's job computes its resources (and command) from an input
+    an earlier job of the group wrote, when it starts, as locally."""
+    run, left = on(backend, request)
+    local, crank, local_dir, crank_dir = both("semantics_group_inputs", tmp_path, *FROM_INPUT, crank=run)
+    assert local.returncode == 0, local.stderr
+    assert crank.returncode == 0, crank.stderr
+    # the host's own cgroup limit is not the container's: checked below instead
+    assert_same_files(local_dir, crank_dir, skip={"logs/b_limit.txt"})
+    read = lambda rel: (crank_dir / rel).read_text()
+    assert read("b.txt").endswith("a mem=1200 disk=1200\nb mem=2442 disk=2442\n")
+    assert read("c.txt") == "c mem=2484 disk=2484\n"
+    assert not (crank_dir / "a.txt").exists()  # temp(), consumed inside the group
+    if backend == "docker":
+        limit = int(read("logs/b_limit.txt"))  # the engine rounds down to whole pages
+        assert any(0 <= mb - limit < 4096 for mb in (2442 * 10**6, 2442 * 2**20)), limit
+    assert left(crank_dir) == []
+
+
 # ------------------------------------------------------------------ long commands (item 5)
 
 

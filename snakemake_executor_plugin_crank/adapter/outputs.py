@@ -30,7 +30,9 @@ def ran_directly(tasks: Sequence[TaskSpec]) -> bool:
 
 
 def prepare(job: Any, tasks: Sequence[TaskSpec], async_run: Callable) -> List[str]:
-    """Returns the update() outputs backed up (restore them if the job fails)."""
+    """``tasks``: those that start now (a group's later jobs get their directories from
+    ``make_parents`` when they start). Returns the update() outputs backed up (restore
+    them if the job fails)."""
     backed_up = []
     if ran_directly(tasks):
         # as Job.prepare: an update() output is kept, with a backup for a failure
@@ -48,6 +50,13 @@ def prepare(job: Any, tasks: Sequence[TaskSpec], async_run: Callable) -> List[st
             f"rule {job.rule.name}: cannot remove the old output {e.filename!r} "
             f"({e.strerror}); remove what is in the way"
         ) from None
+    make_parents(tasks)
+    return backed_up
+
+
+def make_parents(tasks: Sequence[TaskSpec]) -> Sequence[TaskSpec]:
+    """The directories of the tasks' outputs, logs and benchmark files, made as the local
+    executor makes them when a job starts; returns the tasks."""
     for task in tasks:
         for product in task.products:
             parent = os.path.dirname(product.path)
@@ -59,7 +68,7 @@ def prepare(job: Any, tasks: Sequence[TaskSpec], async_run: Callable) -> List[st
                     f"{product.path!r} ({e.strerror}); put the output in a writable "
                     "directory, or remove what is in the way"
                 ) from None
-    return backed_up
+    return tasks
 
 
 def write_benchmark(job: Any, seconds: Sequence[Optional[float]], extended: bool) -> None:
