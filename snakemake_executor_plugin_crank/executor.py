@@ -81,6 +81,7 @@ class Executor(RemoteExecutor):
             # storage plugins' secrets only go to tasks that run Snakemake and need them
             envvars=storage.user_envvars(self.envvars(), self.workflow),
             storage_env=lambda job: storage.secrets_for(job, self.workflow),
+            storage_plugins=storage.packages(self.workflow),
             is_preemptible=remote.preemptible_rules.is_preemptible,
             capacity=self.backend.capacity(),
             clamp=self.settings.clamp_resources,

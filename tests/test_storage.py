@@ -235,6 +235,70 @@ def assert_default_storage_like_local(run, tmp_path: Path, bucket, s3) -> None:
     assert results["crank"] == results["local"]
 
 
+@pytest.fixture(scope="module")
+def image_with_s3_plugin(docker_api):
+    """The test image with Snakemake plus the S3 plugin, made once from the one without."""
+    import docker
+
+    name = SNAKEMAKE_IMAGE.replace("snakemake:", "snakemake-s3:")
+    try:
+        docker_api.inspect_image(name)
+        return name
+    except docker.errors.ImageNotFound:
+        pass
+    client = docker.DockerClient(base_url=docker_api.base_url)
+    container = client.containers.run(
+        SNAKEMAKE_IMAGE, ["pip", "install", "-q", "snakemake-storage-plugin-s3==0.3.6"],
+        network_mode="host", detach=True,
+    )
+    try:
+        if container.wait(timeout=300)["StatusCode"] != 0:
+            pytest.skip(f"cannot make {name}: {container.logs()[-500:]!r}")
+        repository, tag = name.rsplit(":", 1)
+        container.commit(repository, tag)
+    finally:
+        container.remove(force=True)
+    return name
+
+
+def default_run_args(bucket, s3, image: str) -> tuple:
+    prefix = bucket.prefix()
+    return prefix, (
+        "--default-storage-provider", "s3", "--default-storage-prefix",
+        f"s3://{bucket.name}/{prefix}", "--container-image", image, *storage_args(s3),
+    )
+
+
+@pytest.mark.docker
+def test_run_rule_with_default_storage_reaches_the_store_from_the_image(
+    docker_api, s3, bucket, image_with_s3_plugin, tmp_path
+):
+    """Snakemake in the image stores the run: rule's output itself: it gets the plugin's
+    settings and secrets (and the store is on the host's loopback: host network)."""
+    local = copy_workflow("storage_default_run", tmp_path / "local")
+    local_prefix, args = default_run_args(bucket, s3, image_with_s3_plugin)
+    ok(local_run(local, *args))
+    workdir = copy_workflow("storage_default_run", tmp_path / "crank")
+    prefix, args = default_run_args(bucket, s3, image_with_s3_plugin)
+    ok(docker_run(workdir, *args, "--crank-docker-network", "host"))
+    assert bucket.objects(prefix) == bucket.objects(local_prefix)
+    assert bucket.objects(prefix)["b.txt"] == b"a\nb from run\n"
+
+
+@pytest.mark.docker
+def test_image_without_the_storage_plugin_is_one_clear_line(docker_api, s3, bucket, tmp_path):
+    workdir = copy_workflow("storage_default_run", tmp_path / "crank")
+    _, args = default_run_args(bucket, s3, SNAKEMAKE_IMAGE)
+    done = docker_run(workdir, *args)
+    assert done.returncode != 0
+    assert (
+        f"crank: image {SNAKEMAKE_IMAGE} has no snakemake-storage-plugin-s3, which Snakemake in "
+        "it needs for the workflow's s3 storage (rule b); install it in the image (pip install "
+        "snakemake-storage-plugin-s3)"
+    ) in done.stderr
+    assert "unrecognized arguments" not in done.stderr
+
+
 @pytest.mark.docker
 def test_default_storage_provider_on_docker(docker_api, s3, bucket, tmp_path):
     assert_default_storage_like_local(docker_run, tmp_path, bucket, s3)

@@ -47,6 +47,12 @@ case "$crank_found" in {major}.*) ;; *)
   echo "crank: image {image} has Snakemake $crank_found but this run uses {version}; pass an image with Snakemake {major}.x with --container-image" >&2; exit 127;; esac
 """
 
+# Snakemake in the image registers the workflow's storage plugins when it reads the Snakefile.
+PLUGIN_GUARD = """\
+python -c 'import {module}' 2>/dev/null || {{
+  echo "crank: image {image} has no {package}, which Snakemake in it needs for the workflow's {name} storage ({label}); install it in the image (pip install {package})" >&2; exit 127; }}
+"""
+
 
 @dataclass(frozen=True)
 class JobContext:
@@ -68,6 +74,8 @@ class JobContext:
     # once per run: note(topic, names) -> the executor prints "topic: names" for new names
     note: Callable[[str, Iterable[str]], None] = lambda topic, names: None
     envmodules: str = "ignore"  # or "fail": a job of a rule with envmodules: and no container:
+    # (name, package) of each storage plugin the workflow uses: Snakemake in an image needs them
+    storage_plugins: Tuple[Tuple[str, str], ...] = ()
     # --cores as the user gave it (Snakemake caps job.threads at it); None with only --jobs
     cores: Optional[int] = None
 
@@ -273,6 +281,12 @@ def snakemake_task(job: Any, ctx: JobContext) -> TaskSpec:
     major = ctx.snakemake_version.split(".")[0]
     guard = SNAKEMAKE_GUARD.format(
         image=image, label=label, version=ctx.snakemake_version, major=major
+    ) + "".join(
+        PLUGIN_GUARD.format(
+            module=package.replace("-", "_"), package=package, name=name, image=image,
+            label=label,
+        )
+        for name, package in ctx.storage_plugins
     )
     return TaskSpec(
         name=_task_name(name, job.jobid, job.attempt),

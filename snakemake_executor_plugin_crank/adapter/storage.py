@@ -15,7 +15,7 @@ Snakemake, not to the plugin interface: that coupling stays in this module.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, Mapping, Set
+from typing import Any, Dict, Iterable, Mapping, Set, Tuple
 
 from snakemake_interface_storage_plugins.registry import StoragePluginRegistry
 
@@ -39,6 +39,14 @@ def registered_plugins(workflow: Any) -> Set[str]:
     """The plugins the workflow registered: its storage() files and storage: directives,
     and the default storage provider."""
     return _plugin_names(workflow.storage_registry._storages.values(), workflow)
+
+
+def packages(workflow: Any) -> Tuple[Tuple[str, str], ...]:
+    """(name, Python package) of each plugin the workflow registered."""
+    registry = StoragePluginRegistry()
+    return tuple(
+        (name, registry.get_plugin_package_name(name)) for name in sorted(registered_plugins(workflow))
+    )
 
 
 def storage_files(job: Any) -> list:
