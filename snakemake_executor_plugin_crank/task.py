@@ -30,11 +30,13 @@ class Input:
 class Output:
     """A file or directory the task writes, at the same absolute path inside and outside.
     ``read_later``: another task of the run reads it (a backend that stages may keep it
-    where that task can fetch it)."""
+    where that task can fetch it). ``update``: an ``update()`` output, which the task
+    changes in place (its old content must be there, writable, when the task starts)."""
 
     path: str
     kind: Kind = Kind.FILE
     read_later: bool = False
+    update: bool = False
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,12 @@ time:
 - ``"refuse"``: close the client's connection without forwarding (engine gone);
 - ``"lose_answer"``: forward, let the engine act, then close without answering;
 - ``"hang"``: accept and never answer (until ``hang_s`` or ``stop()``);
-- ``"error500"``: answer 500 without forwarding.
+- ``"error500"``: answer 500 without forwarding;
+- ``"error429"``, ``"error503"``: answer 429 / 503 with ``Retry-After: <retry_after_s>``
+  without forwarding; ``"error401"``: answer 401; ``"html200"``: answer 200 with an HTML
+  page (a proxy's login or error page);
+- ``"drop_tag_filter"``: forward without the query's tag parameters (``tag_key``,
+  ``tag_value``, ``tags[...]``), as a TES 1.0 server or a gateway that drops them.
 
 Local only (a Unix socket in a test's temporary directory, or 127.0.0.1) and bounded: every
 socket has a timeout, every thread is a daemon, ``stop()`` closes everything.
@@ -23,6 +28,7 @@ import re
 import socket
 import threading
 from typing import Callable, List, Optional, Tuple, Union
+from urllib.parse import unquote
 
 Rule = Callable[[str, str], str]
 TIMEOUT_S = 30.0
@@ -47,12 +53,39 @@ def _read_head(conn: socket.socket) -> Optional[bytes]:
     return data
 
 
+JSON = b"Content-Type: application/json\r\n"
+CANNED = {
+    "error500": (b"500 Internal Server Error", JSON, b'{"message":"injected server error"}'),
+    "error429": (b"429 Too Many Requests", JSON + b"Retry-After: {retry_after}\r\n",
+                 b'{"message":"slow down"}'),
+    "error503": (b"503 Service Unavailable", JSON + b"Retry-After: {retry_after}\r\n",
+                 b'{"message":"busy"}'),
+    "error401": (b"401 Unauthorized", JSON, b'{"message":"token expired"}'),
+    "html200": (b"200 OK", b"Content-Type: text/html\r\n",
+                b"<html><body><h1>Please sign in</h1></body></html>\n"),
+}
+TAG_PARAMETER = re.compile(r"^(tag_key|tag_value|tags\[.*\])$")
+
+
+def _without_tag_filter(head: bytes) -> bytes:
+    """The request head with the tag parameters removed from its query."""
+    line, _, rest = head.partition(b"\r\n")
+    method, target, version = line.decode("latin-1").split(" ", 2)
+    path, _, query = target.partition("?")
+    kept = [p for p in query.split("&")
+            if p and not TAG_PARAMETER.match(unquote(p.partition("=")[0]))]
+    target = path + ("?" + "&".join(kept) if kept else "")
+    return f"{method} {target} {version}".encode("latin-1") + b"\r\n" + rest
+
+
 class FaultProxy:
-    def __init__(self, listen: Address, upstream: Address, hang_s: float = 120.0):
+    def __init__(self, listen: Address, upstream: Address, hang_s: float = 120.0,
+                 retry_after_s: int = 1):
         """``listen``: a Unix socket path, or ("127.0.0.1", 0) for a free loopback port."""
         self.listen = listen
         self.upstream = upstream
         self.hang_s = hang_s
+        self.retry_after_s = retry_after_s
         self.rule: Rule = lambda method, path: "pass"
         self.seen: List[Tuple[str, str, str]] = []  # (method, path, action)
         self._lock = threading.Lock()
@@ -140,13 +173,16 @@ class FaultProxy:
             if action == "hang":
                 self._stopped.wait(self.hang_s)
                 return
-            if action == "error500":
-                body = b'{"message":"injected server error"}'
+            if action in CANNED:
+                status, headers, body = CANNED[action]
+                headers = headers.replace(b"{retry_after}", str(self.retry_after_s).encode())
                 conn.sendall(
-                    b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/json\r\n"
-                    b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
+                    b"HTTP/1.1 %s\r\n%sContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+                    % (status, headers, len(body), body)
                 )
                 return
+            if action == "drop_tag_filter":
+                head = _without_tag_filter(head)
             self._forward(conn, head, lose_answer=action == "lose_answer")
         except OSError:
             pass

@@ -1,15 +1,21 @@
 """One HTTP session for a TES server: auth, retries with backoff and jitter, errors in one line.
 
-Transport errors and 502/503/504 are retried for every method (and 500 for GET), with
-exponential backoff and jitter (urllib3 ``Retry``); what still fails becomes
-``BackendUnavailable``. A 4xx is final and explained (401/403: the credentials, 404: the URL).
-Credentials never appear in a message: the URL is shown without its user-info.
+Transport errors and 429/502/503/504 are retried for every method (and 500 for GET), with
+exponential backoff and jitter (urllib3 ``Retry``, honouring ``Retry-After`` up to
+RETRY_AFTER_MAX_S a time); what still fails becomes ``BackendUnavailable``. A 429, or a 503
+with ``Retry-After``, also holds every request of the session until the time the server
+asked for (``Throttled``, without sending): requests made once (status rounds) fail fast
+meanwhile, and the caller's tolerance decides how long that may last. An answer that is not
+JSON (a proxy's HTML page) is ``BackendUnavailable`` too. Any other 4xx is final and
+explained (401/403: the credentials, 404: the URL). Credentials never appear in a message:
+the URL is shown without its user-info.
 """
 
 from __future__ import annotations
 
 import json
 import threading
+import time
 from typing import Any, Mapping, Optional
 from urllib.parse import urlsplit, urlunsplit
 
@@ -23,6 +29,8 @@ from ..errors import BackendUnavailable, CrankError
 CONNECT_TIMEOUT = 10.0
 READ_TIMEOUT = 60.0
 RETRIES = 5
+# a Retry-After longer than this is not slept through inside one request
+RETRY_AFTER_MAX_S = 10.0
 
 
 def redact(url: str) -> str:
@@ -47,7 +55,7 @@ def retry_policy(total: int = RETRIES, backoff: float = 0.5) -> Retry:
         backoff_factor=backoff,
         backoff_jitter=backoff,
         backoff_max=10.0,
-        status_forcelist=(502, 503, 504),
+        status_forcelist=(429, 502, 503, 504),
         allowed_methods=frozenset({"GET", "HEAD", "POST", "DELETE"}),
         respect_retry_after_header=True,
         raise_on_status=False,
@@ -56,18 +64,27 @@ def retry_policy(total: int = RETRIES, backoff: float = 0.5) -> Retry:
 
 
 class _GetRetry(Retry):
-    """Also retry a 500 answer to an idempotent GET."""
+    """Also retry a 500 answer to an idempotent GET; sleep at most RETRY_AFTER_MAX_S for a
+    Retry-After."""
 
     def is_retry(self, method, status_code, has_retry_after=False):
         if method == "GET" and status_code == 500:
             return self.total is None or self.total > 0
         return super().is_retry(method, status_code, has_retry_after)
 
+    def get_retry_after(self, response):
+        seconds = super().get_retry_after(response)
+        return None if seconds is None else min(seconds, RETRY_AFTER_MAX_S)
+
 
 class HttpError(CrankError):
     def __init__(self, message: str, status: int):
         super().__init__(message)
         self.status = status
+
+
+class Throttled(BackendUnavailable):
+    """The server asked crank to wait (429, or 503 with Retry-After); nothing was done."""
 
 
 class Session:
@@ -128,6 +145,8 @@ class Session:
         self._secrets = [s for s in (token, password) if s]
         self._lock = threading.Lock()
         self.counts: dict = {}
+        # (monotonic time before which no request is sent, why)
+        self._hold: tuple = (0.0, "")
 
     def count(self, kind: str) -> None:
         with self._lock:
@@ -150,6 +169,9 @@ class Session:
         retry_reads: bool = True,
     ) -> Optional[Any]:
         """JSON answer of ``method path``; None for a status in ``allow``."""
+        until, why = self._hold
+        if time.monotonic() < until:
+            raise Throttled(f"{why}; {until - time.monotonic():.0f} s left, nothing sent")
         self.count(kind)
         url = self.base + path
         try:
@@ -168,6 +190,14 @@ class Session:
         status = response.status_code
         if status in allow:
             return None
+        retry_after = _retry_after(response)
+        if status == 429 or (status == 503 and retry_after is not None):
+            why = (f"{self.what} at {self.base} asked crank to wait "
+                   + (f"{retry_after:.0f} s" if retry_after is not None else "")
+                   + f" (HTTP {status} on {method} {path})")
+            if retry_after:
+                self._hold = (time.monotonic() + retry_after, why)
+            raise Throttled(why)
         if status >= 500:
             raise BackendUnavailable(
                 f"{self.what} at {self.base} failed: HTTP {status} on {method} {path}"
@@ -190,9 +220,12 @@ class Session:
         try:
             return response.json() if response.content else {}
         except ValueError:
-            raise CrankError(
+            # e.g. the sign-in or error page of a proxy in front of the server
+            kind = response.headers.get("Content-Type", "").split(";")[0].strip() or "no type"
+            raise BackendUnavailable(
                 f"{self.what} at {self.base} answered {method} {path} with something other than "
-                "JSON; is this a TES server?"
+                f"JSON ({kind}: {_detail(response, self._clean)[2:82]!r}); is --crank-tes-url "
+                "the TES server itself, and does a proxy in between want a sign-in?"
             ) from None
 
     def close(self) -> None:
@@ -212,6 +245,17 @@ def _reason(e: Exception, read_timeout: float) -> str:
         if marker in text:
             text = text.split(marker, 1)[1]
     return text.strip("()'\" ").splitlines()[0][:200] if text.strip() else type(e).__name__
+
+
+def _retry_after(response: requests.Response):
+    """Seconds the ``Retry-After`` header asks for (a number or an HTTP date), else None."""
+    value = response.headers.get("Retry-After")
+    if not value:
+        return None
+    try:
+        return max(0.0, Retry().parse_retry_after(value))
+    except Exception:  # noqa: BLE001 - urllib3's InvalidHeader: a header we cannot read
+        return None
 
 
 def _detail(response: requests.Response, clean) -> str:

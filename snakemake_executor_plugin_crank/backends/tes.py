@@ -353,8 +353,13 @@ class TesBackend:
         subs = [self._subs[h] for h in handles if h in self._subs]
         listed: Dict[str, str] = {}
         if any(s.tes_id for s in subs):
-            tasks = self.list_tasks(TAG_RUN, self.run_id, bounded=True)
-            listed = {t["id"]: t.get("state") or "UNKNOWN" for t in tasks}
+            try:
+                tasks = self.list_tasks(TAG_RUN, self.run_id, bounded=True)
+            except HttpError as e:
+                # final (credentials refused, wrong URL): these tasks cannot be followed
+                self._lose_sight(subs, e)
+                tasks = []
+            listed = {t.get("id"): t.get("state") or "UNKNOWN" for t in tasks}
         now = time.monotonic()
         states: Dict[str, State] = {}
         for h in handles:
@@ -374,6 +379,16 @@ class TesBackend:
             else:
                 states[h] = State.LOST
         return states
+
+    def _lose_sight(self, subs: Sequence[_Submission], error: HttpError) -> None:
+        """Fail the created tasks with the server's refusal, once; cancel them if it lets."""
+        for sub in subs:
+            if sub.tes_id and sub.error is None:
+                sub.error = f"crank cannot follow task {sub.tes_id} any more: {error}"
+                try:
+                    self._cancel_id(sub.tes_id)
+                except CrankError:
+                    pass  # refused too: shutdown and the next start try again
 
     def stop(self, handle: str) -> None:
         sub = self._subs.get(handle)
@@ -524,6 +539,7 @@ class TesBackend:
         try:
             for sub in list(self._subs.values()):
                 sub.canceled = True
+            self.stager.stop()  # inputs still uploading are abandoned, not awaited
             self._pool.shutdown(wait=True, cancel_futures=True)
             for t in self.list_tasks(TAG_RUN, self.run_id, view="BASIC", bounded=True):
                 if t.get("state") in NON_TERMINAL:

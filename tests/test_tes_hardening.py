@@ -1,0 +1,314 @@
+"""End-to-end tests of the TES backend's promises against hostile or unlucky surroundings
+(docs/reliability.md, "On TES"): exact files as Snakemake's local executor leaves them, a
+server that ignores tag filters, input uploads that crawl, and a server (or what stands in
+front of it) that throttles, refuses the credentials or answers with a web page. Real Funnel
+and SeaweedFS from scripts/setup.sh; faults through tests/faultproxy.py on loopback ports."""
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import requests
+
+from snakemake_executor_plugin_crank.backends.tes import TAG_RUN, TAG_WORKDIR, workdir_tag
+
+from conftest import BUSYBOX, copy_workflow, wait_for
+from faultproxy import FaultProxy
+from test_tes import (
+    NON_TERMINAL,
+    aws_env,  # noqa: F401 - a fixture
+    crank,
+    crank_command,
+    live_tasks,
+    proxy_to,
+    running_tasks,
+    slow_workflow,
+    start_crank,
+    tasks_of,
+)
+
+pytestmark = pytest.mark.tes
+
+
+def local_run(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    """Snakemake's local executor (no containers) in ``workdir``: the reference."""
+    return subprocess.run([sys.executable, "-m", "snakemake", "--cores", "1", *args], cwd=workdir,
+                          capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+
+
+def user_files(workdir: Path) -> dict:
+    """Every file and directory below ``workdir`` but Snakemake's and crank's own state."""
+    found = {}
+    for path in sorted(workdir.rglob("*")):
+        relative = path.relative_to(workdir)
+        if relative.parts[0] == ".snakemake":
+            continue
+        found[str(relative)] = None if path.is_dir() else path.read_bytes()
+    return found
+
+
+def twin(tmp_path: Path, snakefile: str, files: dict) -> tuple:
+    """Two identical workdirs (the second for the local executor), each with its own
+    storage prefix (crank names it after the workdir's parent)."""
+    dirs = []
+    for _ in range(2):
+        workdir = tmp_path / uuid.uuid4().hex / "wf"
+        workdir.mkdir(parents=True)
+        (workdir / "Snakefile").write_text(snakefile)
+        for name, content in files.items():
+            (workdir / name).parent.mkdir(parents=True, exist_ok=True)
+            (workdir / name).write_text(content)
+        dirs.append(workdir)
+    return tuple(dirs)
+
+
+def age(workdir: Path, *names: str, seconds: float = 100) -> None:
+    """Make files older than the others (so that Snakemake finds their consumers due)."""
+    then = time.time() - seconds
+    for name in names:
+        os.utime(workdir / name, (then, then))
+
+
+# ---------------------------------------------------------------- item 1: update()
+
+
+UPDATE_SNAKEFILE = """
+rule all:
+    input: "log.txt", "state"
+
+rule append:
+    input: "new.txt"
+    output: update("log.txt")
+    shell: "cat {input} >> {output}"
+
+rule grow:
+    input: "new.txt"
+    output: update(directory("state"))
+    shell: "cat {input} >> {output}/kept; cp {input} {output}/added"
+"""
+
+
+def test_update_outputs_keep_their_old_content_as_with_the_local_executor(aws_env, tmp_path):
+    """An update() output is changed in place: the task starts with its old content, writable
+    (a file and a directory), and the result is byte for byte the local executor's."""
+    on_tes, local = twin(tmp_path, UPDATE_SNAKEFILE, {
+        "log.txt": "old\n", "state/kept": "kept\n", "state/sub/deep": "deep\n", "new.txt": "new\n"})
+    for workdir in (on_tes, local):
+        age(workdir, "log.txt", "state/kept", "state/sub/deep", "state/sub", "state")
+    reference = local_run(local)
+    assert reference.returncode == 0, reference.stderr
+    assert (local / "log.txt").read_text() == "old\nnew\n"  # what the local executor does
+
+    done = crank(aws_env, on_tes)
+    assert done.returncode == 0, done.stderr
+    assert user_files(on_tes) == user_files(local)
+
+
+# ---------------------------------------------------------------- item 2: logs of a failed job
+
+
+FAILING_LOG_SNAKEFILE = """
+rule fail:
+    output: "never.txt", directory("never")
+    log: "logs/fail.log", err="logs/fail.err"
+    shell: "echo diagnostics > {log[0]}; echo details > {log.err}; mkdir {output[1]}; "
+           "echo partial > {output[0]}; exit 3"
+"""
+
+
+def test_failed_jobs_log_files_come_back_as_with_the_local_executor(aws_env, tmp_path):
+    on_tes, local = twin(tmp_path, FAILING_LOG_SNAKEFILE, {})
+    reference = local_run(local)
+    assert reference.returncode != 0
+    assert (local / "logs" / "fail.log").read_text() == "diagnostics\n"
+
+    done = crank(aws_env, on_tes)
+    assert done.returncode != 0
+    assert "exit code 3" in done.stderr and "Traceback" not in done.stderr
+    assert user_files(on_tes) == user_files(local)
+
+
+# ---------------------------------------------------------------- item 5: tag filters
+
+
+def user_task(tes, tags: dict) -> str:
+    """A task somebody else made on the same server, directly (not through crank)."""
+    body = {"name": "somebody else's", "executors": [{"image": BUSYBOX, "command": ["sleep", "600"]}],
+            "tags": tags}
+    return requests.post(f"{tes.url}/v1/tasks", json=body, timeout=30).json()["id"]
+
+
+def state_of(tes, task_id: str) -> str:
+    return requests.get(f"{tes.url}/v1/tasks/{task_id}", timeout=30).json()["state"]
+
+
+def test_a_server_that_ignores_tag_filters_never_costs_another_users_task(aws_env, tmp_path):
+    """Through a proxy that drops the tag parameters of ListTasks, crank's start-up (orphans),
+    its lookup after a create whose answer was lost, and its shutdown touch only crank's
+    own tasks: another user's running task survives; a dead run's orphan is still removed;
+    crank says once that the filter is ignored."""
+    workdir = copy_workflow("failing", tmp_path / uuid.uuid4().hex / "wf")
+    other = user_task(aws_env, {"owner": "somebody else"})
+    orphan = user_task(aws_env, {TAG_RUN: "crashed", TAG_WORKDIR: workdir_tag(str(workdir))})
+    refused = []
+
+    def drop_filters_and_refuse_the_first_create(method, path):
+        if method == "GET" and path == "/tasks":
+            return "drop_tag_filter"
+        if method == "POST" and path == "/tasks" and not refused:
+            refused.append(path)  # never reaches the server: a lookup must not adopt anything
+            return "refuse"
+        return "pass"
+
+    try:
+        wait_for(lambda: state_of(aws_env, other) == "RUNNING", timeout=60, what="the user's task running")
+        with proxy_to(aws_env) as proxy:
+            proxy.set_rule(drop_filters_and_refuse_the_first_create)
+            done = crank(aws_env, workdir, "greedy", "--max-threads", "1", "--crank-tes-url", proxy.url)
+            assert ("POST", "/tasks") in proxy.actions("refuse")
+            assert len(proxy.actions("drop_tag_filter")) >= 3  # start-up, lookup, rounds, shutdown
+        assert done.returncode == 0, done.stderr
+        assert (workdir / "greedy.txt").read_text() == "1\n"
+        assert state_of(aws_env, other) == "RUNNING", "crank touched another user's task"
+        assert state_of(aws_env, orphan) in ("CANCELED", "CANCELING")
+        mine = [t for t in tasks_of(aws_env, workdir) if t["id"] != orphan]
+        assert len(mine) == 1 and mine[0]["state"] == "COMPLETE"
+        said = [line for line in done.stderr.splitlines() if "ignores the tag filter" in line]
+        assert len(said) == 1, said
+    finally:
+        for task_id in (other, orphan):
+            requests.post(f"{aws_env.url}/v1/tasks/{task_id}:cancel", timeout=30)
+
+
+# ---------------------------------------------------------------- item 11: status vs uploads
+
+
+STAGING_SNAKEFILE = """
+localrules: all
+
+rule all:
+    input: "quick.txt", "big.txt"
+
+rule quick:
+    output: "quick.txt"
+    shell: "echo quick > {output}"
+
+rule big:
+    input: [f"in/{i}.bin" for i in range(12)]
+    output: "big.txt"
+    shell: "cat {input} | wc -c > {output}"
+"""
+
+
+def test_a_finished_job_is_reported_while_other_inputs_still_upload(aws_env, tmp_path):
+    """Input uploads that do not progress (the store accepts their PUTs and never answers)
+    fill the upload pool; a job that finished meanwhile is still collected and reported, so
+    status rounds (and wall times) never wait for staging."""
+    workdir = tmp_path / uuid.uuid4().hex / "wf"
+    (workdir / "in").mkdir(parents=True)
+    (workdir / "Snakefile").write_text(STAGING_SNAKEFILE)
+    for i in range(12):
+        (workdir / "in" / f"{i}.bin").write_bytes(os.urandom(1000))
+    host, port = aws_env.s3.endpoint.rsplit("//", 1)[1].split(":")
+    with FaultProxy(("127.0.0.1", 0), (host, int(port)), hang_s=300) as store:
+        store.set_rule(lambda method, path: "hang" if method == "PUT" and "/cas/" in path else "pass")
+        proc = start_crank(aws_env, workdir, "--crank-storage-endpoint", store.url)
+        try:
+            wait_for(lambda: len(store.actions("hang")) >= 8, timeout=60, what="uploads stuck")
+            wait_for(lambda: (workdir / "quick.txt").exists(), timeout=60,
+                     what="the quick job collected while uploads hang")
+            assert (workdir / "quick.txt").read_text() == "quick\n"
+            assert not (workdir / "big.txt").exists()
+            store.set_rule(lambda method, path: "pass")
+            store.cut()  # the stuck uploads fail and are retried by the store client
+            _, stderr = proc.communicate(timeout=180)
+        finally:
+            proc.kill()
+    assert proc.returncode == 0, stderr
+    assert (workdir / "big.txt").read_text().strip() == "12000"
+
+
+# ---------------------------------------------------------------- item 12: status list answers
+
+
+def test_throttled_status_rounds_are_waited_out(aws_env, tmp_path):
+    """429 and 503 with Retry-After on the status list: crank sends nothing until the time
+    the server asked for, and the run completes within the tolerance."""
+    workdir = slow_workflow(tmp_path, 3)
+    sent = []  # (time, action) of each status list
+
+    def throttle(method, path):
+        if (method, path) != ("GET", "/tasks"):
+            return "pass"
+        action = "error429" if len(sent) < 2 else "error503" if len(sent) < 4 else "pass"
+        sent.append((time.monotonic(), action))
+        return action
+
+    with proxy_to(aws_env, retry_after_s=3) as proxy:
+        proc = start_crank(aws_env, workdir, "--crank-tes-url", proxy.url)
+        try:
+            wait_for(lambda: running_tasks(aws_env, workdir), timeout=60, what="the task running")
+            proxy.set_rule(throttle)
+            _, stderr = proc.communicate(timeout=120)
+        finally:
+            proc.kill()
+    assert proc.returncode == 0, stderr
+    assert (workdir / "slow.txt").read_text() == "done\n"
+    assert [a for _, a in sent[:5]] == ["error429"] * 2 + ["error503"] * 2 + ["pass"], sent
+    gaps = [later - earlier for (earlier, _), (later, _) in zip(sent, sent[1:5])]
+    assert min(gaps) >= 2.5, gaps  # Retry-After: 3, less the round trip
+    assert "asked crank to wait 3 s (HTTP 429" in stderr
+    assert "Traceback" not in stderr
+
+
+def test_refused_credentials_on_the_status_list_are_one_line(aws_env, tmp_path):
+    """An expired token (401 on the status list): the run ends with one line naming the
+    token setting, without a traceback and without waiting out the tolerance."""
+    workdir = slow_workflow(tmp_path, 600)
+    token = f"sekrit-{uuid.uuid4().hex}"
+    with proxy_to(aws_env) as proxy:
+        proc = subprocess.Popen(
+            crank_command(aws_env, workdir, "--crank-tes-url", proxy.url), cwd=workdir,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+            env={**aws_env.env(), "SNAKEMAKE_CRANK_TES_TOKEN": token})
+        try:
+            wait_for(lambda: running_tasks(aws_env, workdir), timeout=60, what="the task running")
+            proxy.set_rule(lambda method, path: "error401" if (method, path) == ("GET", "/tasks") else "pass")
+            started = time.monotonic()
+            out, stderr = proc.communicate(timeout=100)
+        finally:
+            proc.kill()
+            for task in live_tasks(aws_env, workdir):  # the shutdown could not list them
+                requests.post(f"{aws_env.url}/v1/tasks/{task['id']}:cancel", timeout=30)
+    assert proc.returncode != 0
+    assert time.monotonic() - started < 60  # not the 120 s tolerance
+    lines = [line for line in stderr.splitlines() if "401 from the TES server" in line]
+    assert lines and "--crank-tes-token / SNAKEMAKE_CRANK_TES_TOKEN" in lines[0], stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-5000:]
+    assert token not in stderr + out
+    assert not (workdir / "slow.txt").exists()
+
+
+def test_a_web_page_instead_of_the_status_list_is_one_line(aws_env, tmp_path):
+    """A proxy in front of the server answers with an HTML page: the status round fails like
+    a server that does not answer (tolerated, then the job fails), in one line."""
+    workdir = slow_workflow(tmp_path, 600)
+    with proxy_to(aws_env) as proxy:
+        proc = start_crank(aws_env, workdir, "--crank-tes-url", proxy.url, "--crank-backend-tolerance", "5")
+        try:
+            wait_for(lambda: running_tasks(aws_env, workdir), timeout=60, what="the task running")
+            proxy.set_rule(lambda method, path: "html200" if (method, path) == ("GET", "/tasks") else "pass")
+            _, stderr = proc.communicate(timeout=100)
+        finally:
+            proc.kill()
+            for task in live_tasks(aws_env, workdir):
+                requests.post(f"{aws_env.url}/v1/tasks/{task['id']}:cancel", timeout=30)
+    assert proc.returncode != 0
+    assert "with something other than JSON (text/html: '<html><body><h1>Please sign in" in stderr, stderr[-3000:]
+    assert "Traceback" not in stderr
+    assert not (workdir / "slow.txt").exists()
