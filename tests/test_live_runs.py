@@ -72,13 +72,23 @@ def running_containers(api, run_id: str):
     return api.containers(filters={"label": f"crank.run={run_id}", "status": "running"})
 
 
-@pytest.mark.docker
-def test_a_second_run_in_the_workdir_leaves_the_first_running_docker(docker_api, tmp_path):
-    workdir = workflow(tmp_path)
+def start_run_a(docker_api, workdir: Path):
+    """Run a, once its container runs: its process and its run id."""
     first = start_snakemake(workdir, "a.txt")
     try:
         run_a = wait_for(lambda: run_files(workdir) and the_run_of(first, workdir), 60, "run a's file")
         wait_for(lambda: running_containers(docker_api, run_a), 60, "run a's container running")
+    except BaseException:
+        first.kill()
+        raise
+    return first, run_a
+
+
+@pytest.mark.docker
+def test_a_second_run_in_the_workdir_leaves_the_first_running_docker(docker_api, tmp_path):
+    workdir = workflow(tmp_path)
+    first, run_a = start_run_a(docker_api, workdir)
+    try:
         second = snakemake(workdir, "b.txt")
         assert second.returncode == 0, second.stderr[-3000:]
         assert "left by an earlier run" not in second.stderr
@@ -95,13 +105,9 @@ def test_a_second_run_in_the_workdir_leaves_the_first_running_docker(docker_api,
 @pytest.mark.docker
 def test_the_containers_of_a_killed_run_are_removed_docker(docker_api, tmp_path):
     workdir = workflow(tmp_path)
-    first = start_snakemake(workdir, "a.txt")
-    try:
-        run_a = wait_for(lambda: run_files(workdir) and the_run_of(first, workdir), 60, "run a's file")
-        wait_for(lambda: running_containers(docker_api, run_a), 60, "run a's container running")
-    finally:
-        first.kill()  # SIGKILL: no clean-up, the run file stays
-        first.wait()
+    first, run_a = start_run_a(docker_api, workdir)
+    first.kill()  # SIGKILL: no clean-up, the run file stays
+    first.wait()
     second = snakemake(workdir, "b.txt")
     assert second.returncode == 0, second.stderr[-3000:]
     assert "removed 1 container(s) left by an earlier run" in second.stderr

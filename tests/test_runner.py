@@ -1,10 +1,17 @@
 """The runner's own logic (wall time, tolerance) with a fake backend and clock: no
-Snakemake, no engine, no sleeping. The same paths run end to end in test_faults.py and
-test_tes.py."""
+Snakemake, no engine, no sleeping; then the wall-time kill end to end through the fault
+proxy."""
+
+import os
+import time
+
+import pytest
 
 from snakemake_executor_plugin_crank.errors import BackendUnavailable, CrankError
 from snakemake_executor_plugin_crank.runner import Runner
 from snakemake_executor_plugin_crank.task import Resources, State, TaskResult, TaskSpec
+
+from conftest import containers_of, copy_workflow, snakemake
 
 
 class FakeBackend:
@@ -81,3 +88,36 @@ def test_a_wall_time_stop_refused_fails_the_job_with_the_reason():
         "rule slow: wall time exceeded (runtime limit 1 min); crank could not stop it: "
         "the TES server refused to cancel task t"
     )
+
+
+# ---------------------------------------------------------------- end to end
+
+
+@pytest.mark.slow
+@pytest.mark.docker
+def test_a_wall_time_kill_the_engine_refuses_is_tried_again(docker_api, tmp_path):
+    """The engine drops the first two kills of a job past its runtime (a moment it does
+    not answer): crank kills it at a later round and reports the wall time."""
+    from faultproxy import FaultProxy
+
+    host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+    if not host.startswith("unix://"):
+        pytest.skip("the fault proxy needs the engine on a Unix socket")
+    workdir = copy_workflow("failing", tmp_path / "wf")
+    refused = []
+
+    def refuse_two_kills(method, path):
+        if path.endswith("/kill") and len(refused) < 2:
+            refused.append(path)
+            return "refuse"
+        return "pass"
+
+    with FaultProxy(str(tmp_path / "p.sock"), host[len("unix://"):]) as proxy:
+        proxy.set_rule(refuse_two_kills)
+        started = time.monotonic()
+        done = snakemake(workdir, "walltime", "--crank-docker-url", proxy.url)
+    assert len(refused) == 2
+    assert done.returncode != 0
+    assert "wall time exceeded (runtime limit 1 min)" in done.stderr
+    assert time.monotonic() - started < 300  # killed, not waited out (sleep 600)
+    assert containers_of(docker_api, workdir) == []
