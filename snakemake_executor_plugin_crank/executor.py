@@ -216,6 +216,8 @@ class Executor(RemoteExecutor):
                 self._backups.pop(info.job, None)
                 self.report_job_success(info)
             else:
+                if outputs.ran_directly(chain.tasks):
+                    await self._store_logs(info.job)
                 self._report_error(info, problem or outcome.message, outcome.log_files)
             self._release(chain)
         still = [c for c in chains if c not in ended]
@@ -231,6 +233,12 @@ class Executor(RemoteExecutor):
             where = f"group {job.groupid}" if job.is_group() else f"rule {job.rule.name}"
             return f"{where}: storing its outputs failed: {e}"
         return None
+
+    async def _store_logs(self, job) -> None:
+        try:
+            await storage.store_logs(job)
+        except Exception as e:  # the job's own failure is what gets reported
+            self.logger.warning(f"crank: cannot store the logs of job {job.jobid} ({e})")
 
     def _cacheable(self, job) -> bool:
         return (
@@ -250,6 +258,8 @@ class Executor(RemoteExecutor):
             self.workflow.async_run(job.rule.cache.fetch(job))
         except CacheMissException:
             return False
+        # as after a job that ran: outputs in a default storage provider go there
+        self.workflow.async_run(storage.store_outputs(job))
         self.report_job_success(SubmittedJobInfo(job))
         return True
 

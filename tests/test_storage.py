@@ -218,6 +218,28 @@ def test_storage_files_are_retrieved_and_stored_on_tes(tes, s3, bucket, web, tmp
     assert_like_local(functools.partial(tes_run, tes), tmp_path, bucket, web, s3)
 
 
+def assert_failed_jobs_log_stored_like_local(run, tmp_path: Path, bucket, s3) -> None:
+    results = {}
+    for name, runner in (("local", local_run), ("crank", run)):
+        workdir = copy_workflow("storage_failing", tmp_path / name)
+        prefix = bucket.prefix()
+        done = runner(workdir, "--config", f"prefix=s3://{bucket.name}/{prefix}", *storage_args(s3))
+        assert done.returncode != 0
+        results[name] = bucket.objects(prefix)
+    assert results["local"] == {"logs/fail.log": b"diagnostics\n"}
+    assert results["crank"] == results["local"]
+
+
+@pytest.mark.docker
+def test_failed_jobs_storage_log_is_stored_on_docker(docker_api, s3, bucket, tmp_path):
+    assert_failed_jobs_log_stored_like_local(docker_run, tmp_path, bucket, s3)
+
+
+@pytest.mark.tes
+def test_failed_jobs_storage_log_is_stored_on_tes(tes, s3, bucket, tmp_path):
+    assert_failed_jobs_log_stored_like_local(functools.partial(tes_run, tes), tmp_path, bucket, s3)
+
+
 # ---------------------------------------------------------------- default storage provider
 
 
@@ -330,6 +352,32 @@ def assert_cache_like_local(run, tmp_path: Path) -> None:
     local = copy_workflow("storage_cache", tmp_path / "local")
     ok(local_run(local, "--cache", "a", env=env))
     assert (local / "a.txt").read_text() == computed
+
+
+def assert_cache_in_storage_like_local(run, tmp_path: Path, bucket, s3) -> None:
+    """The cache itself in the default storage provider (SNAKEMAKE_OUTPUT_CACHE an s3:// URL)."""
+    prefix = bucket.prefix()
+    env = {"SNAKEMAKE_OUTPUT_CACHE": f"s3://{bucket.name}/{prefix}/cache"}
+    for name, runner in (("first", run), ("second", run), ("local", local_run)):
+        workdir = copy_workflow("storage_cache", tmp_path / name)
+        ok(runner(workdir, "--cache", "a", "--default-storage-provider", "s3",
+                  "--default-storage-prefix", f"s3://{bucket.name}/{prefix}/{name}",
+                  *storage_args(s3), env=env))
+    objects = bucket.objects(prefix)
+    assert len([key for key in objects if key.startswith("cache/")]) == 1
+    computed = objects["first/a.txt"]
+    for name in ("second", "local"):
+        assert objects[f"{name}/a.txt"] == objects[f"{name}/b.txt"] == computed, name
+
+
+@pytest.mark.docker
+def test_output_cache_in_storage_on_docker(docker_api, s3, bucket, tmp_path):
+    assert_cache_in_storage_like_local(docker_run, tmp_path, bucket, s3)
+
+
+@pytest.mark.tes
+def test_output_cache_in_storage_on_tes(tes, s3, bucket, tmp_path):
+    assert_cache_in_storage_like_local(functools.partial(tes_run, tes), tmp_path, bucket, s3)
 
 
 @pytest.mark.docker

@@ -126,3 +126,12 @@ async def store_outputs(job: Any) -> None:
     (``DAG.handle_storage``, which also drops local copies nobody needs any more)."""
     for single in single_jobs(job):
         await single.dag.handle_storage(single)
+
+
+async def store_logs(job: Any) -> None:
+    """After a job that ran directly failed: its storage logs that it wrote, stored, as
+    Snakemake's local executor does for a failed job (the first thing a user reads)."""
+    for single in single_jobs(job):
+        for f in single.log:
+            if f.is_storage and await f.exists_local():
+                await f.store_in_storage()
