@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -236,33 +237,41 @@ def test_a_finished_job_is_reported_while_other_inputs_still_upload(aws_env, tmp
 # ---------------------------------------------------------------- item 12: status list answers
 
 
-def test_throttled_status_rounds_are_waited_out(aws_env, tmp_path):
-    """429 and 503 with Retry-After on the status list: crank sends nothing until the time
-    the server asked for, and the run completes within the tolerance."""
+def test_throttled_requests_are_waited_out(aws_env, tmp_path):
+    """429 on a create, 429 and 503 with Retry-After on the status list: crank sends nothing
+    until the time the server asked for, and the run completes within the tolerance, with
+    one task."""
     workdir = slow_workflow(tmp_path, 3)
-    sent = []  # (time, action) of each status list
+    creates, sent = [], []  # (time, action) of each create and each status list
+    rounds = threading.Event()  # throttle the status list from now on
 
     def throttle(method, path):
-        if (method, path) != ("GET", "/tasks"):
+        if (method, path) == ("POST", "/tasks"):
+            creates.append((time.monotonic(), "error429" if not creates else "pass"))
+            return creates[-1][1]
+        if (method, path) != ("GET", "/tasks") or not rounds.is_set():
             return "pass"
         action = "error429" if len(sent) < 2 else "error503" if len(sent) < 4 else "pass"
         sent.append((time.monotonic(), action))
         return action
 
-    with proxy_to(aws_env, retry_after_s=3) as proxy:
+    with proxy_to(aws_env, retry_after_s=2) as proxy:
+        proxy.set_rule(throttle)
         proc = start_crank(aws_env, workdir, "--crank-tes-url", proxy.url)
         try:
             wait_for(lambda: running_tasks(aws_env, workdir), timeout=60, what="the task running")
-            proxy.set_rule(throttle)
+            rounds.set()
             _, stderr = proc.communicate(timeout=120)
         finally:
             proc.kill()
     assert proc.returncode == 0, stderr
     assert (workdir / "slow.txt").read_text() == "done\n"
+    assert [a for _, a in creates] == ["error429", "pass"] and creates[1][0] - creates[0][0] >= 1.5
+    assert len(tasks_of(aws_env, workdir)) == 1
     assert [a for _, a in sent[:5]] == ["error429"] * 2 + ["error503"] * 2 + ["pass"], sent
     gaps = [later - earlier for (earlier, _), (later, _) in zip(sent, sent[1:5])]
-    assert min(gaps) >= 2.5, gaps  # Retry-After: 3, less the round trip
-    assert "asked crank to wait 3 s (HTTP 429" in stderr
+    assert min(gaps) >= 1.5, gaps  # Retry-After: 2, less the round trip
+    assert "asked crank to wait 2 s (HTTP 429" in stderr
     assert "Traceback" not in stderr
 
 

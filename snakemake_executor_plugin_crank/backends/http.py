@@ -84,7 +84,12 @@ class HttpError(CrankError):
 
 
 class Throttled(BackendUnavailable):
-    """The server asked crank to wait (429, or 503 with Retry-After); nothing was done."""
+    """The server asked crank to wait (429, or 503 with Retry-After); nothing was done.
+    ``retry_after``: seconds still to wait, when the server said."""
+
+    def __init__(self, message: str, retry_after: Optional[float] = None):
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class Session:
@@ -170,8 +175,9 @@ class Session:
     ) -> Optional[Any]:
         """JSON answer of ``method path``; None for a status in ``allow``."""
         until, why = self._hold
-        if time.monotonic() < until:
-            raise Throttled(f"{why}; {until - time.monotonic():.0f} s left, nothing sent")
+        left = until - time.monotonic()
+        if left > 0:
+            raise Throttled(f"{why}; {left:.0f} s left, nothing sent", left)
         self.count(kind)
         url = self.base + path
         try:
@@ -197,7 +203,7 @@ class Session:
                    + f" (HTTP {status} on {method} {path})")
             if retry_after:
                 self._hold = (time.monotonic() + retry_after, why)
-            raise Throttled(why)
+            raise Throttled(why, retry_after)
         if status >= 500:
             raise BackendUnavailable(
                 f"{self.what} at {self.base} failed: HTTP {status} on {method} {path}"

@@ -28,7 +28,7 @@ import tes
 from ..errors import BackendUnavailable, CrankError
 from ..task import Capacity, Kind, State, TaskResult, TaskSpec
 from . import tes_layout as layout
-from .http import HttpError, Session
+from .http import HttpError, Session, Throttled
 from .logs import save_logs
 
 TAG_RUN = "crank-run"
@@ -42,6 +42,8 @@ PAGE_SIZE = 2047
 # how long a created task may be missing from ListTasks / GetTask (404) before it is LOST
 APPEAR_GRACE_S = 60.0
 CREATE_ATTEMPTS = 5
+# the longest a create waits at once for a server that asked it to (429, Retry-After)
+CREATE_WAIT_MAX_S = 30.0
 # Status rounds, collections, cancels and the shutdown run on Snakemake's loop: one attempt,
 # a bounded wait. A server that does not answer then fails the round, and the runner tries
 # again next round within --crank-backend-tolerance (retrying reads here would hold the loop
@@ -328,23 +330,29 @@ class TesBackend:
         """POST the task; after an answer that may hide a created task, look it up by its
         submission tag before posting again, so a retry never makes a second task."""
         delay = 0.5
+        unsure = False  # an earlier attempt may have created the task
         for attempt in range(CREATE_ATTEMPTS):
-            if attempt:
-                if self._closing:  # a task the lost answer hid is canceled by close()
-                    raise CrankError("the run ended before the task was created")
-                found = self.list_tasks(TAG_SUBMISSION, tag, view="BASIC", bounded=True)
-                if found:
-                    return found[0]["id"]
             try:
+                if unsure:
+                    if self._closing:  # a task the lost answer hid is canceled by close()
+                        raise CrankError("the run ended before the task was created")
+                    found = self.list_tasks(TAG_SUBMISSION, tag, view="BASIC", bounded=True)
+                    if found:
+                        return found[0]["id"]
                 answer = self.http.request("POST", "/v1/tasks", "create", body=body, retry_reads=False)
                 return answer["id"]
             except HttpError as e:
                 raise CrankError(f"the TES server refused the task: {e}") from None
+            except Throttled as e:
+                # the server did nothing: wait as it asked (within reason), then go on
+                wait = min(e.retry_after or delay, CREATE_WAIT_MAX_S)
             except BackendUnavailable:
-                if attempt + 1 == CREATE_ATTEMPTS:
-                    raise
-                time.sleep(delay)
-                delay = min(delay * 2, 8)
+                unsure = True
+                wait = delay
+            if attempt + 1 == CREATE_ATTEMPTS:
+                raise
+            time.sleep(wait)
+            delay = min(delay * 2, 8)
         raise AssertionError("unreachable")
 
     # ------------------------------------------------------------------ status
