@@ -20,7 +20,7 @@ from obstore.store import from_url as obstore_from_url
 
 from snakemake_executor_plugin_crank.errors import BackendUnavailable, CrankError
 from snakemake_executor_plugin_crank.staging import digest as digest_module
-from snakemake_executor_plugin_crank.staging.digest import DigestCache, sha256_file
+from snakemake_executor_plugin_crank.staging.digest import DigestCache, Stopped, sha256_file
 from snakemake_executor_plugin_crank.staging.stage import (
     Stager,
     cas_digest,
@@ -384,6 +384,36 @@ def test_killed_mid_upload_leaves_no_object(s3, s3_prefix, tmp_path):
     assert run.returncode == -signal.SIGKILL
     wait_for(lambda: s3.in_flight() == 0, 30, "the server to finish the dead client's requests")
     assert Store.from_url(s3_prefix).head(file_key(sha(data))) is None
+    assert objects(s3_prefix) == {}
+
+
+@pytest.mark.s3
+def test_stop_ends_staging_at_once_and_leaves_no_object(s3, s3_prefix, tmp_path):
+    """What a run that is ending (Ctrl-C) asks: the upload in flight is abandoned, later
+    calls end at once, and nothing lands under a content address."""
+    data = os.urandom(256 << 20)
+    f = write(tmp_path / "large", data)
+    uploading = threading.Event()
+    s = stager(s3_prefix, tmp_path, progress=lambda _: uploading.set(), progress_interval=0)
+    errors = []
+
+    def run():
+        try:
+            s.stage([str(f)])
+        except CrankError as e:
+            errors.append(e)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    assert uploading.wait(60), "the upload did not start"
+    s.stop()
+    worker.join(30)
+    assert not worker.is_alive()
+    assert [type(e) for e in errors] == [Stopped] and "crank is shutting down" in str(errors[0])
+    with pytest.raises(Stopped):
+        s.stage([str(write(tmp_path / "small", b"small"))])
+    s.close()
+    wait_for(lambda: s3.in_flight() == 0, 30, "the server to finish the abandoned requests")
     assert objects(s3_prefix) == {}
 
 

@@ -1,9 +1,12 @@
 """Staging end to end: the real snakemake CLI with crank on Funnel and SeaweedFS (see
 docs/staging.md), compared where it matters with Snakemake's local executor."""
 
+import hashlib
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -11,7 +14,10 @@ from pathlib import Path
 import pytest
 
 from conftest import snakemake, wait_for
-from test_tes import crank, live_tasks
+from snakemake_executor_plugin_crank.staging.stage import file_key
+from snakemake_executor_plugin_crank.staging.store import Store
+
+from test_tes import aws_env, crank, live_tasks, start_crank  # noqa: F401 - aws_env is a fixture
 
 pytestmark = pytest.mark.tes
 
@@ -107,3 +113,40 @@ def test_a_directory_input_with_links_to_its_ancestors(tes, tmp_path):
     summary = [line for line in done.stderr.splitlines() if "crank: staging:" in line]
     assert len(summary) == 1 and " 2 files," in summary[0], summary
     assert live_tasks(tes, workdir) == []
+
+
+def test_ctrl_c_does_not_wait_for_an_upload(aws_env, tmp_path):
+    """Ctrl-C while a large input is staged: the upload is abandoned (nothing lands under its
+    content address) instead of awaited, and no task is left. Once the run finished the
+    upload first."""
+    workdir = new_workdir(tmp_path, 'rule big:\n    input: "big.bin"\n    output: "n.txt"\n'
+                                    '    shell: "wc -c < {input} > {output}"\n')
+    block = os.urandom(8 << 20)
+    digest = hashlib.sha256()
+    with open(workdir / "big.bin", "wb") as f:
+        for _ in range(96):  # 768 MiB: seconds to hash and to upload
+            f.write(block)
+            digest.update(block)
+    proc = start_crank(aws_env, workdir)
+    lines = []
+
+    def read_stderr():
+        for line in proc.stderr:
+            lines.append(line)
+
+    reader = threading.Thread(target=read_stderr, daemon=True)
+    reader.start()
+    try:
+        wait_for(lambda: any(line.startswith("rule big") for line in lines), 60, "the job to start")
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    reader.join(10)
+    store = Store.from_url(aws_env.prefix(workdir.parent.name))
+    text = "".join(lines)
+    assert "Terminating processes on user request" in text and "Traceback" not in text, text
+    assert store.head(file_key(digest.hexdigest())) is None, text
+    assert live_tasks(aws_env, workdir) == []
+    assert not (workdir / "n.txt").exists()
+    (workdir / "big.bin").unlink()

@@ -15,6 +15,7 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 
 from ..errors import CrankError
 
@@ -31,6 +32,19 @@ TABLE = "digests_v2"
 
 # (size, mtime_ns, inode, device, ctime_ns)
 Identity = tuple[int, int, int, int, int]
+
+
+class Stopped(CrankError):
+    """Hashing or uploading was asked to stop (the run is ending)."""
+
+    def __init__(self) -> None:
+        super().__init__("staging stopped: crank is shutting down")
+
+
+def check(stop: Callable[[], bool] | None) -> None:
+    """Raise Stopped when ``stop`` says so: called between blocks of long work."""
+    if stop is not None and stop():
+        raise Stopped()
 
 
 def sha256_file(path: str) -> str:
@@ -51,9 +65,10 @@ def recently_changed(identity: Identity) -> bool:
     return time.time_ns() - max(identity[1], identity[4]) < RACY_NS
 
 
-def _hash_with_stat(path: str) -> tuple[str, os.stat_result]:
+def _hash_with_stat(path: str, stop: Callable[[], bool] | None = None) -> tuple[str, os.stat_result]:
     """Hash a file and return the stat it was hashed under. The stat is taken on the open file
-    before and after reading: a file written to meanwhile is refused instead of hashed wrong."""
+    before and after reading: a file written to meanwhile is refused instead of hashed wrong.
+    ``stop`` is asked between blocks (see check)."""
     h = hashlib.sha256()
     buf = bytearray(BLOCK_SIZE)
     view = memoryview(buf)
@@ -64,6 +79,7 @@ def _hash_with_stat(path: str) -> tuple[str, os.stat_result]:
                 os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
             while n := f.readinto(buf):
                 h.update(view[:n])
+                check(stop)
             after = os.fstat(f.fileno())
     except OSError as e:
         raise CrankError(f"cannot read {path}: {e.strerror or e}") from None
@@ -135,10 +151,13 @@ class DigestCache:
         """sha256 hex of ``path``; hashed only when the cache has no entry for this exact file."""
         return self.digest_with_identity(path)[0]
 
-    def digest_with_identity(self, path: str, cached: bool = True) -> tuple[str, Identity]:
+    def digest_with_identity(
+        self, path: str, cached: bool = True, stop: Callable[[], bool] | None = None,
+    ) -> tuple[str, Identity]:
         """The digest and the identity (see file_identity) of the file it is the digest of,
         so that a later reader can tell whether the file is still the same. ``cached=False``
-        hashes the file whatever the cache holds, and replaces the entry."""
+        hashes the file whatever the cache holds, and replaces the entry; ``stop`` ends the
+        hashing early (see check)."""
         real = os.path.realpath(path)
         if cached:
             digest, identity = self._lookup(real)
@@ -146,7 +165,7 @@ class DigestCache:
                 with self._lock:
                     self.hits += 1
                 return digest, identity
-        digest, st = _hash_with_stat(real)
+        digest, st = _hash_with_stat(real, stop)
         identity = file_identity(st)
         with self._lock:
             self.misses += 1

@@ -29,7 +29,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from ..errors import CrankError
-from .digest import DigestCache, Identity
+from .digest import DigestCache, Identity, check
 from .store import ContentChanged, Store
 
 FILES = "cas/sha256"
@@ -116,6 +116,7 @@ class Stager:
         self._progress = progress
         self._progress_interval = progress_interval
         self._lock = threading.Lock()
+        self._stopping = threading.Event()
         self._present: set[str] = set()  # digests known to be in the store
         self._uploading: dict[str, Future] = {}  # digest -> the upload of that content
         self._active = 0
@@ -179,8 +180,15 @@ class Stager:
         with self._lock:
             self._present.difference_update(digests)
 
+    def stop(self) -> None:
+        """End every stage() call soon, now and later, with digest.Stopped: hashing stops within
+        a block, an upload before its next part (abandoned: nothing appears under its key).
+        For a run that is ending (Ctrl-C), which should not wait for gigabytes to upload."""
+        self._stopping.set()
+
     def _stage_file(self, path: str) -> tuple[str, int]:
-        digest, identity = self.cache.digest_with_identity(path)
+        check(self._stopping.is_set)
+        digest, identity = self.cache.digest_with_identity(path, stop=self._stopping.is_set)
         try:
             sent = self._put(path, digest, identity[0], identity)
         except ContentChanged:
@@ -188,7 +196,7 @@ class Stager:
             # changed since it was hashed, or the cached digest was wrong although the stat
             # matched (a file system that keeps no ctime); hashing it again settles both, and
             # a file that changes again meanwhile really is being written.
-            digest, identity = self.cache.digest_with_identity(path, cached=False)
+            digest, identity = self.cache.digest_with_identity(path, cached=False, stop=self._stopping.is_set)
             sent = self._put(path, digest, identity[0], identity)
         size = identity[0]
         with self._lock:
@@ -215,7 +223,8 @@ class Stager:
             if self.store.head(key) != size:
                 with self._lock:
                     self._queued_bytes += size
-                self.store.put_file(path, key, sha256=digest, on_bytes=self._sent, identity=identity)
+                self.store.put_file(path, key, sha256=digest, on_bytes=self._sent, identity=identity,
+                                    stop=self._stopping.is_set)
                 uploaded = True
             with self._lock:
                 self._present.add(digest)

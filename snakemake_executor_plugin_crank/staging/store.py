@@ -31,7 +31,7 @@ from obstore.exceptions import (
 from obstore.store import from_url as obstore_from_url
 
 from ..errors import BackendUnavailable, CrankError
-from .digest import Identity, file_identity, recently_changed
+from .digest import Identity, check, file_identity, recently_changed
 
 # Scheme of a storage prefix -> the kind of store obstore builds for it.
 SCHEMES = {
@@ -258,6 +258,7 @@ class Store:
         sha256: str | None = None,
         on_bytes: Callable[[int], None] | None = None,
         identity: Identity | None = None,
+        stop: Callable[[], bool] | None = None,
     ) -> None:
         """Upload ``path`` to ``key``, atomically; multipart for files above PART_SIZE.
 
@@ -266,7 +267,8 @@ class Store:
         differ from ``sha256``. With ``identity`` (the file's digest.file_identity when it
         was hashed) a large file is checked by stat when opened and at its end, which
         costs nothing; it is hashed again on the way only when it was modified too recently for
-        its stat to tell (or without ``identity``). ``on_bytes(n)`` reports progress."""
+        its stat to tell (or without ``identity``). ``on_bytes(n)`` reports progress. ``stop``
+        is asked before each part (see digest.check): the upload is then abandoned."""
         try:
             size = os.stat(path).st_size
             if size <= PART_SIZE:
@@ -275,6 +277,7 @@ class Store:
                         data = f.read()
                     if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
                         raise ContentChanged(path)
+                    check(stop)
                     obstore.put(self._store, key, data, use_multipart=False)
                 if on_bytes:
                     on_bytes(len(data))
@@ -282,7 +285,7 @@ class Store:
                 # the parts in flight, plus the one being read and the one obstore buffers
                 with self._budget.take(PART_CONCURRENCY + 2):
                     obstore.put(
-                        self._store, key, _chunks(path, sha256, identity, on_bytes),
+                        self._store, key, _chunks(path, sha256, identity, on_bytes, stop),
                         chunk_size=PART_SIZE, max_concurrency=PART_CONCURRENCY,
                     )
         except CrankError:
@@ -376,6 +379,7 @@ def _chunks(
     sha256: str | None,
     identity: Identity | None,
     on_bytes: Callable[[int], None] | None,
+    stop: Callable[[], bool] | None,
 ) -> Iterator[bytes]:
     """The file in PART_SIZE pieces. When the bytes read may not be those that hash to
     ``sha256``, raises before the last piece is handed over, so obstore aborts the multipart
@@ -387,6 +391,7 @@ def _chunks(
         h = hashlib.sha256() if sha256 and (identity is None or recently_changed(opened)) else None
         chunk = f.read(PART_SIZE)
         while chunk:
+            check(stop)
             following = f.read(PART_SIZE)
             if h:
                 h.update(chunk)
