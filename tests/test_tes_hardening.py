@@ -5,7 +5,6 @@ front of it) that throttles, refuses the credentials or answers with a web page.
 and SeaweedFS from scripts/setup.sh; faults through tests/faultproxy.py on loopback ports."""
 
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -21,7 +20,6 @@ from snakemake_executor_plugin_crank.backends.tes import TAG_RUN, TAG_WORKDIR, w
 from conftest import BUSYBOX, copy_workflow, wait_for
 from faultproxy import FaultProxy
 from test_tes import (
-    NON_TERMINAL,
     aws_env,  # noqa: F401 - a fixture
     crank,
     crank_command,
@@ -275,27 +273,36 @@ def test_throttled_requests_are_waited_out(aws_env, tmp_path):
     assert "Traceback" not in stderr
 
 
+def while_the_status_list_answers(tes, tmp_path: Path, action: str, *args: str, env=None):
+    """A one-job workflow whose task sleeps on the server; once it runs, the fault proxy
+    answers every status list with ``action``. Returns the workdir, the finished snakemake
+    process with its stdout and stderr, and the seconds it took from then on."""
+    workdir = slow_workflow(tmp_path, 600)
+    with proxy_to(tes) as proxy:
+        proc = subprocess.Popen(
+            crank_command(tes, workdir, "--crank-tes-url", proxy.url, *args), cwd=workdir,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+            env={**tes.env(), **(env or {})})
+        try:
+            wait_for(lambda: running_tasks(tes, workdir), timeout=60, what="the task running")
+            proxy.set_rule(lambda method, path: action if (method, path) == ("GET", "/tasks") else "pass")
+            started = time.monotonic()
+            out, err = proc.communicate(timeout=100)
+        finally:
+            proc.kill()
+            for task in live_tasks(tes, workdir):  # the shutdown could not list them
+                requests.post(f"{tes.url}/v1/tasks/{task['id']}:cancel", timeout=30)
+    return workdir, proc, out, err, time.monotonic() - started
+
+
 def test_refused_credentials_on_the_status_list_are_one_line(aws_env, tmp_path):
     """An expired token (401 on the status list): the run ends with one line naming the
     token setting, without a traceback and without waiting out the tolerance."""
-    workdir = slow_workflow(tmp_path, 600)
     token = f"sekrit-{uuid.uuid4().hex}"
-    with proxy_to(aws_env) as proxy:
-        proc = subprocess.Popen(
-            crank_command(aws_env, workdir, "--crank-tes-url", proxy.url), cwd=workdir,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
-            env={**aws_env.env(), "SNAKEMAKE_CRANK_TES_TOKEN": token})
-        try:
-            wait_for(lambda: running_tasks(aws_env, workdir), timeout=60, what="the task running")
-            proxy.set_rule(lambda method, path: "error401" if (method, path) == ("GET", "/tasks") else "pass")
-            started = time.monotonic()
-            out, stderr = proc.communicate(timeout=100)
-        finally:
-            proc.kill()
-            for task in live_tasks(aws_env, workdir):  # the shutdown could not list them
-                requests.post(f"{aws_env.url}/v1/tasks/{task['id']}:cancel", timeout=30)
+    workdir, proc, out, stderr, seconds = while_the_status_list_answers(
+        aws_env, tmp_path, "error401", env={"SNAKEMAKE_CRANK_TES_TOKEN": token})
     assert proc.returncode != 0
-    assert time.monotonic() - started < 60  # not the 120 s tolerance
+    assert seconds < 60  # not the 120 s tolerance
     lines = [line for line in stderr.splitlines() if "401 from the TES server" in line]
     assert lines and "--crank-tes-token / SNAKEMAKE_CRANK_TES_TOKEN" in lines[0], stderr[-3000:]
     assert "Traceback" not in stderr, stderr[-5000:]
@@ -306,17 +313,8 @@ def test_refused_credentials_on_the_status_list_are_one_line(aws_env, tmp_path):
 def test_a_web_page_instead_of_the_status_list_is_one_line(aws_env, tmp_path):
     """A proxy in front of the server answers with an HTML page: the status round fails like
     a server that does not answer (tolerated, then the job fails), in one line."""
-    workdir = slow_workflow(tmp_path, 600)
-    with proxy_to(aws_env) as proxy:
-        proc = start_crank(aws_env, workdir, "--crank-tes-url", proxy.url, "--crank-backend-tolerance", "5")
-        try:
-            wait_for(lambda: running_tasks(aws_env, workdir), timeout=60, what="the task running")
-            proxy.set_rule(lambda method, path: "html200" if (method, path) == ("GET", "/tasks") else "pass")
-            _, stderr = proc.communicate(timeout=100)
-        finally:
-            proc.kill()
-            for task in live_tasks(aws_env, workdir):
-                requests.post(f"{aws_env.url}/v1/tasks/{task['id']}:cancel", timeout=30)
+    workdir, proc, _, stderr, _ = while_the_status_list_answers(
+        aws_env, tmp_path, "html200", "--crank-backend-tolerance", "5")
     assert proc.returncode != 0
     assert "with something other than JSON (text/html: '<html><body><h1>Please sign in" in stderr, stderr[-3000:]
     assert "Traceback" not in stderr
