@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import snakemake, wait_for
 from snakemake_executor_plugin_crank.staging.stage import file_key
 from snakemake_executor_plugin_crank.staging.store import Store
 
+from conftest import snakemake, wait_for
 from test_tes import aws_env, crank, live_tasks, start_crank  # noqa: F401 - aws_env is a fixture
 
 pytestmark = pytest.mark.tes
