@@ -1,5 +1,5 @@
-"""End to end on the real Docker engine: a workflow gives, byte for byte, the files it gives
-under Snakemake's local executor, run in the same test (issue 8)."""
+"""End to end on the real Docker engine (and Funnel): a workflow gives, byte for byte, the
+files it gives under Snakemake's local executor, run in the same test (issues 8 and 22)."""
 
 import os
 import re
@@ -9,6 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from snakemake_executor_plugin_crank.errors import CrankError
+from snakemake_executor_plugin_crank.runner import Runner
+from snakemake_executor_plugin_crank.task import Resources, State, TaskResult, TaskSpec
 
 from conftest import SNAKEMAKE_IMAGE, containers_of, copy_workflow, snakemake
 
@@ -213,6 +217,51 @@ def test_group_jobs_resources_from_inputs_as_locally(backend, request, tmp_path)
         limit = int(read("logs/b_limit.txt"))  # the engine rounds down to whole pages
         assert any(0 <= mb - limit < 4096 for mb in (2442 * 10**6, 2442 * 2**20)), limit
     assert left(crank_dir) == []
+
+
+class InstantBackend:
+    """Every task has finished by the next round."""
+
+    def __init__(self):
+        self.submitted = []
+
+    def submit(self, task):
+        self.submitted.append(task.name)
+        return task.name
+
+    def poll(self, handles):
+        return {h: State.FINISHED for h in handles}
+
+    def result(self, handle, task):
+        return TaskResult(ok=True)
+
+
+def test_a_groups_later_tasks_are_built_when_they_start():
+    """The chain calls a later job's builder only once the tasks before it have finished;
+    an error of the builder fails the chain with its message."""
+    task = lambda name: TaskSpec(name=name, label=f"rule {name}", job_id=name, attempt=1,
+                                 image="i", script="true", workdir="/w", resources=Resources(),
+                                 log_dir="/w/logs")
+    backend = InstantBackend()
+    built = []
+
+    def second():
+        built.append(list(backend.submitted))
+        return [task("b1"), task("b2")]
+
+    def third():
+        raise CrankError("rule c: cannot evaluate its params or resources: why")
+
+    runner = Runner(backend)
+    chain = runner.start([task("a")], [second, third])
+    assert built == [] and backend.submitted == ["a"]
+    assert runner.step([chain]) == {}
+    assert built == [["a"]] and backend.submitted == ["a", "b1"]
+    assert runner.step([chain]) == {}
+    assert backend.submitted == ["a", "b1", "b2"]
+    outcome = runner.step([chain])[chain]
+    assert not outcome.ok
+    assert outcome.message == "rule c: cannot evaluate its params or resources: why"
 
 
 # ------------------------------------------------------------------ long commands (item 5)
