@@ -22,6 +22,10 @@ from .settings import ExecutorSettings, backend_from, image_hint
 IDLE_INTERVAL = 0.1
 
 
+def _label(job) -> str:
+    return f"group {job.groupid}" if job.is_group() else f"rule {job.rule.name}"
+
+
 class Executor(RemoteExecutor):
     # read by status rounds, which can begin before __post_init__ has run
     _canceling = False
@@ -117,7 +121,7 @@ class Executor(RemoteExecutor):
             tasks = jobs.tasks_for(job, self.context)
             if outputs.ran_directly(tasks) and storage.storage_files(job):
                 # no Snakemake in the image retrieves them: the host does, as locally
-                self.workflow.async_run(storage.retrieve_inputs(job))
+                self._retrieve(job)
                 tasks = jobs.tasks_for(job, self.context)  # inputs now exist locally
             backed_up = outputs.prepare(job, tasks, self.workflow.async_run)
             if backed_up:
@@ -225,13 +229,19 @@ class Executor(RemoteExecutor):
             still, self.runner.clock(), ceiling
         )
 
+    def _retrieve(self, job) -> None:
+        try:
+            self.workflow.async_run(storage.retrieve_inputs(job))
+        except Exception as e:  # the plugin's or Snakemake's message
+            cause = " ".join(str(e).split())  # Snakemake's nested message, on one line
+            raise CrankError(f"{_label(job)}: retrieving its storage inputs failed: {cause}") from None
+
     async def _store(self, job) -> Optional[str]:
         """The storage outputs of a job that ran directly, stored; or why not."""
         try:
             await storage.store_outputs(job)
         except Exception as e:  # the plugin's or Snakemake's message
-            where = f"group {job.groupid}" if job.is_group() else f"rule {job.rule.name}"
-            return f"{where}: storing its outputs failed: {e}"
+            return f"{_label(job)}: storing its outputs failed: {e}"
         return None
 
     async def _store_logs(self, job) -> None:
@@ -303,6 +313,7 @@ class Executor(RemoteExecutor):
             # before the group's next job starts, as the local executor between two jobs
             group, member, done = step
             done.add(member)
+            outputs.touch_member_outputs(member)
             outputs.remove_temp(
                 outputs.consumed_temp(group, member, done), self.logger.info, self.logger.warning
             )

@@ -6,6 +6,7 @@ the storage plugins' settings. Each case is compared with Snakemake's local exec
 import functools
 import http.server
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -125,6 +126,27 @@ def web(tmp_path_factory):
     server.shutdown()
 
 
+@pytest.fixture
+def broken_web(tmp_path):
+    """A web server that says a page exists (HEAD) but drops the connection on a GET (the
+    HTTP plugin would store a 500 page as the file's content)."""
+    root = tmp_path / "broken-web"
+    root.mkdir()
+    (root / "page.txt").write_text("a page\n")
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self):
+            self.connection.shutdown(socket.SHUT_RDWR)
+            self.close_connection = True
+
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Handler, directory=str(root))
+    )
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
 # ---------------------------------------------------------------- storage plugins on the host
 
 
@@ -238,6 +260,16 @@ def test_failed_jobs_storage_log_is_stored_on_docker(docker_api, s3, bucket, tmp
 @pytest.mark.tes
 def test_failed_jobs_storage_log_is_stored_on_tes(tes, s3, bucket, tmp_path):
     assert_failed_jobs_log_stored_like_local(functools.partial(tes_run, tes), tmp_path, bucket, s3)
+
+
+@pytest.mark.docker
+def test_a_failed_retrieval_fails_the_job_in_one_line(docker_api, s3, bucket, broken_web, tmp_path):
+    workdir, _, config = objects_workdir(tmp_path, bucket, broken_web, "crank")
+    done = docker_run(workdir, *config, *storage_args(s3))
+    assert done.returncode != 0
+    assert "rule join: retrieving its storage inputs failed: " in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (workdir / "results" / "joined.txt").exists()
 
 
 # ---------------------------------------------------------------- default storage provider
