@@ -146,6 +146,18 @@ async def _postprocess(job: Any, ignore: Any, workflow: Any, grouped: bool) -> N
     dag.handle_protected(job)
 
 
+def touch_member_outputs(single: Any) -> None:
+    """What the local executor has done to a job's outputs before the next job starts,
+    for a later member of a group to see: its ``touch()`` outputs exist, and its directory
+    outputs hold their ``.snakemake_timestamp``. ``finish`` does it again (and says so)
+    once the group has ended."""
+    for f in single.output:
+        if f in single.touch_output:
+            f.touch_or_create()
+        elif f.is_directory and os.path.isdir(f) and not os.path.islink(f):
+            f.touch()
+
+
 def consumed_temp(group: Any, single: Any, done: Collection[Any]) -> List[Any]:
     """The temp() files Snakemake's local executor removes once ``single``, a member of
     a group that crank runs job after job, has finished (``Dag.handle_temp``): its temp
