@@ -21,7 +21,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import requests
 from requests.adapters import HTTPAdapter
-from urllib3.exceptions import ConnectTimeoutError, ReadTimeoutError
+from urllib3.exceptions import ConnectTimeoutError, InvalidHeader, ReadTimeoutError
 from urllib3.util.retry import Retry
 
 from ..errors import BackendUnavailable, CrankError
@@ -198,9 +198,8 @@ class Session:
             return None
         retry_after = _retry_after(response)
         if status == 429 or (status == 503 and retry_after is not None):
-            why = (f"{self.what} at {self.base} asked crank to wait "
-                   + (f"{retry_after:.0f} s" if retry_after is not None else "")
-                   + f" (HTTP {status} on {method} {path})")
+            wait = f" {retry_after:.0f} s" if retry_after is not None else ""
+            why = f"{self.what} at {self.base} asked crank to wait{wait} (HTTP {status} on {method} {path})"
             if retry_after:
                 self._hold = (time.monotonic() + retry_after, why)
             raise Throttled(why, retry_after)
@@ -230,8 +229,8 @@ class Session:
             kind = response.headers.get("Content-Type", "").split(";")[0].strip() or "no type"
             raise BackendUnavailable(
                 f"{self.what} at {self.base} answered {method} {path} with something other than "
-                f"JSON ({kind}: {_detail(response, self._clean)[2:82]!r}); is --crank-tes-url "
-                "the TES server itself, and does a proxy in between want a sign-in?"
+                f"JSON ({kind}: {_detail(response, self._clean)[2:82]!r}): not a TES server, or "
+                "a proxy in between wants a sign-in"
             ) from None
 
     def close(self) -> None:
@@ -260,7 +259,7 @@ def _retry_after(response: requests.Response):
         return None
     try:
         return max(0.0, Retry().parse_retry_after(value))
-    except Exception:  # noqa: BLE001 - urllib3's InvalidHeader: a header we cannot read
+    except InvalidHeader:
         return None
 
 

@@ -205,6 +205,8 @@ class TesBackend:
     def _service_info(self) -> Mapping[str, Any]:
         try:
             info = self.http.request("GET", "/v1/service-info", "service-info", timeout=20)
+        except Throttled as e:
+            raise CrankError(f"{e}; try again later") from None
         except BackendUnavailable as e:
             raise CrankError(f"{e}; check --crank-tes-url") from None
         except HttpError as e:
