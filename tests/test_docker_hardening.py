@@ -288,7 +288,8 @@ class _Registry(http.server.BaseHTTPRequestHandler):
         pass
 
 
-@pytest.mark.parametrize("refusal", [("MANIFEST_UNKNOWN", 404), ("UNAUTHORIZED", 401)])
+@pytest.mark.parametrize("refusal", [("MANIFEST_UNKNOWN", 404), ("UNAUTHORIZED", 401)],
+                         ids=["manifest-unknown", "unauthorized"])
 def test_an_image_the_registry_does_not_have_fails_at_once(docker_api, tmp_path, refusal):
     """Item 14: the registry answered that the image is not there (or not for us): the
     jobs fail in one line each, without waiting out --crank-backend-tolerance (120 s)."""
@@ -304,3 +305,20 @@ def test_an_image_the_registry_does_not_have_fails_at_once(docker_api, tmp_path,
     assert done.returncode != 0
     assert done.stderr.count(f"could not pull image '{image}'") >= 2, done.stderr
     assert "trying again" not in done.stderr and "Traceback" not in done.stderr
+
+
+def test_planned_mounts_reach_symlink_targets(tmp_path):
+    from snakemake_executor_plugin_crank.backends.docker import plan_mounts
+
+    (tmp_path / "real" / "sub").mkdir(parents=True)
+    (tmp_path / "real" / "sub" / "x").write_text("x")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "y").write_text("y")
+    (tmp_path / "linked").symlink_to(tmp_path / "real")
+    (tmp_path / "real" / "sub" / "z").symlink_to(tmp_path / "elsewhere" / "y")
+    inputs = [str(tmp_path / "linked" / "sub" / n) for n in ("x", "z")]
+    plan = plan_mounts(str(tmp_path / "wd"), inputs, [])
+    assert sorted(plan) == sorted([
+        (str(tmp_path / "wd"), True), *((i, False) for i in inputs),
+        (str(tmp_path / "real" / "sub" / "x"), False), (str(tmp_path / "elsewhere" / "y"), False),
+    ])

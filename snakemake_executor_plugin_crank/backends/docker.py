@@ -9,6 +9,7 @@ from __future__ import annotations
 import bisect
 import collections
 import contextlib
+import functools
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -90,15 +91,26 @@ def plan_mounts(
     directory. O(n log n) in the number of files."""
     writable = _outermost([workdir] + [os.path.dirname(out) for out in outputs])
     candidates = []
+    real_dirs: Dict[str, str] = {}
     for path in inputs:
         candidates.append(path)
-        real = os.path.realpath(path)
+        real = _realpath(path, real_dirs)
         if real != path:
             candidates.append(real)
     readonly = _outermost([p for p in candidates if not _covered(p, writable)])
     if len(readonly) > MAX_INPUT_MOUNTS:
         readonly = _merged(readonly, writable)
     return [(p, True) for p in writable] + [(p, False) for p in readonly]
+
+
+def _realpath(path: str, real_dirs: Dict[str, str]) -> str:
+    """os.path.realpath, resolving each directory once for all the files in it."""
+    parent, name = os.path.split(path)
+    if name in ("", os.curdir, os.pardir) or os.path.islink(path):
+        return os.path.realpath(path)
+    if parent not in real_dirs:
+        real_dirs[parent] = os.path.realpath(parent)
+    return os.path.join(real_dirs[parent], name)
 
 
 def _key(path: str) -> Tuple[str, ...]:
@@ -132,6 +144,7 @@ def _merged(readonly: List[str], writable: List[str]) -> List[str]:
     deepest first, until MAX_INPUT_MOUNTS are left or no directory may be mounted."""
     home = os.path.expanduser("~")
 
+    @functools.lru_cache(maxsize=None)
     def mountable(directory: str) -> bool:
         return not (
             directory.count("/") < 2 or directory == home
