@@ -4,6 +4,7 @@ proxy."""
 
 import os
 import time
+import uuid
 
 import pytest
 
@@ -121,3 +122,27 @@ def test_a_wall_time_kill_the_engine_refuses_is_tried_again(docker_api, tmp_path
     assert "wall time exceeded (runtime limit 1 min)" in done.stderr
     assert time.monotonic() - started < 300  # killed, not waited out (sleep 600)
     assert containers_of(docker_api, workdir) == []
+
+
+@pytest.mark.slow
+@pytest.mark.tes
+def test_a_wall_time_cancel_the_tes_server_refuses_is_tried_again(tes, tmp_path):
+    """The same on TES, where the runtime limit is what ends a task Funnel leaves RUNNING."""
+    from test_tes import crank, live_tasks, proxy_to
+
+    workdir = copy_workflow("failing", tmp_path / uuid.uuid4().hex / "wf")
+    refused = []
+
+    def refuse_two_cancels(method, path):
+        if path.endswith(":cancel") and len(refused) < 2:
+            refused.append(path)
+            return "refuse"
+        return "pass"
+
+    with proxy_to(tes) as proxy:
+        proxy.set_rule(refuse_two_cancels)
+        done = crank(tes, workdir, "walltime", "--crank-tes-url", proxy.url)
+    assert len(refused) == 2
+    assert done.returncode != 0
+    assert "wall time exceeded (runtime limit 1 min)" in done.stderr
+    assert live_tasks(tes, workdir) == []
