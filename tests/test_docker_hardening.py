@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+import uuid
 from pathlib import Path
 
 import pytest
@@ -322,3 +323,25 @@ def test_planned_mounts_reach_symlink_targets(tmp_path):
         (str(tmp_path / "wd"), True), *((i, False) for i in inputs),
         (str(tmp_path / "real" / "sub" / "x"), False), (str(tmp_path / "elsewhere" / "y"), False),
     ])
+
+
+def test_a_long_script_is_never_written_through_a_symlink_a_job_planted(docker_api, tmp_path):
+    """Item 7: the scripts too long for argv go under the workdir, which jobs can write."""
+    from snakemake_executor_plugin_crank.backends.docker import DockerBackend
+    from snakemake_executor_plugin_crank.errors import CrankError
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("untouched\n")
+    workdir = tmp_path / "wd"
+    backend = DockerBackend(uuid.uuid4().hex, str(workdir))
+    try:
+        scripts = workdir / ".snakemake" / "crank" / "scripts" / backend.run_id
+        scripts.mkdir(parents=True)
+        (scripts / "long-1-1.sh").symlink_to(victim)
+        task = TaskSpec(name="long-1-1", label="rule long", job_id="1", attempt=1, image="x",
+                        script="echo " + "x" * 300_000, workdir=str(workdir), log_dir=str(tmp_path / "logs"))
+        with pytest.raises(CrankError, match="a symbolic link"):
+            backend.command_for(task)
+    finally:
+        backend.close()
+    assert victim.read_text() == "untouched\n"

@@ -23,7 +23,7 @@ import requests
 
 from ..errors import BackendUnavailable, CrankError, ImageUnavailable
 from ..task import Capacity, State, TaskResult, TaskSpec, file_argv, script_fits_argv
-from .logs import save_logs
+from . import logs
 
 LABEL_RUN = "crank.run"
 LABEL_JOB = "crank.job"
@@ -491,11 +491,15 @@ class DockerBackend:
         directory = os.path.join(task.workdir, ".snakemake", "crank", "scripts", self.run_id)
         path = os.path.join(directory, task.name + ".sh")
         try:
-            os.makedirs(directory, exist_ok=True)
-            with open(path, "w") as f:
-                f.write(task.script)
+            # in the workdir, where jobs write: never through a symlink one put there
+            dir_fd = logs.open_dir(directory, task.workdir)
+            try:
+                with os.fdopen(logs.create_log(dir_fd, task.name + ".sh"), "w") as f:
+                    f.write(task.script)
+            finally:
+                os.close(dir_fd)
         except OSError as e:
-            raise CrankError(f"{task.label}: cannot write its script to {path!r} ({e.strerror})") from None
+            raise CrankError(f"{task.label}: cannot write its script to {path!r} ({logs.why(e)})") from None
         self._script_dirs.add(directory)
         return file_argv(path)
 
@@ -553,7 +557,7 @@ class DockerBackend:
         with engine_errors("reading a container's logs"):
             stdout = self.api.logs(handle, stdout=True, stderr=False, stream=True)
             stderr = self.api.logs(handle, stdout=False, stderr=True, stream=True)
-            files, tail = save_logs(task, stdout, stderr)
+            files, tail = logs.save_logs(task, stdout, stderr)
         limit = (inspected.get("HostConfig") or {}).get("Memory")
         ok, reason = judge(state, task, limit)
         return TaskResult(

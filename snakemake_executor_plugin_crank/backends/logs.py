@@ -83,13 +83,18 @@ def read_tail(fd: int) -> str:
 
 
 def open_log_dir(task: TaskSpec) -> int:
-    """The task's log directory, made if missing and opened without following a symlink
-    below the workdir (where a job may have put one)."""
-    rel = os.path.relpath(task.log_dir, task.workdir) if task.workdir else os.pardir
+    """The task's log directory (see open_dir)."""
+    return open_dir(task.log_dir, task.workdir)
+
+
+def open_dir(path: str, workdir: str) -> int:
+    """Directory ``path``, made if missing and opened without following a symlink below
+    the workdir (where a job may have put one)."""
+    rel = os.path.relpath(path, workdir) if workdir else os.pardir
     if rel.split(os.sep)[0] == os.pardir:
-        os.makedirs(task.log_dir, exist_ok=True)  # outside the workdir: no job writes there
-        return os.open(task.log_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    fd = os.open(task.workdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        os.makedirs(path, exist_ok=True)  # outside the workdir: no job writes there
+        return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    fd = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         for part in (p for p in rel.split(os.sep) if p not in ("", os.curdir)):
             try:
@@ -111,7 +116,7 @@ def open_log_dir(task: TaskSpec) -> int:
 
 
 def create_log(dir_fd: int, name: str) -> int:
-    """A new, empty log file ``name`` in the log directory, for writing; a symlink or
+    """A new, empty file ``name`` in the directory ``dir_fd``, for writing; a symlink or
     anything but a regular file under that name is refused (OSError)."""
     fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _NOFOLLOW, 0o666, dir_fd=dir_fd)
     try:
@@ -126,9 +131,13 @@ def create_log(dir_fd: int, name: str) -> int:
 
 def problem(name: str, error: OSError) -> str:
     """What went wrong with one log, for the note in the tail."""
+    return f"{name}: {why(error)}"
+
+
+def why(error: OSError) -> str:
     if error.errno == errno.ELOOP:
-        return f"{name}: a symbolic link (not followed)"
-    return f"{name}: {error.strerror or error}"
+        return "a symbolic link (not followed)"
+    return error.strerror or str(error)
 
 
 def save_logs(
