@@ -494,7 +494,7 @@ class DockerBackend:
             # in the workdir, where jobs write: never through a symlink one put there
             dir_fd = logs.open_dir(directory, task.workdir)
             try:
-                with os.fdopen(logs.create_log(dir_fd, task.name + ".sh"), "w") as f:
+                with os.fdopen(logs.create_file(dir_fd, task.name + ".sh"), "w") as f:
                     f.write(task.script)
             finally:
                 os.close(dir_fd)

@@ -64,15 +64,7 @@ def tail_text(window: bytes, cut: bool) -> str:
 def open_job_file(path: str) -> int:
     """A read-only descriptor of a file a job wrote: never through a symlink, never
     blocking (a FIFO), a regular file only; raises OSError otherwise."""
-    fd = os.open(path, os.O_RDONLY | _NOFOLLOW)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file")
-        os.set_blocking(fd, True)
-        return fd
-    except BaseException:
-        os.close(fd)
-        raise
+    return _regular(os.open(path, os.O_RDONLY | _NOFOLLOW))
 
 
 def read_tail(fd: int) -> str:
@@ -115,10 +107,14 @@ def open_dir(path: str, workdir: str) -> int:
         raise
 
 
-def create_log(dir_fd: int, name: str) -> int:
+def create_file(dir_fd: int, name: str) -> int:
     """A new, empty file ``name`` in the directory ``dir_fd``, for writing; a symlink or
     anything but a regular file under that name is refused (OSError)."""
-    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _NOFOLLOW, 0o666, dir_fd=dir_fd)
+    return _regular(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _NOFOLLOW, 0o666, dir_fd=dir_fd))
+
+
+def _regular(fd: int) -> int:
+    """``fd``, blocking again, when it is a regular file; else closed, and OSError."""
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError(errno.EINVAL, "not a regular file")
@@ -160,7 +156,7 @@ def save_logs(
         sink = None
         if dir_fd is not None:
             try:
-                sink = os.fdopen(create_log(dir_fd, name), "wb")
+                sink = os.fdopen(create_file(dir_fd, name), "wb")
             except OSError as e:
                 problems.append(problem(name, e))
         try:

@@ -857,7 +857,7 @@ def _move(fd: int, src: str, dir_fd: int, name: str) -> None:
     except OSError as e:
         if e.errno != errno.EXDEV:
             raise
-    with os.fdopen(fd, "rb", closefd=False) as source, os.fdopen(logs.create_log(dir_fd, name), "wb") as sink:
+    with os.fdopen(fd, "rb", closefd=False) as source, os.fdopen(logs.create_file(dir_fd, name), "wb") as sink:
         source.seek(0)
         shutil.copyfileobj(source, sink)
 
