@@ -84,11 +84,9 @@ def plan_mounts(
     own absolute path: the workdir read-write, the directories of outputs outside it
     read-write, inputs outside both read-only (symlinks followed to their target).
 
-    Inputs are mounted one by one up to MAX_INPUT_MOUNTS; beyond, mounts that share a
-    parent directory are replaced by it (the deepest ones first when none do), until
-    they fit or no parent may be mounted: never ``/`` or a top-level directory, a
-    system directory, the user's home, nor a directory holding the workdir or an output
-    directory. O(n log n) in the number of files."""
+    Inputs are mounted one by one up to MAX_INPUT_MOUNTS; beyond, directories holding
+    several of them are mounted instead (see _merged). O(n log n) for n paths (times
+    their depth)."""
     writable = _outermost([workdir] + [os.path.dirname(out) for out in outputs])
     candidates = []
     real_dirs: Dict[str, str] = {}
@@ -141,7 +139,9 @@ def _holds(directory: str, mounts: Sequence[str]) -> bool:
 
 def _merged(readonly: List[str], writable: List[str]) -> List[str]:
     """Fewer read-only mounts: directories holding several of them mount instead, the
-    deepest first, until MAX_INPUT_MOUNTS are left or no directory may be mounted."""
+    deepest first, until MAX_INPUT_MOUNTS are left or no directory may be mounted. Never
+    mounted so: ``/`` or a top-level directory, a system directory, the user's home, a
+    directory holding the workdir or an output directory (it would be read-only there)."""
     home = os.path.expanduser("~")
 
     @functools.lru_cache(maxsize=None)

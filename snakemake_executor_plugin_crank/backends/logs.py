@@ -49,10 +49,10 @@ class StderrTail:
 def tail_text(window: bytes, cut: bool) -> str:
     """The last TAIL_LINES lines of ``window``, the end of a stream; when bytes before it
     were dropped (``cut``) its first line is partial and left out, unless it is the only one."""
-    if cut and b"\n" in window:
-        window = window[window.index(b"\n") + 1:]
     if window.endswith(b"\n"):
         window = window[:-1]
+    if cut and b"\n" in window:
+        window = window[window.index(b"\n") + 1:]
     start = len(window)
     for _ in range(TAIL_LINES):
         start = window.rfind(b"\n", 0, start)
