@@ -102,6 +102,7 @@ def workflows(draw, left_out=frozenset()):
             empty_dir=directory and "empty_dirs" not in left_out and draw(st.booleans()),
             files=draw(st.integers(0, 3)) if kind == "checkpoint" else 1,
         ))
+    rules = convex_groups(rules)
     edit = draw(st.sampled_from(EDITS))
     flags = draw(st.sampled_from(FLAGS))
     return Workflow(
@@ -111,6 +112,27 @@ def workflows(draw, left_out=frozenset()):
         forcerun=draw(st.integers(0, n - 1)) if flags == "forcerun" else 0,
         salts=(0,) * n,
     )
+
+
+def convex_groups(rules: list) -> tuple:
+    """A rule leaves its group where a path from the group leaves it and comes back to the
+    rule (Snakemake refuses such a group with a remote executor; the local executor runs no
+    groups)."""
+    rules = list(rules)
+    ancestors = []
+    for rule in rules:
+        ancestors.append(set(rule.deps).union(*(ancestors[d] for d in rule.deps)))
+    changed = True
+    while changed:
+        changed = False
+        for i, rule in enumerate(rules):
+            if rule.group and any(
+                rules[d].group != rule.group and any(rules[a].group == rule.group for a in ancestors[d])
+                for d in rule.deps
+            ):
+                rules[i] = replace(rule, group=None)
+                changed = True
+    return tuple(rules)
 
 
 # ---------------------------------------------------------------- the Snakefile, as text
