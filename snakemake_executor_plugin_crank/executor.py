@@ -86,6 +86,13 @@ class Executor(RemoteExecutor):
             envvars=storage.user_envvars(self.envvars(), self.workflow),
             storage_env=lambda job: storage.secrets_for(job, self.workflow),
             storage_plugins=storage.packages(self.workflow),
+            **(
+                # objects the TES server fetches itself go into the task as URLs
+                {"input_urls": storage.server_fetchable(
+                    self.settings.storage_prefix, self.settings.storage_endpoint
+                )}
+                if self.settings.backend == "tes" else {}
+            ),
             is_preemptible=remote.preemptible_rules.is_preemptible,
             capacity=self.backend.capacity(),
             clamp=self.settings.clamp_resources,
@@ -231,7 +238,7 @@ class Executor(RemoteExecutor):
 
     def _retrieve(self, job) -> None:
         try:
-            self.workflow.async_run(storage.retrieve_inputs(job))
+            self.workflow.async_run(storage.retrieve_inputs(job, self.context.input_urls(job)))
         except Exception as e:  # the plugin's or Snakemake's message
             cause = " ".join(str(e).split())  # Snakemake's nested message, on one line
             raise CrankError(f"{_label(job)}: retrieving its storage inputs failed: {cause}") from None

@@ -4,6 +4,7 @@ server), a default storage provider, the between-workflow output cache, and whic
 the storage plugins' settings. Each case is compared with Snakemake's local executor."""
 
 import functools
+import hashlib
 import http.server
 import os
 import socket
@@ -420,3 +421,46 @@ def test_output_cache_is_stored_and_reused_on_docker(docker_api, tmp_path):
 @pytest.mark.tes
 def test_output_cache_is_stored_and_reused_on_tes(tes, tmp_path):
     assert_cache_like_local(functools.partial(tes_run, tes), tmp_path)
+
+
+# ---------------------------------------------------------------- TES: objects by URL
+
+
+@pytest.mark.tes
+def test_tes_server_fetches_storage_inputs_itself(tes, s3, bucket, tmp_path):
+    """Storage inputs in the bucket of crank's storage prefix go into the task as URLs that
+    the server fetches: this machine never downloads them, intermediate files included.
+    Everything this machine sends to the store goes through a proxy that records it (the
+    server reaches the store directly)."""
+    from faultproxy import FaultProxy
+
+    host, port = s3.endpoint.rsplit("//", 1)[1].split(":")
+    with FaultProxy(("127.0.0.1", 0), (host, int(port))) as proxy:
+        args = (
+            "--storage-s3-endpoint-url", proxy.url,
+            "--storage-s3-access-key", s3.values["AWS_ACCESS_KEY_ID"],
+            "--storage-s3-secret-key", s3.values["AWS_SECRET_ACCESS_KEY"],
+            "--crank-storage-endpoint", proxy.url,
+        )
+        workdir = copy_workflow("storage_default", tmp_path / "crank")
+        prefix = bucket.prefix()
+        ok(tes_run(tes, workdir, "--default-storage-provider", "s3",
+                   "--default-storage-prefix", f"s3://{bucket.name}/{prefix}", *args))
+        requests_seen = list(proxy.seen)
+    downloads = [path for method, path, _ in requests_seen if method == "GET"]
+    assert bucket.objects(prefix) == {
+        "a.txt": b"a\n", "sub/b.txt": b"a\nb\n", "logs/b.log": b"logged\n", "c.txt": b"a\nb\nc\n"
+    }
+    # the intermediate files went from store to task without this machine: never
+    # downloaded, never staged (sent or fetched) under their content's digest
+    for name, content in (("a.txt", b"a\n"), ("sub/b.txt", b"a\nb\n")):
+        assert not any(path.endswith(f"{prefix}/{name}") for path in downloads), downloads
+        digest = hashlib.sha256(content).hexdigest()
+        moved = [(m, path) for m, path, _ in requests_seen if digest in path and m in ("GET", "PUT")]
+        assert not moved, name
+    bodies = [
+        requests.get(f"{tes.url}/v1/tasks/{t['id']}", params={"view": "FULL"}, timeout=30).json()
+        for t in test_tes.tasks_of(tes, workdir)
+    ]
+    urls = {i.get("url") for body in bodies for i in body.get("inputs", [])}
+    assert f"s3://{bucket.name}/{prefix}/a.txt" in urls

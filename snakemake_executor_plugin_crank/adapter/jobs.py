@@ -74,6 +74,8 @@ class JobContext:
     # once per run: note(topic, names) -> the executor prints "topic: names" for new names
     note: Callable[[str, Iterable[str]], None] = lambda topic, names: None
     envmodules: str = "ignore"  # or "fail": a job of a rule with envmodules: and no container:
+    # job -> {local path: URL} of its storage inputs the backend fetches itself
+    input_urls: Callable[[Any], Mapping[str, str]] = lambda job: {}
     # (name, package) of each storage plugin the workflow uses: Snakemake in an image needs them
     storage_plugins: Tuple[Tuple[str, str], ...] = ()
     # --cores as the user gave it (Snakemake caps job.threads at it); None with only --jobs
@@ -115,10 +117,11 @@ def task_env(threads: int, envvars: Mapping[str, str]) -> Mapping[str, str]:
     return env
 
 
-def _inputs(paths: Iterable[Any]) -> Tuple[Input, ...]:
+def _inputs(paths: Iterable[Any], urls: Mapping[str, str] = {}) -> Tuple[Input, ...]:
     found = []
     for path in map(os.path.abspath, map(str, paths)):
-        found.append(Input(path, Kind.DIRECTORY if os.path.isdir(path) else Kind.FILE))
+        kind = Kind.DIRECTORY if os.path.isdir(path) else Kind.FILE
+        found.append(Input(path, kind, url=urls.get(path)))
     return tuple(found)
 
 
@@ -229,7 +232,7 @@ def _shell_task(job, ctx, rule, script, res, threads, suffix) -> TaskSpec:
         script=script,
         workdir=ctx.workdir,
         env=task_env(threads, ctx.envvars),
-        inputs=_inputs(job.input),
+        inputs=_inputs(job.input, ctx.input_urls(job)),
         outputs=_outputs(job.output, _read_later([job])),
         logs=_outputs(job.log),
         benchmarks=_benchmarks([job]),

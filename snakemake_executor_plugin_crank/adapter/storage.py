@@ -15,8 +15,11 @@ Snakemake, not to the plugin interface: that coupling stays in this module.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, Mapping, Set, Tuple
+import asyncio
+import os
+from typing import Any, Callable, Collection, Dict, Iterable, Mapping, Optional, Set, Tuple
 
+from snakemake.io import is_flagged
 from snakemake_interface_storage_plugins.registry import StoragePluginRegistry
 
 from .jobs import single_jobs
@@ -114,10 +117,49 @@ def user_envvars(envvars: Mapping[str, str], workflow: Any) -> Dict[str, str]:
     return {k: v for k, v in envvars.items() if k in declared or k not in secrets}
 
 
-async def retrieve_inputs(job: Any) -> None:
+def server_fetchable(prefix: Optional[str], endpoint: Optional[str]) -> Callable[[Any], Dict[str, str]]:
+    """For a TES server whose tasks reach crank's storage ``prefix`` (at ``endpoint``, for
+    S3): job -> {local path: URL} of its storage inputs the server can fetch itself, so
+    their bytes skip this machine: objects in the prefix's bucket (the server reads it with
+    its own credentials), at the same endpoint. Directories and ``retrieve=False`` inputs
+    are left to the host."""
+    scheme, _, rest = (prefix or "").partition("://")
+    if scheme not in ("s3", "gs", "az") or not rest:
+        return lambda job: {}
+    bucket = f"{scheme}://{rest.split('/', 1)[0]}/"
+    if scheme == "s3":
+        endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL") or None
+    same_endpoint = lambda e: (e or "").rstrip("/") == (endpoint or "").rstrip("/")
+
+    def urls(job: Any) -> Dict[str, str]:
+        found = {}
+        for single in single_jobs(job):
+            for f in single.input:
+                if (
+                    f.is_storage
+                    and not is_flagged(f, "directory")
+                    and not f.should_not_be_retrieved_from_storage
+                    and f.storage_object.query.startswith(bucket)
+                    and same_endpoint(getattr(f.storage_object.provider.settings, "endpoint_url", None))
+                ):
+                    found[os.path.abspath(str(f))] = f.storage_object.query
+        return found
+
+    return urls
+
+
+async def retrieve_inputs(job: Any, by_url: Collection[str] = ()) -> None:
     """Before a job that runs directly: its storage inputs at their local paths, as
-    Snakemake's scheduler does for a local job."""
-    await job.dag.retrieve_storage_inputs(jobs=[job], also_missing_internal=True)
+    Snakemake's scheduler does for a local job; ``by_url``: local paths the backend
+    fetches itself."""
+    if not by_url:
+        await job.dag.retrieve_storage_inputs(jobs=[job], also_missing_internal=True)
+        return
+    files = {
+        f for single in single_jobs(job) for f in single.input
+        if f.is_storage and os.path.abspath(str(f)) not in by_url
+    }
+    await asyncio.gather(*(f.retrieve_from_storage() for f in files))
 
 
 async def store_outputs(job: Any) -> None:
