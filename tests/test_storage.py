@@ -276,13 +276,14 @@ def test_a_failed_retrieval_fails_the_job_in_one_line(docker_api, s3, bucket, br
 # ---------------------------------------------------------------- default storage provider
 
 
-def assert_default_storage_like_local(run, tmp_path: Path, bucket, s3) -> None:
+def assert_default_storage_like_local(run, tmp_path: Path, bucket, s3, *args: str) -> None:
     results = {}
     for name, runner in (("local", local_run), ("crank", run)):
         workdir = copy_workflow("storage_default", tmp_path / name)
         prefix = bucket.prefix()
         ok(runner(workdir, "--default-storage-provider", "s3",
-                  "--default-storage-prefix", f"s3://{bucket.name}/{prefix}", *storage_args(s3)))
+                  "--default-storage-prefix", f"s3://{bucket.name}/{prefix}", *storage_args(s3),
+                  *args))
         results[name] = bucket.objects(prefix)
         # every file lives in the store: nothing of the workflow's in the workdir
         assert not (workdir / "c.txt").exists()
@@ -362,6 +363,19 @@ def test_default_storage_provider_on_docker(docker_api, s3, bucket, tmp_path):
 @pytest.mark.tes
 def test_default_storage_provider_on_tes(tes, s3, bucket, tmp_path):
     assert_default_storage_like_local(functools.partial(tes_run, tes), tmp_path, bucket, s3)
+
+
+@pytest.mark.docker
+def test_default_storage_provider_with_a_group_on_docker(docker_api, s3, bucket, tmp_path):
+    """a and b in one group: b reads a.txt before the group's outputs are stored."""
+    assert_default_storage_like_local(docker_run, tmp_path, bucket, s3, "--groups", "a=g", "b=g")
+
+
+@pytest.mark.tes
+def test_default_storage_provider_with_a_group_on_tes(tes, s3, bucket, tmp_path):
+    assert_default_storage_like_local(
+        functools.partial(tes_run, tes), tmp_path, bucket, s3, "--groups", "a=g", "b=g"
+    )
 
 
 # ---------------------------------------------------------------- between-workflow cache

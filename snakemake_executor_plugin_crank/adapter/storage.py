@@ -137,6 +137,7 @@ def server_fetchable(prefix: Optional[str], endpoint: Optional[str]) -> Callable
             for f in single.input:
                 if (
                     f.is_storage
+                    and f not in _from_own_group(single)
                     and not is_flagged(f, "directory")
                     and not f.should_not_be_retrieved_from_storage
                     and f.storage_object.query.startswith(bucket)
@@ -146,6 +147,20 @@ def server_fetchable(prefix: Optional[str], endpoint: Optional[str]) -> Callable
         return found
 
     return urls
+
+
+def _from_own_group(job: Any) -> Set[Any]:
+    """The inputs of a group's job that another job of the group writes: they are stored
+    only when the whole group has run, so its later tasks read them where the earlier left
+    them."""
+    if job.group is None:
+        return set()
+    return {
+        f
+        for producer, files in job.dag.dependencies[job].items()
+        if producer.group == job.group and job.dag.needrun(producer)
+        for f in files
+    }
 
 
 async def retrieve_inputs(job: Any, by_url: Collection[str] = ()) -> None:
@@ -159,7 +174,9 @@ async def retrieve_inputs(job: Any, by_url: Collection[str] = ()) -> None:
         f for single in single_jobs(job) for f in single.input
         if f.is_storage and os.path.abspath(str(f)) not in by_url
     }
-    await asyncio.gather(*(f.retrieve_from_storage() for f in files))
+    # as Snakemake's retrieve_storage_inputs: what a job of the group writes is not there yet
+    present = [f for f in files if await f.exists_in_storage()]
+    await asyncio.gather(*(f.retrieve_from_storage() for f in present))
 
 
 async def store_outputs(job: Any) -> None:
