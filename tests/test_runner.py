@@ -94,6 +94,19 @@ def test_a_wall_time_stop_refused_fails_the_job_with_the_reason():
 # ---------------------------------------------------------------- end to end
 
 
+def refusing_the_first_two(suffix: str, refused: list):
+    """A fault-proxy rule: the first two requests whose path ends with ``suffix`` are refused
+    (noted in ``refused``), as by a backend that does not answer at that moment."""
+
+    def rule(method, path):
+        if path.endswith(suffix) and len(refused) < 2:
+            refused.append(path)
+            return "refuse"
+        return "pass"
+
+    return rule
+
+
 @pytest.mark.slow
 @pytest.mark.docker
 def test_a_wall_time_kill_the_engine_refuses_is_tried_again(docker_api, tmp_path):
@@ -106,15 +119,8 @@ def test_a_wall_time_kill_the_engine_refuses_is_tried_again(docker_api, tmp_path
         pytest.skip("the fault proxy needs the engine on a Unix socket")
     workdir = copy_workflow("failing", tmp_path / "wf")
     refused = []
-
-    def refuse_two_kills(method, path):
-        if path.endswith("/kill") and len(refused) < 2:
-            refused.append(path)
-            return "refuse"
-        return "pass"
-
     with FaultProxy(str(tmp_path / "p.sock"), host[len("unix://"):]) as proxy:
-        proxy.set_rule(refuse_two_kills)
+        proxy.set_rule(refusing_the_first_two("/kill", refused))
         started = time.monotonic()
         done = snakemake(workdir, "walltime", "--crank-docker-url", proxy.url)
     assert len(refused) == 2
@@ -132,15 +138,8 @@ def test_a_wall_time_cancel_the_tes_server_refuses_is_tried_again(tes, tmp_path)
 
     workdir = copy_workflow("failing", tmp_path / uuid.uuid4().hex / "wf")
     refused = []
-
-    def refuse_two_cancels(method, path):
-        if path.endswith(":cancel") and len(refused) < 2:
-            refused.append(path)
-            return "refuse"
-        return "pass"
-
     with proxy_to(tes) as proxy:
-        proxy.set_rule(refuse_two_cancels)
+        proxy.set_rule(refusing_the_first_two(":cancel", refused))
         done = crank(tes, workdir, "walltime", "--crank-tes-url", proxy.url)
     assert len(refused) == 2
     assert done.returncode != 0
