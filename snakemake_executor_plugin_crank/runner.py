@@ -132,7 +132,8 @@ class Runner:
             return None
         if state is None or not state.terminal:
             return None
-        if state is State.PREEMPTED and self._may_resubmit(chain):
+        # a task already over its wall time is not run again from the start
+        if state is State.PREEMPTED and not chain.timed_out and self._may_resubmit(chain):
             chain.preemptions += 1
             chain.spent.append(chain.handle)
             chain.handle = None

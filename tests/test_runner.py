@@ -82,6 +82,24 @@ def test_a_wall_time_stop_failing_past_the_tolerance_fails_the_job():
     )
 
 
+def test_a_task_preempted_after_its_wall_time_is_not_run_again():
+    backend, clock = FakeBackend(), Clock()
+    task = TaskSpec(name="slow", label="rule slow", job_id="1", attempt=1, image="i",
+                    script="sleep 600", workdir="/w",
+                    resources=Resources(runtime_s=60, preemptible=True), log_dir="/w/logs")
+    runner = Runner(backend, clock=clock, preemptible_retries=3)
+    chain = runner.start([task])
+    runner.step([chain])
+    backend.stop_errors = [BackendUnavailable("the server did not answer")]
+    clock.now += 61
+    assert runner.step([chain]) == {}  # over its wall time; the stop failed
+    backend.state = State.PREEMPTED  # reclaimed before the stop went through
+    clock.now += 1
+    outcome = runner.step([chain])[chain]
+    assert not outcome.ok and "wall time exceeded" in outcome.message
+    assert chain.preemptions == 0
+
+
 def test_a_wall_time_stop_refused_fails_the_job_with_the_reason():
     backend, outcomes = run_rounds([CrankError("the TES server refused to cancel task t")], 1)
     assert backend.stops == 1
