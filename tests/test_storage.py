@@ -215,11 +215,27 @@ def objects_workdir(tmp_path: Path, bucket, web, name: str):
     return workdir, prefix, config
 
 
-def assert_like_local(run, tmp_path: Path, bucket, web, s3) -> None:
+def local_copies(workdir: Path, prefix: str) -> list:
+    """The local copies of storage files left in the workdir, named without the run's
+    prefix and the web server's port."""
+    root = workdir / ".snakemake" / "storage"
+    found = []
+    for path in root.rglob("*") if root.exists() else ():
+        if path.is_file():
+            parts = list(path.relative_to(root).parts)
+            if parts[0] == "http":
+                parts[1] = "WEB"
+            found.append("/".join(parts).replace(prefix, "PREFIX"))
+    return sorted(found)
+
+
+def assert_like_local(run, tmp_path: Path, bucket, web, s3, *args: str) -> None:
     local, local_prefix, local_config = objects_workdir(tmp_path, bucket, web, "local")
-    ok(local_run(local, *local_config, *storage_args(s3)))
+    ok(local_run(local, *local_config, *storage_args(s3), *args))
     workdir, prefix, config = objects_workdir(tmp_path, bucket, web, "crank")
-    ok(run(workdir, *config, *storage_args(s3)))
+    ok(run(workdir, *config, *storage_args(s3), *args))
+    # the local copies Snakemake keeps (--keep-storage-local-copies) or drops, as locally
+    assert local_copies(workdir, prefix) == local_copies(local, local_prefix)
     expected = bucket.objects(local_prefix)
     assert expected["out/upper.txt"] == b"HELLO STORAGE\n"
     assert set(expected) == {"in/in.txt", "out/upper.txt", "logs/upper.log"}
@@ -227,7 +243,7 @@ def assert_like_local(run, tmp_path: Path, bucket, web, s3) -> None:
     joined = (workdir / "results" / "joined.txt").read_text()
     assert joined == (local / "results" / "joined.txt").read_text() == "HELLO STORAGE\na page\n"
     # a second run finds everything up to date in storage, as locally
-    again = ok(run(workdir, *config, *storage_args(s3)))
+    again = ok(run(workdir, *config, *storage_args(s3), *args))
     assert "Nothing to be done" in again.stderr
 
 
@@ -239,6 +255,18 @@ def test_storage_files_are_retrieved_and_stored_on_docker(docker_api, s3, bucket
 @pytest.mark.tes
 def test_storage_files_are_retrieved_and_stored_on_tes(tes, s3, bucket, web, tmp_path):
     assert_like_local(functools.partial(tes_run, tes), tmp_path, bucket, web, s3)
+
+
+@pytest.mark.docker
+def test_kept_local_copies_on_docker(docker_api, s3, bucket, web, tmp_path):
+    assert_like_local(docker_run, tmp_path, bucket, web, s3, "--keep-storage-local-copies")
+
+
+@pytest.mark.tes
+def test_kept_local_copies_on_tes(tes, s3, bucket, web, tmp_path):
+    assert_like_local(
+        functools.partial(tes_run, tes), tmp_path, bucket, web, s3, "--keep-storage-local-copies"
+    )
 
 
 def assert_failed_jobs_log_stored_like_local(run, tmp_path: Path, bucket, s3) -> None:

@@ -121,8 +121,8 @@ def server_fetchable(prefix: Optional[str], endpoint: Optional[str]) -> Callable
     """For a TES server whose tasks reach crank's storage ``prefix`` (at ``endpoint``, for
     S3): job -> {local path: URL} of its storage inputs the server can fetch itself, so
     their bytes skip this machine: objects in the prefix's bucket (the server reads it with
-    its own credentials), at the same endpoint. Directories and ``retrieve=False`` inputs
-    are left to the host."""
+    its own credentials), at the same endpoint. Directories, ``retrieve=False`` inputs and
+    those whose local copy is to be kept (``keep_local``) are left to the host."""
     scheme, _, rest = (prefix or "").partition("://")
     if scheme not in ("s3", "gs", "az") or not rest:
         return lambda job: {}
@@ -140,6 +140,7 @@ def server_fetchable(prefix: Optional[str], endpoint: Optional[str]) -> Callable
                     and f not in _from_own_group(single)
                     and not is_flagged(f, "directory")
                     and not f.should_not_be_retrieved_from_storage
+                    and not f.should_keep_local
                     and f.storage_object.query.startswith(bucket)
                     and same_endpoint(getattr(f.storage_object.provider.settings, "endpoint_url", None))
                 ):
