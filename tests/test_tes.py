@@ -544,3 +544,24 @@ def test_request_bodies_validate_against_the_tes_1_1_schema(tmp_path):
                                  {"crank-run": "r", "crank-job": "1-1"}))
     schema = {**spec["components"]["schemas"]["tesTask"], "components": spec["components"]}
     OAS30Validator(schema).validate(body)
+
+
+def test_a_task_released_while_it_runs_is_canceled_at_once(aws_env, tmp_path):
+    """A job that failed while its task still ran (e.g. a wall-time stop the server
+    refused): its task must not run on until the run ends."""
+    backend = TesBackend(uuid.uuid4().hex, str(tmp_path),
+                         TesOptions(url=aws_env.url, storage_prefix=aws_env.prefix("release")))
+    try:
+        handle = backend.submit(sleeper(tmp_path, 1))
+        wait_for(lambda: backend.poll([handle])[handle] is State.RUNNING, timeout=120,
+                 what="a running task")
+        task_id = backend._subs[handle].tes_id
+        backend.release([handle])
+
+        def state():
+            return requests.get(f"{aws_env.url}/v1/tasks/{task_id}", timeout=30).json()["state"]
+
+        wait_for(lambda: state() not in NON_TERMINAL, timeout=60, what="the released task canceled")
+        assert state() == "CANCELED"
+    finally:
+        backend.close()

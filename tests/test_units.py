@@ -182,3 +182,13 @@ def test_every_setting_is_documented_alike_in_readme_and_plugin_catalog_page():
         option = "--crank-" + f.name.replace("_", "-")
         variable = "SNAKEMAKE_CRANK_" + f.name.upper()
         assert f"`{option}`" in documented and f"`{variable}`" in documented, f.name
+
+
+@pytest.mark.parametrize("sub", ["../../home", "/etc", "a/../../b", ".."])
+def test_a_task_index_naming_a_directory_outside_its_output_is_refused(sub):
+    from snakemake_executor_plugin_crank.backends.tes_layout import read_index
+
+    kinds, subdirs = read_index("d p0\ns p0 ./a/b\n")
+    assert kinds == {"p0": "d"} and subdirs == {"p0": ["a/b"]}
+    with pytest.raises(CrankError, match="outside its output"):
+        read_index(f"d p0\ns p0 {sub}\n")

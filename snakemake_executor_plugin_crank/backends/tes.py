@@ -510,14 +510,25 @@ class TesBackend:
             if kind == "d":
                 os.makedirs(src, exist_ok=True)
                 for sub in subdirs.get(name, []):
-                    os.makedirs(os.path.normpath(os.path.join(src, sub)), exist_ok=True)
+                    os.makedirs(os.path.join(src, sub), exist_ok=True)
             _place(src, product.path)
 
     def release(self, handles: Sequence[str]) -> None:
         for h in handles:
             sub = self._subs.pop(h, None)
-            if sub is not None and not self.options.keep_run_objects and not self._closing:
+            if sub is None or self._closing:
+                continue
+            if sub.tes_id and sub.last_state in NON_TERMINAL:
+                # a chain that failed while its task still ran: the task must not outlive it
+                self._pool.submit(self._cancel_quietly, sub.tes_id)
+            if not self.options.keep_run_objects:
                 self._pool.submit(self._delete_objects, sub.key)
+
+    def _cancel_quietly(self, task_id: str) -> None:
+        try:
+            self._cancel_id(task_id)
+        except CrankError:
+            pass  # the run's shutdown cancels what is still running
 
     def _delete_objects(self, key: str) -> None:
         try:

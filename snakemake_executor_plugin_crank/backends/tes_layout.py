@@ -196,7 +196,8 @@ def wrapper_script(task: TaskSpec, staged: Sequence[Staged], local_dirs: Sequenc
 
 
 def read_index(text: str) -> Tuple[Dict[str, str], Dict[str, List[str]]]:
-    """(product name -> 'f'|'d', product name -> its subdirectories) from an index file."""
+    """(product name -> 'f'|'d', product name -> its subdirectories) from an index file.
+    The task wrote it, so a subdirectory that would lead outside its product is refused."""
     kinds: Dict[str, str] = {}
     subdirs: Dict[str, List[str]] = {}
     for line in text.splitlines():
@@ -205,6 +206,9 @@ def read_index(text: str) -> Tuple[Dict[str, str], Dict[str, List[str]]]:
             kinds[rest.strip()] = kind
         elif kind == "s":
             name, _, sub = rest.partition(" ")
+            sub = posixpath.normpath(sub)
+            if sub.startswith(("/", "../")) or sub == "..":
+                raise CrankError(f"the task's index names a directory outside its output: {sub!r}")
             subdirs.setdefault(name, []).append(sub)
     return kinds, subdirs
 
