@@ -31,7 +31,8 @@ def fit(
         changes["cpus"] = capacity.cpus
         warnings.append(
             f"{what} asks for {wanted.cpus} CPUs (threads), more than the {capacity.cpus} the "
-            f"backend has: its jobs run with {capacity.cpus}, as Snakemake caps threads at --cores"
+            f"backend has: its jobs run on {capacity.cpus} CPUs (and, unless --cores is given, "
+            f"with {{threads}} = {capacity.cpus}, as Snakemake caps threads at --cores)"
         )
         if mem_mb_per_cpu:
             changes["mem_mb"] = mem_mb_per_cpu * capacity.cpus

@@ -63,7 +63,8 @@ def test_threads_above_the_engine_run_with_its_cpus_warned_once_per_rule(docker_
         assert (cpus, rest) == (float(engine_cpus), [f"omp={engine_cpus}"])
     warning = (
         f"crank: rule greedy asks for 64 CPUs (threads), more than the {engine_cpus} the "
-        f"backend has: its jobs run with {engine_cpus}, as Snakemake caps threads at --cores"
+        f"backend has: its jobs run on {engine_cpus} CPUs (and, unless --cores is given, "
+        f"with {{threads}} = {engine_cpus}, as Snakemake caps threads at --cores)"
     )
     assert done.stderr.count(warning) == 1, done.stderr
     # threads: 0 is accepted and still gets one CPU

@@ -41,7 +41,7 @@ def test_invalid_resource_values_name_the_rule_and_resource(name, value):
 
 CPUS_LOWERED = (
     "rule big asks for 8 CPUs (threads), more than the 2 the backend has: its jobs run "
-    "with 2, as Snakemake caps threads at --cores"
+    "on 2 CPUs (and, unless --cores is given, with {threads} = 2, as Snakemake caps threads at --cores)"
 )
 
 
