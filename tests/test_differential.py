@@ -2,15 +2,18 @@
 generated as text) must leave byte for byte the same files, and the same exit status, under
 crank (Docker, TES) as under Snakemake's local executor in an identical copy of the workdir.
 
-The features are those users combine: shell rules writing files and directories, ``update()``,
-``temp()``, ``protected()``, ``touch()``, ``directory()``, ``log:`` files, failing jobs,
-inputs outside the workdir, symlinks, names with spaces, groups, checkpoints, and a second run
-after an edit (a source, an input outside the workdir, a file rewritten with its size and mtime
-kept, the Snakefile's code) or with ``-F`` / ``-R``. A difference fails with the shrunk
-workflow's Snakefile, the steps and what differs.
+The features are those users combine: shell rules writing files (text or not, executable or
+not) and directories (with symlinks, empty directories), ``update()``, ``temp()``,
+``protected()``, ``touch()``, ``directory()``, symlink outputs, ``log:`` files, failing jobs,
+inputs outside the workdir and symlinks to them, names with spaces, quotes and non-ASCII
+letters, groups, checkpoints, and a second run after an edit (a source, an input outside the
+workdir, a file rewritten with its size and mtime kept, the Snakefile's code, an output
+removed) or with ``-F`` / ``-R``. A difference fails with the shrunk workflow's Snakefile, the
+steps and what differs.
 
-``CRANK_DIFF_EXAMPLES`` sets the number of workflows per backend (default: a few, a couple of
-minutes per backend); ``CRANK_DIFF_SEED`` draws another fixed series instead of the default one.
+``CRANK_DIFF_EXAMPLES`` sets the number of workflows per backend (default: about a dozen, a
+few minutes per backend); ``CRANK_DIFF_SEED`` draws another fixed series instead of the default
+one; ``CRANK_DIFF_ALL=1`` draws the features of ``OPEN`` too.
 """
 
 import os
@@ -19,7 +22,7 @@ import stat
 import subprocess
 import sys
 import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -41,21 +44,27 @@ OPEN = {
         "symlink_output",  # a rule's output that is a symlink: missing (dangling) or a copy
         "dir_links",  # a symlink inside a directory output comes back as a copy of its target
         "empty_dirs",  # an empty directory inside a directory input is not made (docs/staging.md)
+        "executable",  # an output's mode comes back 0644 (0444 when protected()): x bits lost
+        "linked_dir_input",  # a symlink to a directory, as an input, is a real directory in the job
     },
 }
 
 # The simplest of each choice comes first: Hypothesis shrinks towards it.
-KINDS = ["file", "dir", "temp", "protected", "touch", "update", "symlink", "checkpoint"]
+KINDS = ["file", "dir", "temp", "protected", "touch", "update", "symlink", "checkpoint", "temp_dir"]
+FILE_KINDS = ("file", "temp", "protected", "update")
+DIR_KINDS = ("dir", "checkpoint", "temp_dir")
+# data/ext.txt and data/extdir are symlinks to OUTSIDE/ref.txt and OUTSIDE/refdir
 SOURCES = ["data/src.txt", "data/link.txt", "data/with space.txt", "data/dir", "OUTSIDE/ref.txt",
-           "OUTSIDE/refdir"]
-EDITS = ["none", "append_src", "append_outside", "same_size_same_mtime", "code"]
+           "OUTSIDE/refdir", "data/ext.txt", "data/extdir"]
+NAMES = ["plain", "space", "nested", "odd"]
+EDITS = ["none", "append_src", "append_outside", "same_size_same_mtime", "code", "remove_output"]
 FLAGS = ["none", "forceall", "forcerun"]
 
 
 @dataclass(frozen=True)
 class Rule:
     kind: str = "file"
-    spaced: bool = False  # a space in the output's name
+    name: str = "plain"  # of NAMES: the output's name has a space, is deeper, or has ü and '
     deps: tuple = ()  # indexes of earlier rules whose outputs it reads
     sources: tuple = ()  # entries of SOURCES it reads
     log: bool = False
@@ -64,6 +73,8 @@ class Rule:
     link_in_dir: bool = False  # a directory output holds a symlink too
     empty_dir: bool = False  # a directory output holds an empty directory too
     files: int = 1  # files a checkpoint writes
+    executable: bool = False  # a file output made executable
+    binary: bool = False  # a file output holds bytes that are not text
 
 
 @dataclass(frozen=True)
@@ -73,25 +84,26 @@ class Workflow:
     edit: str = "none"
     flags: str = "none"
     forcerun: int = 0  # the rule -R names
-    salts: tuple = field(default=())  # per rule, changed by the "code" edit
+    version: int = 0  # in every rule's command: the "code" edit changes it
 
 
 @st.composite
 def workflows(draw, left_out=frozenset()):
     """``left_out``: features not to draw (OPEN)."""
     kinds = [k for k in KINDS if not (k == "symlink" and "symlink_output" in left_out)]
+    sources = [s for s in SOURCES if not (s == "data/extdir" and "linked_dir_input" in left_out)]
     n = draw(st.integers(1, 5))
     rules = []
     for i in range(n):
         kind = draw(st.sampled_from(kinds))
         deps = tuple(sorted(draw(st.sets(st.integers(0, i - 1), max_size=2)))) if i else ()
         exit_code = draw(st.sampled_from([0, 0, 0, 3]))
-        directory = kind in ("dir", "checkpoint")
+        directory = kind in DIR_KINDS
         rules.append(Rule(
             kind=kind,
-            spaced=draw(st.booleans()),
+            name=draw(st.sampled_from(NAMES)),
             deps=deps,
-            sources=tuple(sorted(draw(st.sets(st.sampled_from(SOURCES), max_size=2)))),
+            sources=tuple(sorted(draw(st.sets(st.sampled_from(sources), max_size=2)))),
             log=draw(st.booleans()),
             exit_code=exit_code,
             # A failed group is failed as a whole under every remote executor (Snakemake
@@ -101,6 +113,8 @@ def workflows(draw, left_out=frozenset()):
             link_in_dir=directory and "dir_links" not in left_out and draw(st.booleans()),
             empty_dir=directory and "empty_dirs" not in left_out and draw(st.booleans()),
             files=draw(st.integers(0, 3)) if kind == "checkpoint" else 1,
+            executable=kind in FILE_KINDS and "executable" not in left_out and draw(st.booleans()),
+            binary=kind in FILE_KINDS and draw(st.booleans()),
         ))
     rules = convex_groups(rules)
     edit = draw(st.sampled_from(EDITS))
@@ -110,7 +124,6 @@ def workflows(draw, left_out=frozenset()):
         seed_update=draw(st.booleans()) if any(r.kind == "update" for r in rules) else False,
         edit=edit, flags=flags,
         forcerun=draw(st.integers(0, n - 1)) if flags == "forcerun" else 0,
-        salts=(0,) * n,
     )
 
 
@@ -139,14 +152,17 @@ def convex_groups(rules: list) -> tuple:
 
 
 def output_path(i: int, rule: Rule) -> str:
-    stem = f"out/r{i} x" if rule.spaced else f"out/r{i}"
-    return stem + (".d" if rule.kind in ("dir", "checkpoint") else ".lnk" if rule.kind == "symlink" else ".txt")
+    stem = {"plain": f"out/r{i}", "space": f"out/r{i} x", "nested": f"out/deep/er/r{i}",
+            "odd": f"out/r{i}-\u00fc 'q'"}[rule.name]
+    return stem + (".d" if rule.kind in DIR_KINDS else ".lnk" if rule.kind == "symlink" else ".txt")
 
 
 def output_decl(i: int, rule: Rule) -> str:
     path = repr(output_path(i, rule))
     wrap = {"dir": "directory", "checkpoint": "directory", "temp": "temp", "protected": "protected",
             "touch": "touch", "update": "update"}.get(rule.kind)
+    if rule.kind == "temp_dir":
+        return f"temp(directory({path}))"
     return f"{wrap}({path})" if wrap else path
 
 
@@ -166,12 +182,14 @@ def shell_expression(command: str) -> str:
     return " + DUMP + ".join(repr(part) for part in command.split(DUMP_MARK))
 
 
-def shell_of(i: int, rule: Rule, salt: int) -> str:
-    mark = f"echo r{i}-{salt}"
+def shell_of(i: int, rule: Rule, version: int) -> str:
+    mark = f"echo r{i}-{version}"
     dump = DUMP_MARK if (rule.deps or rule.sources) else "true"
     steps = []
     if rule.log:
         steps.append(f"echo log-r{i} > {{log:q}}")
+    if rule.binary:
+        mark += r"; printf '\377\000\001\n'"
     if rule.kind in ("file", "temp", "protected"):
         steps += [f"( {dump}; {mark} ) > {{output:q}}"]
     elif rule.kind == "update":
@@ -180,7 +198,7 @@ def shell_of(i: int, rule: Rule, salt: int) -> str:
         steps += [f"{dump} > /dev/null"]
     elif rule.kind == "symlink":
         steps += [f"{dump} > /dev/null", "ln -s ../data/src.txt {output:q}"]
-    elif rule.kind == "dir":
+    elif rule.kind in ("dir", "temp_dir"):
         steps += ["mkdir -p {output:q}/sub",
                   f"{dump} > {{output:q}}/sub/content", f"{mark} > {{output:q}}/top.txt"]
     elif rule.kind == "checkpoint":
@@ -188,8 +206,10 @@ def shell_of(i: int, rule: Rule, salt: int) -> str:
         steps += [f"{mark}-{n} > {{output:q}}/{n}.txt" for n in range(rule.files)]
     if rule.empty_dir:
         steps.append("mkdir {output:q}/empty")
+    if rule.executable:
+        steps.append("chmod 755 {output:q}")
     if rule.link_in_dir:
-        steps.append("ln -s top.txt {output:q}/alias" if rule.kind == "dir"
+        steps.append("ln -s top.txt {output:q}/alias" if rule.kind != "checkpoint"
                      else "ln -s inputs.log {output:q}/alias.txt")
     if rule.exit_code:
         steps.append(f"exit {rule.exit_code}")
@@ -219,14 +239,14 @@ def snakefile(wf: Workflow, outside: Path) -> str:
             lines.append(f"    log: 'logs/r{i}.log'")
         if rule.group:
             lines.append(f"    group: {rule.group!r}")
-        lines += [f"    shell: {shell_expression(shell_of(i, rule, wf.salts[i]))}", ""]
+        lines += [f"    shell: {shell_expression(shell_of(i, rule, wf.version))}", ""]
     return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- workdirs, runs, snapshots
 
 
-def make_sources(workdir: Path) -> None:
+def make_sources(workdir: Path, outside: Path) -> None:
     data = workdir / "data"
     (data / "dir" / "sub").mkdir(parents=True)
     (data / "src.txt").write_text("source\n")
@@ -235,6 +255,8 @@ def make_sources(workdir: Path) -> None:
     (data / "dir" / "a.txt").write_text("a\n")
     (data / "dir" / "sub" / "b.txt").write_text("b\n")
     (data / "dir" / "to-a").symlink_to("a.txt")
+    (data / "ext.txt").symlink_to(outside / "ref.txt")
+    (data / "extdir").symlink_to(outside / "refdir")
 
 
 def make_outside(outside: Path) -> None:
@@ -261,6 +283,12 @@ def edit(workdir: Path, outside: Optional[Path], wf: Workflow) -> None:
     elif wf.edit == "append_outside" and outside is not None:
         with open(outside / "ref.txt", "a") as f:
             f.write("edited\n")
+    elif wf.edit == "remove_output":
+        path = workdir / output_path(0, wf.rules[0])
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.is_symlink() or path.exists():
+            path.unlink()
     elif wf.edit == "same_size_same_mtime":
         path = workdir / "data" / "src.txt"
         before = path.stat()
@@ -325,7 +353,7 @@ def check_same_as_local(base: Path, wf: Workflow, run_crank) -> None:
         workdir = example / parent / "wf"
         workdir.mkdir(parents=True)
         (workdir / "Snakefile").write_text(text)
-        make_sources(workdir)
+        make_sources(workdir, outside)
         seed_outputs(workdir, wf)
         workdirs[name] = workdir
 
@@ -336,7 +364,7 @@ def check_same_as_local(base: Path, wf: Workflow, run_crank) -> None:
     for number, args in enumerate(steps):
         if number:
             if wf.edit == "code":
-                changed = replace(wf, salts=tuple(s + 1 for s in wf.salts))
+                changed = replace(wf, version=wf.version + 1)
                 for workdir in workdirs.values():
                     (workdir / "Snakefile").write_text(snakefile(changed, outside))
             edit(workdirs["local"], outside, wf)
@@ -409,10 +437,10 @@ def test_tes_leaves_what_the_local_executor_leaves(crank_on_tes, tmp_path, wf):
 FOUND = {
     # a group's later job reads a touch() output of an earlier one: it did not exist yet
     "group_touch": Workflow(rules=(Rule(kind="touch", group="g1"),
-                                   Rule(deps=(0,), group="g1")), salts=(0, 0)),
+                                   Rule(deps=(0,), group="g1"))),
     # ... or lists a directory output of an earlier one: no .snakemake_timestamp in it yet
     "group_directory": Workflow(rules=(Rule(kind="dir", group="g1"),
-                                       Rule(deps=(0,), group="g1")), salts=(0, 0)),
+                                       Rule(deps=(0,), group="g1"))),
 }
 
 
