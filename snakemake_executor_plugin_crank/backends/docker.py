@@ -13,7 +13,6 @@ import functools
 import os
 import shutil
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any, Callable, Collection, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import docker
@@ -24,6 +23,8 @@ import requests
 from ..errors import BackendUnavailable, CrankError, ImageUnavailable
 from ..task import Capacity, State, TaskResult, TaskSpec, file_argv, script_fits_argv
 from . import logs
+from .paths import under
+from .stamps import seconds_between
 
 LABEL_RUN = "crank.run"
 LABEL_JOB = "crank.job"
@@ -62,11 +63,6 @@ WARM_PREFIX = "warm:"
 
 def _is_warm(handle: str) -> bool:
     return handle.startswith(WARM_PREFIX)
-
-
-def under(path: str, root: str) -> bool:
-    """``path`` is ``root`` or lies below it."""
-    return path == root or path.startswith(root.rstrip("/") + "/")
 
 
 # read-only mounts for inputs outside the workdir before inputs of a directory share
@@ -236,16 +232,8 @@ def judge(
 
 
 def running_seconds(state: Mapping[str, Any]) -> Optional[float]:
-    """FinishedAt - StartedAt of an inspected container (RFC 3339, nanoseconds)."""
-
-    def parse(stamp: str) -> datetime:
-        whole, _, fraction = stamp.rstrip("Z").partition(".")
-        return datetime.fromisoformat(f"{whole}.{(fraction + '000000')[:6]}")
-
-    try:
-        return (parse(state["FinishedAt"]) - parse(state["StartedAt"])).total_seconds()
-    except (KeyError, ValueError):
-        return None
+    """FinishedAt - StartedAt of an inspected container."""
+    return seconds_between(state.get("StartedAt"), state.get("FinishedAt"))
 
 
 # what the engine says when the registry answered that the image is not there for us

@@ -12,6 +12,7 @@ small thread pool, so ``submit`` returns at once.
 from __future__ import annotations
 
 import collections
+import errno
 import hashlib
 import os
 import shutil
@@ -20,7 +21,6 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any, Callable, Collection, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import tes
@@ -30,6 +30,8 @@ from ..task import Capacity, Kind, State, TaskResult, TaskSpec
 from . import tes_layout as layout
 from .http import HttpError, Session, Throttled
 from .logs import save_logs
+from .paths import under
+from .stamps import seconds_between
 
 TAG_RUN = "crank-run"
 TAG_JOB = "crank-job"
@@ -324,7 +326,7 @@ class TesBackend:
         if paths:
             for f in self.stager.stage(paths):
                 digest = f.url.rsplit("/", 1)[-1]
-                writable = any(layout.under(f.path, u) for u in updated)
+                writable = any(under(f.path, u) for u in updated)
                 staged.append(layout.Staged(f.path, f.url, digest, link=f.link, writable=writable))
         return staged
 
@@ -435,7 +437,7 @@ class TesBackend:
         exec_logs = last.get("logs") or []
         exec_log = exec_logs[-1] if exec_logs else {}
         tes_code = exec_log.get("exit_code")
-        seconds = _seconds(exec_log.get("start_time"), exec_log.get("end_time"))
+        seconds = seconds_between(exec_log.get("start_time"), exec_log.get("end_time"))
         system = [line for entry in (last.get("system_logs") or []) for line in str(entry).splitlines()]
         tmp = self._download(sub, task) if state == "COMPLETE" else self._download_logs(sub)
         try:
@@ -610,22 +612,6 @@ def _exit_code(tmp: Optional[str]) -> Optional[int]:
         return None
 
 
-def _seconds(start: Optional[str], end: Optional[str]) -> Optional[float]:
-    def parse(stamp: str) -> datetime:
-        stamp = stamp.replace("Z", "+00:00")
-        whole, dot, rest = stamp.partition(".")
-        if dot:
-            digits = "".join(c for c in rest if c.isdigit())
-            zone = rest[len(digits):]
-            stamp = f"{whole}.{(digits + '000000')[:6]}{zone}"
-        return datetime.fromisoformat(stamp)
-
-    try:
-        return (parse(end) - parse(start)).total_seconds()
-    except (TypeError, ValueError, AttributeError):
-        return None
-
-
 def _place(src: str, dest: str) -> None:
     """Put ``src`` (file or directory) at ``dest`` atomically, replacing what is there."""
     parent = os.path.dirname(dest)
@@ -633,7 +619,7 @@ def _place(src: str, dest: str) -> None:
     try:
         _replace(src, dest)
     except OSError as e:
-        if e.errno != 18:  # EXDEV: another file system
+        if e.errno != errno.EXDEV:  # another file system
             raise CrankError(f"cannot put an output at {dest}: {e.strerror}") from None
         tmp = os.path.join(parent, f".{os.path.basename(dest)}.crank-{os.getpid()}-{threading.get_ident()}")
         if os.path.isdir(src):

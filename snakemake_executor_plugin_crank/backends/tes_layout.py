@@ -32,6 +32,7 @@ from typing import Dict, Iterable, List, Sequence, Set, Tuple
 
 from ..errors import CrankError
 from ..task import FILE_LAUNCHER, Kind, TaskSpec
+from .paths import under
 
 ROOT = "/crank"
 IN = "/crank/in"
@@ -61,10 +62,6 @@ class Link:
 
     path: str
     target: str
-
-
-def under(path: str, root: str) -> bool:
-    return path == root or path.startswith(root.rstrip("/") + "/")
 
 
 def _common(a: str, b: str) -> str:

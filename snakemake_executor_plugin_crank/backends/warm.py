@@ -66,6 +66,7 @@ from ..errors import BackendUnavailable, CrankError
 from ..task import State, TaskResult, TaskSpec
 from . import docker as cold
 from . import logs
+from .paths import under
 
 PREFIX = cold.WARM_PREFIX
 # the runner's first process: waits forever, using only sh and sleep; ignoring SIGCHLD
@@ -190,7 +191,7 @@ class WarmPool:
         mounts = cold.plan_mounts(
             task.workdir, [i.path for i in task.inputs], [o.path for o in task.products]
         )
-        if any(cold.under(private, path) for path, _ in mounts for private in PRIVATE + (LOGS,)):
+        if any(under(private, path) for path, _ in mounts for private in PRIVATE + (LOGS,)):
             return None  # a mount at or above /tmp or /dev/shm: keep Docker's own
         host_config = self.backend.host_config_for(task, mounts)
         key = json.dumps(
@@ -445,7 +446,7 @@ class WarmPool:
             os.chmod(path, 0o1777)
             binds.append(docker.types.Mount(target=private, source=path, type="bind"))
             keep[path] = tuple(
-                os.path.relpath(p, private) for p, _ in mounts if cold.under(p, private) and p != private
+                os.path.relpath(p, private) for p, _ in mounts if under(p, private) and p != private
             )
         logs = os.path.join(host_dir, "logs")
         os.mkdir(logs, 0o700)
