@@ -38,9 +38,12 @@ EVERY_FEATURE = os.environ.get("CRANK_DIFF_ALL") == "1"
 
 # Features with a difference still open on a backend: drawn there only with CRANK_DIFF_ALL=1,
 # so that the default run stays a check of everything else.
+GROUP_CHECKPOINT = "group_checkpoint"  # a job reading a checkpoint in the checkpoint's group runs
+# with the checkpoint's directory as its input, not with what its input function returns
 OPEN = {
-    "docker": set(),
+    "docker": {GROUP_CHECKPOINT},
     "tes": {
+        GROUP_CHECKPOINT,
         "symlink_output",  # a rule's output that is a symlink: missing (dangling) or a copy
         "dir_links",  # a symlink inside a directory output comes back as a copy of its target
         "empty_dirs",  # an empty directory inside a directory input is not made (docs/staging.md)
@@ -109,7 +112,8 @@ def workflows(draw, left_out=frozenset()):
             # A failed group is failed as a whole under every remote executor (Snakemake
             # removes the outputs of all its jobs): the local executor, which runs no groups,
             # is no reference for that.
-            group=None if exit_code else draw(st.sampled_from([None, "g1", "g2"])),
+            group=None if exit_code or (kind == "checkpoint" and GROUP_CHECKPOINT in left_out)
+            else draw(st.sampled_from([None, "g1", "g2"])),
             link_in_dir=directory and "dir_links" not in left_out and draw(st.booleans()),
             empty_dir=directory and "empty_dirs" not in left_out and draw(st.booleans()),
             files=draw(st.integers(0, 3)) if kind == "checkpoint" else 1,
@@ -197,7 +201,8 @@ def shell_of(i: int, rule: Rule, version: int) -> str:
     elif rule.kind == "touch":
         steps += [f"{dump} > /dev/null"]
     elif rule.kind == "symlink":
-        steps += [f"{dump} > /dev/null", "ln -s ../data/src.txt {output:q}"]
+        up = "../" * output_path(i, rule).count("/")
+        steps += [f"{dump} > /dev/null", f"ln -s {up}data/src.txt {{output:q}}"]
     elif rule.kind in ("dir", "temp_dir"):
         steps += ["mkdir -p {output:q}/sub",
                   f"{dump} > {{output:q}}/sub/content", f"{mark} > {{output:q}}/top.txt"]

@@ -1,0 +1,174 @@
+"""One container per task: created with the task's mounts and limits, its command run as
+its first process, its state read from one list of the run's containers per round."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from typing import Any, Dict, Mapping, Sequence, Tuple
+
+import docker
+import docker.errors
+
+from ...errors import BackendUnavailable, CrankError
+from ...task import State, TaskResult, TaskSpec, file_argv, script_fits_argv
+from .. import logs
+from . import engine
+from .engine import LABEL_RUN, DockerOptions, Images, engine_errors, short
+from .mounts import plan_mounts
+
+_STATES = {
+    "created": State.QUEUED,
+    "restarting": State.RUNNING,
+    "running": State.RUNNING,
+    "paused": State.RUNNING,
+    "removing": State.FINISHED,
+    "exited": State.FINISHED,
+    "dead": State.FINISHED,
+}
+
+
+class ColdRunner:
+    """Runs each task as a container of its own; its handle is the container's id."""
+
+    def __init__(self, api, run_id: str, workdir: str, options: DockerOptions, images: Images):
+        self.api = api
+        self.run_id = run_id
+        self.workdir = workdir
+        self.options = options
+        self.images = images
+        self.script_dirs: set = set()  # where scripts too long for argv were written
+
+    def submit(self, task: TaskSpec) -> str:
+        """Start the task as a container of its own."""
+        self.images.ensure(task.image)
+        plan = plan_mounts(
+            task.workdir, [i.path for i in task.inputs], [o.path for o in task.products]
+        )
+        host_config = engine.host_config_for(self.options, task, plan)
+        name = f"crank-{self.run_id[:8]}-{task.name}"
+        try:
+            with engine_errors("creating a container"):
+                handle = self._create(task, name, host_config)
+                self.api.start(handle)
+        except (docker.errors.DockerException, TypeError) as e:
+            self._remove_quietly(name)
+            raise CrankError(self._refusal(task, e)) from None
+        except BackendUnavailable:
+            # the engine may have made the container before the connection broke
+            self._remove_quietly(name)
+            raise
+        return handle
+
+    def _refusal(self, task: TaskSpec, error: Exception) -> str:
+        """Docker's refusal of a container, explained when the cause is known."""
+        text = short(error)
+        if task.resources.gpus and "device driver" in text:
+            return (
+                f"{task.label} asks for gpu={task.resources.gpus} but the Docker engine has no "
+                f"NVIDIA runtime ({text}); install the NVIDIA Container Toolkit on the engine's "
+                "host, or run the rule without the gpu resource"
+            )
+        network = self.options.network
+        if "network" in text and network in text and "not found" in text:
+            return engine.missing_network(network)
+        return f"Docker refused the container for {task.label}: {text}"
+
+    def command_for(self, task: TaskSpec) -> Tuple[str, ...]:
+        """The container's argv: the script as one argument, or, when it is too long for
+        one, as a file under the workdir, which the workdir mount makes visible."""
+        if script_fits_argv(task.script):
+            return task.argv
+        directory = os.path.join(task.workdir, ".snakemake", "crank", "scripts", self.run_id)
+        path = os.path.join(directory, task.name + ".sh")
+        try:
+            # in the workdir, where jobs write: never through a symlink one put there
+            dir_fd = logs.open_dir(directory, task.workdir)
+            try:
+                with os.fdopen(logs.create_file(dir_fd, task.name + ".sh"), "w") as f:
+                    f.write(task.script)
+            finally:
+                os.close(dir_fd)
+        except OSError as e:
+            raise CrankError(f"{task.label}: cannot write its script to {path!r} ({logs.why(e)})") from None
+        self.script_dirs.add(directory)
+        return file_argv(path)
+
+    def _create(self, task: TaskSpec, name: str, host_config: Dict[str, Any]) -> str:
+        config = dict(
+            image=task.image,
+            command=list(self.command_for(task)),
+            working_dir=task.workdir,
+            user=f"{os.getuid()}:{os.getgid()}",
+            environment=dict(task.env),
+            labels=engine.labels(self.run_id, task.job_id, self.workdir),
+            name=name,
+            host_config=self.api.create_host_config(**host_config),
+        )
+        try:
+            return self.api.create_container(**config)["Id"]
+        except docker.errors.APIError as e:
+            if e.status_code != 409:
+                raise
+        # 409: a container of this name is left from a submission whose answer was lost
+        self.api.remove_container(name, force=True)
+        return self.api.create_container(**config)["Id"]
+
+    def _remove_quietly(self, name: str) -> None:
+        with contextlib.suppress(CrankError, docker.errors.DockerException):
+            self.cancel([name])
+
+    def poll(self, handles: Sequence[str]) -> Mapping[str, State]:
+        rows = engine.containers(self.api, LABEL_RUN, self.run_id)
+        seen = {row["Id"]: _STATES.get(row["State"], State.RUNNING) for row in rows}
+        return {h: seen.get(h, State.LOST) for h in handles}
+
+    def stop(self, handle: str) -> None:
+        try:
+            with engine_errors("stopping a container"):
+                self.api.kill(handle)
+        except docker.errors.APIError:
+            pass  # already ended
+
+    def result(self, handle: str, task: TaskSpec) -> TaskResult:
+        try:
+            with engine_errors("inspecting a container"):
+                inspected = self.api.inspect_container(handle)
+        except docker.errors.NotFound:
+            return TaskResult(ok=False, reason="the container was removed outside crank")
+        state = inspected["State"]
+        with engine_errors("reading a container's logs"):
+            stdout = self.api.logs(handle, stdout=True, stderr=False, stream=True)
+            stderr = self.api.logs(handle, stdout=False, stderr=True, stream=True)
+            files, tail = logs.save_logs(task, stdout, stderr)
+        limit = (inspected.get("HostConfig") or {}).get("Memory")
+        ok, reason = engine.judge(state, task, limit)
+        return TaskResult(
+            ok=ok,
+            exit_code=state.get("ExitCode"),
+            reason=reason,
+            stderr_tail=tail,
+            log_files=files,
+            seconds=engine.running_seconds(state),
+        )
+
+    def cancel(self, handles: Sequence[str]) -> None:
+        """Remove the containers, running or not (also what ``release`` does)."""
+        for handle in handles:
+            try:
+                with engine_errors("removing a container"):
+                    self.api.remove_container(handle, force=True)
+            except docker.errors.NotFound:
+                pass
+            except docker.errors.APIError as e:
+                if e.status_code != 409:  # 409: removal already in progress
+                    raise CrankError(f"Docker refused to remove container {handle[:12]}: {short(e)}") from None
+
+    def close(self) -> None:
+        """Remove every container of the run, then the scripts written for it."""
+        try:
+            self.cancel([row["Id"] for row in engine.containers(self.api, LABEL_RUN, self.run_id)])
+        finally:
+            for directory in self.script_dirs:
+                shutil.rmtree(directory, ignore_errors=True)

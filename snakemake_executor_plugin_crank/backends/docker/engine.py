@@ -1,0 +1,315 @@
+"""The Docker engine as both ways of running a task use it: the client and its start-up
+check, engine errors turned into crank's, labels, the bind mounts and host config of a
+task, the image (present or pulled) and what an exit means.
+
+Files are not copied: the workdir is bind-mounted at its own path (read-write), inputs
+outside it read-only at theirs, so the command sees the host's paths.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import docker
+import docker.errors
+import docker.types
+import requests
+
+from ...errors import BackendUnavailable, CrankError, ImageUnavailable
+from ...task import Capacity, TaskSpec
+from ..stamps import seconds_between
+
+LABEL_RUN = "crank.run"
+LABEL_JOB = "crank.job"
+LABEL_WORKDIR = "crank.workdir"
+
+# Docker refuses memory limits below 6 MB.
+DOCKER_MIN_MEMORY = 6 * 1024 * 1024
+# the start-up check: an engine that accepts connections but never answers is reported
+# quickly; later requests keep the SDK's longer timeout (pulls, large logs)
+STARTUP_TIMEOUT_S = 10
+
+
+@dataclass(frozen=True)
+class DockerOptions:
+    base_url: Optional[str] = None
+    network: str = "bridge"
+    pull: str = "missing"
+    host_config: Mapping[str, Any] = field(default_factory=dict)
+    # run tasks by exec in warm containers where that is safe (warm.py)
+    warm: bool = False
+
+
+# ---- the client ---------------------------------------------------------------------
+
+
+def where(options: DockerOptions) -> str:
+    """The engine the options name, as the user knows it."""
+    return options.base_url or os.environ.get("DOCKER_HOST") or "the default socket"
+
+
+def client(options: DockerOptions, **kwargs) -> docker.DockerClient:
+    """A client of the engine the options name (else DOCKER_HOST, else the socket)."""
+    if options.base_url:
+        return docker.DockerClient(base_url=options.base_url, **kwargs)
+    return docker.from_env(**kwargs)
+
+
+def connect(options: DockerOptions) -> Tuple[docker.DockerClient, Capacity]:
+    """A client of the engine, checked to answer, and the most one task may ask of it."""
+    at = where(options)
+    silent = (
+        f"the Docker engine at {at} accepted the connection but did not answer "
+        f"within {STARTUP_TIMEOUT_S} s; check that this address is a Docker engine "
+        "and that it is not stuck (restart it)"
+    )
+    try:
+        # a short timeout for the first requests (the SDK asks the version at once)
+        made = client(options, timeout=STARTUP_TIMEOUT_S)
+        timeout = docker.constants.DEFAULT_TIMEOUT_SECONDS
+        try:
+            made.api.ping()  # cheap: a busy engine still answers it at once
+        except requests.Timeout:
+            raise CrankError(silent) from None
+        finally:
+            made.api.timeout = timeout
+        info = made.api.info()
+    except docker.errors.DockerException as e:
+        if "timed out" in str(e):
+            raise CrankError(silent) from None
+        if "Invalid bind address" in str(e) or "scheme" in str(e).lower():
+            raise CrankError(
+                f"--crank-docker-url / DOCKER_HOST {at!r} is not a Docker engine "
+                "address; use unix:///path/to/docker.sock or tcp://host:port"
+            ) from None
+        raise BackendUnavailable(f"cannot reach the Docker engine at {at} ({short(e)})") from None
+    except requests.RequestException as e:
+        raise BackendUnavailable(f"cannot reach the Docker engine at {at} ({short(e)})") from None
+    capacity = Capacity(cpus=info.get("NCPU"), mem_mb=int(info.get("MemTotal", 0) / 1e6) or None)
+    return made, capacity
+
+
+# what the engine says when the registry answered that the image is not there for us
+_REGISTRY_REFUSALS = (
+    "not found", "manifest unknown", "name unknown", "pull access denied", "unauthorized",
+    "denied:", "repository does not exist",
+)
+# answered with status 500 by the engine, yet final: asking again cannot help
+_FINAL_SERVER_ERRORS = ("could not select device driver", "invalid reference format")
+
+
+@contextlib.contextmanager
+def engine_errors(doing: str):
+    """Turn the engine's transport and server errors into BackendUnavailable; its
+    refusals (4xx) stay APIError for the caller to explain."""
+    try:
+        yield
+    except docker.errors.APIError as e:  # also a requests error: test it first
+        if e.is_server_error() and not any(final in str(e) for final in _FINAL_SERVER_ERRORS):
+            raise BackendUnavailable(f"the Docker engine failed while {doing} ({short(e)})") from None
+        raise
+    except requests.RequestException as e:
+        raise BackendUnavailable(f"the Docker engine did not answer while {doing} ({short(e)})") from None
+
+
+def short(error: Exception) -> str:
+    """The first line of what the engine (or the SDK) said."""
+    explanation = getattr(error, "explanation", None)
+    text = str(explanation or error)
+    return text.strip().splitlines()[0] if text.strip() else type(error).__name__
+
+
+def labels(run_id: str, job_id: str, workdir: str) -> Dict[str, str]:
+    """The labels every container of a run carries (orphan removal lists by them)."""
+    return {LABEL_RUN: run_id, LABEL_JOB: job_id, LABEL_WORKDIR: workdir}
+
+
+def containers(api, label: str, value: str) -> List[Mapping[str, Any]]:
+    """The containers, running or not, whose ``label`` is ``value``."""
+    with engine_errors("listing containers"):
+        return api.containers(all=True, filters={"label": f"{label}={value}"})
+
+
+def check_host_config(api, options: DockerOptions) -> None:
+    """Raise CrankError when the extra host-config options are not ones the Docker SDK
+    takes (checked at start, not per job)."""
+    try:
+        api.create_host_config(**options.host_config)
+    except (TypeError, ValueError, docker.errors.DockerException) as e:
+        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CrankError(
+            f"--crank-docker-host-config is refused: {text}; use Docker SDK host-config "
+            "arguments (e.g. shm_size, cap_add, ulimits)"
+        ) from None
+
+
+def check_network(api, network: str) -> None:
+    """Raise CrankError when the chosen network does not exist on the engine."""
+    if network in ("bridge", "none", "host", "default") or network.startswith("container:"):
+        return
+    with engine_errors("listing networks"):
+        networks = api.networks()
+    if network not in {n.get(k) for n in networks for k in ("Name", "Id")}:
+        raise CrankError(missing_network(network))
+
+
+def missing_network(network: str) -> str:
+    return (
+        f"--crank-docker-network {network!r} does not exist on the Docker engine; "
+        f"create it (docker network create {network}) or use bridge or none"
+    )
+
+
+# ---- the image ----------------------------------------------------------------------
+
+
+class Images:
+    """Makes sure a task's image is on the engine (looked up once, pulled as the options
+    say); refusals are explained, a registry out of reach is said once per image."""
+
+    def __init__(self, api, pull: str, report: Callable[[str], None]):
+        self.api = api
+        self.pull = pull
+        self.report = report  # what the user should know now
+        self.present: set = set()
+        self.pull_failures: set = set()  # images whose failed pull was reported
+
+    def ensure(self, image: str) -> None:
+        if image in self.present:
+            return
+        if self.pull != "always":
+            try:
+                with engine_errors("looking up an image"):
+                    self.api.inspect_image(image)
+                self.present.add(image)
+                return
+            except docker.errors.ImageNotFound:
+                if self.pull == "never":
+                    raise ImageUnavailable(
+                        f"image {image!r} is not on the Docker engine and pulling is off"
+                    ) from None
+            except docker.errors.APIError as e:
+                raise _invalid_image(image, e) from None
+        try:
+            with engine_errors("pulling an image"):
+                try:
+                    self.api.pull(image)
+                except docker.errors.APIError as e:
+                    raise self._pull_failed(image, e) from None
+        except docker.errors.DockerException as e:
+            raise ImageUnavailable(f"could not pull image {image!r} ({short(e)})") from None
+        self.present.add(image)
+
+    def _pull_failed(self, image: str, error: docker.errors.APIError) -> CrankError:
+        """What a refused pull means: a bad reference or an image the registry does not
+        have for us fail the job now; anything else (most often a registry that cannot
+        be reached) is said at once, once per image, and tried again."""
+        if error.status_code == 400 or "invalid reference" in str(error):
+            return _invalid_image(image, error)
+        failed = f"could not pull image {image!r} ({short(error)})"
+        if not error.is_server_error() or any(a in str(error).lower() for a in _REGISTRY_REFUSALS):
+            return ImageUnavailable(failed)
+        if image not in self.pull_failures:
+            self.pull_failures.add(image)
+            self.report(f"{failed}; trying again until --crank-backend-tolerance runs out")
+        return BackendUnavailable(failed)
+
+
+def _invalid_image(image: str, error: Exception) -> ImageUnavailable:
+    e = ImageUnavailable(f"image reference {image!r} is invalid ({short(error)})")
+    e.invalid_reference = True  # the fix is the reference, not loading an image
+    return e
+
+
+# ---- host config ----------------------------------------------------------------------
+
+
+def gpu_request(count: int, visible: Optional[str]) -> docker.types.DeviceRequest:
+    """NVIDIA devices for ``count`` GPUs, taken from CUDA_VISIBLE_DEVICES when set."""
+    if visible is not None and visible.strip() not in ("", "all"):
+        ids = [d.strip() for d in visible.split(",") if d.strip()]
+        if count > len(ids):
+            raise CrankError(
+                f"{count} GPU(s) requested but CUDA_VISIBLE_DEVICES lists only {len(ids)}"
+            )
+        return docker.types.DeviceRequest(device_ids=ids[:count], capabilities=[["gpu"]])
+    return docker.types.DeviceRequest(count=count, capabilities=[["gpu"]])
+
+
+def host_config_for(
+    options: DockerOptions, task: TaskSpec, plan: Sequence[Tuple[str, bool]]
+) -> Dict[str, Any]:
+    """The container's host config: the mounts of ``plan``, limits, network, extras."""
+    mounts = [
+        docker.types.Mount(target=p, source=p, type="bind", read_only=not rw)
+        for p, rw in plan
+    ]
+    res = task.resources
+    host_config: Dict[str, Any] = {
+        "mounts": mounts,
+        "network_mode": options.network,
+        "nano_cpus": int(res.cpus * 1e9),
+    }
+    if res.mem_mb:
+        limit = max(res.mem_mb * 1_000_000, DOCKER_MIN_MEMORY)
+        # the same value for memory+swap: no swap beyond the limit
+        host_config.update(mem_limit=limit, memswap_limit=limit)
+    if res.gpus:
+        host_config["device_requests"] = [
+            gpu_request(res.gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
+        ]
+    host_config.update(options.host_config)
+    return host_config
+
+
+# ---- what an exit means ---------------------------------------------------------------
+
+
+def memory_limit_text(limit_bytes: Optional[int], task: TaskSpec) -> str:
+    """The limit the container really had, in decimal MB, and the request when Docker's
+    floor raised it."""
+    asked = task.resources.mem_mb
+    if not limit_bytes:
+        return f" (limit {asked} MB)" if asked else ""
+    real = limit_bytes / 1_000_000
+    text = f"{real:.0f}" if real == int(real) else f"{real:.2f}"
+    if asked and asked * 1_000_000 < limit_bytes:
+        return f" (limit {text} MB, Docker's minimum; mem_mb={asked} was asked)"
+    return f" (limit {text} MB)"
+
+
+def failure_reason(
+    state: Mapping[str, Any], task: TaskSpec, limit_bytes: Optional[int] = None
+) -> Optional[str]:
+    if state.get("OOMKilled"):
+        limit = memory_limit_text(limit_bytes, task)
+        if state.get("ExitCode") == 0:
+            # a child was killed but the command chose to go on and exit 0: the exit
+            # code decides, as with Snakemake's local executor (docs/reliability.md)
+            return f"a process was killed: out of memory{limit}; the command still exited 0"
+        return f"killed: out of memory{limit}"
+    code = state.get("ExitCode")
+    if state.get("Error"):
+        return state["Error"]
+    if isinstance(code, int) and code > 128:
+        # a command may also exit with such a code itself
+        return f"likely killed by signal {code - 128}"
+    return None
+
+
+def judge(
+    state: Mapping[str, Any], task: TaskSpec, limit_bytes: Optional[int] = None
+) -> Tuple[bool, Optional[str]]:
+    """Whether the task succeeded, and the reason to report: an OOM kill with exit code 0
+    keeps the success (the reason is then a warning)."""
+    reason = failure_reason(state, task, limit_bytes)
+    ok = state.get("ExitCode") == 0 and (not reason or bool(state.get("OOMKilled")))
+    return ok, reason
+
+
+def running_seconds(state: Mapping[str, Any]) -> Optional[float]:
+    """FinishedAt - StartedAt of an inspected container."""
+    return seconds_between(state.get("StartedAt"), state.get("FinishedAt"))

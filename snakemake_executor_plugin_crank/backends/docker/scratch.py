@@ -1,0 +1,178 @@
+"""The host side of warm runners: the run's temporary directory (with a file naming its
+owner, so that a later run can tell it stale when this one was killed hard), each
+runner's private /tmp, /dev/shm and log scratch directories, emptied after every task
+from the host, and the exec's logs moved from the scratch directory into the task's
+log directory."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+import socket
+import stat
+import tempfile
+from typing import Collection, Optional, Sequence, Tuple
+
+from ...task import TaskSpec
+from .. import logs
+
+# the file naming the owner of a runners' temporary directory (stale-directory removal)
+OWNER = "owner.json"
+
+
+def engine_of(base_url: Optional[str]) -> str:
+    """The engine a run's runners are on, as its owner file names it."""
+    return base_url or os.environ.get("DOCKER_HOST") or "default"
+
+
+def make_root(workdir: str, base_url: Optional[str], run_id: str) -> str:
+    """The run's temporary directory, with a file naming its owner."""
+    root = tempfile.mkdtemp(prefix="crank-warm-")
+    owner = {
+        "workdir": workdir,
+        "engine": engine_of(base_url),
+        "run": run_id,
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+    }
+    with open(os.path.join(root, OWNER), "w") as f:
+        json.dump(owner, f)
+    return root
+
+
+def remove_stale_dirs(workdir: str, base_url: Optional[str], run_id: str, live_runs: Collection[str]) -> int:
+    """Remove the runners' temporary directories that runs killed hard left behind: those
+    of this workdir and engine whose run is not in ``live_runs`` (the runs of this workdir
+    that are alive, see runs.py). Returns how many."""
+    removed = 0
+    base = tempfile.gettempdir()
+    try:
+        names = [n for n in os.listdir(base) if n.startswith("crank-warm-")]
+    except OSError:
+        return 0
+    for name in names:
+        root = os.path.join(base, name)
+        try:
+            with open(os.path.join(root, OWNER)) as f:
+                owner = json.load(f)
+        except (OSError, ValueError):
+            continue  # not ours to judge (no owner file: another version, or not crank's)
+        if not isinstance(owner, dict):
+            continue
+        if owner.get("workdir") != workdir or owner.get("engine") != engine_of(base_url):
+            continue
+        if owner.get("run") == run_id or owner.get("run") in live_runs:
+            continue
+        rmtree(root)
+        removed += not os.path.exists(root)
+    return removed
+
+
+def rmtree(path: str) -> None:
+    def retry(function, p, _info):
+        with contextlib.suppress(OSError):
+            _writable_then_retry(function, p, _info)
+
+    shutil.rmtree(path, onerror=retry)
+
+
+def move_logs(scratch: str, task: TaskSpec) -> Tuple[Tuple[str, ...], str]:
+    """Move ``<scratch>/<name>.stdout|.stderr`` into ``<log_dir>/<name>.*``; return the
+    files saved and the last lines of stderr, read from the scratch copy. The task could
+    write its scratch directory: only regular files are taken, never through a symlink
+    (see logs.py). A log that cannot be moved (disk full, no permission, not a regular
+    file) is dropped, never an error, and leaves no truncated file under its name; the
+    tail then says what was not saved."""
+    tail, saved, problems = "", [], []
+    dir_fd = None
+    try:
+        for suffix in (".stdout", ".stderr"):
+            name = task.name + suffix
+            src = os.path.join(scratch, name)
+            try:
+                fd = logs.open_job_file(src)
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                problems.append(logs.problem(name, e))
+                _unlink(src)
+                continue
+            try:
+                if suffix == ".stderr":
+                    tail = logs.read_tail(fd)
+                if dir_fd is None:
+                    dir_fd = logs.open_log_dir(task)
+                _move(fd, src, dir_fd, name)
+                saved.append(os.path.join(task.log_dir, name))
+            except OSError as e:
+                problems.append(logs.problem(name, e))
+                if dir_fd is not None:
+                    logs.remove_log(dir_fd, name)
+            finally:
+                os.close(fd)
+                _unlink(src)
+    finally:
+        if dir_fd is not None:
+            os.close(dir_fd)
+    return tuple(saved), logs.with_unsaved(tail, problems)
+
+
+def _move(fd: int, src: str, dir_fd: int, name: str) -> None:
+    """Put the open scratch file ``fd`` (at ``src``) under ``name`` in the log directory:
+    renamed when on the same file system and still the file opened, else copied from
+    ``fd``, into a file created without following a symlink."""
+    try:
+        os.replace(src, name, dst_dir_fd=dir_fd)
+        moved = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        opened = os.fstat(fd)
+        if (moved.st_dev, moved.st_ino) == (opened.st_dev, opened.st_ino):
+            return
+        logs.remove_log(dir_fd, name)  # replaced after it was opened: not what was checked
+    except OSError as e:
+        if e.errno != errno.EXDEV:
+            raise
+    with os.fdopen(fd, "rb", closefd=False) as source, os.fdopen(logs.create_file(dir_fd, name), "wb") as sink:
+        source.seek(0)
+        shutil.copyfileobj(source, sink)
+
+
+def _unlink(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.remove(path)
+
+
+def empty(root: str, keep: Sequence[str], mode: int = 0o1777) -> None:
+    """Remove everything under ``root`` except the directories of ``keep`` (relative mount
+    targets) and the path down to them; entries are removed on the host, where nothing is
+    mounted under them."""
+    parents = {os.path.dirname(k) for k in keep}
+    for k in keep:
+        while k:
+            k = os.path.dirname(k)
+            parents.add(k)
+    _empty_dir(root, "", set(keep), parents)
+    os.chmod(root, mode)
+
+
+def _empty_dir(root: str, rel: str, keep: set, parents: set) -> None:
+    for entry in os.scandir(os.path.join(root, rel)):
+        sub = os.path.join(rel, entry.name)
+        if sub in keep:
+            continue
+        if sub in parents and entry.is_dir(follow_symlinks=False):
+            _empty_dir(root, sub, keep, parents)
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, onerror=_writable_then_retry)
+        else:
+            os.unlink(entry.path)
+
+
+def _writable_then_retry(function, path, _info):
+    os.chmod(os.path.dirname(path), stat.S_IRWXU)
+    if os.path.isdir(path) and not os.path.islink(path):
+        os.chmod(path, stat.S_IRWXU)
+    function(path)
