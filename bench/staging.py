@@ -1,4 +1,4 @@
-"""Staging to object storage against the S3 server scripts/setup.sh starts (its s3.env).
+"""Staging to object storage against SeaweedFS (`python3 tests/services.py start`, its s3.env).
 
 1. 1 GiB of inputs (8 x 128 MiB random files): crank's first stage vs a raw obstore upload of
    the same bytes to the same server (obstore.put of each file, its defaults), alternated
@@ -65,7 +65,7 @@ def load_env() -> str:
     state = Path(os.environ.get("CRANK_TEST_STATE") or Path.home() / ".cache" / "crank-test")
     env_file = state / "s3.env"
     if not env_file.is_file():
-        sys.exit(f"no {env_file}: run scripts/setup.sh first")
+        sys.exit(f"no {env_file}: run python3 tests/services.py start first")
     values = {}
     for line in env_file.read_text().splitlines():
         key, sep, value = line.strip().removeprefix("export ").partition("=")

@@ -1,5 +1,6 @@
 """Status requests and crank CPU time per round on a TES server, for 1, 100 and 1000 tasks.
 
+    python3 tests/services.py start   # SeaweedFS and Funnel, left running
     set -a; . ~/.cache/crank-test/s3.env; . ~/.cache/crank-test/tes.env; set +a
     python3 bench/tes_status.py [--counts 1,100,1000] [--rounds 20]
 
@@ -23,7 +24,8 @@ import uuid
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from snakemake_executor_plugin_crank.backends.tes import TesBackend, TesOptions  # noqa: E402
+from snakemake_executor_plugin_crank.backends.tes.backend import TesOptions  # noqa: E402
+from snakemake_executor_plugin_crank.settings import open_tes_backend  # noqa: E402
 from snakemake_executor_plugin_crank.task import Resources, TaskSpec  # noqa: E402
 
 
@@ -47,8 +49,8 @@ def main() -> None:
 
 
 def measure(args, n: int, workdir: str):
-    backend = TesBackend(uuid.uuid4().hex, workdir, TesOptions(url=args.url, storage_prefix=args.prefix,
-                                                               submit_workers=8))
+    backend = open_tes_backend(uuid.uuid4().hex, workdir, TesOptions(url=args.url, storage_prefix=args.prefix,
+                                                                     submit_workers=8))
     try:
         image = "crank-test/busybox:1" if n <= args.running else "crank-test/absent-bench:1"
         tasks = [

@@ -1,5 +1,6 @@
 """A 100-job workflow on the same Funnel: crank against snakemake-executor-plugin-tes 0.1.3.
 
+    python3 tests/services.py start   # SeaweedFS and Funnel, left running
     set -a; . ~/.cache/crank-test/s3.env; . ~/.cache/crank-test/tes.env; set +a
     python3 bench/tes_vs_plugin.py [--jobs 100] [--plugin-python PATH]
 

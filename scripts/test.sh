@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# The test command: installs crank with its test dependencies, prepares the Docker engine,
-# the object store, the TES server and the test images (scripts/setup.sh), runs every test,
-# then stops the servers that this run started. Extra arguments go to pytest.
+# The test command: installs crank with its test dependencies, prepares the Docker engine and
+# the test images (scripts/setup.sh) and runs every test. The tests start SeaweedFS and Funnel
+# when they are not running and stop what they started (tests/services.py); the Docker engine
+# is stopped at the end when it was not running before. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore -e '.[test]'
-CRANK_STARTED=$(mktemp)
-export CRANK_STARTED
-trap 'bash scripts/stop.sh "$CRANK_STARTED"; rm -f "$CRANK_STARTED"' EXIT
+engine_was_running=false
+docker info >/dev/null 2>&1 && engine_was_running=true
+trap '$engine_was_running || python3 tests/services.py stop-docker' EXIT
 bash scripts/setup.sh
 python3 -m pytest "$@"

