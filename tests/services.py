@@ -30,7 +30,7 @@ import sys
 import sysconfig
 import time
 import urllib.request
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -115,7 +115,7 @@ def comm_of(pid: int) -> Optional[str]:
 
 
 def record_pid(pid_file: Path, proc: subprocess.Popen) -> None:
-    """"PID NAME": a later run checks the name, so that a reused pid is never signalled."""
+    """Writes "PID NAME": a later run checks the name, so that a reused pid is never signalled."""
     pid_file.write_text(f"{proc.pid} {comm_of(proc.pid) or ''}\n")
 
 
@@ -135,11 +135,13 @@ def stop_process(pid: int, timeout: float = STOP_TIMEOUT) -> None:
     name = comm_of(pid)
     if name is None:
         return
-    os.kill(pid, signal.SIGTERM)
+    with suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
     if wait_until(lambda: comm_of(pid) != name, timeout):
         log(f"stopped {name} (pid {pid})")
         return
-    os.kill(pid, signal.SIGKILL)
+    with suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
     wait_until(lambda: comm_of(pid) != name, 10)
     log(f"{name} (pid {pid}) did not stop within {timeout:.0f} s: killed")
 
@@ -165,7 +167,8 @@ class Daemon:
         proc = self.start(argv, log_path)
         if wait_until(lambda: proc.poll() is not None or ready(), START_TIMEOUT, 0.3) and proc.poll() is None:
             return
-        problem = "exited during startup" if proc.poll() is not None else f"not ready after {START_TIMEOUT:.0f} s"
+        problem = ("exited during startup" if proc.poll() is not None
+                   else f"not ready after {START_TIMEOUT:.0f} s")
         self.stop()
         raise ServiceError(f"{what} {problem} (log: {log_path})\n{log_tail(log_path)}")
 
@@ -374,7 +377,8 @@ def find_funnel(state: Path) -> str:
     binary = Path(gopath) / "bin" / "funnel"
     if not os.access(binary, os.X_OK):
         install_log = state / "funnel-install.log"
-        log(f"Funnel: trying go install github.com/ohsu-comp-bio/funnel@{FUNNEL_VERSION} (log: {install_log})")
+        log(f"Funnel: trying go install github.com/ohsu-comp-bio/funnel@{FUNNEL_VERSION} "
+            f"(log: {install_log})")
         with open(install_log, "wb") as out:
             try:
                 subprocess.run([go, "install", f"github.com/ohsu-comp-bio/funnel@{FUNNEL_VERSION}"],
@@ -383,7 +387,8 @@ def find_funnel(state: Path) -> str:
             except subprocess.TimeoutExpired:
                 pass
     if not os.access(binary, os.X_OK):
-        raise Unavailable(f"no CRANK_FUNNEL, no funnel on PATH, go install failed (log: {state / 'funnel-install.log'})")
+        raise Unavailable("no CRANK_FUNNEL, no funnel on PATH, go install failed "
+                          f"(log: {state / 'funnel-install.log'})")
     return str(binary)
 
 
@@ -459,7 +464,8 @@ class Dockerd:
         import docker
 
         try:
-            client = docker.DockerClient(base_url=self.url, timeout=2) if self.url else docker.from_env(timeout=2)
+            client = (docker.DockerClient(base_url=self.url, timeout=2) if self.url
+                      else docker.from_env(timeout=2))
             try:
                 return bool(client.ping())
             finally:
