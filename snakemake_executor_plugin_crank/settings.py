@@ -2,8 +2,10 @@
 
 
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Optional
+from urllib.parse import urlsplit
 
 from snakemake_interface_executor_plugins.settings import ExecutorSettingsBase
 
@@ -152,9 +154,16 @@ class ExecutorSettings(ExecutorSettingsBase):
     )
 
 
-def tes_backend(settings: ExecutorSettings, run_id: str, workdir: str, report=None):
-    """The TES backend, checked before any job: server reachable, storage writable.
-    ``report(line)`` gets staging progress and the run's staging summary."""
+def check(settings: ExecutorSettings) -> None:
+    """The settings checked together, for every backend, before one is built: a
+    CrankError names the first wrong one and what to give instead."""
+    if not settings.backend_tolerance >= 0:
+        raise CrankError(
+            f"--crank-backend-tolerance {settings.backend_tolerance!r} must be a number of "
+            "seconds >= 0"
+        )
+    if settings.backend != "tes":
+        return
     missing = [
         name for name, value in (
             ("--crank-tes-url", settings.tes_url), ("--crank-storage-prefix", settings.storage_prefix)
@@ -166,7 +175,13 @@ def tes_backend(settings: ExecutorSettings, run_id: str, workdir: str, report=No
         raise CrankError("give either --crank-tes-token or --crank-tes-user/--crank-tes-password, not both")
     if settings.tes_password and not settings.tes_user:
         raise CrankError("--crank-tes-password needs --crank-tes-user")
-    from .backends.tes import TesBackend, TesOptions
+
+
+def tes_backend(settings: ExecutorSettings, run_id: str, workdir: str, report=None):
+    """The TES backend for checked settings (``check``), itself checked before any job:
+    server reachable, storage writable. ``report(line)`` gets staging progress and the
+    run's staging summary."""
+    from .backends.tes.backend import TesOptions
 
     options = TesOptions(
         url=settings.tes_url,
@@ -176,10 +191,65 @@ def tes_backend(settings: ExecutorSettings, run_id: str, workdir: str, report=No
         token=settings.tes_token,
         storage_endpoint=settings.storage_endpoint,
     )
+    return open_tes_backend(run_id, workdir, options, report=report)
+
+
+def tes_hints(options):
+    """How the user sets the TES URL and the credentials, for the HTTP session's messages."""
+    from .backends.tes.http import Hints
+
+    if options.token:
+        credentials = "--crank-tes-token / SNAKEMAKE_CRANK_TES_TOKEN"
+    elif options.user or urlsplit(options.url).username:
+        credentials = (
+            "--crank-tes-user and --crank-tes-password / SNAKEMAKE_CRANK_TES_USER and "
+            "SNAKEMAKE_CRANK_TES_PASSWORD"
+        )
+    else:
+        credentials = "--crank-tes-token or --crank-tes-user/--crank-tes-password (none given)"
+    return Hints(url="--crank-tes-url", credentials=credentials)
+
+
+def open_tes_backend(run_id: str, workdir: str, options, session=None, report=None):
+    """The TES backend for ``options`` with its HTTP session (``session``, else one of its
+    own) and its Stagers, checked before any job: server answering, storage writable."""
+    from .backends.tes.api import TesApi
+    from .backends.tes.backend import TesBackend
+    from .backends.tes.http import Session, Throttled
+    from .staging.digest import DigestCache
+    from .staging.stage import Stager
+    from .staging.store import Store
+
+    report = report or (lambda line: None)
+    http = session or Session(
+        options.url, options.user, options.password, options.token, hints=tes_hints(options)
+    )
+    api = TesApi(http, report)
     try:
-        return TesBackend(run_id, workdir, options, report=report)
+        try:
+            api.service_info()
+        except Throttled as e:
+            raise CrankError(f"{e}; try again later") from None
+        except BackendUnavailable as e:
+            raise CrankError(f"{e}; check --crank-tes-url") from None
+        store = Store.from_url(options.storage_prefix, options.storage_endpoint)
+        store.check()
     except BackendUnavailable as e:
+        http.close()
         raise CrankError(str(e)) from None
+    except BaseException:
+        http.close()
+        raise
+    state_dir = os.path.join(os.path.abspath(workdir), ".snakemake", "crank")
+    os.makedirs(state_dir, exist_ok=True)
+    cache = DigestCache(os.path.join(state_dir, "digests.sqlite"))
+    stager = Stager(store, cache, workers=options.upload_workers, progress=report)
+    # downloads get a store client and pool of their own: a status round never waits behind uploads
+    fetcher = Stager(
+        Store.from_url(options.storage_prefix, options.storage_endpoint), cache,
+        workers=options.download_workers,
+    )
+    return TesBackend(run_id, workdir, options, api, stager, fetcher, report)
 
 
 def docker_host_config(text: Optional[str]) -> dict:
@@ -202,6 +272,7 @@ def docker_host_config(text: Optional[str]) -> dict:
 def backend_from(settings: ExecutorSettings, run_id: str, workdir: str, report=None):
     """The backend the settings choose, checked to answer; ``report(line)`` gets what a
     backend has to tell the user (staging progress)."""
+    check(settings)
     if settings.backend == "tes":
         return tes_backend(settings, run_id, workdir, report)
     from .backends.docker import DockerBackend, DockerOptions
@@ -213,11 +284,6 @@ def backend_from(settings: ExecutorSettings, run_id: str, workdir: str, report=N
         host_config=docker_host_config(settings.docker_host_config),
         warm=settings.docker_warm == "yes",
     )
-    if not settings.backend_tolerance >= 0:
-        raise CrankError(
-            f"--crank-backend-tolerance {settings.backend_tolerance!r} must be a number of "
-            "seconds >= 0"
-        )
     try:
         backend = DockerBackend(run_id, workdir, options, report)
         # options the engine would refuse are found now, not job by job
@@ -230,8 +296,27 @@ def backend_from(settings: ExecutorSettings, run_id: str, workdir: str, report=N
         ) from None
 
 
+def image_message(error: Exception, source: str, settings: ExecutorSettings,
+                  default_image: Optional[str]) -> str:
+    """The message of an image the backend cannot have (``error``), with what to do:
+    ``source`` says where the image came from (``jobs.image_source``), and
+    ``default_image`` is the image crank used for a rule without ``container:``."""
+    if source.startswith("--crank-default-image") and not settings.default_image:
+        # nobody chose this image: it is Snakemake's --container-image (or its default)
+        source = (
+            "the image: the rule has no container: and --crank-default-image is unset, "
+            f"so crank used --container-image ({default_image}); pass --crank-default-image "
+            "or add container: to the rule"
+        )
+    if getattr(error, "invalid_reference", False):
+        return f"{error}; fix {source}"
+    return f"{error}; {image_hint(settings)}, or fix {source}"
+
+
 def image_hint(settings: ExecutorSettings) -> str:
     """What to do about an image the backend cannot have, given the settings."""
-    if settings.backend == "docker" and settings.docker_pull == "never":
+    if settings.backend == "tes":
+        return "push it to a registry the TES server's workers can pull from"
+    if settings.docker_pull == "never":
         return "load or build it on the Docker engine first (--crank-docker-pull never)"
     return "load or build it on the Docker engine"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -794,3 +795,45 @@ def test_a_directory_with_links_to_its_ancestors_is_staged_once_with_the_links(a
     assert {e["path"]: e["link"] for e in manifest if "link" in e} == links
     assert {e["path"] for e in manifest if "sha256" in e} == set(files)
 
+
+
+def test_install_puts_a_file_or_directory_whole_over_whatever_is_there(tmp_path):
+    """One install for both backends' outputs: a directory over a file, a link or a directory,
+    a file over a directory, and from another file system (a copy beside, then a rename)."""
+    from snakemake_executor_plugin_crank.staging.install import install
+
+    def made(name: str, directory: bool) -> Path:
+        src = tmp_path / "src" / name
+        if directory:
+            (src / "sub").mkdir(parents=True)
+            (src / "sub" / "f").write_text(name)
+        else:
+            src.parent.mkdir(parents=True, exist_ok=True)
+            src.write_text(name)
+        return src
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "was-file").write_text("old")
+    (out / "was-link").symlink_to("nowhere")
+    (out / "was-dir").mkdir()
+    (out / "was-dir" / "stale").write_text("old")
+    for name in ("was-file", "was-link", "was-dir"):
+        install(str(made(name, True)), str(out / name))
+        assert (out / name / "sub" / "f").read_text() == name and not (out / name / "stale").exists()
+    install(str(made("file-over-dir", False)), str(out / "was-dir"))
+    assert (out / "was-dir").read_text() == "file-over-dir"
+    assert sorted(p.name for p in out.iterdir()) == ["was-dir", "was-file", "was-link"]
+    assert not (tmp_path / "src" / "was-file").exists()
+
+    if not os.path.isdir("/dev/shm") or os.stat("/dev/shm").st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("no second file system at /dev/shm")
+    other = Path(f"/dev/shm/crank-install-{uuid.uuid4().hex}")
+    try:
+        (other / "d").mkdir(parents=True)
+        (other / "d" / "x").write_text("far")
+        install(str(other / "d"), str(out / "new" / "far"))
+        assert (out / "new" / "far" / "x").read_text() == "far"
+        assert os.listdir(out / "new") == ["far"]  # no copy left beside it
+    finally:
+        shutil.rmtree(other, ignore_errors=True)

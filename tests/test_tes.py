@@ -15,20 +15,22 @@ import pytest
 import requests
 from snakemake.common.tests import TestWorkflowsLocalStorageBase
 from snakemake.settings import types as settings
+from tes import Task as TesTask
 
 from snakemake_executor_plugin_crank import ExecutorSettings
-from snakemake_executor_plugin_crank.backends import tes_layout as layout
-from snakemake_executor_plugin_crank.backends.http import Session, redact
-from snakemake_executor_plugin_crank.backends.tes import (
+from snakemake_executor_plugin_crank.backends.tes import layout
+from snakemake_executor_plugin_crank.backends.tes.backend import (
     STATES,
     TAG_RUN,
     TAG_WORKDIR,
-    TesBackend,
     TesOptions,
     task_body,
     to_tes_task,
     workdir_tag,
 )
+from snakemake_executor_plugin_crank.backends.tes.http import Session, redact
+# the settings' factory: the backend with its HTTP session and Stagers
+from snakemake_executor_plugin_crank.settings import open_tes_backend as TesBackend
 from snakemake_executor_plugin_crank.errors import CrankError
 from snakemake_executor_plugin_crank.staging.stage import file_key
 from snakemake_executor_plugin_crank.staging.store import Store
@@ -355,6 +357,32 @@ def test_fifty_active_tasks_cost_one_list_request_per_round(aws_env, tmp_path):
         backend.close()
     live = [t for t in backend_list(aws_env, backend.run_id) if t.get("state") in NON_TERMINAL]
     assert live == []
+
+
+def test_funnel_minimal_answers_parse_into_py_tes_models(aws_env, tmp_path):
+    """Funnel answers a MINIMAL ListTasks without a tag filter (as a TES 1.0 server, or through
+    a proxy that drops the query) with every field present and empty (``resources: null``):
+    the status rounds still parse it into py-tes models, as the FULL answer a result is read
+    from."""
+    with proxy_to(aws_env) as proxy:
+        proxy.set_rule(lambda method, path: "drop_tag_filter" if (method, path) == ("GET", "/tasks") else "pass")
+        backend = TesBackend(uuid.uuid4().hex, str(tmp_path),
+                             TesOptions(url=proxy.url, storage_prefix=aws_env.prefix("minimal")))
+        try:
+            task = sleeper(tmp_path, 1, script="echo hi > hi.txt", outputs=(Output(str(tmp_path / "hi.txt")),))
+            handle = backend.submit(task)
+            wait_terminal(backend, [handle])
+            tes_id = backend._subs[handle].tes_id
+            unfiltered = requests.get(f"{aws_env.url}/v1/tasks", params={"view": "MINIMAL"}, timeout=30).json()
+            assert any(t["resources"] is None for t in unfiltered["tasks"])
+            listed = {t.id: t for t in backend.api.list_tasks(TAG_RUN, backend.run_id)}
+            assert {type(t) for t in listed.values()} == {TesTask} and listed[tes_id].state == "COMPLETE"
+            assert len(proxy.actions("drop_tag_filter")) >= 2
+            result = backend.result(handle, task)
+            assert result.ok and result.seconds is not None and result.seconds >= 0, result
+            assert read(tmp_path / "hi.txt") == "hi\n"
+        finally:
+            backend.close()
 
 
 def backend_list(tes, run_id):

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from snakemake_executor_plugin_crank.backends.tes import TAG_RUN, TAG_WORKDIR, workdir_tag
+from snakemake_executor_plugin_crank.backends.tes.backend import TAG_RUN, TAG_WORKDIR, workdir_tag
 
 from conftest import BUSYBOX, copy_workflow, wait_for
 from faultproxy import FaultProxy

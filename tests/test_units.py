@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from snakemake_executor_plugin_crank.backends.docker import gpu_request, plan_mounts
+from snakemake_executor_plugin_crank.backends.docker.engine import gpu_request
+from snakemake_executor_plugin_crank.backends.docker.mounts import plan_mounts
 from snakemake_executor_plugin_crank.adapter.resources import from_snakemake
 from snakemake_executor_plugin_crank.errors import CrankError, failure_message
 from snakemake_executor_plugin_crank.limits import fit
@@ -158,7 +159,7 @@ def test_snakemake_guard_accepts_only_the_same_major_version(tmp_path, found, ex
 
 
 def test_running_time_comes_from_the_container_timestamps():
-    from snakemake_executor_plugin_crank.backends.docker import running_seconds
+    from snakemake_executor_plugin_crank.backends.docker.engine import running_seconds
 
     state = {"StartedAt": "2026-11-23T13:00:01.250000123Z", "FinishedAt": "2026-11-23T13:01:02.5Z"}
     assert running_seconds(state) == 61.25
@@ -186,7 +187,7 @@ def test_every_setting_is_documented_alike_in_readme_and_plugin_catalog_page():
 
 @pytest.mark.parametrize("sub", ["../../home", "/etc", "a/../../b", ".."])
 def test_a_task_index_naming_a_directory_outside_its_output_is_refused(sub):
-    from snakemake_executor_plugin_crank.backends.tes_layout import read_index
+    from snakemake_executor_plugin_crank.backends.tes.layout import read_index
 
     kinds, subdirs = read_index("d p0\ns p0 ./a/b\n")
     assert kinds == {"p0": "d"} and subdirs == {"p0": ["a/b"]}

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 from ..errors import CrankError
 from .digest import DigestCache, Identity, check
+from .install import install
 from .store import ContentChanged, Store
 
 FILES = "cas/sha256"
@@ -257,9 +258,12 @@ class Stager:
         """Download one object to ``dest`` (temp name beside it, checked, renamed)."""
         self.store.get_file(key, dest, size, sha256=cas_digest(key))
 
-    def fetch_dir(self, key_prefix: str, dest: str, share: Collection[str] = ()) -> None:
-        """Every object under ``key_prefix``/ to ``dest``/<relative path>, built in a temporary
-        directory beside ``dest`` and renamed into place: it arrives whole or not at all.
+    def fetch_dir(
+        self, key_prefix: str, dest: str, share: Collection[str] = (), only: Collection[str] | None = None
+    ) -> None:
+        """Every object under ``key_prefix``/ (of the top-level names in ``only``, when given) to
+        ``dest``/<relative path>, built in a temporary directory beside ``dest`` and renamed
+        into place: it arrives whole or not at all.
 
         The files under the top-level names in ``share`` (outputs another task will read) are
         also copied, inside the store, to their content address, so that staging them for that
@@ -276,6 +280,8 @@ class Stager:
             for key, size in objects:
                 relative = key[len(key_prefix) + 1:]
                 parts = relative.split("/")
+                if only is not None and parts[0] not in only:
+                    continue
                 if not relative or any(p in ("", ".", "..") for p in parts):
                     raise CrankError(f"{self.store.url(key)}: not a usable file name below {dest}")
                 target = os.path.join(tmp, *parts)
@@ -283,7 +289,7 @@ class Stager:
                 shared = parts[0] in share
                 futures[key] = self._pool.submit(self._fetch, key, target, size, shared)
             _wait_all(futures)
-            _install_dir(tmp, dest)
+            install(tmp, dest)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -414,16 +420,3 @@ def _umask() -> int:
     mask = os.umask(0o22)
     os.umask(mask)
     return mask
-
-
-def _install_dir(tmp: str, dest: str) -> None:
-    """Put the complete directory ``tmp`` at ``dest``, replacing whatever was there."""
-    if os.path.isdir(dest) and not os.path.islink(dest):
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(dest)}.crank-old-", dir=os.path.dirname(dest))
-        os.rename(dest, os.path.join(old, "d"))
-        os.rename(tmp, dest)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        if os.path.lexists(dest):
-            os.unlink(dest)
-        os.rename(tmp, dest)

@@ -1,57 +1,41 @@
 """TES backend: each task is one GA4GH TES 1.0/1.1 task (Funnel, TESK, Microsoft TES).
 
-Files travel through object storage (``staging``): local inputs by content to
+Files travel through object storage (the Stagers handed in): local inputs by content to
 ``<prefix>/cas/sha256/<hex>``, products back from ``<prefix>/runs/<run>/<submission>/``.
-The container layout (why nothing is mounted at the user's paths) is in ``tes_layout``.
+The container layout (why nothing is mounted at the user's paths) is in ``layout``.
 
 Status: one paginated ``ListTasks`` (tag ``crank-run``, view MINIMAL) per round for every
-task; ``GetTask`` (FULL) only for a task that turned terminal. Staging and creating run in a
-small thread pool, so ``submit`` returns at once.
+task (``monitor``); ``GetTask`` (FULL) only for a task that turned terminal. Staging and
+creating run in a small thread pool, so ``submit`` returns at once.
 """
 
 from __future__ import annotations
 
-import collections
-import errno
 import hashlib
 import os
 import shutil
-import tempfile
 import threading
-import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Collection, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Collection, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import tes
 
-from ..errors import BackendUnavailable, CrankError
-from ..task import Capacity, Kind, State, TaskResult, TaskSpec
-from . import tes_layout as layout
-from .http import HttpError, Session, Throttled
-from .logs import save_logs
-from .paths import under
-from .stamps import seconds_between
+from ...errors import BackendUnavailable, CrankError
+from ...staging.stage import Stager
+from ...task import Capacity, Kind, State, TaskResult, TaskSpec
+from ..paths import under
+from . import layout
+from .api import TesApi
+from .http import HttpError
+from .monitor import Monitor
+from .results import Collector
 
 TAG_RUN = "crank-run"
 TAG_JOB = "crank-job"
 TAG_RULE = "crank-rule"
 TAG_WORKDIR = "crank-workdir"
 TAG_SUBMISSION = "crank-submission"
-
-# Microsoft TES accepts at most 2047; Funnel 2048
-PAGE_SIZE = 2047
-# how long a created task may be missing from ListTasks / GetTask (404) before it is LOST
-APPEAR_GRACE_S = 60.0
-CREATE_ATTEMPTS = 5
-# the longest a create waits at once for a server that asked it to (429, Retry-After)
-CREATE_WAIT_MAX_S = 30.0
-# Status rounds, collections, cancels and the shutdown run on Snakemake's loop: one attempt,
-# a bounded wait. A server that does not answer then fails the round, and the runner tries
-# again next round within --crank-backend-tolerance (retrying reads here would hold the loop
-# for minutes).
-BOUNDED_READ_TIMEOUT_S = 20.0
-BOUNDED = {"timeout": BOUNDED_READ_TIMEOUT_S, "retry_reads": False}
 
 STATES = {
     "UNKNOWN": State.QUEUED,
@@ -71,6 +55,9 @@ NON_TERMINAL = ("UNKNOWN", "QUEUED", "INITIALIZING", "RUNNING", "PAUSED")
 
 @dataclass(frozen=True)
 class TesOptions:
+    """The server, the storage and the pools; the settings' factory builds the session and
+    the Stagers from them."""
+
     url: str
     storage_prefix: str
     user: Optional[str] = None
@@ -156,120 +143,57 @@ class _Submission:
     future: Optional[Future] = None
     tes_id: Optional[str] = None
     error: Optional[str] = None
-    created_at: Optional[float] = None
     canceled: bool = False
     last_state: Optional[str] = None
     digests: Tuple[str, ...] = ()  # of its inputs
 
 
 class TesBackend:
+    """``api``: the server, already found to answer; ``stager``: uploads inputs; ``fetcher``:
+    downloads products, with a pool and store client of its own so that a status round never
+    waits behind input uploads."""
+
     def __init__(
         self,
         run_id: str,
         workdir: str,
         options: TesOptions,
-        session: Optional[Session] = None,
+        api: TesApi,
+        stager: Stager,
+        fetcher: Stager,
         report: Optional[Callable[[str], None]] = None,
     ):
-        from ..staging.digest import DigestCache
-        from ..staging.stage import Stager
-        from ..staging.store import Store
-
         self.run_id = run_id
         self.workdir = os.path.abspath(workdir)
         self.options = options
-        self.http = session or Session(options.url, options.user, options.password, options.token)
-        self.service_info = self._service_info()
-        self.store = Store.from_url(options.storage_prefix, options.storage_endpoint)
-        self.store.check()
-        state_dir = os.path.join(self.workdir, ".snakemake", "crank")
-        os.makedirs(state_dir, exist_ok=True)
-        self.cache = DigestCache(os.path.join(state_dir, "digests.sqlite"))
+        self.api = api
+        self.http = api.http
+        self.stager = stager
+        self.store = stager.store
+        self.fetcher = fetcher
         self.report = report or (lambda line: None)
-        self.fetcher = Stager(
-            Store.from_url(options.storage_prefix, options.storage_endpoint), self.cache,
-            workers=options.download_workers,
-        )
-        self.stager = Stager(
-            self.store, self.cache, workers=options.upload_workers, progress=self.report
-        )
-        self.tmp_root = os.path.join(state_dir, "tmp", run_id)
+        tmp_root = os.path.join(self.workdir, ".snakemake", "crank", "tmp", run_id)
+        self.collector = Collector(fetcher, tmp_root)
         self._pool = ThreadPoolExecutor(max(1, options.submit_workers), thread_name_prefix="crank-tes")
         self._lock = threading.Lock()
         self._subs: Dict[str, _Submission] = {}
-        self._counts: Dict[str, int] = collections.Counter()
         self._closing = False
-        self._filter_ignored = False  # said once per run
         self.tags = {TAG_RUN: run_id, TAG_WORKDIR: workdir_tag(self.workdir)}
-
-    # ------------------------------------------------------------------ setup
-
-    def _service_info(self) -> Mapping[str, Any]:
-        try:
-            info = self.http.request("GET", "/v1/service-info", "service-info", timeout=20)
-        except Throttled as e:
-            raise CrankError(f"{e}; try again later") from None
-        except BackendUnavailable as e:
-            raise CrankError(f"{e}; check --crank-tes-url") from None
-        except HttpError as e:
-            raise CrankError(str(e)) from None
-        if not isinstance(info, dict):
-            raise CrankError(f"{self.http.base}/v1/service-info is not a TES service-info")
-        return info
+        self.monitor = Monitor(api, TAG_RUN, run_id)
 
     def capacity(self) -> Capacity:
         return Capacity()  # TES does not say; the server refuses what it cannot run
-
-    # ------------------------------------------------------------------ listing
-
-    def list_tasks(
-        self, tag_key: str, tag_value: str, view: str = "MINIMAL", bounded: bool = False
-    ) -> List[Mapping[str, Any]]:
-        """Every task with the tag, following page tokens until the server has no more.
-        ``bounded``: one attempt with a bounded wait (see BOUNDED).
-
-        The server's filter is not trusted (TES 1.0 has none; a proxy may drop the query):
-        with a view that carries tags (BASIC, FULL) only the tasks whose tag is checked here
-        are returned. MINIMAL carries none: use it only to look up ids crank made itself."""
-        found: List[Mapping[str, Any]] = []
-        token = None
-        while True:
-            params = {"tag_key": tag_key, "tag_value": tag_value, "view": view, "page_size": PAGE_SIZE}
-            if token:
-                params["page_token"] = token
-            page = self.http.request("GET", "/v1/tasks", "list", params=params, **(
-                BOUNDED if bounded else {})) or {}
-            if not isinstance(page, dict):
-                raise BackendUnavailable(
-                    f"the TES server at {self.http.base} answered GET /v1/tasks with something "
-                    "other than a task list")
-            found.extend(page.get("tasks") or [])
-            token = page.get("next_page_token") or page.get("nextPageToken")
-            if not token or not page.get("tasks"):
-                break
-        if view == "MINIMAL":
-            return found
-        mine = with_tag(found, tag_key, tag_value)
-        if len(mine) < len(found) and not self._filter_ignored:
-            self._filter_ignored = True
-            self.report(
-                f"the TES server at {self.http.base} ignores the tag filter of ListTasks (a TES "
-                "1.0 server, or a proxy that drops query parameters): crank checks every task's "
-                "tags itself and touches only its own, but each status round lists every task "
-                "on the server"
-            )
-        return mine
 
     def remove_orphans(self, live_runs: Collection[str]) -> int:
         """Cancel the non-terminal tasks that dead runs in this workdir left (they crashed)."""
         keep = {self.run_id, *live_runs}
         stale = [
-            t["id"]
-            for t in self.list_tasks(TAG_WORKDIR, self.tags[TAG_WORKDIR], view="BASIC")
-            if t.get("state") in NON_TERMINAL and (t.get("tags") or {}).get(TAG_RUN) not in keep
+            t.id
+            for t in self.api.list_tasks(TAG_WORKDIR, self.tags[TAG_WORKDIR], view="BASIC")
+            if t.state in NON_TERMINAL and (t.tags or {}).get(TAG_RUN) not in keep
         ]
         for task_id in stale:
-            self._cancel_id(task_id)
+            self.api.cancel_task(task_id)
         return len(stale)
 
     # ------------------------------------------------------------------ submit
@@ -301,10 +225,11 @@ class TesBackend:
             body = task_body(to_tes_task(sub.task, staged, self.store.url(sub.key), tags))
             if sub.canceled or self._closing:
                 return
-            sub.tes_id = self._create(body, sub.tag)
-            sub.created_at = time.monotonic()
+            tes_id = self.api.create_task(body, TAG_SUBMISSION, sub.tag, stopping=lambda: self._closing)
+            self.monitor.add(tes_id)  # before a status round can see the id
+            sub.tes_id = tes_id
             if sub.canceled or self._closing:
-                self._cancel_id(sub.tes_id)
+                self.api.cancel_task(tes_id)
         except CrankError as e:
             sub.error = str(e)
         except Exception as e:  # noqa: BLE001 - reported as the task's failure, one line
@@ -330,35 +255,6 @@ class TesBackend:
                 staged.append(layout.Staged(f.path, f.url, digest, link=f.link, writable=writable))
         return staged
 
-    def _create(self, body: Mapping[str, Any], tag: str) -> str:
-        """POST the task; after an answer that may hide a created task, look it up by its
-        submission tag before posting again, so a retry never makes a second task."""
-        delay = 0.5
-        unsure = False  # an earlier attempt may have created the task
-        for attempt in range(CREATE_ATTEMPTS):
-            try:
-                if unsure:
-                    if self._closing:  # a task the lost answer hid is canceled by close()
-                        raise CrankError("the run ended before the task was created")
-                    found = self.list_tasks(TAG_SUBMISSION, tag, view="BASIC", bounded=True)
-                    if found:
-                        return found[0]["id"]
-                answer = self.http.request("POST", "/v1/tasks", "create", body=body, retry_reads=False)
-                return answer["id"]
-            except HttpError as e:
-                raise CrankError(f"the TES server refused the task: {e}") from None
-            except Throttled as e:
-                # the server did nothing: wait as it asked (within reason), then go on
-                wait = min(e.retry_after or delay, CREATE_WAIT_MAX_S)
-            except BackendUnavailable:
-                unsure = True
-                wait = delay
-            if attempt + 1 == CREATE_ATTEMPTS:
-                raise
-            time.sleep(wait)
-            delay = min(delay * 2, 8)
-        raise AssertionError("unreachable")
-
     # ------------------------------------------------------------------ status
 
     def poll(self, handles: Sequence[str]) -> Mapping[str, State]:
@@ -366,13 +262,10 @@ class TesBackend:
         listed: Dict[str, str] = {}
         if any(s.tes_id for s in subs):
             try:
-                tasks = self.list_tasks(TAG_RUN, self.run_id, bounded=True)
+                listed = self.monitor.round()
             except HttpError as e:
                 # final (credentials refused, wrong URL): these tasks cannot be followed
                 self._lose_sight(subs, e)
-                tasks = []
-            listed = {t.get("id"): t.get("state") or "UNKNOWN" for t in tasks}
-        now = time.monotonic()
         states: Dict[str, State] = {}
         for h in handles:
             sub = self._subs.get(h)
@@ -386,7 +279,7 @@ class TesBackend:
             elif sub.tes_id in listed:
                 sub.last_state = listed[sub.tes_id]
                 states[h] = STATES.get(sub.last_state, State.QUEUED)
-            elif now - (sub.created_at or now) < APPEAR_GRACE_S:
+            elif self.monitor.young(sub.tes_id):
                 states[h] = State.QUEUED
             else:
                 states[h] = State.LOST
@@ -398,7 +291,7 @@ class TesBackend:
             if sub.tes_id and sub.error is None:
                 sub.error = f"crank cannot follow task {sub.tes_id} any more: {error}"
                 try:
-                    self._cancel_id(sub.tes_id)
+                    self.api.cancel_task(sub.tes_id)
                 except CrankError:
                     pass  # refused too: shutdown and the next start try again
 
@@ -408,14 +301,9 @@ class TesBackend:
             return
         sub.canceled = True
         if sub.tes_id:
-            self._cancel_id(sub.tes_id)
+            self.api.cancel_task(sub.tes_id)
 
     # ------------------------------------------------------------------ results
-
-    def get_task(self, task_id: str) -> Mapping[str, Any]:
-        return self.http.request(
-            "GET", f"/v1/tasks/{task_id}", "get", params={"view": "FULL"}, **BOUNDED
-        )
 
     def result(self, handle: str, task: TaskSpec) -> TaskResult:
         sub = self._subs.get(handle)
@@ -426,109 +314,33 @@ class TesBackend:
         if sub.tes_id is None:
             return TaskResult(ok=False, reason="canceled before it was created on the TES server")
         try:
-            full = self.get_task(sub.tes_id)
+            full = self.api.get_task(sub.tes_id)
         except HttpError as e:
-            if e.status == 404 and time.monotonic() - (sub.created_at or 0) < APPEAR_GRACE_S:
+            if e.status == 404 and self.monitor.young(sub.tes_id):
                 raise BackendUnavailable(f"task {sub.tes_id} not found yet") from None
             raise CrankError(f"{task.label}: the TES server lost task {sub.tes_id} ({e})") from None
-        state = full.get("state") or "UNKNOWN"
-        logs = full.get("logs") or []
-        last = logs[-1] if logs else {}
-        exec_logs = last.get("logs") or []
-        exec_log = exec_logs[-1] if exec_logs else {}
-        tes_code = exec_log.get("exit_code")
-        seconds = seconds_between(exec_log.get("start_time"), exec_log.get("end_time"))
-        system = [line for entry in (last.get("system_logs") or []) for line in str(entry).splitlines()]
-        tmp = self._download(sub, task) if state == "COMPLETE" else self._download_logs(sub)
-        try:
-            stdout, stderr = (os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")) if tmp else ("", "")
-            files, tail = save_logs(
-                task,
-                _read(stdout) if tmp and os.path.exists(stdout) else _text(exec_log.get("stdout")),
-                _read(stderr) if tmp and os.path.exists(stderr) else _text(exec_log.get("stderr")),
-            )
-            if state != "COMPLETE":
-                if state == "SYSTEM_ERROR":
-                    # perhaps an input removed from the store meanwhile: a retry of the job
-                    # looks its inputs up again instead of trusting this run's memory
-                    self.stager.forget(sub.digests)
-                reason = f"TES state {state}"
-                if system:
-                    reason += ": " + system_summary(system)
-                return TaskResult(ok=False, exit_code=tes_code, reason=reason, stderr_tail=tail,
-                                  log_files=files, seconds=seconds)
-            code = _exit_code(tmp)
-            if code is None:
-                return TaskResult(ok=False, exit_code=tes_code,
-                                  reason="the task came back without its exit code (TES state COMPLETE)",
-                                  stderr_tail=tail, log_files=files, seconds=seconds)
-            # a failed job's own log files come back too (run.sh collected only those)
-            self._install(tmp, task, None if code == 0 else layout.log_names(task))
-            return TaskResult(ok=code == 0, exit_code=code, stderr_tail=tail, log_files=files,
-                              seconds=seconds)
-        finally:
-            if tmp:
-                shutil.rmtree(tmp, ignore_errors=True)
-
-    def _download(self, sub: _Submission, task: TaskSpec) -> str:
-        """Everything the task uploaded, in a fresh local directory (whole or nothing); the
-        outputs a later task reads are also put under their content address."""
-        os.makedirs(self.tmp_root, exist_ok=True)
-        dest = os.path.join(self.tmp_root, sub.handle)
-        if os.path.exists(dest):
-            shutil.rmtree(dest)
-        share = {layout.product_name(n) for n, p in enumerate(task.products) if p.read_later}
-        self.fetcher.fetch_dir(sub.key, dest, share)
-        return dest
-
-    def _download_logs(self, sub: _Submission) -> Optional[str]:
-        """stdout/stderr of a task that did not complete, where the server uploaded them
-        (Funnel uploads nothing after a failed executor)."""
-        objects = dict(self.fetcher.store.list(sub.key))
-        wanted = [n for n in ("stdout", "stderr", layout.EXIT) if f"{sub.key}/{n}" in objects]
-        if not wanted:
-            return None
-        dest = tempfile.mkdtemp(prefix=f"{sub.handle}.", dir=_mkdirs(self.tmp_root))
-        for name in wanted:
-            key = f"{sub.key}/{name}"
-            self.fetcher.fetch_file(key, os.path.join(dest, name), objects[key])
-        return dest
-
-    def _install(self, tmp: str, task: TaskSpec, only: Optional[Collection[str]] = None) -> None:
-        """Move every product the task made (of the names in ``only``, when given) into
-        place (each by rename, or copy to a temporary name beside it and rename when it is on
-        another file system)."""
-        try:
-            with open(os.path.join(tmp, layout.INDEX)) as f:
-                kinds, subdirs = layout.read_index(f.read())
-        except FileNotFoundError:
-            kinds, subdirs = {}, {}
-        for n, product in enumerate(task.products):
-            name = layout.product_name(n)
-            kind = kinds.get(name)
-            if kind is None or (only is not None and name not in only):
-                continue  # not made: Snakemake reports missing outputs itself
-            src = os.path.join(tmp, name)
-            if kind == "d":
-                os.makedirs(src, exist_ok=True)
-                for sub in subdirs.get(name, []):
-                    os.makedirs(os.path.join(src, sub), exist_ok=True)
-            _place(src, product.path)
+        if full.state == "SYSTEM_ERROR":
+            # perhaps an input removed from the store meanwhile: a retry of the job looks its
+            # inputs up again instead of trusting this run's memory
+            self.stager.forget(sub.digests)
+        return self.collector.collect(full, sub.key, sub.handle, task)
 
     def release(self, handles: Sequence[str]) -> None:
         for h in handles:
             sub = self._subs.pop(h, None)
             if sub is None or self._closing:
                 continue
-            if sub.tes_id and sub.last_state in NON_TERMINAL:
-                # a chain that failed while its task still ran: the task must not outlive it
-                self._pool.submit(self._cancel_quietly, sub.tes_id)
+            if sub.tes_id:
+                self.monitor.remove(sub.tes_id)
+                if sub.last_state in NON_TERMINAL:
+                    # a chain that failed while its task still ran: the task must not outlive it
+                    self._pool.submit(self._cancel_quietly, sub.tes_id)
             if not self.options.keep_run_objects:
                 self._pool.submit(self._delete_objects, sub.key)
 
     def _cancel_quietly(self, task_id: str) -> None:
         try:
-            self._cancel_id(task_id)
+            self.api.cancel_task(task_id)
         except CrankError:
             pass  # the run's shutdown cancels what is still running
 
@@ -541,13 +353,6 @@ class TesBackend:
 
     # ------------------------------------------------------------------ cancel
 
-    def _cancel_id(self, task_id: str) -> None:
-        try:
-            self.http.request("POST", f"/v1/tasks/{task_id}:cancel", "cancel", **BOUNDED)
-        except HttpError as e:
-            if e.status != 404:
-                raise CrankError(f"the TES server refused to cancel task {task_id}: {e}") from None
-
     def cancel(self, handles: Sequence[str]) -> None:
         for h in handles:
             sub = self._subs.get(h)
@@ -555,7 +360,7 @@ class TesBackend:
                 continue
             sub.canceled = True
             if sub.tes_id and (sub.last_state is None or sub.last_state in NON_TERMINAL):
-                self._cancel_id(sub.tes_id)
+                self.api.cancel_task(sub.tes_id)
 
     def close(self) -> None:
         self._closing = True
@@ -564,78 +369,13 @@ class TesBackend:
                 sub.canceled = True
             self.stager.stop()  # inputs still uploading are abandoned, not awaited
             self._pool.shutdown(wait=True, cancel_futures=True)
-            for t in self.list_tasks(TAG_RUN, self.run_id, view="BASIC", bounded=True):
-                if t.get("state") in NON_TERMINAL:
-                    self._cancel_id(t["id"])
+            for t in self.api.list_tasks(TAG_RUN, self.run_id, view="BASIC", bounded=True):
+                if t.state in NON_TERMINAL:
+                    self.api.cancel_task(t.id)
         finally:
             self.stager.close()
             self.fetcher.close()
             if self.stager.stats.files:
                 self.report(self.stager.summary())
             self.http.close()
-            shutil.rmtree(self.tmp_root, ignore_errors=True)
-
-
-def with_tag(tasks: Iterable[Mapping[str, Any]], key: str, value: str) -> List[Mapping[str, Any]]:
-    """The tasks whose tag ``key`` is ``value``, checked on the client."""
-    return [t for t in tasks if isinstance(t, Mapping) and (t.get("tags") or {}).get(key) == value]
-
-
-def system_summary(lines: Sequence[str], limit: int = 3) -> str:
-    """The server's own error lines (Funnel: logfmt with level='error'), else its last lines."""
-    errors = [line for line in lines if "level='error'" in line or 'level="error"' in line
-              or "level=error" in line]
-    chosen = (errors or list(lines))[-limit:]
-    return " | ".join(line if len(line) <= 300 else line[:297] + "..." for line in chosen)
-
-
-def _mkdirs(path: str) -> str:
-    os.makedirs(path, exist_ok=True)
-    return path
-
-
-def _read(path: str) -> Iterable[bytes]:
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            yield chunk
-
-
-def _text(value: Optional[str]) -> Iterable[bytes]:
-    return [value.encode()] if value else []
-
-
-def _exit_code(tmp: Optional[str]) -> Optional[int]:
-    try:
-        with open(os.path.join(tmp, layout.EXIT)) as f:
-            return int(f.read().strip())
-    except (OSError, ValueError, TypeError):
-        return None
-
-
-def _place(src: str, dest: str) -> None:
-    """Put ``src`` (file or directory) at ``dest`` atomically, replacing what is there."""
-    parent = os.path.dirname(dest)
-    os.makedirs(parent, exist_ok=True)
-    try:
-        _replace(src, dest)
-    except OSError as e:
-        if e.errno != errno.EXDEV:  # another file system
-            raise CrankError(f"cannot put an output at {dest}: {e.strerror}") from None
-        tmp = os.path.join(parent, f".{os.path.basename(dest)}.crank-{os.getpid()}-{threading.get_ident()}")
-        if os.path.isdir(src):
-            shutil.copytree(src, tmp, symlinks=True)
-        else:
-            shutil.copy2(src, tmp)
-        _replace(tmp, dest)
-
-
-def _replace(src: str, dest: str) -> None:
-    if os.path.isdir(src) and os.path.isdir(dest) and not os.path.islink(dest):
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(dest)}.crank-old-", dir=os.path.dirname(dest))
-        os.rename(dest, os.path.join(old, "d"))
-        os.rename(src, dest)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        if os.path.isdir(dest) and not os.path.islink(dest):
-            shutil.rmtree(dest)
-        os.replace(src, dest)
+            shutil.rmtree(self.collector.tmp_root, ignore_errors=True)

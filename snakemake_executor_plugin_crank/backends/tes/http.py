@@ -8,7 +8,9 @@ asked for (``Throttled``, without sending): requests made once (status rounds) f
 meanwhile, and the caller's tolerance decides how long that may last. An answer that is not
 JSON (a proxy's HTML page) is ``BackendUnavailable`` too. Any other 4xx is final and
 explained (401/403: the credentials, 404: the URL). Credentials never appear in a message:
-the URL is shown without its user-info.
+the URL is shown without its user-info. Messages that ask the user to check something name
+it as the caller's ``Hints`` say (the settings layer knows its option names; this module does
+not).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 from urllib.parse import urlsplit, urlunsplit
 
@@ -24,7 +27,7 @@ from requests.adapters import HTTPAdapter
 from urllib3.exceptions import ConnectTimeoutError, InvalidHeader, ReadTimeoutError
 from urllib3.util.retry import Retry
 
-from ..errors import BackendUnavailable, CrankError
+from ...errors import BackendUnavailable, CrankError
 
 CONNECT_TIMEOUT = 10.0
 READ_TIMEOUT = 60.0
@@ -77,6 +80,14 @@ class _GetRetry(Retry):
         return None if seconds is None else min(seconds, RETRY_AFTER_MAX_S)
 
 
+@dataclass(frozen=True)
+class Hints:
+    """How the user sets what a message asks them to check."""
+
+    url: str = "the TES URL"
+    credentials: str = "the credentials"
+
+
 class HttpError(CrankError):
     def __init__(self, message: str, status: int):
         super().__init__(message)
@@ -105,11 +116,12 @@ class Session:
         retries: int = RETRIES,
         backoff: float = 0.5,
         what: str = "the TES server",
+        hints: Hints = Hints(),
     ):
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise CrankError(
-                f"--crank-tes-url {redact(base_url)!r} is not an http(s) URL, e.g. http://host:8000"
+                f"{hints.url} {redact(base_url)!r} is not an http(s) URL, e.g. http://host:8000"
             )
         if parts.username and not user:  # user:password@host in the URL
             user, password = parts.username, parts.password or ""
@@ -136,15 +148,9 @@ class Session:
         self.once.mount("https://", once)
         if token:
             self.session.headers["Authorization"] = f"Bearer {token}"
-            self.auth_hint = "--crank-tes-token / SNAKEMAKE_CRANK_TES_TOKEN"
         elif user:
             self.session.auth = (user, password or "")
-            self.auth_hint = (
-                "--crank-tes-user and --crank-tes-password / SNAKEMAKE_CRANK_TES_USER and "
-                "SNAKEMAKE_CRANK_TES_PASSWORD"
-            )
-        else:
-            self.auth_hint = "--crank-tes-token or --crank-tes-user/--crank-tes-password (none given)"
+        self.auth_hint = hints.credentials
         self.once.headers.update(self.session.headers)
         self.once.auth = self.session.auth
         self._secrets = [s for s in (token, password) if s]

@@ -30,9 +30,9 @@ import shlex
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Sequence, Set, Tuple
 
-from ..errors import CrankError
-from ..task import FILE_LAUNCHER, Kind, TaskSpec
-from .paths import under
+from ...errors import CrankError
+from ...task import FILE_LAUNCHER, Kind, TaskSpec
+from ..paths import under
 
 ROOT = "/crank"
 IN = "/crank/in"

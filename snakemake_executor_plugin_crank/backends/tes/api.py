@@ -1,0 +1,133 @@
+"""The TES API's requests, on one HTTP session; answers parsed into py-tes models."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, List, Mapping, Type, TypeVar
+
+import tes
+from tes.utils import UnmarshalError, unmarshal
+
+from ...errors import BackendUnavailable, CrankError
+from .http import HttpError, Session, Throttled
+
+# Microsoft TES accepts at most 2047; Funnel 2048
+PAGE_SIZE = 2047
+# Status rounds, collections, cancels and the shutdown run on Snakemake's loop: one attempt,
+# a bounded wait. A server that does not answer then fails the round, and the runner tries
+# again next round within its tolerance (retrying reads here would hold the loop for minutes).
+BOUNDED_READ_TIMEOUT_S = 20.0
+BOUNDED = {"timeout": BOUNDED_READ_TIMEOUT_S, "retry_reads": False}
+CREATE_ATTEMPTS = 5
+# the longest a create waits at once for a server that asked it to (429, Retry-After)
+CREATE_WAIT_MAX_S = 30.0
+
+Model = TypeVar("Model")
+
+
+class TesApi:
+    """``report(line)`` is told, once, that the server ignores the tag filter."""
+
+    def __init__(self, http: Session, report: Callable[[str], None]):
+        self.http = http
+        self.report = report
+        self._filter_ignored = False  # said once per run
+
+    def service_info(self) -> Mapping[str, Any]:
+        """The server's description; raises BackendUnavailable (Throttled too) for the caller
+        to say what to check."""
+        info = self.http.request("GET", "/v1/service-info", "service-info", timeout=20)
+        if not isinstance(info, dict):
+            raise CrankError(f"{self.http.base}/v1/service-info is not a TES service-info")
+        return info
+
+    def list_tasks(
+        self, tag_key: str, tag_value: str, view: str = "MINIMAL", bounded: bool = False
+    ) -> List[tes.Task]:
+        """Every task with the tag, following page tokens until the server has no more.
+        ``bounded``: one attempt with a bounded wait (see BOUNDED).
+
+        The server's filter is not trusted (TES 1.0 has none; a proxy may drop the query):
+        with a view that carries tags (BASIC, FULL) only the tasks whose tag is checked here
+        are returned. MINIMAL carries none: use it only to look up ids crank made itself.
+        py-tes's own ``list_tasks`` sends no tag filter, hence this request."""
+        found: List[tes.Task] = []
+        token = None
+        while True:
+            params = {"tag_key": tag_key, "tag_value": tag_value, "view": view, "page_size": PAGE_SIZE}
+            if token:
+                params["page_token"] = token
+            answer = self.http.request("GET", "/v1/tasks", "list", params=params, **(
+                BOUNDED if bounded else {}))
+            page = self._parse(answer or {}, tes.ListTasksResponse, "GET /v1/tasks", "a task list")
+            found.extend(page.tasks or [])
+            token = page.next_page_token
+            if not token or not page.tasks:
+                break
+        if view == "MINIMAL":
+            return found
+        mine = [t for t in found if (t.tags or {}).get(tag_key) == tag_value]
+        if len(mine) < len(found) and not self._filter_ignored:
+            self._filter_ignored = True
+            self.report(
+                f"the TES server at {self.http.base} ignores the tag filter of ListTasks (a TES "
+                "1.0 server, or a proxy that drops query parameters): crank checks every task's "
+                "tags itself and touches only its own, but each status round lists every task "
+                "on the server"
+            )
+        return mine
+
+    def get_task(self, task_id: str) -> tes.Task:
+        path = f"/v1/tasks/{task_id}"
+        answer = self.http.request("GET", path, "get", params={"view": "FULL"}, **BOUNDED)
+        return self._parse(answer, tes.Task, f"GET {path}", "a task")
+
+    def create_task(self, body: Mapping[str, Any], tag_key: str, tag_value: str,
+                    stopping: Callable[[], bool]) -> str:
+        """POST the task, whose tag ``tag_key`` is ``tag_value`` and names it alone; after an
+        answer that may hide a created task, look it up by that tag before posting again, so
+        a retry never makes a second task."""
+        delay = 0.5
+        unsure = False  # an earlier attempt may have created the task
+        for attempt in range(CREATE_ATTEMPTS):
+            try:
+                if unsure:
+                    if stopping():  # a task the lost answer hid is canceled by the shutdown
+                        raise CrankError("the run ended before the task was created")
+                    found = self.list_tasks(tag_key, tag_value, view="BASIC", bounded=True)
+                    if found:
+                        return found[0].id
+                answer = self.http.request("POST", "/v1/tasks", "create", body=body, retry_reads=False)
+                return self._parse(answer, tes.CreateTaskResponse, "POST /v1/tasks", "a task id").id
+            except HttpError as e:
+                raise CrankError(f"the TES server refused the task: {e}") from None
+            except Throttled as e:
+                # the server did nothing: wait as it asked (within reason), then go on
+                wait = min(e.retry_after or delay, CREATE_WAIT_MAX_S)
+            except BackendUnavailable:
+                unsure = True
+                wait = delay
+            if attempt + 1 == CREATE_ATTEMPTS:
+                raise
+            time.sleep(wait)
+            delay = min(delay * 2, 8)
+        raise AssertionError("unreachable")
+
+    def cancel_task(self, task_id: str) -> None:
+        """Cancel the task; one that is gone (404) needs nothing."""
+        try:
+            self.http.request("POST", f"/v1/tasks/{task_id}:cancel", "cancel", **BOUNDED)
+        except HttpError as e:
+            if e.status != 404:
+                raise CrankError(f"the TES server refused to cancel task {task_id}: {e}") from None
+
+    def _parse(self, answer: Any, model: Type[Model], request: str, what: str) -> Model:
+        try:
+            parsed = unmarshal(answer, model)
+        except (UnmarshalError, TypeError):
+            parsed = None
+        if parsed is None:
+            raise BackendUnavailable(
+                f"the TES server at {self.http.base} answered {request} with something other "
+                f"than {what}")
+        return parsed

@@ -1,0 +1,52 @@
+"""Putting a finished file or directory at its final path, whole or not at all."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import tempfile
+import threading
+
+from ..errors import CrankError
+
+
+def install(src: str, dest: str) -> None:
+    """Move ``src`` (a file or a directory) to ``dest``, replacing whatever is there: by
+    rename, so nothing half-written ever appears at ``dest``; from another file system by a
+    copy to a temporary name beside ``dest`` first."""
+    parent = os.path.dirname(dest)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        try:
+            _replace(src, dest)
+        except OSError as e:
+            if e.errno != errno.EXDEV:
+                raise
+            name = f".{os.path.basename(dest)}.crank-{os.getpid()}-{threading.get_ident()}"
+            tmp = os.path.join(parent, name)
+            if os.path.isdir(src):
+                shutil.copytree(src, tmp, symlinks=True)
+            else:
+                shutil.copy2(src, tmp)
+            _replace(tmp, dest)
+    except OSError as e:
+        raise CrankError(f"cannot put an output at {dest}: {e.strerror or e}") from None
+
+
+def _replace(src: str, dest: str) -> None:
+    if os.path.isdir(dest) and not os.path.islink(dest):
+        # a directory cannot be renamed over: move it aside first, and back when that fails
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(dest)}.crank-old-", dir=os.path.dirname(dest))
+        os.rename(dest, os.path.join(old, "d"))
+        try:
+            os.rename(src, dest)
+        except OSError:
+            os.rename(os.path.join(old, "d"), dest)
+            os.rmdir(old)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    if os.path.isdir(src) and os.path.lexists(dest):
+        os.unlink(dest)  # rename() puts a directory only where nothing is
+    os.replace(src, dest)
