@@ -1,5 +1,5 @@
 """Staging to object storage: pure logic, and against the real SeaweedFS S3 server that
-scripts/setup.sh starts (credentials enforced). Each test works under its own uuid prefix."""
+tests/services.py starts (credentials enforced). Each test works under its own uuid prefix."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """End-to-end tests of the TES backend against the real Funnel server and SeaweedFS that
-scripts/setup.sh starts (skipped, with one line saying why, where there is no Funnel)."""
+tests/services.py starts (skipped, with one line saying why, where there is no Funnel)."""
 
 import hashlib
 import os

@@ -2,7 +2,7 @@
 (docs/reliability.md, "On TES"): exact files as Snakemake's local executor leaves them, a
 server that ignores tag filters, input uploads that crawl, and a server (or what stands in
 front of it) that throttles, refuses the credentials or answers with a web page. Real Funnel
-and SeaweedFS from scripts/setup.sh; faults through tests/faultproxy.py on loopback ports."""
+and SeaweedFS from tests/services.py; faults through tests/faultproxy.py on loopback ports."""
 
 import os
 import subprocess
