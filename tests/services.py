@@ -596,7 +596,7 @@ def main(argv: list[str]) -> int:
             try:
                 Funnel().ensure(SeaweedFS().env())
             except Unavailable as e:
-                log(f"Funnel: NOT AVAILABLE ({e}); TES tests and benchmarks cannot run")
+                log(f"Funnel: NOT AVAILABLE ({e}); the TES benchmarks cannot run")
             log(f"for a shell: set -a; . {STATE}/s3.env; . {STATE}/tes.env; set +a")
         elif command == "stop":
             Funnel().daemon.stop()
