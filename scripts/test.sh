@@ -8,6 +8,6 @@ cd "$(dirname "$0")/.."
 python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore -e '.[test]'
 engine_was_running=false
 docker info >/dev/null 2>&1 && engine_was_running=true
-trap '$engine_was_running || python3 tests/services.py stop-docker' EXIT
+trap '$engine_was_running || python3 tests/services.py stop-docker || true' EXIT
 bash scripts/setup.sh
 python3 -m pytest "$@"
