@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from snakemake_executor_plugin_crank.backends import docker as docker_now  # noqa: E402
+from snakemake_executor_plugin_crank.backends.docker import mounts as mounts_now  # noqa: E402
 from snakemake_executor_plugin_crank.backends import logs as logs_now  # noqa: E402
 from snakemake_executor_plugin_crank.task import TaskSpec  # noqa: E402
 
@@ -46,12 +46,21 @@ def module_at(rev: str, name: str) -> types.ModuleType:
         ["git", "show", f"{rev}:snakemake_executor_plugin_crank/backends/{name}.py"],
         cwd=ROOT, check=True, capture_output=True, text=True,
     ).stdout
-    spec = importlib.util.spec_from_loader(f"{PACKAGE}._{name}_at_{rev}", loader=None)
+    package = ".".join([PACKAGE, *name.split("/")[:-1]])
+    spec = importlib.util.spec_from_loader(f"{package}._{name.split('/')[-1]}_at_{rev}", loader=None)
     module = importlib.util.module_from_spec(spec)
-    module.__package__ = PACKAGE
+    module.__package__ = package
     sys.modules[spec.name] = module  # dataclasses look their module up there
     exec(compile(source, f"{rev}:{name}.py", "exec"), module.__dict__)
     return module
+
+
+def planner_at(rev: str) -> types.ModuleType:
+    """The module with plan_mounts at ``rev``: docker/mounts.py, before it docker.py."""
+    try:
+        return module_at(rev, "docker/mounts")
+    except subprocess.CalledProcessError:
+        return module_at(rev, "docker")
 
 
 def median_s(action, repeat: int) -> float:
@@ -63,7 +72,7 @@ def median_s(action, repeat: int) -> float:
     return statistics.median(samples)
 
 
-def bench_mounts(label, docker_module, n, repeat, start):
+def bench_mounts(label, planner, n, repeat, start):
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp, "wd")
         workdir.mkdir()
@@ -79,9 +88,9 @@ def bench_mounts(label, docker_module, n, repeat, start):
                 path.write_text("x")
         for layout, paths in layouts.items():
             inputs = [str(p) for p in paths]
-            plan = docker_module.plan_mounts(str(workdir), inputs, [str(workdir / "out.txt")])
+            plan = planner.plan_mounts(str(workdir), inputs, [str(workdir / "out.txt")])
             seconds = median_s(
-                lambda: docker_module.plan_mounts(str(workdir), inputs, [str(workdir / "out.txt")]),
+                lambda: planner.plan_mounts(str(workdir), inputs, [str(workdir / "out.txt")]),
                 repeat,
             )
             line = f"{label:>8}  mounts  {n} inputs, {layout}: {len(plan)} mounts, plan {seconds * 1000:.0f} ms"
@@ -127,12 +136,12 @@ def main():
     parser.add_argument("--start", action="store_true", help="also start a container with the mounts")
     parser.add_argument("--only", choices=("mounts", "tail"))
     args = parser.parse_args()
-    variants = [("now", docker_now, logs_now)]
+    variants = [("now", mounts_now, logs_now)]
     if args.against:
-        variants.insert(0, (args.against[:8], module_at(args.against, "docker"), module_at(args.against, "logs")))
-    for label, docker_module, logs_module in variants:
+        variants.insert(0, (args.against[:8], planner_at(args.against), module_at(args.against, "logs")))
+    for label, planner, logs_module in variants:
         if args.only != "tail":
-            bench_mounts(label, docker_module, args.n, args.repeat, args.start)
+            bench_mounts(label, planner, args.n, args.repeat, args.start)
         if args.only != "mounts":
             bench_tail(label, logs_module, args.repeat)
 

@@ -203,7 +203,7 @@ def test_many_inputs_outside_the_workdir_share_their_directory_mount(docker_api,
 
 
 def test_merged_input_mounts_never_cover_system_dirs_home_or_writable_ones():
-    from snakemake_executor_plugin_crank.backends.docker import MAX_INPUT_MOUNTS, plan_mounts
+    from snakemake_executor_plugin_crank.backends.docker.mounts import MAX_INPUT_MOUNTS, plan_mounts
 
     home = os.path.expanduser("~")
     inputs = ([f"/etc/conf{i}" for i in range(40)] + [f"{home}/f{i}" for i in range(40)]
@@ -311,7 +311,7 @@ def test_an_image_the_registry_does_not_have_fails_at_once(docker_api, tmp_path,
 
 
 def test_planned_mounts_reach_symlink_targets(tmp_path):
-    from snakemake_executor_plugin_crank.backends.docker import plan_mounts
+    from snakemake_executor_plugin_crank.backends.docker.mounts import plan_mounts
 
     (tmp_path / "real" / "sub").mkdir(parents=True)
     (tmp_path / "real" / "sub" / "x").write_text("x")

@@ -1,4 +1,4 @@
-"""Warm runners (backends/warm.py) against the real Docker engine: a task run by exec in a
+"""Warm runners (backends/docker/) against the real Docker engine: a task run by exec in a
 reused container must see and report what a container of its own would give it."""
 
 import os
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from snakemake_executor_plugin_crank.backends.docker import DockerBackend, DockerOptions
-from snakemake_executor_plugin_crank.backends.warm import _empty
+from snakemake_executor_plugin_crank.backends.docker.scratch import empty as _empty
 from snakemake_executor_plugin_crank.task import Resources, State, TaskSpec
 
 from conftest import BUSYBOX, BASH, copy_workflow, containers_of, snakemake, wait_for
