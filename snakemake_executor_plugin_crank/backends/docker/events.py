@@ -99,6 +99,7 @@ class Watcher:
         with contextlib.suppress(Exception):
             if self.stream is not None:
                 self.stream.close()
+        self.events_api.close()
 
     # ---- the event stream -------------------------------------------------------------
 
@@ -134,8 +135,9 @@ class Watcher:
         if action == "oom":
             self.report.oom(container)
         elif action.startswith("exec_die"):
-            code = attrs.get("exitCode")
-            self.report.exited(attrs.get("execID", ""), int(code) if code not in (None, "") else None)
+            exec_id, code = attrs.get("execID", ""), attrs.get("exitCode")
+            self.remove_exec(exec_id)
+            self.report.exited(exec_id, int(code) if code not in (None, "") else None)
         elif action == "die":
             self.report.stopped(container)
 
@@ -181,6 +183,7 @@ class Watcher:
             return
         code = info.get("ExitCode") if info is not None else None
         if code is not None:
+            self.remove_exec(watched.exec_id)
             self.report.exited(watched.exec_id, int(code))
         elif not self._runner_running(watched.runner_id):
             self.report.stopped(watched.runner_id)

@@ -308,6 +308,14 @@ class Runners:
         scratch.rmtree(runner.host_dir)
         return True
 
+    def kill(self, runner: Runner) -> None:
+        """Kill the runner and its task; an engine that does not answer raises (the
+        runner tries the stop again)."""
+        runner.retire = True
+        with contextlib.suppress(docker.errors.APIError):  # already ended
+            with engine_errors("stopping a container"):
+                self.api.kill(runner.id)
+
     def stops_within(self, runner: Runner, seconds: float) -> bool:
         """Whether the runner's container stops (or is gone) within ``seconds``: one
         request that the engine answers when it stops."""

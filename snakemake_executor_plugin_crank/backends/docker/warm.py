@@ -11,26 +11,17 @@ execs started, runners checked and emptied, by a few threads, and ends are learn
 the watcher (events.py: the run's event stream and its safety net). ``poll`` answers
 from memory. A task that cannot run warm, or whose environment failed to start a runner,
 runs in a container of its own, through the cold runner the pool is given; its handle
-stays the pool's.
-
-Faults: an exec the engine no longer knows (an engine restart forgets them) is judged by
-its runner: a runner that is not running fails its task at once with that reason. A
-launch that meets a transient engine error shows the task as finished with that error
-(so the runner's tolerance clock runs) while it is tried again, with backoff, until it
-starts or the task is released.
+stays the pool's. A launch that meets a transient engine error is tried again (_launch).
 """
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
-
-import docker.errors
 
 from ...errors import BackendUnavailable, CrankError
 from ...task import State, TaskResult, TaskSpec
@@ -86,7 +77,6 @@ class WarmPool:
 
     check_interval = _watcher_setting("check_interval")
     check_age = _watcher_setting("check_age")
-    check_batch = _watcher_setting("check_batch")
     stream_ok = _watcher_setting("stream_ok")
 
     def __init__(self, cold, make_api: Callable[[int], Any], images: Images,
@@ -166,13 +156,8 @@ class WarmPool:
             return
         if job.cold:
             return self.cold_runner.stop(job.cold)
-        runner = job.runner
-        if runner is not None:
-            runner.retire = True
-            # an engine that does not answer raises: the runner tries the stop again
-            with contextlib.suppress(docker.errors.APIError):  # already ended
-                with engine_errors("stopping a container"):
-                    self.api.kill(runner.id)
+        if job.runner is not None:
+            self.containers.kill(job.runner)
 
     def result(self, handle: str, task: TaskSpec) -> TaskResult:
         with self.lock:
@@ -241,7 +226,6 @@ class WarmPool:
         self.containers.remove_all()  # started while closing
         self.containers.remove_root()
         self.api.close()
-        self.watcher.events_api.close()
 
     # ---- work done off the main loop -------------------------------------------------
 
