@@ -56,7 +56,8 @@ OPEN = {
 KINDS = ["file", "dir", "temp", "protected", "touch", "update", "symlink", "checkpoint", "temp_dir"]
 FILE_KINDS = ("file", "temp", "protected", "update")
 DIR_KINDS = ("dir", "checkpoint", "temp_dir")
-# data/ext.txt and data/extdir are symlinks to OUTSIDE/ref.txt and OUTSIDE/refdir
+# data/ext.txt and data/extdir are symlinks to OUTSIDE/ref.txt and OUTSIDE/refdir; data/dir
+# holds a symlink to a file and one back to itself
 SOURCES = ["data/src.txt", "data/link.txt", "data/with space.txt", "data/dir", "OUTSIDE/ref.txt",
            "OUTSIDE/refdir", "data/ext.txt", "data/extdir"]
 NAMES = ["plain", "space", "nested", "odd"]
@@ -263,6 +264,7 @@ def make_sources(workdir: Path, outside: Path) -> None:
     (data / "dir" / "a.txt").write_text("a\n")
     (data / "dir" / "sub" / "b.txt").write_text("b\n")
     (data / "dir" / "to-a").symlink_to("a.txt")
+    (data / "dir" / "sub" / "up").symlink_to("..")  # a loop, for programs that follow links
     (data / "ext.txt").symlink_to(outside / "ref.txt")
     (data / "extdir").symlink_to(outside / "refdir")
 
