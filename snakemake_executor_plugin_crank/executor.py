@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import functools
 import os
 import uuid
-from typing import AsyncGenerator, List, Optional, Tuple
+from typing import AsyncGenerator, Dict, List, Optional, Tuple
 
 from snakemake_interface_common.exceptions import WorkflowError
 from snakemake_interface_executor_plugins.executors.base import SubmittedJobInfo
@@ -14,10 +13,11 @@ from snakemake_interface_executor_plugins.jobs import JobExecutorInterface
 from snakemake_interface_executor_plugins.settings import DeploymentMethod
 
 from . import runs
-from .adapter import jobs, outputs, storage
+from .adapter import groups, jobs, outputs, storage
+from .adapter.record import JobRecord
 from .errors import BackendUnavailable, CrankError, ImageUnavailable
 from .runner import Runner
-from .settings import ExecutorSettings, backend_from, image_hint
+from .settings import ExecutorSettings, backend_from, image_message
 
 IDLE_INTERVAL = 0.1
 
@@ -53,7 +53,6 @@ class Executor(RemoteExecutor):
         remote = self.workflow.remote_execution_settings
         self.runner = Runner(
             self.backend,
-            on_success=self._task_succeeded,
             preemptible_retries=remote.preemptible_retries or 0,
             tolerance_s=self._tolerance_s,
         )
@@ -64,14 +63,10 @@ class Executor(RemoteExecutor):
         # tasks were confirmed removed (docs/reliability.md)
         self._given_up: List[Tuple[JobExecutorInterface, bool]] = []
         self._warned = set()
-        # running time of each task that ran directly, for its job's benchmark file
-        self._seconds = {}
-        # update() outputs crank backed up before a job that runs directly
-        self._backups = {}
-        # the last task of each member of a group run job after job -> (group, member,
-        # members finished so far): temp files go once their consumers finish
-        self._group_steps = {}
         self._noted = {}
+        # jobs reported failed whose update() outputs come back once Snakemake has removed
+        # their outputs: Snakemake names only the job in handle_job_error
+        self._to_restore: Dict[JobExecutorInterface, JobRecord] = {}
         self.context = jobs.JobContext(
             workdir=workdir,
             log_dir=os.path.join(workdir, ".snakemake", "crank", "logs", self.run_id),
@@ -122,6 +117,8 @@ class Executor(RemoteExecutor):
         return storage.job_command(super().format_job_exec(job), self.workflow)
 
     def run_job(self, job: JobExecutorInterface):
+        record = JobRecord(job, info=self.logger.info, warn=self.logger.warning)
+        info = SubmittedJobInfo(job, aux={"record": record})
         try:
             if self._from_cache(job):
                 return
@@ -130,37 +127,19 @@ class Executor(RemoteExecutor):
                 # no Snakemake in the image retrieves them: the host does, as locally
                 self._retrieve(job)
                 tasks = jobs.tasks_for(job, self.context)  # inputs now exist locally
-            backed_up = outputs.prepare(job, tasks, self.workflow.async_run)
-            if backed_up:
-                self._backups[job] = backed_up
-            done = set()  # the jobs of a group run job after job that have finished
-            later = [
-                functools.partial(self._member_starts, job, build, done)
-                for build in jobs.later_tasks(job, tasks, self.context)
-            ]
-            chain = self.runner.start(tasks, later)
-            self._track_member(job, tasks, done)
+            record.backups = outputs.prepare(job, tasks, self.workflow.async_run)
+            later = record.later(groups.later_tasks(job, tasks, self.context))
+            record.chain = self.runner.start(record.track(tasks), later)
         except ImageUnavailable as e:
             source = jobs.image_source(job, self.context)
-            if source.startswith("--crank-default-image") and not self.settings.default_image:
-                # nobody chose this image: it is Snakemake's --container-image (or its default)
-                source = (
-                    "the image: the rule has no container: and --crank-default-image is unset, "
-                    "so crank used --container-image "
-                    f"({self.context.default_image}); pass --crank-default-image or add "
-                    "container: to the rule"
-                )
-            if getattr(e, "invalid_reference", False):
-                message = f"{e}; fix {source}"
-            else:
-                message = f"{e}; {image_hint(self.settings)}, or fix {source}"
-            self._report_error(SubmittedJobInfo(job), message)
+            default = self.context.default_image
+            self._report_error(info, image_message(e, source, self.settings, default))
             return
         except CrankError as e:
-            self._report_error(SubmittedJobInfo(job), str(e))
+            self._report_error(info, str(e))
             return
         self.report_job_submission(
-            SubmittedJobInfo(job, external_jobid=chain.handle, aux={"chain": chain})
+            SubmittedJobInfo(job, external_jobid=record.chain.handle, aux={"record": record})
         )
 
     async def check_active_jobs(
@@ -173,7 +152,7 @@ class Executor(RemoteExecutor):
             # (this also covers the first round, which can come before __post_init__)
             self.next_seconds_between_status_checks = IDLE_INTERVAL
             return
-        chains = [info.aux["chain"] for info in active_jobs]
+        chains = [info.aux["record"].chain for info in active_jobs]
         ceiling = self.workflow.remote_execution_settings.seconds_between_status_checks
         now = self.runner.clock()
         try:
@@ -207,24 +186,18 @@ class Executor(RemoteExecutor):
         if self._canceling:
             return  # canceled while the round ran
         for info in active_jobs:
-            chain = info.aux["chain"]
+            record = info.aux["record"]
+            chain = record.chain
+            for task, result in chain.succeeded:
+                record.succeeded(task, result)
             outcome = ended.get(chain)
             if outcome is None:
                 yield info
                 continue
             problem = None
-            if outcome.ok and outputs.ran_directly(chain.tasks):
-                # what Snakemake does after a job, which no Snakemake in the image did
-                problem = await outputs.finish(info.job, chain.tasks, self._seconds)
-                if problem is None:
-                    problem = await self._store(info.job)
+            if outcome.ok:
+                problem = await self._after_success(record)
             if outcome.ok and problem is None:
-                problem = await self._to_cache(info.job)
-            for task in chain.tasks:
-                self._seconds.pop(task.name, None)
-                self._group_steps.pop(task.name, None)
-            if outcome.ok and problem is None:
-                self._backups.pop(info.job, None)
                 self.report_job_success(info)
             else:
                 if outputs.ran_directly(chain.tasks):
@@ -235,6 +208,20 @@ class Executor(RemoteExecutor):
         self.next_seconds_between_status_checks = Runner.next_interval(
             still, self.runner.clock(), ceiling
         )
+
+    async def _after_success(self, record: JobRecord) -> Optional[str]:
+        """What follows the success of a job's tasks; why the job fails, or None."""
+        job, tasks = record.job, record.chain.tasks
+        if outputs.ran_directly(tasks):
+            # what Snakemake does after a job, which no Snakemake in the image did
+            try:
+                record.member_finished()
+            except OSError as e:  # as for a job of the group before it
+                return f"{tasks[-1].label}: {e}"
+            problem = await outputs.finish(job, tasks, record.seconds) or await self._store(job)
+            if problem:
+                return problem
+        return await self._to_cache(job)
 
     def _retrieve(self, job) -> None:
         try:
@@ -296,36 +283,10 @@ class Executor(RemoteExecutor):
             # the outcome is reported; what is left is removed at shutdown or next start
             self.logger.warning(f"crank: {e}")
 
-    def _member_starts(self, group, build, done):
-        """The tasks of a group's later job, built as it starts (jobs.later_tasks)."""
-        tasks = outputs.make_parents(build())
-        self._track_member(group, tasks, done)
-        return tasks
-
-    def _track_member(self, job, tasks, done) -> None:
-        """The tasks of one job of a group run job after job: when the last succeeds, the
-        temp files the job consumed go (_task_succeeded)."""
-        if job.is_group() and outputs.ran_directly(tasks):
-            member = next(j for j in job.jobs if str(j.jobid) == tasks[-1].job_id)
-            self._group_steps[tasks[-1].name] = (job, member, done)
-
-    def _task_succeeded(self, task, result) -> None:
-        if result.reason:
-            # e.g. a child killed for lack of memory while the command exited 0
-            self.logger.warning(f"crank: {task.label} (job {task.job_id}): {result.reason}")
-        if task.benchmarks_by_crank:
-            self._seconds[task.name] = result.seconds
-        step = self._group_steps.pop(task.name, None)
-        if step:
-            # before the group's next job starts, as the local executor between two jobs
-            group, member, done = step
-            done.add(member)
-            outputs.touch_member_outputs(member)
-            outputs.remove_temp(
-                outputs.consumed_temp(group, member, done), self.logger.info, self.logger.warning
-            )
-
     def _report_error(self, info: SubmittedJobInfo, message: str, logs=()) -> None:
+        record = (info.aux or {}).get("record")
+        if record is not None and record.backups:
+            self._to_restore[info.job] = record
         if info.job.is_group():
             # Snakemake does not print the message of a failed group job
             self.logger.error(message)
@@ -334,14 +295,14 @@ class Executor(RemoteExecutor):
     def handle_job_error(self, job: JobExecutorInterface):
         # Snakemake has just removed the failed job's outputs: update() ones come back
         super().handle_job_error(job)
-        backed_up = self._backups.pop(job, None)
-        if backed_up:
-            outputs.restore(job, backed_up)
+        record = self._to_restore.pop(job, None)
+        if record is not None:
+            outputs.restore(job, record.backups)
 
     def cancel_jobs(self, active_jobs: List[SubmittedJobInfo]):
         self._canceling = True
         try:
-            self.runner.cancel([info.aux["chain"] for info in active_jobs])
+            self.runner.cancel([info.aux["record"].chain for info in active_jobs])
         except CrankError as e:
             # shutdown tries again; the next start in this workdir removes what is left
             self.logger.warning(f"crank: {e}")

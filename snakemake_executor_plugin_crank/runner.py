@@ -3,7 +3,8 @@ wall-time limits, group chains, preemption.
 
 A round is safe chain by chain: an error while handling one chain affects that chain
 only, and what the backend holds for a task is released only once the caller has
-reported the chain's outcome (``release``).
+reported the chain's outcome (``release``). The runner calls nothing of its caller: what
+a round did is in what ``step`` returns and in each chain's ``succeeded``.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ class Chain:
     trouble_since: Optional[float] = None
     # canceled by crank (Ctrl-C, giving up): no outcome is reported for it any more
     canceled: bool = False
+    # the tasks that succeeded in the last round, with their results, for the caller
+    succeeded: List[Tuple[TaskSpec, TaskResult]] = field(default_factory=list)
 
     @property
     def current(self) -> TaskSpec:
@@ -63,13 +66,11 @@ class Runner:
     def __init__(
         self,
         backend: Backend,
-        on_success: Callable[[TaskSpec, TaskResult], None] = lambda task, result: None,
         clock: Callable[[], float] = time.monotonic,
         preemptible_retries: int = 0,
         tolerance_s: float = 120.0,
     ):
         self.backend = backend
-        self.on_success = on_success
         self.clock = clock
         self.preemptible_retries = preemptible_retries
         # how long the backend may fail one chain before the chain is reported failed
@@ -79,10 +80,10 @@ class Runner:
         self, tasks: Sequence[TaskSpec], later: Sequence[Callable[[], Sequence[TaskSpec]]] = ()
     ) -> Chain:
         """Submit the first task; ``later`` build the tasks that follow ``tasks``, each when
-        its turn comes (a CrankError it raises fails the chain). Raises CrankError when
-        the backend refuses the first task; when the backend does not answer
-        (BackendUnavailable) the task is submitted again at the next rounds, for up to
-        ``tolerance_s``."""
+        its turn comes, right after the task before it succeeded (a CrankError it raises
+        fails the chain). Raises CrankError when the backend refuses the first task; when
+        the backend does not answer (BackendUnavailable) the task is submitted again at the
+        next rounds, for up to ``tolerance_s``."""
         chain = Chain(list(tasks), list(later))
         try:
             chain.handle = self.backend.submit(chain.current)
@@ -92,10 +93,13 @@ class Runner:
 
     def step(self, chains: Sequence[Chain]) -> Dict[Chain, Outcome]:
         """Advance every chain by what happened since the last round; return the
-        outcome of each chain that ended. Raises BackendUnavailable only when the
-        round's one status request fails."""
+        outcome of each chain that ended; each chain's ``succeeded`` holds its tasks that
+        succeeded in this round. Raises BackendUnavailable only when the round's one
+        status request fails."""
         if not chains:
             return {}
+        for chain in chains:
+            chain.succeeded = []
         states = self.backend.poll([c.handle for c in chains if c.handle])
         now = self.clock()
         ended: Dict[Chain, Outcome] = {}
@@ -184,7 +188,7 @@ class Runner:
         chain.handle = None
         if not result.ok:
             return Outcome(False, failure_message(task, result), tuple(chain.log_files))
-        self.on_success(task, result)
+        chain.succeeded.append((task, result))
         if chain.index + 1 == len(chain.tasks):
             if not chain.later:
                 return Outcome(True, log_files=tuple(chain.log_files))

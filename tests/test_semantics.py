@@ -219,6 +219,11 @@ def test_group_jobs_resources_from_inputs_as_locally(backend, request, tmp_path)
     assert left(crank_dir) == []
 
 
+def instant_task(name):
+    return TaskSpec(name=name, label=f"rule {name}", job_id=name, attempt=1, image="i",
+                    script="true", workdir="/w", resources=Resources(), log_dir="/w/logs")
+
+
 class InstantBackend:
     """Every task has finished by the next round."""
 
@@ -239,21 +244,18 @@ class InstantBackend:
 def test_a_groups_later_tasks_are_built_when_they_start():
     """The chain calls a later job's builder only once the tasks before it have finished;
     an error of the builder fails the chain with its message."""
-    task = lambda name: TaskSpec(name=name, label=f"rule {name}", job_id=name, attempt=1,
-                                 image="i", script="true", workdir="/w", resources=Resources(),
-                                 log_dir="/w/logs")
     backend = InstantBackend()
     built = []
 
     def second():
         built.append(list(backend.submitted))
-        return [task("b1"), task("b2")]
+        return [instant_task("b1"), instant_task("b2")]
 
     def third():
         raise CrankError("rule c: cannot evaluate its params or resources: why")
 
     runner = Runner(backend)
-    chain = runner.start([task("a")], [second, third])
+    chain = runner.start([instant_task("a")], [second, third])
     assert built == [] and backend.submitted == ["a"]
     assert runner.step([chain]) == {}
     assert built == [["a"]] and backend.submitted == ["a", "b1"]
@@ -262,6 +264,32 @@ def test_a_groups_later_tasks_are_built_when_they_start():
     outcome = runner.step([chain])[chain]
     assert not outcome.ok
     assert outcome.message == "rule c: cannot evaluate its params or resources: why"
+
+
+def test_the_tasks_that_succeed_are_reported_with_the_round_not_to_the_caller():
+    """The runner calls nothing of its caller: each round, a chain's ``succeeded`` lists
+    its tasks that succeeded in that round with their results; a group's later builder
+    runs right after the task before it succeeded, before the next task is submitted."""
+
+    class Timed(InstantBackend):
+        def result(self, handle, task):
+            return TaskResult(ok=True, seconds=float(len(task.name)), reason=f"{task.name} ok")
+
+    backend = Timed()
+    seen_by_builder = []
+
+    def later():
+        seen_by_builder.append(list(backend.submitted))
+        return [instant_task("bb")]
+
+    assert "on_success" not in Runner.__init__.__code__.co_varnames
+    runner = Runner(backend)
+    chain = runner.start([instant_task("a")], [later])
+    assert runner.step([chain]) == {}
+    assert [(t.name, r.seconds, r.reason) for t, r in chain.succeeded] == [("a", 1.0, "a ok")]
+    assert seen_by_builder == [["a"]] and backend.submitted == ["a", "bb"]
+    assert runner.step([chain])[chain].ok
+    assert [(t.name, r.seconds) for t, r in chain.succeeded] == [("bb", 2.0)]
 
 
 # ------------------------------------------------------------------ long commands (item 5)

@@ -4,21 +4,19 @@ Two launch modes. A shell: rule runs its formatted command directly in its image
 other rule (run:, script:, wrapper:, notebook:), and a group holding one, runs Snakemake's
 own job command in an image that has Snakemake.
 
-``job.container_img_url``, ``dag.get_sources``, ``dag.depending`` and a job's
-``_params_and_resources_resetted`` belong to Snakemake, not to the plugin interface: that
-coupling stays in this package.
+``job.container_img_url``, ``dag.get_sources`` and ``dag.depending`` belong to Snakemake,
+not to the plugin interface: that coupling stays in this package. ``groups`` builds the
+later jobs of a group run job after job.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import re
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import (
-    Any, Callable, Collection, Iterable, List, Mapping, Optional, Sequence, Set, Tuple,
+    Any, Callable, Collection, Iterable, List, Mapping, Optional, Set, Tuple,
 )
 
 from snakemake.io import is_flagged
@@ -89,10 +87,15 @@ def single_jobs(job: Any) -> List[Any]:
     return [job]
 
 
+def _without_scheme(image: str) -> str:
+    """Snakemake's ``docker://`` prefix removed: the engine and TES take the bare reference."""
+    return image[len("docker://") :] if image.startswith("docker://") else image
+
+
 def image_for(job: Any, default_image: Optional[str]) -> str:
     url = job.container_img_url
     if url:
-        return url[len("docker://") :] if url.startswith("docker://") else url
+        return _without_scheme(url)
     if default_image:
         return default_image
     raise CrankError(
@@ -255,8 +258,7 @@ def _group_image_note(job: Any, ctx: JobContext) -> None:
     """One line per run naming the group members whose own image is not used."""
     moved = set()
     for single in job.jobs:
-        own = single.container_img_url or ctx.default_image
-        own = own[len("docker://") :] if own and own.startswith("docker://") else own
+        own = _without_scheme(single.container_img_url or ctx.default_image or "")
         if own and own != ctx.snakemake_image:
             moved.add(f"rule {single.rule.name} (not {own})")
     ctx.note(GROUP_IMAGE_NOTE, moved)
@@ -338,7 +340,7 @@ def runs_concurrently(job: Any) -> bool:
 
 def tasks_for(job: Any, ctx: JobContext) -> List[TaskSpec]:
     """The tasks that start now: the job's, or for a group whose jobs run directly one
-    after another, its first job's (``later_tasks`` builds the others)."""
+    after another, its first job's (``groups.later_tasks`` builds the others)."""
     singles = single_jobs(job)
     for single in singles:
         _envmodules(single, ctx)
@@ -348,55 +350,6 @@ def tasks_for(job: Any, ctx: JobContext) -> List[TaskSpec]:
         except command.NotPlainShell:
             pass  # Snakemake in the image runs it as it would locally
     return [snakemake_task(job, ctx)]
-
-
-def later_tasks(
-    job: Any, first: Sequence[TaskSpec], ctx: JobContext
-) -> List[Callable[[], List[TaskSpec]]]:
-    """For a group whose jobs run directly, after ``first`` (``tasks_for``): for each
-    later job, what builds its tasks when it starts, once the jobs before it have
-    finished. Snakemake evaluated their params and resources when it scheduled the group,
-    before the files they read existed (``input.size`` of a file still to be made is
-    ``<TBD>``); the local executor evaluates them when the job is ready."""
-    if not job.is_group() or not all(t.benchmarks_by_crank for t in first):
-        return []
-    return [
-        functools.partial(_outside_event_loop, _member_tasks, single, ctx)
-        for single in single_jobs(job)[1:]
-    ]
-
-
-@functools.lru_cache(maxsize=None)
-def _evaluator() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="crank-evaluate")
-
-
-def _outside_event_loop(func: Callable[..., Any], *args: Any) -> Any:
-    """Snakemake evaluates ``input.size`` and the like in an event loop of its own, which
-    cannot run inside the running one of Snakemake's status checks (the value would be
-    ``<TBD>``): ``func`` runs in a thread of crank's, one for the whole run, so that
-    Snakemake keeps one event loop for it."""
-    return _evaluator().submit(func, *args).result()
-
-
-def _member_tasks(job: Any, ctx: JobContext) -> List[TaskSpec]:
-    # Snakemake resets them once, when the scheduler first finds the job ready
-    job._params_and_resources_resetted = False
-    job.reset_params_and_resources()
-    try:
-        job.params, job.resources
-    except Exception as e:  # an input function's or a resource's error, in Snakemake's words
-        message = " ".join(str(e).split()) or type(e).__name__
-        raise CrankError(
-            f"rule {job.rule.name}: cannot evaluate its params or resources: {message}"
-        ) from None
-    try:
-        return shell_tasks(job, ctx)
-    except command.NotPlainShell:
-        raise CrankError(
-            f"rule {job.rule.name}: its shell: function does not make exactly one shell "
-            "call, so it cannot run directly in its group"
-        ) from None
 
 
 def snakemake_version() -> str:
