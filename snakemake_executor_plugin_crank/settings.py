@@ -275,7 +275,7 @@ def backend_from(settings: ExecutorSettings, run_id: str, workdir: str, report=N
     check(settings)
     if settings.backend == "tes":
         return tes_backend(settings, run_id, workdir, report)
-    from .backends.docker import DockerBackend, DockerOptions
+    from .backends.docker import DockerBackend, DockerOptions, Hints
 
     options = DockerOptions(
         base_url=settings.docker_url,
@@ -283,6 +283,12 @@ def backend_from(settings: ExecutorSettings, run_id: str, workdir: str, report=N
         pull=settings.docker_pull,
         host_config=docker_host_config(settings.docker_host_config),
         warm=settings.docker_warm == "yes",
+        hints=Hints(
+            url="--crank-docker-url / DOCKER_HOST",
+            host_config="--crank-docker-host-config",
+            network="--crank-docker-network",
+            tolerance="--crank-backend-tolerance",
+        ),
     )
     try:
         backend = DockerBackend(run_id, workdir, options, report)

@@ -23,7 +23,8 @@ class DockerBackend:
         self.options = options
         self.client, self._capacity = engine.connect(options)
         self.api = self.client.api
-        images = Images(self.api, options.pull, report or (lambda line: None))
+        images = Images(self.api, options.pull, report or (lambda line: None),
+                        options.hints.tolerance)
         self.cold = ColdRunner(self.api, run_id, workdir, options, images)
         self.warm: Optional[WarmPool] = None
         if options.warm:
@@ -40,7 +41,7 @@ class DockerBackend:
         engine.check_host_config(self.api, self.options)
 
     def check_network(self) -> None:
-        engine.check_network(self.api, self.options.network)
+        engine.check_network(self.api, self.options.network, self.options.hints)
 
     def command_for(self, task: TaskSpec) -> Tuple[str, ...]:
         """The argv of the task's own container (cold.py)."""

@@ -72,7 +72,7 @@ class ColdRunner:
             )
         network = self.options.network
         if "network" in text and network in text and "not found" in text:
-            return engine.missing_network(network)
+            return engine.missing_network(network, self.options.hints)
         return f"Docker refused the container for {task.label}: {text}"
 
     def command_for(self, task: TaskSpec) -> Tuple[str, ...]:

@@ -34,6 +34,16 @@ STARTUP_TIMEOUT_S = 10
 
 
 @dataclass(frozen=True)
+class Hints:
+    """How the user sets what a message asks them to check."""
+
+    url: str = "the Docker engine address"
+    host_config: str = "the extra host config"
+    network: str = "the network"
+    tolerance: str = "the backend tolerance"
+
+
+@dataclass(frozen=True)
 class DockerOptions:
     base_url: Optional[str] = None
     network: str = "bridge"
@@ -41,6 +51,7 @@ class DockerOptions:
     host_config: Mapping[str, Any] = field(default_factory=dict)
     # run tasks by exec in warm containers where that is safe (warm.py)
     warm: bool = False
+    hints: Hints = Hints()
 
 
 # ---- the client ---------------------------------------------------------------------
@@ -82,7 +93,7 @@ def connect(options: DockerOptions) -> Tuple[docker.DockerClient, Capacity]:
             raise CrankError(silent) from None
         if "Invalid bind address" in str(e) or "scheme" in str(e).lower():
             raise CrankError(
-                f"--crank-docker-url / DOCKER_HOST {at!r} is not a Docker engine "
+                f"{options.hints.url} {at!r} is not a Docker engine "
                 "address; use unix:///path/to/docker.sock or tcp://host:port"
             ) from None
         raise BackendUnavailable(f"cannot reach the Docker engine at {at} ({short(e)})") from None
@@ -141,24 +152,24 @@ def check_host_config(api, options: DockerOptions) -> None:
     except (TypeError, ValueError, docker.errors.DockerException) as e:
         text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CrankError(
-            f"--crank-docker-host-config is refused: {text}; use Docker SDK host-config "
+            f"{options.hints.host_config} is refused: {text}; use Docker SDK host-config "
             "arguments (e.g. shm_size, cap_add, ulimits)"
         ) from None
 
 
-def check_network(api, network: str) -> None:
+def check_network(api, network: str, hints: Hints) -> None:
     """Raise CrankError when the chosen network does not exist on the engine."""
     if network in ("bridge", "none", "host", "default") or network.startswith("container:"):
         return
     with engine_errors("listing networks"):
         networks = api.networks()
     if network not in {n.get(k) for n in networks for k in ("Name", "Id")}:
-        raise CrankError(missing_network(network))
+        raise CrankError(missing_network(network, hints))
 
 
-def missing_network(network: str) -> str:
+def missing_network(network: str, hints: Hints) -> str:
     return (
-        f"--crank-docker-network {network!r} does not exist on the Docker engine; "
+        f"{hints.network} {network!r} does not exist on the Docker engine; "
         f"create it (docker network create {network}) or use bridge or none"
     )
 
@@ -170,10 +181,11 @@ class Images:
     """Makes sure a task's image is on the engine (looked up once, pulled as the options
     say); refusals are explained, a registry out of reach is said once per image."""
 
-    def __init__(self, api, pull: str, report: Callable[[str], None]):
+    def __init__(self, api, pull: str, report: Callable[[str], None], tolerance_hint: str):
         self.api = api
         self.pull = pull
         self.report = report  # what the user should know now
+        self.tolerance_hint = tolerance_hint
         self.present: set = set()
         self.pull_failures: set = set()  # images whose failed pull was reported
 
@@ -214,7 +226,7 @@ class Images:
             return ImageUnavailable(failed)
         if image not in self.pull_failures:
             self.pull_failures.add(image)
-            self.report(f"{failed}; trying again until --crank-backend-tolerance runs out")
+            self.report(f"{failed}; trying again until {self.tolerance_hint} runs out")
         return BackendUnavailable(failed)
 
 
