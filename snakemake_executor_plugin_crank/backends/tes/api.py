@@ -98,7 +98,11 @@ class TesApi:
                     if found:
                         return found[0].id
                 answer = self.http.request("POST", "/v1/tasks", "create", body=body, retry_reads=False)
-                return self._parse(answer, tes.CreateTaskResponse, "POST /v1/tasks", "a task id").id
+                created = self._parse(answer, tes.CreateTaskResponse, "POST /v1/tasks", "a task id")
+                if not created.id:
+                    raise BackendUnavailable(
+                        f"the TES server at {self.http.base} answered POST /v1/tasks without a task id")
+                return created.id
             except HttpError as e:
                 raise CrankError(f"the TES server refused the task: {e}") from None
             except Throttled as e:
