@@ -193,3 +193,23 @@ def test_a_task_index_naming_a_directory_outside_its_output_is_refused(sub):
     assert kinds == {"p0": "d"} and subdirs == {"p0": ["a/b"]}
     with pytest.raises(CrankError, match="outside its output"):
         read_index(f"d p0\ns p0 {sub}\n")
+
+
+def test_tes_answers_with_fields_and_states_beyond_the_schema_still_parse():
+    """TES servers may extend the schema; py-tes's models refuse what they do not know."""
+    import tes
+    from tes.utils import unmarshal
+
+    from snakemake_executor_plugin_crank.backends.tes.api import known_fields
+
+    answer = {"tasks": [{"id": "t1", "state": "ARCHIVED", "vendorField": {"x": 1},
+                         "logs": [{"systemLogs": ["pulled"], "vendorLog": 2,
+                                   "logs": [{"exitCode": 3, "vendorExit": "x"}]}]}],
+              "nextPageToken": "p2", "vendorPage": 1}
+    with pytest.raises(Exception):
+        unmarshal(answer, tes.ListTasksResponse)
+    parsed = unmarshal(known_fields(answer, tes.ListTasksResponse), tes.ListTasksResponse)
+    assert parsed.next_page_token == "p2"
+    task = parsed.tasks[0]
+    assert (task.id, task.state) == ("t1", "UNKNOWN")
+    assert task.logs[0].system_logs == ["pulled"] and task.logs[0].logs[0].exit_code == 3

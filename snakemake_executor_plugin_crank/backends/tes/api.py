@@ -5,11 +5,42 @@ from __future__ import annotations
 import time
 from typing import Any, Callable, List, Mapping, Type, TypeVar
 
+import attr
 import tes
-from tes.utils import UnmarshalError, unmarshal
+from tes.utils import UnmarshalError, camel_to_snake, unmarshal
 
 from ...errors import BackendUnavailable, CrankError
 from .http import HttpError, Session, Throttled
+
+# the models inside a model, as py-tes's unmarshal nests them
+NESTED = {
+    tes.ListTasksResponse: {"tasks": tes.Task},
+    tes.Task: {"logs": tes.TaskLog, "inputs": tes.Input, "outputs": tes.Output,
+               "resources": tes.Resources, "executors": tes.Executor},
+    tes.TaskLog: {"logs": tes.ExecutorLog, "outputs": tes.OutputFileLog},
+}
+STATES = set(attr.fields(tes.Task).state.validator.validator.options)
+
+
+def known_fields(answer: Any, model: Type) -> Any:
+    """``answer`` without what py-tes's models would refuse: fields a server adds beyond
+    the TES schema (extensions are allowed), and a state newer than py-tes (read as
+    UNKNOWN, i.e. not ended)."""
+    if isinstance(answer, list):
+        return [known_fields(item, model) for item in answer]
+    if not isinstance(answer, dict):
+        return answer
+    names = {f.name for f in attr.fields(model)}
+    nested = NESTED.get(model, {})
+    kept = {}
+    for key, value in answer.items():
+        key = camel_to_snake(key)
+        if key in names:
+            kept[key] = known_fields(value, nested[key]) if key in nested else value
+    if model is tes.Task and kept.get("state") not in STATES | {None}:
+        kept["state"] = "UNKNOWN"
+    return kept
+
 
 # Microsoft TES accepts at most 2047; Funnel 2048
 PAGE_SIZE = 2047
@@ -127,7 +158,7 @@ class TesApi:
 
     def _parse(self, answer: Any, model: Type[Model], request: str, what: str) -> Model:
         try:
-            parsed = unmarshal(answer, model)
+            parsed = unmarshal(known_fields(answer, model), model)
         except (UnmarshalError, TypeError):
             parsed = None
         if parsed is None:
