@@ -14,7 +14,6 @@ import ctypes.util
 import hashlib
 import ipaddress
 import os
-import re
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -23,15 +22,12 @@ from datetime import timedelta
 from urllib.parse import urlsplit
 
 import obstore
-from obstore.exceptions import (
-    BaseError,
-    PermissionDeniedError,
-    UnauthenticatedError,
-)
+from obstore.exceptions import BaseError
 from obstore.store import from_url as obstore_from_url
 
-from ..errors import BackendUnavailable, CrankError
+from ..errors import CrankError
 from .digest import Identity, check, file_identity, recently_changed
+from .store_errors import explain, first_line
 
 # Scheme of a storage prefix -> the kind of store obstore builds for it.
 SCHEMES = {
@@ -186,45 +182,13 @@ class Store:
         except BaseError as e:
             raise self._error(e, "opening") from None
         except ValueError as e:
-            raise CrankError(f"storage prefix {self.prefix!r}: {_first_line(str(e))}") from None
+            raise CrankError(f"storage prefix {self.prefix!r}: {first_line(str(e))}") from None
 
     # ------------------------------------------------------------------ errors
 
     def _error(self, e: BaseException, doing: str, key: str | None = None) -> CrankError:
         """One line for the user saying what failed and what to do; never a credential."""
-        where = self.url(key) if key else self.prefix
-        text = str(e)
-        code = _s3_code(text)
-        status = _status(text)
-        if code == "NoSuchBucket":
-            return CrankError(f"{self.prefix}: bucket does not exist; create it or fix the storage prefix")
-        if code == "InvalidAccessKeyId":
-            return CrankError(f"{self.prefix}: the server does not know this access key; check AWS_ACCESS_KEY_ID")
-        if code == "SignatureDoesNotMatch":
-            return CrankError(f"{self.prefix}: the secret key was rejected; check AWS_SECRET_ACCESS_KEY")
-        if "169.254.169.254" in text or "credential" in text.lower() and "metadata" in text.lower():
-            return CrankError(
-                f"{self.prefix}: no credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
-                "(or the store's own credential variables)"
-            )
-        if isinstance(e, (PermissionDeniedError, UnauthenticatedError)) or status in (401, 403):
-            return CrankError(
-                f"{where}: access denied while {doing}{f' ({code})' if code else ''}; "
-                "check the credentials and their permissions on this bucket"
-            )
-        if isinstance(e, FileNotFoundError):
-            return CrankError(f"{where}: no such object")
-        if isinstance(e, PermissionError):
-            return CrankError(f"{where}: permission denied while {doing}")
-        if isinstance(e, OSError) and not isinstance(e, BaseError):
-            return CrankError(f"{where}: {doing} failed: {e.strerror or e}")
-        if status is not None and status >= 500 or _is_transport(text):
-            endpoint = f" at {self.endpoint}" if self.endpoint else ""
-            return BackendUnavailable(
-                f"{self.prefix}: store{endpoint} unreachable or failing while {doing} "
-                f"({_transport_reason(text, status)}), after retries; is it running?"
-            )
-        return CrankError(f"{where}: {doing} failed: {_first_line(text)}")
+        return explain(e, doing, self.prefix, self.url(key) if key else self.prefix, self.endpoint)
 
     # ------------------------------------------------------------------ operations
 
@@ -410,37 +374,3 @@ def _remove(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
-
-
-def _first_line(text: str) -> str:
-    line = text.strip().splitlines()[0] if text.strip() else "unknown error"
-    return line[:300]
-
-
-def _s3_code(text: str) -> str | None:
-    m = re.search(r"<Code>([A-Za-z]+)</Code>", text)
-    return m.group(1) if m else None
-
-
-def _status(text: str) -> int | None:
-    m = re.search(r"status code: (\d{3})|status: (\d{3})", text)
-    return int(m.group(1) or m.group(2)) if m else None
-
-
-_TRANSPORT = ("error sending request", "connection refused", "connect", "timed out", "timeout",
-              "dns error", "broken pipe", "connection reset")
-
-
-def _is_transport(text: str) -> bool:
-    low = text.lower()
-    return any(t in low for t in _TRANSPORT)
-
-
-def _transport_reason(text: str, status: int | None) -> str:
-    if status is not None and status >= 500:
-        return f"HTTP {status}"
-    low = text.lower()
-    for reason in ("connection refused", "timed out", "dns error", "connection reset"):
-        if reason in low:
-            return reason
-    return "cannot connect"
