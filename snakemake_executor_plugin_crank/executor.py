@@ -82,10 +82,13 @@ class Executor(RemoteExecutor):
             storage_env=lambda job: storage.secrets_for(job, self.workflow),
             storage_plugins=storage.packages(self.workflow),
             **(
-                # objects the TES server fetches itself go into the task as URLs
-                {"input_urls": storage.server_fetchable(
-                    self.settings.storage_prefix, self.settings.storage_endpoint
-                )}
+                # objects the TES server fetches or stores itself go into the task as URLs
+                {
+                    "input_urls": storage.server_fetchable(
+                        self.settings.storage_prefix, self.settings.storage_endpoint
+                    ),
+                    "output_urls": self._server_writable(),
+                }
                 if self.settings.backend == "tes" else {}
             ),
             is_preemptible=remote.preemptible_rules.is_preemptible,
@@ -98,6 +101,14 @@ class Executor(RemoteExecutor):
             cores=None if self.cores == "all" else self.cores,
         )
         self._note(jobs.IGNORED_NOTE, jobs.ignored_resources(self.workflow))
+
+    def _server_writable(self):
+        """job -> the storage outputs the TES server stores itself: not those of a job
+        whose outputs go to the between-workflow cache, which takes them from local copies."""
+        writable = storage.server_writable(
+            self.settings.storage_prefix, self.settings.storage_endpoint
+        )
+        return lambda job: {} if self._cacheable(job) else writable(job)
 
     def _warn_once(self, message: str) -> None:
         if message not in self._warned:
@@ -218,7 +229,12 @@ class Executor(RemoteExecutor):
                 record.member_finished()
             except OSError as e:  # as for a job of the group before it
                 return f"{tasks[-1].label}: {e}"
-            problem = await outputs.finish(job, tasks, record.seconds) or await self._store(job)
+            # outputs the backend stored itself have no local copy to check
+            stored = {o.path for t in tasks for o in t.outputs if o.url}
+            problem = (
+                await outputs.finish(job, tasks, record.seconds, in_storage=stored)
+                or await self._store(job, stored)
+            )
             if problem:
                 return problem
         return await self._to_cache(job)
@@ -230,10 +246,11 @@ class Executor(RemoteExecutor):
             cause = " ".join(str(e).split())  # Snakemake's nested message, on one line
             raise CrankError(f"{_label(job)}: retrieving its storage inputs failed: {cause}") from None
 
-    async def _store(self, job) -> Optional[str]:
-        """The storage outputs of a job that ran directly, stored; or why not."""
+    async def _store(self, job, stored=()) -> Optional[str]:
+        """The storage outputs of a job that ran directly, stored (``stored``: those the
+        backend stored itself, checked); or why not."""
         try:
-            await storage.store_outputs(job)
+            await storage.store_outputs(job, stored)
         except Exception as e:  # the plugin's or Snakemake's message
             return f"{_label(job)}: storing its outputs failed: {e}"
         return None

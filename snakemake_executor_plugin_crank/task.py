@@ -31,12 +31,15 @@ class Output:
     """A file or directory the task writes, at the same absolute path inside and outside.
     ``read_later``: another task of the run reads it (a backend that stages may keep it
     where that task can fetch it). ``update``: an ``update()`` output, which the task
-    changes in place (its old content must be there, writable, when the task starts)."""
+    changes in place (its old content must be there, writable, when the task starts).
+    ``url``: a file in object storage that a backend able to write there stores itself
+    (only when the task succeeded); the host then never gets a local copy."""
 
     path: str
     kind: Kind = Kind.FILE
     read_later: bool = False
     update: bool = False
+    url: Optional[str] = None
 
 
 @dataclass(frozen=True)

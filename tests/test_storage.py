@@ -469,13 +469,18 @@ def test_output_cache_is_stored_and_reused_on_tes(tes, tmp_path):
 
 
 @pytest.mark.tes
-def test_tes_server_fetches_storage_inputs_itself(tes, s3, bucket, tmp_path):
-    """Storage inputs in the bucket of crank's storage prefix go into the task as URLs that
-    the server fetches: this machine never downloads them, intermediate files included.
+def test_tes_server_moves_storage_files_itself(tes, s3, bucket, tmp_path):
+    """Storage inputs and outputs in the bucket of crank's storage prefix go into the task
+    as URLs that the server fetches and uploads: this machine never downloads or stores
+    them, intermediate files included, and the store ends as after a local run.
     Everything this machine sends to the store goes through a proxy that records it (the
     server reaches the store directly)."""
     from faultproxy import FaultProxy
 
+    local = copy_workflow("storage_default", tmp_path / "local")
+    local_prefix = bucket.prefix()
+    ok(local_run(local, "--default-storage-provider", "s3",
+                 "--default-storage-prefix", f"s3://{bucket.name}/{local_prefix}", *storage_args(s3)))
     host, port = s3.endpoint.rsplit("//", 1)[1].split(":")
     with FaultProxy(("127.0.0.1", 0), (host, int(port))) as proxy:
         args = (
@@ -489,20 +494,26 @@ def test_tes_server_fetches_storage_inputs_itself(tes, s3, bucket, tmp_path):
         ok(tes_run(tes, workdir, "--default-storage-provider", "s3",
                    "--default-storage-prefix", f"s3://{bucket.name}/{prefix}", *args))
         requests_seen = list(proxy.seen)
-    downloads = [path for method, path, _ in requests_seen if method == "GET"]
-    assert bucket.objects(prefix) == {
+    assert bucket.objects(prefix) == bucket.objects(local_prefix) == {
         "a.txt": b"a\n", "sub/b.txt": b"a\nb\n", "logs/b.log": b"logged\n", "c.txt": b"a\nb\nc\n"
     }
-    # the intermediate files went from store to task without this machine: never
-    # downloaded, never staged (sent or fetched) under their content's digest
-    for name, content in (("a.txt", b"a\n"), ("sub/b.txt", b"a\nb\n")):
-        assert not any(path.endswith(f"{prefix}/{name}") for path in downloads), downloads
+    # the workflow's outputs went from task to store and on to the next task without this
+    # machine: never downloaded, never stored by it, never staged (sent or fetched) under
+    # their content's digest, never collected from the task (each rule's output is its
+    # product p000000); the log of rule b is a log, which this machine stores
+    moved = [(m, path) for m, path, _ in requests_seen if m in ("GET", "PUT")]
+    for name, content in (("a.txt", b"a\n"), ("sub/b.txt", b"a\nb\n"), ("c.txt", b"a\nb\nc\n")):
+        assert not any(path.split("?")[0].endswith(f"{prefix}/{name}") for _, path in moved), [x for x in moved if prefix in x[1]]
         digest = hashlib.sha256(content).hexdigest()
-        moved = [(m, path) for m, path, _ in requests_seen if digest in path and m in ("GET", "PUT")]
-        assert not moved, name
+        assert not any(digest in path for _, path in moved), name
+    assert not any(path.split("?")[0].endswith("/p000000") for _, path in moved), moved
+    assert any(m == "PUT" and path.split("?")[0].endswith(f"{prefix}/logs/b.log")
+               for m, path in moved), moved
     bodies = [
         requests.get(f"{tes.url}/v1/tasks/{t['id']}", params={"view": "FULL"}, timeout=30).json()
         for t in test_tes.tasks_of(tes, workdir)
     ]
     urls = {i.get("url") for body in bodies for i in body.get("inputs", [])}
     assert f"s3://{bucket.name}/{prefix}/a.txt" in urls
+    uploads = {o.get("url") for body in bodies for o in body.get("outputs", [])}
+    assert f"s3://{bucket.name}/{prefix}/sub" in uploads

@@ -74,6 +74,8 @@ class JobContext:
     envmodules: str = "ignore"  # or "fail": a job of a rule with envmodules: and no container:
     # job -> {local path: URL} of its storage inputs the backend fetches itself
     input_urls: Callable[[Any], Mapping[str, str]] = lambda job: {}
+    # job -> {local path: URL} of its storage outputs the backend stores itself
+    output_urls: Callable[[Any], Mapping[str, str]] = lambda job: {}
     # (name, package) of each storage plugin the workflow uses: Snakemake in an image needs them
     storage_plugins: Tuple[Tuple[str, str], ...] = ()
     # --cores as the user gave it (Snakemake caps job.threads at it); None with only --jobs
@@ -128,13 +130,14 @@ def _inputs(paths: Iterable[Any], urls: Mapping[str, str] = {}) -> Tuple[Input, 
     return tuple(found)
 
 
-def _outputs(files: Iterable[Any], read_later: Collection[str] = ()) -> Tuple[Output, ...]:
+def _outputs(files: Iterable[Any], read_later: Collection[str] = (),
+             urls: Mapping[str, str] = {}) -> Tuple[Output, ...]:
     found = []
     for f in files:
         path = os.path.abspath(str(f))
         kind = Kind.DIRECTORY if is_flagged(f, "directory") else Kind.FILE
         found.append(Output(path, kind, read_later=path in read_later,
-                            update=is_flagged(f, "update")))
+                            update=is_flagged(f, "update"), url=urls.get(path)))
     return tuple(found)
 
 
@@ -236,7 +239,7 @@ def _shell_task(job, ctx, rule, script, res, threads, suffix) -> TaskSpec:
         workdir=ctx.workdir,
         env=task_env(threads, ctx.envvars),
         inputs=_inputs(job.input, ctx.input_urls(job)),
-        outputs=_outputs(job.output, _read_later([job])),
+        outputs=_outputs(job.output, _read_later([job]), ctx.output_urls(job)),
         logs=_outputs(job.log),
         benchmarks=_benchmarks([job]),
         benchmarks_by_crank=True,

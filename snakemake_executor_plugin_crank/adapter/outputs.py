@@ -93,10 +93,12 @@ def write_benchmark(job: Any, seconds: Sequence[Optional[float]], extended: bool
 
 
 async def finish(job: Any, tasks: Sequence[TaskSpec],
-                 seconds: Mapping[str, Optional[float]]) -> Optional[str]:
+                 seconds: Mapping[str, Optional[float]],
+                 in_storage: Collection[str] = ()) -> Optional[str]:
     """After the tasks of a job that ran directly succeeded: Snakemake's own steps after
     a job (``Job.postprocess`` with a shared filesystem). Returns why the job fails
-    (an output check), or None."""
+    (an output check), or None. ``in_storage``: paths of outputs the backend stored
+    itself, with no local copy (``storage.store_outputs`` checks them)."""
     dag = job.dag
     workflow = dag.workflow
     ignore: Any = False
@@ -115,6 +117,10 @@ async def finish(job: Any, tasks: Sequence[TaskSpec],
             f for j in job.jobs for f in j.output
             if is_flagged(f, "nodelocal") or (is_flagged(f, "temp") and not outside(j, f))
         ]
+    if in_storage:
+        ignore = [*(ignore or []),
+                  *(f for j in single_jobs(job) for f in j.output
+                    if os.path.abspath(str(f)) in in_storage)]
     for single in single_jobs(job):
         own = [t for t in tasks if t.job_id == str(single.jobid)]
         if single.benchmark and own:

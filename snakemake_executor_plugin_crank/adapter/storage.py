@@ -19,7 +19,7 @@ import asyncio
 import os
 from typing import Any, Callable, Collection, Dict, Iterable, Mapping, Optional, Set, Tuple
 
-from snakemake.io import is_flagged
+from snakemake.io import is_flagged, wait_for_files
 from snakemake_interface_storage_plugins.registry import StoragePluginRegistry
 
 from .jobs import single_jobs
@@ -117,35 +117,59 @@ def user_envvars(envvars: Mapping[str, str], workflow: Any) -> Dict[str, str]:
     return {k: v for k, v in envvars.items() if k in declared or k not in secrets}
 
 
-def server_fetchable(prefix: Optional[str], endpoint: Optional[str]) -> Callable[[Any], Dict[str, str]]:
+def _server_reaches(prefix: Optional[str], endpoint: Optional[str]) -> Callable[[Any], bool]:
     """For a TES server whose tasks reach crank's storage ``prefix`` (at ``endpoint``, for
-    S3): job -> {local path: URL} of its storage inputs the server can fetch itself, so
-    their bytes skip this machine: objects in the prefix's bucket (the server reads it with
-    its own credentials), at the same endpoint. Directories, ``retrieve=False`` inputs and
-    those whose local copy is to be kept (``keep_local``) are left to the host."""
+    S3): whether it reads and writes a storage file's object itself: an object in the
+    prefix's bucket (the server uses its own credentials), at the same endpoint."""
     scheme, _, rest = (prefix or "").partition("://")
     if scheme not in ("s3", "gs", "az") or not rest:
-        return lambda job: {}
+        return lambda f: False
     bucket = f"{scheme}://{rest.split('/', 1)[0]}/"
     if scheme == "s3":
         endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL") or None
     same_endpoint = lambda e: (e or "").rstrip("/") == (endpoint or "").rstrip("/")
+    return lambda f: (
+        f.is_storage
+        and not is_flagged(f, "directory")
+        and not f.should_not_be_retrieved_from_storage
+        and not f.should_keep_local
+        and f.storage_object.query.startswith(bucket)
+        and same_endpoint(getattr(f.storage_object.provider.settings, "endpoint_url", None))
+    )
+
+
+def server_fetchable(prefix: Optional[str], endpoint: Optional[str]) -> Callable[[Any], Dict[str, str]]:
+    """job -> {local path: URL} of its storage inputs the TES server fetches itself (see
+    ``_server_reaches``), so their bytes skip this machine. Directories, ``retrieve=False``
+    inputs and those whose local copy is to be kept (``keep_local``) are left to the host."""
+    reaches = _server_reaches(prefix, endpoint)
 
     def urls(job: Any) -> Dict[str, str]:
-        found = {}
-        for single in single_jobs(job):
-            for f in single.input:
-                if (
-                    f.is_storage
-                    and f not in _from_own_group(single)
-                    and not is_flagged(f, "directory")
-                    and not f.should_not_be_retrieved_from_storage
-                    and not f.should_keep_local
-                    and f.storage_object.query.startswith(bucket)
-                    and same_endpoint(getattr(f.storage_object.provider.settings, "endpoint_url", None))
-                ):
-                    found[os.path.abspath(str(f))] = f.storage_object.query
-        return found
+        return {
+            os.path.abspath(str(f)): f.storage_object.query
+            for single in single_jobs(job)
+            for f in single.input
+            if reaches(f) and f not in _from_own_group(single)
+        }
+
+    return urls
+
+
+def server_writable(prefix: Optional[str], endpoint: Optional[str]) -> Callable[[Any], Dict[str, str]]:
+    """job -> {local path: URL} of its storage outputs the TES server uploads itself from
+    the task, so their bytes skip this machine; the host then only checks that they are in
+    storage. Left to the host: the same kinds as for inputs, ``update()`` outputs (their old
+    content comes in as a local file), and what a later job of the job's group reads (a
+    group's files stay local until the whole group has run)."""
+    reaches = _server_reaches(prefix, endpoint)
+
+    def urls(job: Any) -> Dict[str, str]:
+        return {
+            os.path.abspath(str(f)): f.storage_object.query
+            for single in single_jobs(job)
+            for f in single.output
+            if reaches(f) and not is_flagged(f, "update") and f not in _to_own_group(single)
+        }
 
     return urls
 
@@ -160,6 +184,18 @@ def _from_own_group(job: Any) -> Set[Any]:
         f
         for producer, files in job.dag.dependencies[job].items()
         if producer.group == job.group and job.dag.needrun(producer)
+        for f in files
+    }
+
+
+def _to_own_group(job: Any) -> Set[Any]:
+    """The outputs of a group's job that another job of the group reads."""
+    if job.group is None:
+        return set()
+    return {
+        f
+        for consumer, files in job.dag.depending[job].items()
+        if consumer.group == job.group and job.dag.needrun(consumer)
         for f in files
     }
 
@@ -180,12 +216,32 @@ async def retrieve_inputs(job: Any, by_url: Collection[str] = ()) -> None:
     await asyncio.gather(*(f.retrieve_from_storage() for f in present))
 
 
-async def store_outputs(job: Any) -> None:
+async def store_outputs(job: Any, stored: Collection[str] = ()) -> None:
     """After a job that ran directly succeeded (and was post-processed): its storage
     outputs, logs and benchmark stored, as Snakemake's local executor does
-    (``DAG.handle_storage``, which also drops local copies nobody needs any more)."""
+    (``DAG.handle_storage``, which also drops local copies nobody needs any more).
+    ``stored``: local paths of outputs the backend put into storage itself: they are only
+    checked to be there, as Snakemake checks a remote job's storage outputs."""
     for single in single_jobs(job):
-        await single.dag.handle_storage(single)
+        if not stored:
+            await single.dag.handle_storage(single)
+            continue
+        by_server = [f for f in single.output if os.path.abspath(str(f)) in stored]
+        await wait_for_files(
+            by_server, latency_wait=single.dag.workflow.execution_settings.latency_wait
+        )
+        for f in (*single.output, *single.log, *([single.benchmark] if single.benchmark else [])):
+            if (
+                f.is_storage
+                and not f.should_not_be_retrieved_from_storage
+                and not any(is_flagged(f, flag) for flag in ("pipe", "service", "nodelocal"))
+                and f not in by_server
+            ):
+                await f.store_in_storage()
+                mtime = (await f.mtime()).storage()
+                f.touch(times=(mtime, mtime))
+        # the rest of handle_storage: local copies of inputs nobody needs any more
+        await single.dag.handle_storage(single, store_in_storage=False)
 
 
 async def store_logs(job: Any) -> None:

@@ -100,7 +100,7 @@ def to_tes_task(
     inputs, seen = [], set()
     for s in staged:
         path = layout.container_path(s)
-        if s.link or path in seen:
+        if not s.fetched or path in seen:
             continue
         seen.add(path)
         inputs.append(tes.Input(url=s.url, path=path, type="DIRECTORY" if s.directory else "FILE"))
@@ -119,7 +119,11 @@ def to_tes_task(
         name=task.name,
         description=f"crank: {task.label} (job {task.job_id}, attempt {task.attempt})",
         inputs=inputs,
-        outputs=[tes.Output(path=layout.OUT, url=out_url, type="DIRECTORY")],
+        outputs=[tes.Output(path=layout.OUT, url=out_url, type="DIRECTORY")] + [
+            # straight to its object, never through crank's store
+            tes.Output(path=layout.upload_dir(n), url=layout.url_parent(p.url)[0], type="DIRECTORY")
+            for n, p in enumerate(task.products) if p.url
+        ],
         resources=resources_of(task),
         executors=[executor],
         volumes=layout.volumes(layout.needed_dirs(task, staged)),
@@ -252,7 +256,8 @@ class TesBackend:
             for f in self.stager.stage(paths):
                 digest = f.url.rsplit("/", 1)[-1]
                 writable = any(under(f.path, u) for u in updated)
-                staged.append(layout.Staged(f.path, f.url, digest, link=f.link, writable=writable))
+                staged.append(layout.Staged(f.path, f.url, digest, link=f.link, writable=writable,
+                                            empty_dir=f.empty_dir))
         return staged
 
     # ------------------------------------------------------------------ status

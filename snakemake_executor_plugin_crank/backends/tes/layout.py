@@ -14,9 +14,17 @@ file system. So crank never mounts anything at the user's paths:
   command changes it in place; a link would point into a read-only input mount);
 - after the command, every product that exists is copied to ``/crank/out/p<NNNNNN>`` (after a
   failed command only the rule's log files: nothing else of a failed job is used), with an
-  index of what was there and the command's exit code; ``/crank/out`` is the task's one
+  index of what was there and the command's exit code. The server uploads plain files only, so
+  the index also carries what an object cannot: each directory (empty ones included), each
+  file's and directory's mode, and each symlink (the product itself or one inside it), which
+  goes up as a file holding its target text; ``/crank/out`` is the task's one
   DIRECTORY output. The script then exits 0, because Funnel uploads no output of a task whose
-  executor failed: the exit code travels in ``/crank/out/exit``.
+  executor failed: the exit code travels in ``/crank/out/exit``;
+- an output with a ``url`` (an object the server writes itself) is copied instead to
+  ``/crank/put/p<NNNNNN>/<its name>``, only after a command that succeeded: that directory
+  is a DIRECTORY output to the object's parent URL, so the server uploads it straight to
+  the object, and uploads nothing (no error: a missing FILE output would be one) when the
+  job failed or did not make it.
 
 Pure functions: no I/O, no TES client.
 """
@@ -37,6 +45,7 @@ from ..paths import under
 ROOT = "/crank"
 IN = "/crank/in"
 OUT = "/crank/out"
+PUT = "/crank/put"
 WRAPPER = "/crank/in/run.sh"
 COMMAND = "/crank/in/cmd.sh"
 STDOUT = "/crank/out/stdout"
@@ -52,8 +61,36 @@ def product_name(n: int) -> str:
     return f"p{n:06d}"
 
 
+def upload_dir(n: int) -> str:
+    return f"{PUT}/{product_name(n)}"
+
+
+def url_parent(url: str) -> Tuple[str, str]:
+    """(the URL of an object's parent, the object's name)."""
+    parent, _, name = url.rpartition("/")
+    return parent, name
+
+
 def url_digest(url: str) -> str:
     return hashlib.sha256(url.encode()).hexdigest()
+
+
+# Copies product $1 to $2 (in OUT) and writes its index lines. A symlink, the product itself
+# or one inside it, goes up as a file holding its target text (the server would follow it, or
+# fail on a dangling one). Modes are read where stat(1) exists (busybox and coreutils have it):
+# without it a product still comes back, with the usual modes.
+COLLECT = f"""crank_collect() {{
+  if [ -L "$1" ]; then t=$(readlink "$1") && printf '%s' "$t" > "$2" && echo "l $2 ." >> {INDEX}
+  elif [ -d "$1" ]; then
+    cp -RP "$1" "$2" && echo "d $2" >> {INDEX} && (cd "$2" && find . -type d) | sed "s|^|s $2 |" >> {INDEX} || return 1
+    (cd "$1" && find . ! -type l -exec stat -c "m $2 %a %n" {{}} + >> {OUT}/{INDEX}) 2>/dev/null
+    (cd "$2" && find . -type l) | while IFS= read -r l; do
+      t=$(readlink "$2/$l") && rm "$2/$l" && printf '%s' "$t" > "$2/$l" && echo "l $2 $l" >> {INDEX} || exit 1
+    done
+  elif [ -e "$1" ]; then
+    cp "$1" "$2" && echo "f $2" >> {INDEX} && {{ stat -c "m $2 %a ." "$1" >> {INDEX} 2>/dev/null; true; }}
+  fi
+}}"""
 
 
 @dataclass(frozen=True)
@@ -132,6 +169,12 @@ class Staged:
     directory: bool = False  # a remote directory passed as one TES DIRECTORY input
     writable: bool = False  # the old content of an update() output: copied, not linked
     link: str = ""  # not a TES input: the script makes ``path`` a symlink to this (see staging)
+    empty_dir: bool = False  # not a TES input: the script makes ``path`` an empty directory
+
+    @property
+    def fetched(self) -> bool:
+        """The server fetches it into ``container_path``; else the script makes it."""
+        return not (self.link or self.empty_dir)
 
 
 def container_path(staged: Staged) -> str:
@@ -151,6 +194,7 @@ def wrapper_script(task: TaskSpec, staged: Sequence[Staged], local_dirs: Sequenc
         "# crank: make the user's paths, run the command, collect the products",
         "set -u",
         "crank_fail() { echo \"crank: $*\" >&2; exit 70; }",
+        COLLECT,
     ]
     made: Set[str] = set()
 
@@ -160,12 +204,19 @@ def wrapper_script(task: TaskSpec, staged: Sequence[Staged], local_dirs: Sequenc
             lines.append(f"mkdir -p {q(d)} || crank_fail 'cannot create a directory'")
 
     mkdir(task.workdir)
+    links = {s.path for s in staged if s.link}
     for d in local_dirs:
-        mkdir(d)
-    for product in task.products:
+        if d not in links:  # a symlink to a directory stays one
+            mkdir(d)
+    for n, product in enumerate(task.products):
         mkdir(posixpath.dirname(product.path))
+        if product.url:
+            mkdir(upload_dir(n))
     for s in staged:
         mkdir(posixpath.dirname(s.path))
+        if s.empty_dir:
+            mkdir(s.path)
+            continue
         if s.writable and not s.link:
             lines.append(f"cp {container_path(s)} {q(s.path)} || crank_fail 'cannot copy an update() output'")
             continue
@@ -180,34 +231,61 @@ def wrapper_script(task: TaskSpec, staged: Sequence[Staged], local_dirs: Sequenc
     logs = log_names(task)
     for n, product in enumerate(task.products):
         name, p = product_name(n), q(product.path)
+        if product.url:
+            # the server uploads it to its object: only what a job that succeeded made
+            put = q(f"{upload_dir(n)}/{url_parent(product.url)[1]}")
+            lines.append(
+                f"if [ \"$crank_code\" = 0 ] && [ -f {p} ]; then cp -L {p} {put} || crank_fail 'cannot collect {n}'; fi"
+            )
+            continue
         # a failed job's logs come back; its other products would be removed anyway
-        wanted = "" if name in logs else "[ \"$crank_code\" = 0 ] && "
-        lines.append(
-            f"if {wanted}[ -d {p} ]; then cp -RL {p} {name} && echo 'd {name}' >> {INDEX} && "
-            f"(cd {name} && find . -type d) | sed 's|^|s {name} |' >> {INDEX} || crank_fail 'cannot collect {n}'; "
-            f"elif {wanted}[ -e {p} ]; then cp -L {p} {name} && echo 'f {name}' >> {INDEX} || crank_fail 'cannot collect {n}'; fi"
-        )
+        collect = f"crank_collect {p} {name} || crank_fail 'cannot collect {n}'"
+        lines.append(collect if name in logs else f"if [ \"$crank_code\" = 0 ]; then {collect}; fi")
     lines.append(f"echo \"$crank_code\" > {EXIT}")
     lines.append("exit 0")
     return "\n".join(lines) + "\n"
 
 
-def read_index(text: str) -> Tuple[Dict[str, str], Dict[str, List[str]]]:
-    """(product name -> 'f'|'d', product name -> its subdirectories) from an index file.
-    The task wrote it, so a subdirectory that would lead outside its product is refused."""
-    kinds: Dict[str, str] = {}
-    subdirs: Dict[str, List[str]] = {}
+@dataclass
+class Index:
+    """What a task's index file says of its products, by product name."""
+
+    kinds: Dict[str, str]  # 'f' a file, 'd' a directory, 'l' a symlink
+    subdirs: Dict[str, List[str]]  # every directory in a directory product ('.' itself)
+    links: Dict[str, List[str]]  # symlinks in a directory product; their files hold the target
+    modes: Dict[str, Dict[str, int]]  # permission bits of each file and directory ('.' itself)
+
+
+def read_index(text: str) -> Index:
+    """An index file, of any crank version (lines of an unknown kind are skipped). The task
+    wrote it, so a path that would lead outside its product is refused."""
+    index = Index({}, {}, {}, {})
     for line in text.splitlines():
         kind, _, rest = line.partition(" ")
         if kind in ("f", "d"):
-            kinds[rest.strip()] = kind
-        elif kind == "s":
+            index.kinds[rest.strip()] = kind
+        elif kind in ("s", "l"):
             name, _, sub = rest.partition(" ")
-            sub = posixpath.normpath(sub)
-            if sub.startswith(("/", "../")) or sub == "..":
-                raise CrankError(f"the task's index names a directory outside its output: {sub!r}")
-            subdirs.setdefault(name, []).append(sub)
-    return kinds, subdirs
+            sub = _inside(sub)
+            if kind == "l" and sub == ".":
+                index.kinds[name] = "l"
+            else:
+                (index.subdirs if kind == "s" else index.links).setdefault(name, []).append(sub)
+        elif kind == "m":
+            name, _, rest = rest.partition(" ")
+            mode, _, sub = rest.partition(" ")
+            try:
+                index.modes.setdefault(name, {})[_inside(sub)] = int(mode, 8) & 0o7777
+            except ValueError:
+                raise CrankError(f"the task's index holds a mode that is not octal: {mode!r}") from None
+    return index
+
+
+def _inside(sub: str) -> str:
+    sub = posixpath.normpath(sub)
+    if sub.startswith(("/", "../")) or sub == "..":
+        raise CrankError(f"the task's index names a path outside its output: {sub!r}")
+    return sub
 
 
 def input_dirs(task: TaskSpec) -> List[str]:
