@@ -42,14 +42,7 @@ GROUP_CHECKPOINT = "group_checkpoint"  # a job reading a checkpoint in the check
 # with the checkpoint's directory as its input, not with what its input function returns
 OPEN = {
     "docker": {GROUP_CHECKPOINT},
-    "tes": {
-        GROUP_CHECKPOINT,
-        "symlink_output",  # a rule's output that is a symlink: missing (dangling) or a copy
-        "dir_links",  # a symlink inside a directory output comes back as a copy of its target
-        "empty_dirs",  # an empty directory inside a directory input is not made (docs/staging.md)
-        "executable",  # an output's mode comes back 0644 (0444 when protected()): x bits lost
-        "linked_dir_input",  # a symlink to a directory, as an input, is a real directory in the job
-    },
+    "tes": {GROUP_CHECKPOINT},
 }
 
 # The simplest of each choice comes first: Hypothesis shrinks towards it.
@@ -451,6 +444,36 @@ FOUND = {
     # ... or lists a directory output of an earlier one: no .snakemake_timestamp in it yet
     "group_directory": Workflow(rules=(Rule(kind="dir", group="g1"),
                                        Rule(deps=(0,), group="g1"))),
+    # a group's later job reads a checkpoint of the group: it ran with the checkpoint's
+    # directory as its input, not with what its input function returns after the checkpoint
+    "group_checkpoint": Workflow(rules=(Rule(kind="checkpoint", group="g1", files=2),
+                                        Rule(deps=(0,), group="g1"))),
+    # ... and a later one reads both: it runs after the other reader, whatever the order
+    # Snakemake gave them before the checkpoint ran
+    "group_checkpoint_readers": Workflow(rules=(
+        Rule(kind="checkpoint", group="g1", files=1), Rule(deps=(0,), group="g1"),
+        Rule(deps=(0, 1), group="g1"), Rule(deps=(0,), group="g1"))),
+    "group_checkpoint_temp": Workflow(rules=(
+        Rule(kind="temp", group="g1"), Rule(kind="checkpoint", deps=(0,), group="g1", files=1),
+        Rule(deps=(0, 1), group="g1"))),
+}
+
+
+# found on TES only (the task's files travel through object storage, which keeps no symlinks,
+# modes or empty directories)
+FOUND_ON_TES = {
+    # an output that is a symlink: missing when its target was no input of the job (dangling
+    # in the task), else a copy of the target
+    "symlink_output": Workflow(rules=(Rule(kind="symlink"),
+                                      Rule(kind="symlink", sources=("data/src.txt",)))),
+    # a symlink inside a directory output came back as a copy of its target
+    "dir_links": Workflow(rules=(Rule(kind="dir", link_in_dir=True),)),
+    # an output's mode came back 0644 (0444 when protected()): its execute bits lost
+    "executable": Workflow(rules=(Rule(executable=True), Rule(kind="protected", executable=True))),
+    # a symlink to a directory, as an input, was a real directory in the job
+    "linked_dir_input": Workflow(rules=(Rule(sources=("data/extdir",)),)),
+    # an empty directory inside a directory input was not made
+    "empty_dirs": Workflow(rules=(Rule(kind="dir", empty_dir=True), Rule(deps=(0,)))),
 }
 
 
@@ -461,6 +484,6 @@ def test_found_on_docker(crank_on_docker, tmp_path, name):
 
 
 @pytest.mark.tes
-@pytest.mark.parametrize("name", sorted(FOUND))
+@pytest.mark.parametrize("name", sorted(FOUND) + sorted(FOUND_ON_TES))
 def test_found_on_tes(crank_on_tes, tmp_path, name):
-    check_same_as_local(tmp_path, FOUND[name], crank_on_tes)
+    check_same_as_local(tmp_path, {**FOUND, **FOUND_ON_TES}[name], crank_on_tes)

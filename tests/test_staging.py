@@ -796,6 +796,30 @@ def test_a_directory_with_links_to_its_ancestors_is_staged_once_with_the_links(a
     assert {e["path"] for e in manifest if "sha256" in e} == set(files)
 
 
+@pytest.mark.s3
+def test_a_linked_directory_input_stays_a_link_and_empty_directories_are_kept(s3_prefix, tmp_path):
+    """A directory input that is a symlink comes back as that link (its own target text) and
+    the tree where it leads; an empty directory as an entry to make, in the manifest too."""
+    real = tmp_path / "elsewhere" / "ref"
+    write(real / "a", b"a\n")
+    (real / "empty" / "emptier").mkdir(parents=True)
+    (tmp_path / "wf").mkdir()
+    (tmp_path / "wf" / "ref").symlink_to(real)
+    (tmp_path / "wf" / "rel").symlink_to("../elsewhere/ref")
+    (tmp_path / "wf" / "via").symlink_to("rel")  # a chain: the task gets the real path
+    s = Stager(Store.from_url(s3_prefix), DigestCache(str(tmp_path / "d.sqlite")))
+    staged = s.stage([str(tmp_path / "wf" / name) for name in ("ref", "rel", "via")])
+
+    assert {x.path: x.link for x in staged if x.link} == {
+        str(tmp_path / "wf" / "ref"): str(real), str(tmp_path / "wf" / "rel"): "../elsewhere/ref",
+        str(tmp_path / "wf" / "via"): str(real)}
+    assert {x.path for x in staged if x.url} == {str(real / "a")}
+    assert {x.path for x in staged if x.empty_dir} == {str(real / "empty" / "emptier")}
+    [manifest_key] = {k for k in objects(s3_prefix) if k.startswith("cas/dirs/")}
+    s.fetch_file(manifest_key, str(tmp_path / "manifest.json"))
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert [e for e in manifest if "dir" in e] == [{"path": "empty/emptier", "dir": True}]
+
 
 def test_install_puts_a_file_or_directory_whole_over_whatever_is_there(tmp_path):
     """One install for both backends' outputs: a directory over a file, a link or a directory,

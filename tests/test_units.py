@@ -189,10 +189,35 @@ def test_every_setting_is_documented_alike_in_readme_and_plugin_catalog_page():
 def test_a_task_index_naming_a_directory_outside_its_output_is_refused(sub):
     from snakemake_executor_plugin_crank.backends.tes.layout import read_index
 
-    kinds, subdirs = read_index("d p0\ns p0 ./a/b\n")
-    assert kinds == {"p0": "d"} and subdirs == {"p0": ["a/b"]}
-    with pytest.raises(CrankError, match="outside its output"):
-        read_index(f"d p0\ns p0 {sub}\n")
+    index = read_index("d p0\ns p0 ./a/b\nl p0 ./a/x y\nm p0 755 ./a/b\nl p1 .\nq p0 later\n")
+    assert index.kinds == {"p0": "d", "p1": "l"} and index.subdirs == {"p0": ["a/b"]}
+    assert index.links == {"p0": ["a/x y"]} and index.modes == {"p0": {"a/b": 0o755}}
+    for line in (f"s p0 {sub}", f"l p0 {sub}", f"m p0 644 {sub}"):
+        with pytest.raises(CrankError, match="outside its output"):
+            read_index(f"d p0\n{line}\n")
+
+
+def test_a_task_index_changes_nothing_through_a_link_it_makes(tmp_path):
+    """Links are made from what the task sent; no mode is then set through one."""
+    import os
+    import stat
+
+    from snakemake_executor_plugin_crank.backends.tes.results import _restore
+
+    outside = tmp_path / "outside"
+    (outside / "d").mkdir(parents=True)
+    (outside / "f").write_text("x")
+    product = tmp_path / "p0"
+    (product / "sub").mkdir(parents=True)
+    (product / "up").write_text(str(outside))
+    (product / "sub" / "run").write_text("#!/bin/sh\n")
+    _restore(str(product), ["up"], {"up/f": 0o777, "up/d": 0o700, "sub": 0o555, "sub/run": 0o755})
+    assert os.readlink(product / "up") == str(outside)
+    assert stat.S_IMODE((outside / "f").stat().st_mode) != 0o777
+    assert stat.S_IMODE((outside / "d").stat().st_mode) != 0o700
+    assert stat.S_IMODE((product / "sub" / "run").stat().st_mode) == 0o755
+    assert stat.S_IMODE((product / "sub").stat().st_mode) == 0o555
+    (product / "sub").chmod(0o755)
 
 
 def test_tes_answers_with_fields_and_states_beyond_the_schema_still_parse():

@@ -34,6 +34,23 @@ def install(src: str, dest: str) -> None:
         raise CrankError(f"cannot put an output at {dest}: {e.strerror or e}") from None
 
 
+def install_link(target: str, dest: str) -> None:
+    """Make ``dest`` a symlink to ``target`` (its text, as given), replacing whatever is
+    there, by rename."""
+    parent = os.path.dirname(dest)
+    tmp = os.path.join(parent, f".{os.path.basename(dest)}.crank-{os.getpid()}-{threading.get_ident()}")
+    try:
+        os.makedirs(parent, exist_ok=True)
+        os.symlink(target, tmp)
+        try:
+            _replace(tmp, dest)
+        except OSError:
+            os.unlink(tmp)
+            raise
+    except OSError as e:
+        raise CrankError(f"cannot put an output at {dest}: {e.strerror or e}") from None
+
+
 def _replace(src: str, dest: str) -> None:
     if os.path.isdir(dest) and not os.path.islink(dest):
         # a directory cannot be renamed over: move it aside first, and back when that fails

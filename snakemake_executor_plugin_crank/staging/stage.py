@@ -4,9 +4,10 @@ Layout under the store's prefix (every file key has the same length, so no key i
 prefix of another: Funnel fetches a key as a directory when a longer key starts with it):
 
     cas/sha256/<64 hex>   a file, named by the sha256 of its content
-    cas/dirs/<64 hex>     a directory manifest (JSON list of {path, size, sha256, mode}, and
-                          {path, link} for a link back to an ancestor, named by its own sha256),
-                          written after all the directory's files: it marks the directory complete
+    cas/dirs/<64 hex>     a directory manifest (JSON list of {path, size, sha256, mode},
+                          {path, link} for a link back to an ancestor and {path, dir} for an
+                          empty directory, named by its own sha256), written after all the
+                          directory's files: it marks the directory complete
     runs/...              outputs, under keys the backend chooses
 
 A file already in the store with the right size is not uploaded again; identical content is
@@ -78,17 +79,21 @@ class StagedFile:
     url: str  # where it is in the store, or the input's own URL when it already was remote; "" for a link
     size: int  # bytes; -1 for a remote input (crank does not look it up)
     # A directory below a directory input that leads back to one of its own ancestors (a
-    # symlink ``up -> ..``): not walked, but made as a symlink with this relative target
+    # symlink ``up -> ..``): not walked, but made as a symlink with this relative target; or a
+    # directory input that is a symlink, made as one with its own target text
     link: str = ""
+    empty_dir: bool = False  # an empty directory of a directory input: made, nothing uploaded
 
 
 @dataclass(frozen=True)
 class _Tree:
-    """What a directory input holds: regular files, and (path, relative target) of each entry
-    that leads back to a directory on the way to it."""
+    """What a directory input holds: regular files, (path, relative target) of each entry
+    that leads back to a directory on the way to it, and the directories that hold neither
+    (nor such a directory)."""
 
     files: list[str]
     links: list[tuple[str, str]]
+    empty_dirs: list[str]
 
 
 @dataclass
@@ -144,10 +149,15 @@ class Stager:
                 plan.append((path, path))
                 continue
             local = os.path.abspath(path[len("file://"):] if path.startswith("file://") else path)
-            if os.path.isdir(local):
+            if os.path.isdir(local) and os.path.islink(local):
+                # the job sees a symlink, as it would locally, and the tree where it leads
+                real = os.path.realpath(local)
+                plan.append((local, _Tree([], [(local, _link_text(local, real))], [])))
+                plan.append((real, _tree_below(real)))
+            elif os.path.isdir(local):
                 plan.append((local, _tree_below(local)))
             elif os.path.exists(local):
-                plan.append((local, _Tree([local], [])))
+                plan.append((local, _Tree([local], [], [])))
             else:
                 raise CrankError(f"input {path}: no such file or directory")
 
@@ -169,10 +179,11 @@ class Stager:
                 digest, size = done[f]
                 staged.append(StagedFile(f, self.store.url(file_key(digest)), size))
             staged.extend(StagedFile(path, "", 0, link) for path, link in target.links)
-            if os.path.isdir(source):
+            staged.extend(StagedFile(path, "", 0, empty_dir=True) for path in target.empty_dirs)
+            if os.path.isdir(source) and not os.path.islink(source):
                 self._put_manifest(source, target, done)
         with self._lock:
-            self.stats.files += sum(1 for s in staged if s.size >= 0 and not s.link)
+            self.stats.files += sum(1 for s in staged if s.size >= 0 and s.url)
         return staged
 
     def forget(self, digests: Iterable[str]) -> None:
@@ -246,6 +257,8 @@ class Stager:
             entries.append({"path": os.path.relpath(f, directory), "size": size, "sha256": digest, "mode": mode})
         for path, link in tree.links:
             entries.append({"path": os.path.relpath(path, directory), "link": link})
+        for path in tree.empty_dirs:
+            entries.append({"path": os.path.relpath(path, directory), "dir": True})
         data = manifest_bytes(entries)
         key = dir_key(hashlib.sha256(data).hexdigest())
         if self.store.head(key) != len(data):
@@ -362,7 +375,8 @@ def _tree_below(directory: str) -> _Tree:
     to that directory, relative to the entry's own directory, and not walked. Following it
     would repeat the tree until the kernel's limit on symlinks in a path (ELOOP, 40 levels),
     twice as often with each further such link. Broken symlinks, sockets and FIFOs are left
-    out; an unreadable directory is an error, never silently left out."""
+    out (a directory left with nothing else is an empty one); an unreadable directory is an
+    error, never silently left out."""
     top = os.path.abspath(directory)
     on_path: dict[tuple[int, int], str] = {}  # directory identity -> the path the job sees
     ancestors = [top]
@@ -370,9 +384,10 @@ def _tree_below(directory: str) -> _Tree:
         ancestors.append(os.path.dirname(ancestors[-1]))
     for path in reversed(ancestors):
         on_path[_dir_identity(os.stat(path))] = path
-    tree = _Tree([], [])
+    tree = _Tree([], [], [])
 
     def walk(path: str) -> None:
+        found = len(tree.files) + len(tree.links) + len(tree.empty_dirs)
         try:
             with os.scandir(path) as it:
                 entries = sorted(it, key=lambda e: e.name)
@@ -393,9 +408,20 @@ def _tree_below(directory: str) -> _Tree:
                 on_path[identity] = entry.path
                 walk(entry.path)
                 del on_path[identity]
+        if len(tree.files) + len(tree.links) + len(tree.empty_dirs) == found:
+            tree.empty_dirs.append(path)
 
     walk(top)
     return tree
+
+
+def _link_text(link: str, real: str) -> str:
+    """The target text of ``link`` when it leads to ``real`` inside a task too (made there
+    alone, without the links it may pass through locally), else ``real``."""
+    text = os.readlink(link)
+    parent = os.path.dirname(link)
+    direct = os.path.normpath(os.path.join(parent, text)) == real and os.path.realpath(parent) == parent
+    return text if direct else real
 
 
 def _dir_identity(st: os.stat_result) -> tuple[int, int]:
