@@ -38,11 +38,9 @@ EVERY_FEATURE = os.environ.get("CRANK_DIFF_ALL") == "1"
 
 # Features with a difference still open on a backend: drawn there only with CRANK_DIFF_ALL=1,
 # so that the default run stays a check of everything else.
-GROUP_CHECKPOINT = "group_checkpoint"  # a job reading a checkpoint in the checkpoint's group runs
-# with the checkpoint's directory as its input, not with what its input function returns
 OPEN = {
-    "docker": {GROUP_CHECKPOINT},
-    "tes": {GROUP_CHECKPOINT},
+    "docker": set(),
+    "tes": set(),
 }
 
 # The simplest of each choice comes first: Hypothesis shrinks towards it.
@@ -52,7 +50,7 @@ DIR_KINDS = ("dir", "checkpoint", "temp_dir")
 # data/ext.txt and data/extdir are symlinks to OUTSIDE/ref.txt and OUTSIDE/refdir; data/dir
 # holds a symlink to a file and one back to itself
 SOURCES = ["data/src.txt", "data/link.txt", "data/with space.txt", "data/dir", "OUTSIDE/ref.txt",
-           "OUTSIDE/refdir", "data/ext.txt", "data/extdir"]
+           "OUTSIDE/refdir", "data/ext.txt", "data/extdir", "data/tool.sh"]
 NAMES = ["plain", "space", "nested", "odd"]
 EDITS = ["none", "append_src", "append_outside", "same_size_same_mtime", "code", "remove_output"]
 FLAGS = ["none", "forceall", "forcerun"]
@@ -108,7 +106,6 @@ def workflows(draw, left_out=frozenset()):
             # (Snakemake removes the outputs of all its jobs): the local executor, which runs no
             # groups, is no reference for a group with a failing job or one downstream of it.
             group=None if exit_code or any(doomed[d] for d in deps)
-            or (kind == "checkpoint" and GROUP_CHECKPOINT in left_out)
             else draw(st.sampled_from([None, "g1", "g2"])),
             link_in_dir=directory and "dir_links" not in left_out and draw(st.booleans()),
             empty_dir=directory and "empty_dirs" not in left_out and draw(st.booleans()),
@@ -168,11 +165,12 @@ def output_decl(i: int, rule: Rule) -> str:
 
 
 # Writes every input to stdout: a file's name and content, a directory's sorted listing and the
-# content of each file in it (through symlinks). Paths are printed as given: relative inside the
+# content of each file in it (through symlinks), "(x)" before an executable file's content. Paths are printed as given: relative inside the
 # workdir, absolute outside it, so the three copies print the same.
 DUMP = ('for f in {input:q}; do echo "== $f"; if [ -d "$f" ]; then '
         'find "$f" | sort | while IFS= read -r p; do echo "-- $p"; '
-        'if [ -f "$p" ]; then cat "$p"; fi; done; else cat "$f"; fi; done')
+        'if [ -f "$p" ]; then if [ -x "$p" ]; then echo "(x)"; fi; cat "$p"; fi; done; '
+        'else if [ -x "$f" ]; then echo "(x)"; fi; cat "$f"; fi; done')
 
 
 DUMP_MARK = "\0DUMP\0"
@@ -256,6 +254,9 @@ def make_sources(workdir: Path, outside: Path) -> None:
     (data / "with space.txt").write_text("spaced\n")
     (data / "dir" / "a.txt").write_text("a\n")
     (data / "dir" / "sub" / "b.txt").write_text("b\n")
+    (data / "dir" / "sub" / "b.txt").chmod(0o755)
+    (data / "tool.sh").write_text("#!/bin/sh\necho tool\n")
+    (data / "tool.sh").chmod(0o755)
     (data / "dir" / "to-a").symlink_to("a.txt")
     (data / "dir" / "sub" / "up").symlink_to("..")  # a loop, for programs that follow links
     (data / "ext.txt").symlink_to(outside / "ref.txt")
@@ -453,9 +454,6 @@ FOUND = {
     "group_checkpoint_readers": Workflow(rules=(
         Rule(kind="checkpoint", group="g1", files=1), Rule(deps=(0,), group="g1"),
         Rule(deps=(0, 1), group="g1"), Rule(deps=(0,), group="g1"))),
-    "group_checkpoint_temp": Workflow(rules=(
-        Rule(kind="temp", group="g1"), Rule(kind="checkpoint", deps=(0,), group="g1", files=1),
-        Rule(deps=(0, 1), group="g1"))),
 }
 
 
@@ -474,6 +472,8 @@ FOUND_ON_TES = {
     "linked_dir_input": Workflow(rules=(Rule(sources=("data/extdir",)),)),
     # an empty directory inside a directory input was not made
     "empty_dirs": Workflow(rules=(Rule(kind="dir", empty_dir=True), Rule(deps=(0,)))),
+    # an executable input, alone or in a directory input, was not executable in the job
+    "executable_input": Workflow(rules=(Rule(sources=("data/dir", "data/tool.sh")),)),
 }
 
 

@@ -83,6 +83,8 @@ class StagedFile:
     # directory input that is a symlink, made as one with its own target text
     link: str = ""
     empty_dir: bool = False  # an empty directory of a directory input: made, nothing uploaded
+    # a local file's permission bits (its object holds the content alone); 0 for the others
+    mode: int = 0
 
 
 @dataclass(frozen=True)
@@ -177,7 +179,8 @@ class Stager:
                 continue
             for f in target.files:
                 digest, size = done[f]
-                staged.append(StagedFile(f, self.store.url(file_key(digest)), size))
+                mode = stat.S_IMODE(os.stat(f).st_mode)
+                staged.append(StagedFile(f, self.store.url(file_key(digest)), size, mode=mode))
             staged.extend(StagedFile(path, "", 0, link) for path, link in target.links)
             staged.extend(StagedFile(path, "", 0, empty_dir=True) for path in target.empty_dirs)
             if os.path.isdir(source) and not os.path.islink(source):

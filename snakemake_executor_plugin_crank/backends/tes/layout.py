@@ -26,6 +26,12 @@ file system. So crank never mounts anything at the user's paths:
   the object, and uploads nothing (no error: a missing FILE output would be one) when the
   job failed or did not make it.
 
+The workflow's sources (``TaskSpec.sources``) come as one DIRECTORY input at
+``/crank/in/<sha256 of its manifest>``, the same for every task of a run: each distinct file
+once, named by its sha256, and ``manifest`` with one ``<sha256> <path>`` line per file; the
+script links each path that nothing else put there (a declared input wins) to its file, never
+at a product's path (a product stays writable).
+
 Pure functions: no I/O, no TES client.
 """
 
@@ -59,6 +65,39 @@ UNSAFE = re.compile(r"[\s:,\"'\\]")
 
 def product_name(n: int) -> str:
     return f"p{n:06d}"
+
+
+SOURCES_MANIFEST = "manifest"
+
+
+def sources_manifest(files: Iterable[Tuple[str, str]]) -> Tuple[str, bytes]:
+    """(its digest, the manifest) of a source set of (path, sha256); a path holding a line
+    break cannot be a manifest line and is left out."""
+    text = "".join(sorted(f"{digest} {path}\n" for path, digest in files if "\n" not in path))
+    data = text.encode()
+    return hashlib.sha256(data).hexdigest(), data
+
+
+def source_lines(task: TaskSpec, digest: str) -> List[str]:
+    """The script's lines that link the workflow's sources into place."""
+    q = shlex.quote
+    root = f"{IN}/{digest}"
+    products = "|".join(q(p.path) for p in task.products)
+    return [
+        f"while IFS= read -r crank_line; do",
+        '  crank_h=${crank_line%% *}; crank_p=${crank_line#* }',
+        *([f'  case "$crank_p" in {products}) continue;; esac'] if products else []),
+        '  if [ ! -e "$crank_p" ] && [ ! -L "$crank_p" ]; then',
+        '    { [ -d "${crank_p%/*}" ] || mkdir -p "${crank_p%/*}"; } && '
+        f'ln -s {root}/"$crank_h" "$crank_p" || crank_fail \'cannot link a workflow source\'',
+        "  fi",
+        f"done < {root}/{SOURCES_MANIFEST}",
+    ]
+
+
+def source_dirs(task: TaskSpec) -> List[str]:
+    """Directories of sources outside the workdir: the script makes links there."""
+    return sorted({posixpath.dirname(p) for p in task.sources if not under(p, task.workdir)})
 
 
 def upload_dir(n: int) -> str:
@@ -170,6 +209,7 @@ class Staged:
     writable: bool = False  # the old content of an update() output: copied, not linked
     link: str = ""  # not a TES input: the script makes ``path`` a symlink to this (see staging)
     empty_dir: bool = False  # not a TES input: the script makes ``path`` an empty directory
+    mode: int = 0  # a local file's permission bits: an executable one is copied with them
 
     @property
     def fetched(self) -> bool:
@@ -187,7 +227,8 @@ def log_names(task: TaskSpec) -> Set[str]:
     return {product_name(n) for n in range(first, first + len(task.logs))}
 
 
-def wrapper_script(task: TaskSpec, staged: Sequence[Staged], local_dirs: Sequence[str]) -> str:
+def wrapper_script(task: TaskSpec, staged: Sequence[Staged], local_dirs: Sequence[str],
+                   sources: str = "") -> str:
     """The POSIX sh script the executor runs (from ``WRAPPER``)."""
     q = shlex.quote
     lines = [
@@ -217,11 +258,15 @@ def wrapper_script(task: TaskSpec, staged: Sequence[Staged], local_dirs: Sequenc
         if s.empty_dir:
             mkdir(s.path)
             continue
-        if s.writable and not s.link:
-            lines.append(f"cp {container_path(s)} {q(s.path)} || crank_fail 'cannot copy an update() output'")
+        if (s.writable or s.mode & 0o111) and not s.link:
+            # a link into the read-only input mount could be neither changed nor executed
+            chmod = f" && chmod {s.mode:o} {q(s.path)}" if s.mode else ""
+            lines.append(f"cp {container_path(s)} {q(s.path)}{chmod} || crank_fail 'cannot copy an input'")
             continue
         target = q(s.link) if s.link else container_path(s)
         lines.append(f"ln -sfn {target} {q(s.path)} || crank_fail 'cannot link an input'")
+    if sources:  # after the inputs: a declared input wins
+        lines += source_lines(task, sources)
     lines.append(f"cd {q(task.workdir)} || crank_fail 'cannot enter the workdir'")
     # the same launcher as on Docker, reading the command from a file (no argv limit)
     lines.append(f"/bin/sh -c {q(FILE_LAUNCHER)} crank {COMMAND}")
