@@ -366,6 +366,8 @@ class WarmPool:
                 if self.containers.stops_within(runner, DEAD_RUNNER_WAIT_S):
                     runner.dead = True
                     job.reason = DEAD_RUNNER
+                # the runner's oom event can come after the exec's end: by now it has
+                job.oom = runner.oom
         finally:
             with self.lock:
                 job.error = None
