@@ -83,6 +83,10 @@ class TaskSpec:
     benchmarks_by_crank: bool = False
     resources: Resources = Resources()
     log_dir: str = ""  # where crank keeps the task's stdout and stderr
+    # the workflow's source files (Snakefiles, scripts, config, a git checkout's tracked
+    # files), which a command may read by path without declaring them: the same for every
+    # task of a run; a backend that does not share the host's files provides them
+    sources: Tuple[str, ...] = ()
 
     @property
     def argv(self) -> Tuple[str, ...]:

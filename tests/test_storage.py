@@ -5,6 +5,7 @@ the storage plugins' settings. Each case is compared with Snakemake's local exec
 
 import functools
 import hashlib
+import json
 import http.server
 import os
 import socket
@@ -517,3 +518,59 @@ def test_tes_server_moves_storage_files_itself(tes, s3, bucket, tmp_path):
     assert f"s3://{bucket.name}/{prefix}/a.txt" in urls
     uploads = {o.get("url") for body in bodies for o in body.get("outputs", [])}
     assert f"s3://{bucket.name}/{prefix}/sub" in uploads
+
+
+# ---------------------------------------------------------------- the workflow's sources
+
+
+def sources_workdir(tmp_path: Path, name: str, extra_files: int = 0) -> Path:
+    """The workflow in a git checkout whose files are all tracked (``extra_files`` more)."""
+    workdir = copy_workflow("tes_sources", tmp_path / name)
+    for n in range(extra_files):
+        (workdir / "many" / f"{n // 100}").mkdir(parents=True, exist_ok=True)
+        (workdir / "many" / f"{n // 100}" / f"f{n}.txt").write_text(f"{n}\n")
+    git = ["git", "-c", "user.email=crank@example.org", "-c", "user.name=crank"]
+    for command in (["init", "-q"], ["add", "."], ["commit", "-q", "-m", "workflow"]):
+        subprocess.run([*git, *command], cwd=workdir, check=True, capture_output=True)
+    return workdir
+
+
+def assert_sources_like_local(run, tmp_path: Path, extra_files: int = 0) -> Path:
+    """A shell: job running a tracked script by path, and a module's rule reading a file
+    beside the module's Snakefile: as with the local executor."""
+    results = {}
+    for name, runner in (("local", local_run), ("crank", run)):
+        workdir = sources_workdir(tmp_path, name, extra_files)
+        ok(runner(workdir))
+        results[name] = {p: (workdir / p).read_text() for p in ("out/shell.txt", "out/module.txt")}
+    assert results["local"] == {
+        "out/shell.txt": "test.sh read: data\n", "out/module.txt": "table beside the module\n"
+    }
+    assert results["crank"] == results["local"]
+    return workdir
+
+
+@pytest.mark.docker
+def test_shell_jobs_read_the_workflows_sources_on_docker(docker_api, tmp_path):
+    assert_sources_like_local(docker_run, tmp_path)
+
+
+@pytest.mark.tes
+def test_shell_jobs_read_the_workflows_sources_on_tes(tes, tmp_path):
+    """The sources come as one archive input, the same for every task: a task body does
+    not grow with the number of tracked files (here 500 more)."""
+    workdir = assert_sources_like_local(functools.partial(tes_run, tes), tmp_path, extra_files=500)
+    bodies = [
+        requests.get(f"{tes.url}/v1/tasks/{t['id']}", params={"view": "FULL"}, timeout=30).json()
+        for t in test_tes.tasks_of(tes, workdir)
+    ]
+    assert len(bodies) == 2
+    fetched = []
+    for body in bodies:
+        # run.sh, cmd.sh, the archive, and data.txt for rule shell_script
+        assert len(body["inputs"]) <= 4, [i["path"] for i in body["inputs"]]
+        fetched.append({i["url"] for i in body["inputs"] if i.get("url")})
+        sent = {k: v for k, v in body.items() if k not in ("logs", "state", "id", "creation_time")}
+        assert len(json.dumps(sent)) < 8000
+    source_sets = set.intersection(*fetched)
+    assert len(source_sets) == 1

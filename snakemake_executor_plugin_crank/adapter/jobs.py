@@ -60,7 +60,7 @@ class JobContext:
     snakemake_image: str = ""
     snakemake_version: str = ""
     job_command: Callable[[Any], str] = lambda job: ""
-    sources: Iterable[str] = ()
+    sources: Tuple[str, ...] = ()  # absolute paths
     use_conda: bool = False
     envvars: Mapping[str, str] = field(default_factory=dict)
     # job -> the storage plugins' settings (secrets) Snakemake in its image needs
@@ -245,6 +245,7 @@ def _shell_task(job, ctx, rule, script, res, threads, suffix) -> TaskSpec:
         benchmarks_by_crank=True,
         resources=res,
         log_dir=ctx.log_dir,
+        sources=ctx.sources,
     )
 
 
@@ -361,11 +362,11 @@ def snakemake_version() -> str:
     return __version__
 
 
-def workflow_sources(workflow: Any) -> List[str]:
-    """The Snakefiles, scripts, notebooks, config and environment files, and a local
-    wrapper prefix, that a job may read."""
+def workflow_sources(workflow: Any) -> Tuple[str, ...]:
+    """The Snakefiles, scripts, notebooks, config and environment files, a local wrapper
+    prefix, and in a git checkout the tracked files, that a job may read (absolute)."""
     sources = [*workflow.dag.get_sources(), *workflow.configfiles]
     prefix = workflow.workflow_settings.wrapper_prefix or ""
     if prefix.startswith("file://"):
         sources.append(prefix[len("file://") :])
-    return sources
+    return tuple(dict.fromkeys(os.path.abspath(str(s)) for s in sources))

@@ -22,10 +22,10 @@ from typing import Any, Callable, Collection, Dict, List, Mapping, Optional, Seq
 import tes
 
 from ...errors import BackendUnavailable, CrankError
-from ...staging.stage import Stager, file_key
+from ...staging.stage import Stager
 from ...task import Capacity, Kind, State, TaskResult, TaskSpec
 from ..paths import under
-from . import layout
+from . import layout, sources
 from .api import TesApi
 from .http import HttpError
 from .monitor import Monitor
@@ -95,10 +95,10 @@ def resources_of(task: TaskSpec) -> tes.Resources:
 
 def to_tes_task(
     task: TaskSpec, staged: Sequence[layout.Staged], out_url: str, tags: Mapping[str, str],
-    sources: Optional[Tuple[str, str]] = None,
+    source_set: Optional[Tuple[str, str]] = None,
 ) -> tes.Task:
     """The TES task for ``task`` whose inputs are ``staged``; products go to ``out_url``;
-    ``sources``: (digest, URL) of the workflow's source set (``layout``)."""
+    ``source_set``: (digest, URL) of the archive of the workflow's sources (``layout``)."""
     inputs, seen = [], set()
     for s in staged:
         path = layout.container_path(s)
@@ -107,9 +107,9 @@ def to_tes_task(
         seen.add(path)
         inputs.append(tes.Input(url=s.url, path=path, type="DIRECTORY" if s.directory else "FILE"))
     dirs = layout.input_dirs(task)
-    script = layout.wrapper_script(task, staged, dirs, sources[0] if sources else "")
-    if sources:
-        inputs.append(tes.Input(url=sources[1], path=f"{layout.IN}/{sources[0]}", type="DIRECTORY"))
+    script = layout.wrapper_script(task, staged, dirs, source_set[0] if source_set else "")
+    if source_set:
+        inputs.append(tes.Input(url=source_set[1], path=f"{layout.IN}/{source_set[0]}", type="FILE"))
     inputs.append(tes.Input(path=layout.WRAPPER, content=script, type="FILE"))
     inputs.append(tes.Input(path=layout.COMMAND, content=task.script, type="FILE"))
     executor = tes.Executor(
@@ -131,7 +131,7 @@ def to_tes_task(
         resources=resources_of(task),
         executors=[executor],
         volumes=layout.volumes(
-            layout.needed_dirs(task, staged) + (layout.source_dirs(task) if sources else [])
+            layout.needed_dirs(task, staged) + (layout.source_dirs(task) if source_set else [])
         ),
         tags=dict(tags),
     )
@@ -234,8 +234,8 @@ class TesBackend:
             sub.digests = tuple(s.digest for s in staged)
             tags = {**self.tags, TAG_JOB: f"{sub.task.job_id}-{sub.task.attempt}",
                     TAG_RULE: sub.task.label, TAG_SUBMISSION: sub.tag}
-            sources = self._source_set(sub.task.sources) if sub.task.sources else None
-            body = task_body(to_tes_task(sub.task, staged, self.store.url(sub.key), tags, sources))
+            source_set = self._source_set(sub.task.sources) if sub.task.sources else None
+            body = task_body(to_tes_task(sub.task, staged, self.store.url(sub.key), tags, source_set))
             if sub.canceled or self._closing:
                 return
             tes_id = self.api.create_task(body, TAG_SUBMISSION, sub.tag, stopping=lambda: self._closing)
@@ -270,24 +270,17 @@ class TesBackend:
         return staged
 
     def _source_set(self, paths: Tuple[str, ...]) -> Tuple[str, str]:
-        """(digest, URL) of the workflow's sources as one directory object, made once per
-        run: each file staged by content as any input (nothing sent that the store has),
-        then copied within the store under ``sources/<digest>/`` with the manifest last, so
-        a set already complete there (an earlier run's) costs one lookup."""
+        """(digest, URL) of the workflow's sources as one archive (``sources``), made and
+        staged by content once per run: an earlier run's identical archive is not sent."""
         with self._sources_lock:
             known = self._source_sets.get(paths)
             if known:
                 return known
-            files = [p for p in paths if os.path.isfile(p)]
-            staged = [f for f in self.stager.stage(files) if f.url] if files else []
-            by_path = {f.path: f.url.rsplit("/", 1)[-1] for f in staged}
-            digest, manifest = layout.sources_manifest(by_path.items())
-            key = f"sources/{digest}"
-            if self.store.head(f"{key}/{layout.SOURCES_MANIFEST}") is None:
-                for content in set(by_path.values()):
-                    self.store.copy(file_key(content), f"{key}/{content}")
-                self.store.put_bytes(manifest, f"{key}/{layout.SOURCES_MANIFEST}")
-            self._source_sets[paths] = (digest, self.store.url(key))
+            os.makedirs(self.collector.tmp_root, exist_ok=True)
+            archive = os.path.join(self.collector.tmp_root, f"sources-{len(self._source_sets)}.tar")
+            sources.write_archive(paths, archive)
+            staged = self.stager.stage([archive])[0]
+            self._source_sets[paths] = (staged.url.rsplit("/", 1)[-1], staged.url)
             return self._source_sets[paths]
 
     # ------------------------------------------------------------------ status

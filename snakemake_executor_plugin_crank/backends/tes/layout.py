@@ -26,11 +26,10 @@ file system. So crank never mounts anything at the user's paths:
   the object, and uploads nothing (no error: a missing FILE output would be one) when the
   job failed or did not make it.
 
-The workflow's sources (``TaskSpec.sources``) come as one DIRECTORY input at
-``/crank/in/<sha256 of its manifest>``, the same for every task of a run: each distinct file
-once, named by its sha256, and ``manifest`` with one ``<sha256> <path>`` line per file; the
-script links each path that nothing else put there (a declared input wins) to its file, never
-at a product's path (a product stays writable).
+The workflow's sources (``TaskSpec.sources``) come as one archive input (``sources``), the
+same for every task of a run, unpacked under ``/tmp/.crank-sources``; the script links each
+path that nothing else put there (a declared input wins) to its file, never at a product's
+path (a product stays writable). An image without tar runs without them, saying so.
 
 Pure functions: no I/O, no TES client.
 """
@@ -67,31 +66,27 @@ def product_name(n: int) -> str:
     return f"p{n:06d}"
 
 
-SOURCES_MANIFEST = "manifest"
-
-
-def sources_manifest(files: Iterable[Tuple[str, str]]) -> Tuple[str, bytes]:
-    """(its digest, the manifest) of a source set of (path, sha256); a path holding a line
-    break cannot be a manifest line and is left out."""
-    text = "".join(sorted(f"{digest} {path}\n" for path, digest in files if "\n" not in path))
-    data = text.encode()
-    return hashlib.sha256(data).hexdigest(), data
+SOURCES = "/tmp/.crank-sources"
 
 
 def source_lines(task: TaskSpec, digest: str) -> List[str]:
-    """The script's lines that link the workflow's sources into place."""
+    """The script's lines that unpack the workflow's sources (the archive input named
+    ``digest``) and link them into place."""
     q = shlex.quote
-    root = f"{IN}/{digest}"
     products = "|".join(q(p.path) for p in task.products)
     return [
-        f"while IFS= read -r crank_line; do",
-        '  crank_h=${crank_line%% *}; crank_p=${crank_line#* }',
-        *([f'  case "$crank_p" in {products}) continue;; esac'] if products else []),
-        '  if [ ! -e "$crank_p" ] && [ ! -L "$crank_p" ]; then',
-        '    { [ -d "${crank_p%/*}" ] || mkdir -p "${crank_p%/*}"; } && '
-        f'ln -s {root}/"$crank_h" "$crank_p" || crank_fail \'cannot link a workflow source\'',
-        "  fi",
-        f"done < {root}/{SOURCES_MANIFEST}",
+        "if command -v tar >/dev/null 2>&1; then",
+        f"  mkdir -p {SOURCES} && tar -xf {IN}/{digest} -C {SOURCES} "
+        "|| crank_fail 'cannot unpack the workflow sources'",
+        "  while IFS= read -r crank_line; do",
+        '    crank_n=${crank_line%% *}; crank_p=${crank_line#* }',
+        *([f'    case "$crank_p" in {products}) continue;; esac'] if products else []),
+        '    if [ ! -e "$crank_p" ] && [ ! -L "$crank_p" ]; then',
+        '      { [ -d "${crank_p%/*}" ] || mkdir -p "${crank_p%/*}"; } && '
+        f'ln -s {SOURCES}/"$crank_n" "$crank_p" || crank_fail \'cannot link a workflow source\'',
+        "    fi",
+        f"  done < {SOURCES}/manifest",
+        "else echo 'crank: the image has no tar: the workflow sources are not in place' >&2; fi",
     ]
 
 

@@ -1,0 +1,1 @@
+echo "test.sh read: $(cat "$1")"
