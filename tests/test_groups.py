@@ -70,3 +70,14 @@ def test_service_group_does_not_hang(docker_api, tmp_path):
     assert_same_files(local_dir, crank_dir)
     assert (crank_dir / "svc/used.txt").read_text() == "served\n"
     assert containers_of(docker_api, crank_dir) == []
+
+
+def test_a_group_job_that_leaves_no_output_stops_its_group(docker_api, tmp_path):
+    """Found by the generated workflows: the job after it ran (and wrote its log) and the
+    failure named the wrong rule."""
+    local, crank, local_dir, crank_dir = both("groups_missing", tmp_path)
+    assert local.returncode != 0 and crank.returncode != 0, crank.stderr[-3000:]
+    assert_same_files(local_dir, crank_dir)
+    assert not (crank_dir / "logs/b.log").exists()
+    assert "rule a (job" in crank.stderr and "ended without its output" in crank.stderr
+    assert containers_of(docker_api, crank_dir) == []

@@ -164,6 +164,12 @@ def touch_member_outputs(single: Any) -> None:
             f.touch()
 
 
+def missing_outputs(single: Any) -> List[str]:
+    """The declared outputs a finished job did not leave (its ``touch()`` ones made):
+    the local executor fails such a job before any job after it starts."""
+    return [str(f) for f in single.output if not os.path.lexists(str(f))]
+
+
 def consumed_temp(group: Any, single: Any, done: Collection[Any]) -> List[Any]:
     """The temp() files Snakemake's local executor removes once ``single``, a member of
     a group that crank runs job after job, has finished (``Dag.handle_temp``): its temp

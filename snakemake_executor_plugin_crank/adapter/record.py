@@ -9,6 +9,7 @@ import functools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Set
 
+from ..errors import CrankError
 from ..task import TaskResult, TaskSpec
 from . import outputs
 
@@ -48,7 +49,14 @@ class JobRecord:
 
     def _next_member(self, build: Build) -> List[TaskSpec]:
         # before the group's next job starts, as the local executor between two jobs
+        member = self.member
         self.member_finished()
+        missing = outputs.missing_outputs(member) if member is not None else []
+        if missing:
+            raise CrankError(
+                f"rule {member.rule.name} (job {member.jobid}) ended without its output "
+                f"{', '.join(missing)}; the rest of group {self.job.groupid} does not run"
+            )
         return list(self.track(outputs.make_parents(build())))
 
     def member_finished(self) -> None:
