@@ -22,6 +22,7 @@ from typing import Any, Callable, Collection, Dict, List, Mapping, Optional, Seq
 import tes
 
 from ...errors import BackendUnavailable, CrankError
+from ...staging.digest import sha256_file
 from ...staging.stage import Stager
 from ...task import Capacity, Kind, State, TaskResult, TaskSpec
 from ..paths import under
@@ -270,8 +271,10 @@ class TesBackend:
         return staged
 
     def _source_set(self, paths: Tuple[str, ...]) -> Tuple[str, str]:
-        """(digest, URL) of the workflow's sources as one archive (``sources``), made and
-        staged by content once per run: an earlier run's identical archive is not sent."""
+        """(digest, URL) of the workflow's sources as one archive (``sources``), made once
+        per run and stored by content under ``sources/`` (an earlier run's identical archive
+        is not sent again), through the download side's store client: every shell: task
+        needs it, so it never waits in the upload pool behind other jobs' inputs."""
         with self._sources_lock:
             known = self._source_sets.get(paths)
             if known:
@@ -279,8 +282,12 @@ class TesBackend:
             os.makedirs(self.collector.tmp_root, exist_ok=True)
             archive = os.path.join(self.collector.tmp_root, f"sources-{len(self._source_sets)}.tar")
             sources.write_archive(paths, archive)
-            staged = self.stager.stage([archive])[0]
-            self._source_sets[paths] = (staged.url.rsplit("/", 1)[-1], staged.url)
+            digest = sha256_file(archive)
+            key = f"{sources.PREFIX}/{digest}"
+            store = self.fetcher.store
+            if store.head(key) is None:
+                store.put_file(archive, key, sha256=digest)
+            self._source_sets[paths] = (digest, store.url(key))
             return self._source_sets[paths]
 
     # ------------------------------------------------------------------ status

@@ -4,7 +4,7 @@ one by one, and Funnel v0.11 stalls on it).
 
 The archive holds each file as ``<n>`` and a ``manifest`` of ``<n> <path>`` lines; it is
 written the same way for the same files (sorted, no times, no owners), so its digest, and
-with it the object staged by content, stays the same from run to run."""
+with it the object stored by content, stays the same from run to run."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import tarfile
 from typing import Sequence
 
 MANIFEST = "manifest"
+PREFIX = "sources"  # the archives' keys in the store: sources/<sha256>
 
 
 def write_archive(paths: Sequence[str], dest: str) -> None:
