@@ -17,8 +17,8 @@ file system. So crank never mounts anything at the user's paths:
   index of what was there and the command's exit code. The server uploads plain files only, so
   the index also carries what an object cannot: each directory (empty ones included), each
   file's and directory's mode, and each symlink (the product itself or one inside it), which
-  goes up as a file holding its target text; ``/crank/out`` is the task's one
-  DIRECTORY output. The script then exits 0, because Funnel uploads no output of a task whose
+  goes up as a file holding its target text; ``/crank/out`` is a DIRECTORY
+  output of the task. The script then exits 0, because Funnel uploads no output of a task whose
   executor failed: the exit code travels in ``/crank/out/exit``;
 - an output with a ``url`` (an object the server writes itself) is copied instead to
   ``/crank/put/p<NNNNNN>/<its name>``, only after a command that succeeded: that directory
