@@ -161,6 +161,13 @@ def test_run_rule_needs_no_storage_plugin_in_the_image(docker_api, tmp_path):
     assert (workdir / "run_env.txt").is_file()
 
 
+@pytest.mark.tes
+def test_run_rule_needs_no_storage_plugin_in_the_image_on_tes(tes, tmp_path):
+    workdir = copy_workflow("storage_secrets", tmp_path / "w")
+    ok(tes_run(tes, workdir, "run_env.txt"))
+    assert (workdir / "run_env.txt").is_file()
+
+
 # ---------------------------------------------------------------- secrets
 
 
