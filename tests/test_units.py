@@ -238,3 +238,32 @@ def test_tes_answers_with_fields_and_states_beyond_the_schema_still_parse():
     task = parsed.tasks[0]
     assert (task.id, task.state) == ("t1", "UNKNOWN")
     assert task.logs[0].system_logs == ["pulled"] and task.logs[0].logs[0].exit_code == 3
+
+
+@pytest.mark.parametrize("status, transient", [(499, True), (408, True), (502, True), (400, False)])
+def test_a_tes_answer_that_says_nothing_was_done_is_asked_again(status, transient):
+    """Funnel's gateway answers 499 while it reconnects to itself: not a refusal."""
+    import http.server
+    import threading
+
+    from snakemake_executor_plugin_crank.backends.tes.http import HttpError, Session
+    from snakemake_executor_plugin_crank.errors import BackendUnavailable
+
+    class Answer(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(status)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        session = Session(f"http://127.0.0.1:{server.server_address[1]}", retries=0)
+        with pytest.raises(BackendUnavailable if transient else HttpError) as caught:
+            session.request("GET", "/v1/tasks", "list", retry_reads=False)
+        assert isinstance(caught.value, BackendUnavailable) is transient
+    finally:
+        server.shutdown()

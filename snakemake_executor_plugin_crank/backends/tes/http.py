@@ -209,7 +209,9 @@ class Session:
             if retry_after:
                 self._hold = (time.monotonic() + retry_after, why)
             raise Throttled(why, retry_after)
-        if status >= 500:
+        # 408 and 499 (a gateway whose call to the server was cut, as Funnel's while it
+        # reconnects to itself) say nothing was done: like a 5xx, worth asking again
+        if status >= 500 or status in (408, 499):
             raise BackendUnavailable(
                 f"{self.what} at {self.base} failed: HTTP {status} on {method} {path}"
                 f"{_detail(response, self._clean)}"
