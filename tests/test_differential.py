@@ -454,6 +454,14 @@ FOUND = {
     "group_checkpoint_readers": Workflow(rules=(
         Rule(kind="checkpoint", group="g1", files=1), Rule(deps=(0,), group="g1"),
         Rule(deps=(0, 1), group="g1"), Rule(deps=(0,), group="g1"))),
+    # ... when the checkpoint reads a job outside the group, Snakemake's group holds the reader
+    # twice (made before the checkpoint, and again): both ran, one before the checkpoint
+    "group_checkpoint_twice": Workflow(rules=(
+        Rule(log=True, binary=True),
+        Rule(sources=("data/link.txt", "data/src.txt"), log=True, executable=True),
+        Rule(kind="checkpoint", deps=(0,), sources=("data/src.txt",), log=True, group="g2",
+             files=0),
+        Rule(deps=(0, 2), group="g2"))),
 }
 
 

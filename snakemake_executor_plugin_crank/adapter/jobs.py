@@ -85,7 +85,12 @@ class JobContext:
 def single_jobs(job: Any) -> List[Any]:
     """The jobs to run, in an order that respects their dependencies."""
     if job.is_group():
-        return [j for level in job.toposorted for j in level]
+        ordered = [j for level in job.toposorted for j in level]
+        # Snakemake's group may hold a job twice under one jobid: the job made before a
+        # checkpoint it reads and its replacement, which may come first in the order
+        # although the checkpoint has not run; the last one runs, after what it reads
+        last = {j.jobid: j for j in ordered}
+        return [j for j in ordered if last[j.jobid] is j]
     return [job]
 
 
