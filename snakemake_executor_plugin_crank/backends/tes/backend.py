@@ -325,10 +325,7 @@ class TesBackend:
         for sub in subs:
             if sub.tes_id and sub.error is None:
                 sub.error = f"crank cannot follow task {sub.tes_id} any more: {error}"
-                try:
-                    self.api.cancel_task(sub.tes_id)
-                except CrankError:
-                    pass  # refused too: shutdown and the next start try again
+                self._cancel_quietly(sub.tes_id)
 
     def stop(self, handle: str) -> None:
         sub = self._subs.get(handle)
@@ -377,7 +374,7 @@ class TesBackend:
         try:
             self.api.cancel_task(task_id)
         except CrankError:
-            pass  # the run's shutdown cancels what is still running
+            pass  # refused or no answer: the run's shutdown and the next start try again
 
     def _delete_objects(self, key: str) -> None:
         try:
