@@ -256,6 +256,11 @@ def proxy_to(tes, **kwargs) -> FaultProxy:
     return FaultProxy(("127.0.0.1", 0), (host, int(port)), **kwargs)
 
 
+def status_request(method: str, path: str) -> bool:
+    """A request of a status round: a task list, or one task by id when few are watched."""
+    return method == "GET" and (path == "/tasks" or path.startswith("/tasks/"))
+
+
 def test_server_unreachable_mid_run_is_survived(tes, tmp_path):
     """Promise 2 on TES: the server stops answering while a task runs and ends; crank keeps
     trying within --crank-backend-tolerance and then collects the task as usual."""
@@ -286,7 +291,7 @@ def test_server_that_stops_answering_is_given_up_within_the_tolerance(tes, tmp_p
         proc = start_crank(tes, workdir, "--crank-tes-url", proxy.url, "--crank-backend-tolerance", "10")
         try:
             wait_for(lambda: running_tasks(tes, workdir), timeout=60, what="the task running")
-            proxy.set_rule(lambda method, path: "hang" if (method, path) == ("GET", "/tasks") else "pass")
+            proxy.set_rule(lambda method, path: "hang" if status_request(method, path) else "pass")
             # the tolerance, plus one round's timeout and the shutdown: far below the
             # minutes that a round retrying its reads would hold the run
             _, stderr = proc.communicate(timeout=120)
@@ -339,20 +344,31 @@ def wait_terminal(backend, handles, timeout=120):
         backend.poll(handles)), timeout=timeout, what="terminal tasks")
 
 
-def test_fifty_active_tasks_cost_one_list_request_per_round(aws_env, tmp_path):
+def test_a_status_round_costs_the_active_tasks_not_the_finished_ones(aws_env, tmp_path):
+    """Twelve tasks of the run finished and were released, ten still run: a round is one
+    list per active state (RUNNING, QUEUED, INITIALIZING) and carries the ten only (a round
+    used to list every task of the run)."""
     backend = TesBackend(uuid.uuid4().hex, str(tmp_path),
                          TesOptions(url=aws_env.url, storage_prefix=aws_env.prefix("count")))
     try:
-        handles = [backend.submit(sleeper(tmp_path, i)) for i in range(50)]
-        wait_for(lambda: all(backend._subs[h].tes_id for h in handles), timeout=120,
-                 what="50 created tasks")
+        done = [backend.submit(sleeper(tmp_path, i, script="true")) for i in range(12)]
+        wait_terminal(backend, done)
+        backend.release(done)
+        running = [backend.submit(sleeper(tmp_path, 100 + i)) for i in range(10)]
+        wait_for(lambda: set(backend.poll(running).values()) == {State.RUNNING}, timeout=120,
+                 what="10 running tasks")
+        listed = []
+        list_tasks = backend.api.list_tasks
+        backend.api.list_tasks = lambda *a, **kw: (lambda found: listed.extend(found) or found)(
+            list_tasks(*a, **kw))
         for _ in range(3):
-            before = dict(backend.http.counts)
-            states = backend.poll(handles)
+            before, listed[:] = dict(backend.http.counts), []
+            states = backend.poll(running)
             after = backend.http.counts
-            assert after.get("list", 0) - before.get("list", 0) == 1
-            assert sum(after.values()) - sum(before.values()) == 1
-            assert set(states.values()) <= {State.QUEUED, State.RUNNING}
+            assert after.get("list", 0) - before.get("list", 0) == 3
+            assert sum(after.values()) - sum(before.values()) == 3
+            assert sorted(t.id for t in listed) == sorted(backend._subs[h].tes_id for h in running)
+            assert set(states.values()) == {State.RUNNING}
     finally:
         backend.close()
     live = [t for t in backend_list(aws_env, backend.run_id) if t.get("state") in NON_TERMINAL]

@@ -28,6 +28,7 @@ from test_tes import (
     running_tasks,
     slow_workflow,
     start_crank,
+    status_request,
     tasks_of,
 )
 
@@ -247,7 +248,7 @@ def test_throttled_requests_are_waited_out(aws_env, tmp_path):
         if (method, path) == ("POST", "/tasks"):
             creates.append((time.monotonic(), "error429" if not creates else "pass"))
             return creates[-1][1]
-        if (method, path) != ("GET", "/tasks") or not rounds.is_set():
+        if not status_request(method, path) or not rounds.is_set():
             return "pass"
         action = "error429" if len(sent) < 2 else "error503" if len(sent) < 4 else "pass"
         sent.append((time.monotonic(), action))
@@ -285,7 +286,7 @@ def while_the_status_list_answers(tes, tmp_path: Path, action: str, *args: str, 
             env={**tes.env(), **(env or {})})
         try:
             wait_for(lambda: running_tasks(tes, workdir), timeout=60, what="the task running")
-            proxy.set_rule(lambda method, path: action if (method, path) == ("GET", "/tasks") else "pass")
+            proxy.set_rule(lambda method, path: action if status_request(method, path) else "pass")
             started = time.monotonic()
             out, err = proc.communicate(timeout=100)
         finally:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, List, Mapping, Type, TypeVar
+from typing import Any, Callable, List, Mapping, Optional, Type, TypeVar
 
 import attr
 import tes
@@ -42,14 +42,17 @@ def known_fields(answer: Any, model: Type) -> Any:
     return kept
 
 
+def id_and_state(task: Any) -> Any:
+    """A task as the MINIMAL view defines it: a server that sends whole tasks anyway (Funnel
+    with a tag filter) costs no parsing of what a status round ignores."""
+    return {k: task[k] for k in ("id", "state") if k in task} if isinstance(task, dict) else task
+
+
 def minimal(answer: Any) -> Any:
-    """A MINIMAL list answer as the view defines it (id and state): a server that sends
-    whole tasks anyway (Funnel with a tag filter) costs no parsing of what a round ignores."""
+    """A MINIMAL list answer, each task cut to id and state."""
     if not isinstance(answer, dict) or not isinstance(answer.get("tasks"), list):
         return answer
-    tasks = [{k: t[k] for k in ("id", "state") if k in t} if isinstance(t, dict) else t
-             for t in answer["tasks"]]
-    return {**answer, "tasks": tasks}
+    return {**answer, "tasks": [id_and_state(t) for t in answer["tasks"]]}
 
 
 # Microsoft TES accepts at most 2047; Funnel 2048
@@ -83,9 +86,11 @@ class TesApi:
         return info
 
     def list_tasks(
-        self, tag_key: str, tag_value: str, view: str = "MINIMAL", bounded: bool = False
+        self, tag_key: str, tag_value: str, view: str = "MINIMAL", bounded: bool = False,
+        state: Optional[str] = None,
     ) -> List[tes.Task]:
-        """Every task with the tag, following page tokens until the server has no more.
+        """Every task with the tag (and in ``state``, TES 1.1's filter, which a server may
+        ignore too), following page tokens until the server has no more.
         ``bounded``: one attempt with a bounded wait (see BOUNDED).
 
         The server's filter is not trusted (TES 1.0 has none; a proxy may drop the query):
@@ -96,6 +101,8 @@ class TesApi:
         token = None
         while True:
             params = {"tag_key": tag_key, "tag_value": tag_value, "view": view, "page_size": PAGE_SIZE}
+            if state:
+                params["state"] = state
             if token:
                 params["page_token"] = token
             answer = self.http.request("GET", "/v1/tasks", "list", params=params, **(
@@ -120,9 +127,15 @@ class TesApi:
             )
         return mine
 
-    def get_task(self, task_id: str) -> tes.Task:
+    def get_task(self, task_id: str, view: str = "FULL") -> tes.Task:
+        """The task in ``view``; a MINIMAL answer is cut to id and state. Kind of request:
+        ``state`` for MINIMAL (a status round's), ``get`` otherwise."""
         path = f"/v1/tasks/{task_id}"
-        answer = self.http.request("GET", path, "get", params={"view": "FULL"}, **BOUNDED)
+        minimal_view = view == "MINIMAL"
+        answer = self.http.request("GET", path, "state" if minimal_view else "get",
+                                   params={"view": view}, **BOUNDED)
+        if minimal_view:
+            answer = id_and_state(answer)
         return self._parse(answer, tes.Task, f"GET {path}", "a task")
 
     def create_task(self, body: Mapping[str, Any], tag_key: str, tag_value: str,

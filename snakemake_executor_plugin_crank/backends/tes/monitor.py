@@ -1,16 +1,35 @@
-"""Following a run's tasks: one tagged ListTasks (view MINIMAL) per status round for all the
-watched tasks, however many there are."""
+"""Following a run's tasks: a status round's requests and bytes grow with the tasks still
+watched (created, not yet released), never with the tasks the run finished or with what
+else the server holds.
+
+More than FEW watched tasks: one tagged ListTasks for each state a task waits or runs in
+(TES 1.1's state filter), which lists the run's active tasks only, then one GetTask (MINIMAL)
+for each watched task those lists miss: it ended since the last round (asked once; the
+backend releases it in the same round), is in a state not listed (PAUSED, CANCELING), or
+is not visible yet. FEW or fewer: one GetTask each, since every filtered list makes the
+server walk its whole task table (Funnel's BoltDB) while a GetTask is one lookup. A server
+that ignores the state filter lists ended tasks too: their states are right all the same,
+and from then on crank asks for each watched task by id."""
 
 from __future__ import annotations
 
 import threading
 import time
-from typing import Dict
+from concurrent.futures import ThreadPoolExecutor
+from typing import Dict, Iterable, Set
 
 from .api import TesApi
+from .http import HttpError
 
 # how long a created task may be missing from ListTasks / GetTask (404) before it is LOST
 APPEAR_GRACE_S = 60.0
+# the states a task waits or runs in, each listed with its own request; RUNNING first, as
+# most active tasks are there and a task moving on between two lists is asked by id
+LISTED_STATES = ("RUNNING", "QUEUED", "INITIALIZING")
+# up to this many watched tasks, a GetTask each costs the server less than the lists
+FEW = 8
+# GetTasks of one round in flight at once
+LOOKUP_THREADS = 8
 
 
 class Monitor:
@@ -22,6 +41,7 @@ class Monitor:
         self.tag = (tag_key, tag_value)
         self._lock = threading.Lock()
         self._created: Dict[str, float] = {}  # task id -> when it was created (monotonic)
+        self._by_id = False  # the server ignores the state filter: every task by GetTask
 
     def add(self, task_id: str) -> None:
         with self._lock:
@@ -32,14 +52,50 @@ class Monitor:
             self._created.pop(task_id, None)
 
     def round(self) -> Dict[str, str]:
-        """The TES state of every watched task the server lists, in one request (none when
-        nothing is watched); raises what the request raises."""
+        """The TES state of every watched task the server shows (none asked when nothing is
+        watched); raises what a request raises, except a 404 for a task not visible."""
         with self._lock:
-            if not self._created:
-                return {}
-        tasks = self.api.list_tasks(*self.tag, bounded=True)
+            watched = set(self._created)
+        if not watched:
+            return {}
+        states = {} if len(watched) <= FEW or self._by_id else self._listed(watched)
+        states.update(self._looked_up(watched - states.keys()))
         with self._lock:
-            return {t.id: t.state or "UNKNOWN" for t in tasks if t.id in self._created}
+            return {i: s for i, s in states.items() if i in self._created}
+
+    def _listed(self, watched: Set[str]) -> Dict[str, str]:
+        found: Dict[str, str] = {}
+        for state in LISTED_STATES:
+            tasks = self.api.list_tasks(*self.tag, bounded=True, state=state)
+            found.update((t.id, t.state or "UNKNOWN") for t in tasks if t.id in watched)
+            if any((t.state or "UNKNOWN") != state for t in tasks):
+                # this list holds the run's tasks in every state: complete on its own
+                self._by_id = True
+                self.api.report(
+                    f"the TES server at {self.api.http.base} ignores the state filter of "
+                    "ListTasks (a TES 1.0 server): crank asks for each running task by id")
+                break
+        return found
+
+    def _looked_up(self, ids: Iterable[str]) -> Dict[str, str]:
+        ids = list(ids)
+        if not ids:
+            return {}
+        if len(ids) == 1:
+            answers = [self._state(ids[0])]
+        else:
+            with ThreadPoolExecutor(min(LOOKUP_THREADS, len(ids)),
+                                    thread_name_prefix="crank-tes-state") as pool:
+                answers = list(pool.map(self._state, ids))
+        return {i: s for i, s in zip(ids, answers) if s is not None}
+
+    def _state(self, task_id: str):
+        try:
+            return self.api.get_task(task_id, view="MINIMAL").state or "UNKNOWN"
+        except HttpError as e:
+            if e.status == 404:
+                return None  # not visible (yet): young, or lost once its grace is over
+            raise
 
     def young(self, task_id: str) -> bool:
         """Created so recently that the server may not show it yet."""

@@ -1,0 +1,151 @@
+"""The TES status round's plan (backends/tes/monitor.py), as pure logic against an in-memory
+TES server that answers what Funnel answers: what a round asks and what comes back grows
+with the tasks still watched, not with the tasks the run finished."""
+
+from typing import Dict, List, Optional
+
+import pytest
+from tes import Task
+
+from snakemake_executor_plugin_crank.backends.tes import monitor as monitor_module
+from snakemake_executor_plugin_crank.backends.tes.http import HttpError
+from snakemake_executor_plugin_crank.backends.tes.monitor import FEW, LISTED_STATES, Monitor
+
+TAG = ("crank-run", "run-1")
+
+
+class Server:
+    """A task table; ``honours_state``: False for a server that ignores the state filter."""
+
+    def __init__(self, honours_state: bool = True):
+        self.states: Dict[str, str] = {}
+        self.tags: Dict[str, str] = {}
+        self.honours_state = honours_state
+        self.requests: List[tuple] = []
+        self.tasks_sent = 0
+        self.reported: List[str] = []
+        self.http = type("Http", (), {"base": "http://tes.example"})()
+
+    def add(self, task_id: str, state: str, run: str = TAG[1]) -> None:
+        self.states[task_id] = state
+        self.tags[task_id] = run
+
+    # the TesApi methods a Monitor uses
+    def list_tasks(self, tag_key: str, tag_value: str, view: str = "MINIMAL", bounded: bool = False,
+                   state: Optional[str] = None) -> List[Task]:
+        self.requests.append(("list", state))
+        found = [Task(id=i, state=s) for i, s in self.states.items() if self.tags[i] == tag_value
+                 and (state is None or not self.honours_state or s == state)]
+        self.tasks_sent += len(found)
+        return found
+
+    def get_task(self, task_id: str, view: str = "FULL") -> Task:
+        self.requests.append(("get", task_id))
+        if task_id not in self.states:
+            raise HttpError("404 from the TES server", 404)
+        self.tasks_sent += 1
+        return Task(id=task_id, state=self.states[task_id])
+
+    def report(self, line: str) -> None:
+        self.reported.append(line)
+
+
+def watching(server: Server, ids) -> Monitor:
+    monitor = Monitor(server, *TAG)
+    for task_id in ids:
+        monitor.add(task_id)
+    return monitor
+
+
+def test_a_round_pays_for_the_watched_tasks_not_for_the_finished_ones():
+    """9,900 of 10,000 tasks finished and released, 100 still running, and 5,000 tasks of
+    other runs: a round is one list per active state and carries the 100 tasks only (the
+    old round listed all 10,000 of the run)."""
+    server = Server()
+    for i in range(10_000):
+        server.add(f"t{i}", "COMPLETE" if i < 9_900 else "RUNNING")
+    for i in range(5_000):
+        server.add(f"other{i}", "RUNNING", run="run-0")
+    monitor = watching(server, [f"t{i}" for i in range(9_900, 10_000)])
+    states = monitor.round()
+    assert states == {f"t{i}": "RUNNING" for i in range(9_900, 10_000)}
+    assert server.requests == [("list", s) for s in LISTED_STATES]
+    assert server.tasks_sent == 100
+
+
+def test_a_task_that_ended_since_the_last_round_is_reported_with_its_end_state():
+    server = Server()
+    for i in range(20):
+        server.add(f"t{i}", "QUEUED" if i % 2 else "RUNNING")
+    monitor = watching(server, server.states)
+    assert set(monitor.round().values()) == {"QUEUED", "RUNNING"}
+    server.states.update(t0="COMPLETE", t1="EXECUTOR_ERROR", t2="CANCELING", t3="PREEMPTED")
+    server.requests.clear()
+    states = monitor.round()
+    assert [states[f"t{i}"] for i in range(4)] == ["COMPLETE", "EXECUTOR_ERROR", "CANCELING", "PREEMPTED"]
+    assert sorted(r for r in server.requests if r[0] == "get") == [("get", f"t{i}") for i in range(4)]
+    for i in range(4):  # the backend releases an ended task once it reported it
+        monitor.remove(f"t{i}")
+    server.requests.clear()
+    monitor.round()
+    assert [r[0] for r in server.requests] == ["list"] * len(LISTED_STATES)
+
+
+def test_a_task_not_visible_yet_is_left_out_and_young():
+    server = Server()
+    for i in range(FEW + 1):
+        server.add(f"t{i}", "RUNNING")
+    monitor = watching(server, list(server.states) + ["unseen"])
+    states = monitor.round()
+    assert "unseen" not in states and len(states) == FEW + 1
+    assert monitor.young("unseen")
+    monitor_module.APPEAR_GRACE_S, grace = 0.0, monitor_module.APPEAR_GRACE_S
+    try:
+        assert not monitor.young("unseen")
+    finally:
+        monitor_module.APPEAR_GRACE_S = grace
+
+
+def test_few_watched_tasks_are_asked_by_id():
+    server = Server()
+    for i in range(100):
+        server.add(f"t{i}", "COMPLETE")
+    server.add("mine", "RUNNING")
+    monitor = watching(server, ["mine"])
+    assert monitor.round() == {"mine": "RUNNING"}
+    assert server.requests == [("get", "mine")]
+
+
+def test_a_server_that_ignores_the_state_filter_still_gets_every_state_right():
+    server = Server(honours_state=False)
+    for i in range(30):
+        server.add(f"t{i}", "COMPLETE" if i < 10 else "RUNNING")
+    monitor = watching(server, [f"t{i}" for i in range(30)])
+    expected = {f"t{i}": "COMPLETE" if i < 10 else "RUNNING" for i in range(30)}
+    assert monitor.round() == expected
+    assert server.requests == [("list", LISTED_STATES[0])]  # that list held every state
+    assert len(server.reported) == 1 and "ignores the state filter" in server.reported[0]
+    server.requests.clear()
+    assert monitor.round() == expected
+    assert {r[0] for r in server.requests} == {"get"} and len(server.requests) == 30
+    assert len(server.reported) == 1
+
+
+def test_a_refusal_of_a_lookup_fails_the_round():
+    server = Server()
+    server.add("t0", "RUNNING")
+    monitor = watching(server, ["t0"])
+
+    def refused(task_id, view="FULL"):
+        raise HttpError("401 from the TES server", 401)
+
+    server.get_task = refused
+    with pytest.raises(HttpError):
+        monitor.round()
+
+
+def test_nothing_watched_asks_nothing():
+    server = Server()
+    server.add("t0", "RUNNING")
+    assert Monitor(server, *TAG).round() == {}
+    assert server.requests == []
