@@ -29,6 +29,8 @@ def _label(job) -> str:
 class Executor(RemoteExecutor):
     # read by status rounds, which can begin before __post_init__ has run
     _canceling = False
+    _orphans_kept = 0
+    _detached = False
 
     def __post_init__(self):
         self.settings = self.workflow.executor_settings or ExecutorSettings()
@@ -43,13 +45,25 @@ class Executor(RemoteExecutor):
             self.backend = backend_from(
                 self.settings, self.run_id, workdir, lambda line: self.logger.info(f"crank: {line}")
             )
-            # other runs of this workdir that are alive keep their tasks (docs/reliability.md)
-            removed = self.backend.remove_orphans(runs.live_runs(workdir))
+            # other runs of this workdir that are alive keep their tasks; those of runs
+            # that were killed are adopted by jobs asking for their work (docs/reliability.md)
+            live, self._dead_runs = runs.survey(workdir)
+            removed, kept = self.backend.gather_orphans(live, self._dead_runs)
         except CrankError as e:
             runs.forget(self._run_file)
             raise WorkflowError(str(e)) from None
         if removed:
             self.logger.info(f"crank: removed {removed} {self._unit}(s) left by an earlier run")
+        self._orphans_kept = kept
+        if kept:
+            self.logger.info(
+                f"crank: an earlier run in this directory ended without its {kept} "
+                f"{self._unit}(s); jobs that ask for the same work adopt them, the rest are "
+                "canceled (if Snakemake asks for it, run again with --rerun-incomplete)"
+            )
+        # the single jobs handed to run_job: once every job to run is among them, no
+        # later job can adopt what is left
+        self._submitted = set()
         remote = self.workflow.remote_execution_settings
         self.runner = Runner(
             self.backend,
@@ -130,6 +144,8 @@ class Executor(RemoteExecutor):
     def run_job(self, job: JobExecutorInterface):
         record = JobRecord(job, info=self.logger.info, warn=self.logger.warning)
         info = SubmittedJobInfo(job, aux={"record": record})
+        if self._orphans_kept:
+            self._submitted.update(jobs.single_jobs(job))
         try:
             if self._from_cache(job):
                 return
@@ -138,9 +154,12 @@ class Executor(RemoteExecutor):
                 # no Snakemake in the image retrieves them: the host does, as locally
                 self._retrieve(job)
                 tasks = jobs.tasks_for(job, self.context)  # inputs now exist locally
-            record.backups = outputs.prepare(job, tasks, self.workflow.async_run)
+            adopted = self._adopt(job, tasks)
+            # an adopted task may be writing its outputs: they stay
+            record.backups = outputs.prepare(job, tasks, self.workflow.async_run,
+                                             keep_outputs=adopted is not None)
             later = record.later(groups.later_tasks(job, tasks, self.context))
-            record.chain = self.runner.start(record.track(tasks), later)
+            record.chain = self.runner.start(record.track(tasks), later, adopted=adopted)
         except ImageUnavailable as e:
             source = jobs.image_source(job, self.context)
             default = self.context.default_image
@@ -153,11 +172,41 @@ class Executor(RemoteExecutor):
             SubmittedJobInfo(job, external_jobid=record.chain.handle, aux={"record": record})
         )
 
+    def _adopt(self, job, tasks) -> Optional[str]:
+        """The handle of a dead run's task doing this job's work, if there is one. Only a
+        job of one task: a group's later jobs start after Snakemake removed their outputs."""
+        if not self._orphans_kept or len(tasks) != 1 or job.is_group():
+            return None
+        handle = self.backend.adopt(tasks[0])
+        if handle is not None:
+            self.logger.info(f"crank: {_label(job)} (job {job.jobid}) adopts the {self._unit} an earlier run left")
+        return handle
+
+    def _cancel_unclaimed(self) -> None:
+        """Once every job this run will run was handed over, cancel the dead runs' tasks
+        that none adopted (a checkpoint still to finish may add jobs: wait for it)."""
+        if not self._orphans_kept:
+            return
+        dag = self.workflow.dag
+        if any(not dag.finished(j) for j in dag.checkpoint_jobs):
+            return
+        if any(j not in self._submitted for j in dag.needrun_jobs()):
+            return
+        try:
+            removed = self.backend.cancel_orphans()
+        except CrankError as e:
+            self.logger.warning(f"crank: {e}")  # tried again at the end of the run
+            return
+        self._orphans_kept = 0
+        if removed:
+            self.logger.info(f"crank: removed {removed} {self._unit}(s) left by an earlier run")
+
     async def check_active_jobs(
         self, active_jobs: List[SubmittedJobInfo]
     ) -> AsyncGenerator[SubmittedJobInfo, None]:
         if self._canceling:
             return  # crank removes these tasks itself: nothing to report
+        self._cancel_unclaimed()
         if not active_jobs:
             # nothing to ask the backend; look again soon so new jobs are seen early
             # (this also covers the first round, which can come before __post_init__)
@@ -318,6 +367,9 @@ class Executor(RemoteExecutor):
 
     def cancel_jobs(self, active_jobs: List[SubmittedJobInfo]):
         self._canceling = True
+        if self.settings.detach:
+            self._detached = bool(active_jobs)
+            return
         try:
             self.runner.cancel([info.aux["record"].chain for info in active_jobs])
         except CrankError as e:
@@ -327,8 +379,9 @@ class Executor(RemoteExecutor):
     def shutdown(self):
         super().shutdown()
         self._canceling = True
+        detach = self._detached
         try:
-            self.backend.close()
+            self.backend.close(detach=detach)
             closed = True
         except CrankError as e:
             closed = False
@@ -337,6 +390,16 @@ class Executor(RemoteExecutor):
                 "this directory removes them"
             )
         self._fence_given_up(closed)
+        if detach:
+            # the run file stays: the next run finds this run dead and adopts its tasks
+            self.logger.info(
+                f"crank: the running {self._unit}s are left running (--crank-detach); run the "
+                "same command again with --rerun-incomplete to adopt them"
+            )
+            return
+        if closed:  # what dead runs left is adopted and reported, or canceled
+            for run_id in self._dead_runs:
+                runs.forget_run(self.context.workdir, run_id)
         runs.forget(self._run_file)
 
     def _fence_given_up(self, closed: bool) -> None:

@@ -19,6 +19,10 @@ from .errors import BackendUnavailable, CrankError, failure_message
 from .task import State, TaskResult, TaskSpec
 
 
+# a task the backend lost through no fault of its own (State.INTERRUPTED) runs again this often
+INTERRUPTED_RETRIES = 1
+
+
 @dataclass(eq=False)
 class Chain:
     """The tasks of one Snakemake job (several for a group job), run one after another.
@@ -36,6 +40,7 @@ class Chain:
     timed_out: bool = False
     stopped: bool = False
     preemptions: int = 0
+    interruptions: int = 0
     log_files: List[str] = field(default_factory=list)
     # handles of collected tasks, released once the chain's outcome is reported
     spent: List[str] = field(default_factory=list)
@@ -77,14 +82,19 @@ class Runner:
         self.tolerance_s = tolerance_s
 
     def start(
-        self, tasks: Sequence[TaskSpec], later: Sequence[Callable[[], Sequence[TaskSpec]]] = ()
+        self, tasks: Sequence[TaskSpec], later: Sequence[Callable[[], Sequence[TaskSpec]]] = (),
+        adopted: Optional[str] = None,
     ) -> Chain:
         """Submit the first task; ``later`` build the tasks that follow ``tasks``, each when
         its turn comes, right after the task before it succeeded (a CrankError it raises
         fails the chain). Raises CrankError when the backend refuses the first task; when
         the backend does not answer (BackendUnavailable) the task is submitted again at the
-        next rounds, for up to ``tolerance_s``."""
+        next rounds, for up to ``tolerance_s``. ``adopted``: the handle of a task a dead run
+        left that does the first task's work (``Backend.adopt``), followed instead."""
         chain = Chain(list(tasks), list(later))
+        if adopted is not None:
+            chain.handle = adopted
+            return chain
         try:
             chain.handle = self.backend.submit(chain.current)
         except BackendUnavailable:
@@ -139,12 +149,17 @@ class Runner:
         # a task already over its wall time is not run again from the start
         if state is State.PREEMPTED and not chain.timed_out and self._may_resubmit(chain):
             chain.preemptions += 1
-            chain.spent.append(chain.handle)
-            chain.handle = None
-            chain.running_since = None
-            chain.handle = self.backend.submit(chain.current)
-            return None
+            return self._resubmit(chain)
+        if state is State.INTERRUPTED and not chain.timed_out and chain.interruptions < INTERRUPTED_RETRIES:
+            chain.interruptions += 1
+            return self._resubmit(chain)
         return self._finish_task(chain, state)
+
+    def _resubmit(self, chain: Chain) -> None:
+        chain.spent.append(chain.handle)
+        chain.handle = None
+        chain.running_since = None
+        chain.handle = self.backend.submit(chain.current)
 
     @staticmethod
     def _wall_time(task: TaskSpec) -> str:
@@ -196,7 +211,7 @@ class Runner:
         chain.index += 1
         chain.running_since = None
         chain.timed_out = chain.stopped = False
-        chain.preemptions = 0
+        chain.preemptions = chain.interruptions = 0
         # a failure here leaves handle None: the next round submits again
         chain.handle = self.backend.submit(chain.current)
         return None

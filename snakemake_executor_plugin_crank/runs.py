@@ -5,6 +5,8 @@ removes as orphaned must be what a *dead* run left. Each run keeps a file
 ``.snakemake/crank/runs/<run id>`` while it runs, naming its process: pid, host name and
 the process's start time (a pid reused by another process has another start time). A run
 file written on another host is taken as alive: its process cannot be checked from here.
+A run whose process is gone but whose file is still there ended without cleaning up
+(killed, or detached): a later run may adopt its tasks, then removes its file.
 
 Imports nothing of crank's, nor Snakemake.
 """
@@ -15,7 +17,7 @@ import contextlib
 import json
 import os
 import socket
-from typing import Any, Mapping, Optional, Set
+from typing import Any, Mapping, Optional, Set, Tuple
 
 RUNS_DIR = os.path.join(".snakemake", "crank", "runs")
 
@@ -43,15 +45,17 @@ def forget(path: str) -> None:
         os.unlink(path)
 
 
-def live_runs(workdir: str) -> Set[str]:
-    """The ids of the workdir's runs whose process still runs (or runs on another host).
-    A dead run's file is removed: what that run left is an orphan whatever its file says."""
+def survey(workdir: str) -> Tuple[Set[str], Set[str]]:
+    """(live, dead): the ids of the workdir's runs whose process still runs (or runs on
+    another host), and of those whose process is gone without the run having ended (it was
+    killed, or detached from its tasks). A dead run's file stays until a later run has
+    adopted or canceled what it left (``forget``); an unreadable file is dropped."""
     directory = os.path.join(workdir, RUNS_DIR)
     try:
         names = [n for n in os.listdir(directory) if not n.startswith(".")]
     except FileNotFoundError:
-        return set()
-    live = set()
+        return set(), set()
+    live, dead = set(), set()
     for run_id in names:
         path = os.path.join(directory, run_id)
         try:
@@ -64,11 +68,21 @@ def live_runs(workdir: str) -> Set[str]:
         except OSError:
             live.add(run_id)  # e.g. another user's: cannot tell, so never touch its tasks
             continue
-        if isinstance(owner, dict) and alive(owner):
+        if not isinstance(owner, dict):
+            forget(path)
+        elif alive(owner):
             live.add(run_id)
         else:
-            forget(path)
-    return live
+            dead.add(run_id)
+    return live, dead
+
+
+def live_runs(workdir: str) -> Set[str]:
+    return survey(workdir)[0]
+
+
+def forget_run(workdir: str, run_id: str) -> None:
+    forget(os.path.join(workdir, RUNS_DIR, run_id))
 
 
 def alive(owner: Mapping[str, Any]) -> bool:

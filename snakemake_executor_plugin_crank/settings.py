@@ -77,6 +77,15 @@ class ExecutorSettings(ExecutorSettingsBase):
             "choices": ["missing", "always", "never"],
         },
     )
+    detach: bool = field(
+        default=False,
+        metadata={
+            "help": "On Ctrl-C or SIGTERM, leave the running tasks on the backend instead of "
+            "canceling them; a later crank run in this directory (with --rerun-incomplete) "
+            "adopts those that do the work its jobs ask for and cancels the rest.",
+            "env_var": True,
+        },
+    )
     backend_tolerance: float = field(
         default=120.0,
         metadata={

@@ -141,6 +141,9 @@ class State(enum.Enum):
     CANCELED = "canceled"
     # gone from the backend without a terminal state (removed by someone else)
     LOST = "lost"
+    # ended through no fault of its own (the Docker engine stopped or restarted under it):
+    # run again once
+    INTERRUPTED = "interrupted"
 
     @property
     def terminal(self) -> bool:

@@ -177,7 +177,10 @@ def test_a_run_file_names_a_live_run_only_while_its_process_runs(tmp_path):
     dead = subprocess.Popen(["true"])
     dead.wait()
     (directory / "dead").write_text(json.dumps({**owner, "pid": dead.pid}))
-    assert runs.live_runs(str(tmp_path)) == {"mine", "elsewhere"}
-    assert sorted(p.name for p in directory.iterdir()) == ["elsewhere", "mine"]
+    assert runs.survey(str(tmp_path)) == ({"mine", "elsewhere"}, {"reused", "dead"})
+    # a dead run's file stays for the run that adopts its tasks; garbage goes
+    assert sorted(p.name for p in directory.iterdir()) == ["dead", "elsewhere", "mine", "reused"]
+    runs.forget_run(str(tmp_path), "dead")
+    runs.forget_run(str(tmp_path), "reused")
     runs.forget(path)
     assert runs.live_runs(str(tmp_path)) == {"elsewhere"}

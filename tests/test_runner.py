@@ -163,3 +163,27 @@ def test_a_wall_time_cancel_the_tes_server_refuses_is_tried_again(tes, tmp_path)
     assert done.returncode != 0
     assert "wall time exceeded (runtime limit 1 min)" in done.stderr
     assert live_tasks(tes, workdir) == []
+
+
+def test_an_interrupted_task_runs_again_once_then_fails():
+    backend, clock = FakeBackend(), Clock()
+    submitted = []
+    backend.submit = lambda task: submitted.append(task) or f"h{len(submitted)}"
+    task = TaskSpec(name="t", label="rule t", job_id="1", attempt=1, image="i",
+                    script="true", workdir="/w", log_dir="/w/logs")
+    runner = Runner(backend, clock=clock)
+    chain = runner.start([task])
+    backend.state = State.INTERRUPTED  # e.g. the engine restarted under it
+    assert runner.step([chain]) == {}
+    assert len(submitted) == 2 and chain.handle == "h2" and chain.spent == ["h1"]
+    outcome = runner.step([chain])[chain]  # interrupted again: reported this time
+    assert not outcome.ok and len(submitted) == 2
+
+
+def test_an_adopted_task_is_followed_not_submitted():
+    backend = FakeBackend()
+    backend.submit = lambda task: pytest.fail("submitted")
+    task = TaskSpec(name="t", label="rule t", job_id="1", attempt=1, image="i",
+                    script="true", workdir="/w", log_dir="/w/logs")
+    chain = Runner(backend).start([task], adopted="theirs")
+    assert chain.handle == "theirs"

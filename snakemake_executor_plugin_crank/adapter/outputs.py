@@ -29,10 +29,12 @@ def ran_directly(tasks: Sequence[TaskSpec]) -> bool:
     return bool(tasks) and all(t.benchmarks_by_crank for t in tasks)
 
 
-def prepare(job: Any, tasks: Sequence[TaskSpec], async_run: Callable) -> List[str]:
+def prepare(job: Any, tasks: Sequence[TaskSpec], async_run: Callable,
+            keep_outputs: bool = False) -> List[str]:
     """``tasks``: those that start now (a group's later jobs get their directories from
     ``make_parents`` when they start). Returns the update() outputs backed up (restore
-    them if the job fails)."""
+    them if the job fails). ``keep_outputs``: the job's task was adopted from a dead run
+    and may be writing them."""
     backed_up = []
     if ran_directly(tasks):
         # as Job.prepare: an update() output is kept, with a backup for a failure
@@ -42,6 +44,9 @@ def prepare(job: Any, tasks: Sequence[TaskSpec], async_run: Callable) -> List[st
                 if is_flagged(f, "update") and os.path.exists(f):
                     persistence.backup_output(Path(f))
                     backed_up.append(str(f))
+    if keep_outputs:
+        make_parents(tasks)
+        return backed_up
     try:
         async_run(job.remove_existing_output())
     except OSError as e:

@@ -7,7 +7,7 @@ error (worth trying again later). Nothing else escapes a backend.
 
 from __future__ import annotations
 
-from typing import Collection, Mapping, Protocol, Sequence
+from typing import Collection, Mapping, Optional, Protocol, Sequence, Tuple
 
 from ..task import Capacity, State, TaskResult, TaskSpec
 
@@ -16,10 +16,18 @@ class Backend(Protocol):
     def capacity(self) -> Capacity:
         """The most one task may ask for."""
 
-    def remove_orphans(self, live_runs: Collection[str]) -> int:
-        """Cancel what runs of this workdir that are no longer alive left behind (they
-        crashed); never a task of this run or of a run in ``live_runs`` (their run ids).
-        Return how many tasks that was."""
+    def gather_orphans(self, live_runs: Collection[str], dead_runs: Collection[str]) -> Tuple[int, int]:
+        """Look at what other runs of this workdir left: never a task of this run or of a
+        run in ``live_runs``. The tasks of ``dead_runs`` (they ended without cleaning up)
+        that can be adopted are kept for ``adopt``; the rest is canceled. Return (how many
+        were canceled, how many are kept)."""
+
+    def adopt(self, task: TaskSpec) -> Optional[str]:
+        """The handle of a kept task that does this task's work (``adoption.key_of``), now
+        this run's; else None, after canceling the kept tasks that write the same files."""
+
+    def cancel_orphans(self) -> int:
+        """Cancel the kept tasks nothing adopted; return how many."""
 
     def submit(self, task: TaskSpec) -> str:
         """Start the task; return its handle."""
@@ -41,5 +49,6 @@ class Backend(Protocol):
     def cancel(self, handles: Sequence[str]) -> None:
         """Stop the tasks and free what the backend holds for them."""
 
-    def close(self) -> None:
-        """Cancel whatever this run still has on the backend."""
+    def close(self, detach: bool = False) -> None:
+        """Cancel whatever this run still has on the backend, and the kept tasks; with
+        ``detach``, leave every task running for a later run to adopt."""

@@ -7,9 +7,12 @@ from __future__ import annotations
 from typing import Callable, Collection, List, Mapping, Optional, Sequence, Tuple
 
 from ...task import Capacity, State, TaskResult, TaskSpec, script_fits_argv
-from . import engine, scratch
+from ..adoption import Orphan, Orphans, key_of, products_id, stat_identity
+from . import adopted, engine, scratch
+from .adopted import AdoptedExecs
 from .cold import ColdRunner
-from .engine import LABEL_RUN, LABEL_WORKDIR, DockerOptions, Images
+from .engine import (LABEL_JOB, LABEL_KEY, LABEL_PRODUCTS, LABEL_RUN, LABEL_WORKDIR,
+                     DockerOptions, Images)
 from .warm import PREFIX, WarmPool
 
 
@@ -33,6 +36,11 @@ class DockerBackend:
                 self.cold, lambda pool_size: engine.client(options, max_pool_size=pool_size).api,
                 images, options, run_id, workdir,
             )
+        self.adopted = AdoptedExecs(self.api)
+        # what dead runs left, until adopted or canceled: ("cold", container id) or
+        # ("warm", adopted.LeftExec); and their runners' directories
+        self.orphans: Orphans = Orphans()
+        self._dead_roots: List[str] = []
 
     def capacity(self) -> Capacity:
         return self._capacity
@@ -47,20 +55,70 @@ class DockerBackend:
         """The argv of the task's own container (cold.py)."""
         return self.cold.command_for(task)
 
-    def remove_orphans(self, live_runs: Collection[str]) -> int:
-        """Remove the containers that dead runs in this workdir left behind (they crashed),
-        then the warm runners' temporary directories of such runs (scratch.py)."""
+    def gather_orphans(self, live_runs: Collection[str], dead_runs: Collection[str]) -> Tuple[int, int]:
+        """Keep the dead runs' tasks that can be adopted: containers of their own with
+        their labels, warm tasks with their runners' records (adopted.py); remove the
+        other containers and runners' directories of runs that are gone."""
         keep = {self.run_id, *live_runs}
-        stale = [
-            row["Id"]
-            for row in engine.containers(self.api, LABEL_WORKDIR, self.workdir)
-            if row.get("Labels", {}).get(LABEL_RUN) not in keep
-        ]
+        rows = engine.containers(self.api, LABEL_WORKDIR, self.workdir)
+        present = {row["Id"] for row in rows}
+        found: List[Orphan] = []
+        spared = set()
+        for run, root in scratch.roots_of(self.workdir, self.options.base_url):
+            if run in keep:
+                continue
+            left = [e for e in adopted.left_execs(root) if e.runner in present] if run in dead_runs else []
+            for e in left:
+                found.append(Orphan(e.key, e.products, ("warm", e), finished=e.exit_code() is not None))
+                spared.add(e.runner)
+            if left:
+                self._dead_roots.append(root)
+            else:
+                scratch.rmtree(root)
+        stale = []
+        for row in rows:
+            labels = row.get("Labels") or {}
+            if labels.get(LABEL_RUN) in keep or row["Id"] in spared:
+                continue
+            if (labels.get(LABEL_RUN) in dead_runs and labels.get(LABEL_KEY) and labels.get(LABEL_JOB)
+                    and row.get("State") in ("running", "exited")):
+                found.append(Orphan(labels[LABEL_KEY], labels.get(LABEL_PRODUCTS, ""), ("cold", row["Id"]),
+                                    finished=row.get("State") != "running"))
+            else:
+                stale.append(row["Id"])
         self.cold.cancel(stale)
-        scratch.remove_stale_dirs(self.workdir, self.options.base_url, self.run_id, live_runs=keep)
-        return len(stale)
+        self.orphans = Orphans(found)
+        return len(stale), len(found)
+
+    def adopt(self, task: TaskSpec) -> Optional[str]:
+        if not self.orphans:
+            return None
+        orphan = self.orphans.claim(key_of(task, stat_identity))
+        if orphan is None:
+            self._drop(self.orphans.writing(products_id(task)))
+            return None
+        kind, ref = orphan.ref
+        if kind == "cold":
+            self.cold.adopted.add(ref)
+            return ref
+        return self.adopted.take(ref)
+
+    def cancel_orphans(self) -> int:
+        left = self.orphans.take_all()
+        self._drop(left)
+        return len(left)
+
+    def _drop(self, orphans: Sequence[Orphan]) -> None:
+        for orphan in orphans:
+            kind, ref = orphan.ref
+            if kind == "cold":
+                self.cold.cancel([ref])
+            else:
+                adopted.remove_runner(self.api, ref)
 
     def submit(self, task: TaskSpec) -> str:
+        if self.orphans:  # another version of this work must not go on writing its files
+            self._drop(self.orphans.writing(products_id(task)))
         # a script too long for argv goes as a file: containers of its own (command_for)
         if self.warm is not None and script_fits_argv(task.script):
             handle = self.warm.try_submit(task)
@@ -69,41 +127,59 @@ class DockerBackend:
         return self.cold.submit(task)
 
     def poll(self, handles: Sequence[str]) -> Mapping[str, State]:
-        warm, cold = _split(handles)
+        taken = [h for h in handles if _is_adopted(h)]
+        warm, cold = _split([h for h in handles if not _is_adopted(h)])
         states = dict(self.warm.poll(warm)) if warm else {}  # answered from memory
+        if taken:
+            states.update(self.adopted.poll(taken))
         if cold or not warm:  # the rest with the one list request
             states.update(self.cold.poll(cold))
         return states
 
     def stop(self, handle: str) -> None:
+        if _is_adopted(handle):
+            return self.adopted.stop(handle)
         if _is_warm(handle):
             return self.warm.stop(handle)
         self.cold.stop(handle)
 
     def result(self, handle: str, task: TaskSpec) -> TaskResult:
+        if _is_adopted(handle):
+            return self.adopted.result(handle, task)
         if _is_warm(handle):
             return self.warm.result(handle, task)
         return self.cold.result(handle, task)
 
     def release(self, handles: Sequence[str]) -> None:
-        warm, cold = _split(handles)
+        self.adopted.remove([h for h in handles if _is_adopted(h)])
+        warm, cold = _split([h for h in handles if not _is_adopted(h)])
         if warm:
             self.warm.release(warm)
         self.cold.cancel(cold)
 
     def cancel(self, handles: Sequence[str]) -> None:
-        warm, cold = _split(handles)
+        self.adopted.remove([h for h in handles if _is_adopted(h)])
+        warm, cold = _split([h for h in handles if not _is_adopted(h)])
         if warm:
             self.warm.cancel(warm)
         self.cold.cancel(cold)
 
-    def close(self) -> None:
+    def close(self, detach: bool = False) -> None:
         if self.warm is not None:
-            self.warm.close()
+            self.warm.close(detach)
         try:
-            self.cold.close()
+            if not detach:
+                self.adopted.remove_all()
+                self.cancel_orphans()
+                for root in self._dead_roots:
+                    scratch.rmtree(root)
+            self.cold.close(detach)
         finally:
             self.client.close()
+
+
+def _is_adopted(handle: str) -> bool:
+    return handle.startswith(adopted.PREFIX)
 
 
 def _is_warm(handle: str) -> bool:

@@ -14,8 +14,10 @@ import docker.errors
 from ...errors import BackendUnavailable, CrankError
 from ...task import State, TaskResult, TaskSpec, file_argv, script_fits_argv
 from .. import logs
+from ..adoption import key_of, products_id, stat_identity
 from . import engine
-from .engine import LABEL_RUN, DockerOptions, Images, engine_errors, short
+from .engine import (LABEL_KEY, LABEL_PRODUCTS, LABEL_RUN, LABEL_WORKDIR, DockerOptions,
+                     Images, engine_errors, short)
 from .mounts import plan_mounts
 
 _STATES = {
@@ -39,6 +41,7 @@ class ColdRunner:
         self.options = options
         self.images = images
         self.script_dirs: set = set()  # where scripts too long for argv were written
+        self.adopted: set = set()  # containers of dead runs this run took over
 
     def submit(self, task: TaskSpec) -> str:
         """Start the task as a container of its own."""
@@ -102,7 +105,8 @@ class ColdRunner:
             working_dir=task.workdir,
             user=f"{os.getuid()}:{os.getgid()}",
             environment=dict(task.env),
-            labels=engine.labels(self.run_id, task.job_id, self.workdir),
+            labels={**engine.labels(self.run_id, task.job_id, self.workdir),
+                    LABEL_KEY: key_of(task, stat_identity), LABEL_PRODUCTS: products_id(task)},
             name=name,
             host_config=self.api.create_host_config(**host_config),
         )
@@ -120,7 +124,10 @@ class ColdRunner:
             self.cancel([name])
 
     def poll(self, handles: Sequence[str]) -> Mapping[str, State]:
-        rows = engine.containers(self.api, LABEL_RUN, self.run_id)
+        if self.adopted.intersection(handles):  # labeled with the runs that made them
+            rows = engine.containers(self.api, LABEL_WORKDIR, self.workdir)
+        else:
+            rows = engine.containers(self.api, LABEL_RUN, self.run_id)
         seen = {row["Id"]: _STATES.get(row["State"], State.RUNNING) for row in rows}
         return {h: seen.get(h, State.LOST) for h in handles}
 
@@ -165,10 +172,14 @@ class ColdRunner:
                 if e.status_code != 409:  # 409: removal already in progress
                     raise CrankError(f"Docker refused to remove container {handle[:12]}: {short(e)}") from None
 
-    def close(self) -> None:
-        """Remove every container of the run, then the scripts written for it."""
+    def close(self, detach: bool = False) -> None:
+        """Remove every container of the run (with ``detach``, only those that ended),
+        then the scripts written for it."""
+        if detach:
+            return  # the containers may read their scripts: both stay
         try:
-            self.cancel([row["Id"] for row in engine.containers(self.api, LABEL_RUN, self.run_id)])
+            rows = engine.containers(self.api, LABEL_RUN, self.run_id)
+            self.cancel([row["Id"] for row in rows] + sorted(self.adopted))
         finally:
             for directory in self.script_dirs:
                 shutil.rmtree(directory, ignore_errors=True)

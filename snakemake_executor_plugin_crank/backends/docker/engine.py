@@ -25,6 +25,9 @@ from ..stamps import seconds_between
 LABEL_RUN = "crank.run"
 LABEL_JOB = "crank.job"
 LABEL_WORKDIR = "crank.workdir"
+# a task's container: what it does (adoption.key_of) and which files it writes
+LABEL_KEY = "crank.key"
+LABEL_PRODUCTS = "crank.products"
 
 # Docker refuses memory limits below 6 MB.
 DOCKER_MIN_MEMORY = 6 * 1024 * 1024

@@ -50,13 +50,15 @@ from .mounts import plan_mounts
 # the runner's first process: waits forever, using only sh and sleep; ignoring SIGCHLD
 # lets the kernel reap the processes that are left to it
 IDLE = "trap '' CHLD; while :; do sleep 3600; done"
-# the exec: the task's own command line ("$@" after the two log paths), its stdout and
-# stderr into the log files (in the runner's scratch directory), then every other process
-# of the user killed; SHLVL as this shell found it, so the task's shell counts as the first
+# the exec: the task's own command line ("$@" after the two log paths and the exit code's
+# file), its stdout and stderr into the log files (in the runner's scratch directory), then
+# every other process of the user killed, then its exit code written down (a later run
+# that adopts the task reads it there: Docker forgets an exec when it restarts); SHLVL as
+# this shell found it, so the task's shell counts as the first
 WRAPPER = (
-    'exec >"$1" 2>"$2"; shift 2; '
+    'exec >"$1" 2>"$2"; crank_rc=$3; shift 3; '
     'if [ -n "${CRANK_SHLVL+x}" ]; then SHLVL=$CRANK_SHLVL; unset CRANK_SHLVL; else unset SHLVL; fi; '
-    '"$@"; rc=$?; kill -9 -1 2>/dev/null; exit $rc'
+    '"$@"; rc=$?; kill -9 -1 2>/dev/null; printf \'%s\\n\' "$rc" >"$crank_rc"; exit $rc'
 )
 PRIVATE = ("/tmp", "/dev/shm")
 # where a runner sees its scratch directory for the exec's stdout and stderr
@@ -269,7 +271,8 @@ class Runners:
     def create_exec(self, runner: Runner, task: TaskSpec) -> str:
         """The exec that runs ``task`` in ``runner``, not started yet."""
         logs = f"{LOGS}/{task.name}"
-        command = ["/bin/sh", "-c", WRAPPER, "crank", logs + ".stdout", logs + ".stderr", *task.argv]
+        command = ["/bin/sh", "-c", WRAPPER, "crank", logs + ".stdout", logs + ".stderr",
+                   logs + ".rc", *task.argv]
         return self.api.exec_create(
             runner.id, command, environment=_environment(task.env), workdir=task.workdir,
             user=self.user,

@@ -14,7 +14,7 @@ import shutil
 import socket
 import stat
 import tempfile
-from typing import Collection, Optional, Sequence, Tuple
+from typing import Collection, List, Optional, Sequence, Tuple
 
 from ...task import TaskSpec
 from .. import logs
@@ -43,16 +43,15 @@ def make_root(workdir: str, base_url: Optional[str], run_id: str) -> str:
     return root
 
 
-def remove_stale_dirs(workdir: str, base_url: Optional[str], run_id: str, live_runs: Collection[str]) -> int:
-    """Remove the runners' temporary directories that runs killed hard left behind: those
-    of this workdir and engine whose run is not in ``live_runs`` (the runs of this workdir
-    that are alive, see runs.py). Returns how many."""
-    removed = 0
+def roots_of(workdir: str, base_url: Optional[str]) -> List[Tuple[str, str]]:
+    """(run id, directory) of every runners' temporary directory of this workdir and
+    engine, whatever run made it."""
     base = tempfile.gettempdir()
     try:
         names = [n for n in os.listdir(base) if n.startswith("crank-warm-")]
     except OSError:
-        return 0
+        return []
+    found = []
     for name in names:
         root = os.path.join(base, name)
         try:
@@ -64,7 +63,17 @@ def remove_stale_dirs(workdir: str, base_url: Optional[str], run_id: str, live_r
             continue
         if owner.get("workdir") != workdir or owner.get("engine") != engine_of(base_url):
             continue
-        if owner.get("run") == run_id or owner.get("run") in live_runs:
+        found.append((str(owner.get("run")), root))
+    return found
+
+
+def remove_stale_dirs(workdir: str, base_url: Optional[str], run_id: str, live_runs: Collection[str]) -> int:
+    """Remove the runners' temporary directories that runs killed hard left behind: those
+    of this workdir and engine whose run is not in ``live_runs`` (the runs of this workdir
+    that are alive, see runs.py). Returns how many."""
+    removed = 0
+    for run, root in roots_of(workdir, base_url):
+        if run == run_id or run in live_runs:
             continue
         rmtree(root)
         removed += not os.path.exists(root)

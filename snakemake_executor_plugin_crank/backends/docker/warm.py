@@ -25,7 +25,8 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 from ...errors import BackendUnavailable, CrankError
 from ...task import State, TaskResult, TaskSpec
-from . import engine, scratch
+from ..adoption import key_of, products_id, stat_identity
+from . import adopted, engine, scratch
 from .engine import DockerOptions, Images, engine_errors
 from .events import Callbacks, Watcher
 from .runners import PoolStats, Runner, Runners, environment
@@ -143,6 +144,8 @@ class WarmPool:
                     states[h] = State.LOST
                 elif job.cold:
                     by_container[job.cold] = h
+                elif job.state is State.FINISHED and job.reason == DEAD_RUNNER:
+                    states[h] = State.INTERRUPTED  # not the task's doing: it runs again
                 else:
                     states[h] = job.state
         if by_container:
@@ -216,11 +219,23 @@ class WarmPool:
                     runners.append(job.runner)
         return cold, runners
 
-    def close(self) -> None:
+    def close(self, detach: bool = False) -> None:
+        """Remove every runner and the run's directory; with ``detach``, the runners of
+        running tasks and the directory stay for a later run to adopt (adopted.py)."""
         self.closed = self.containers.closed = True
         self.stopping.set()
         self.watcher.close()
         self.workers.shutdown(wait=False, cancel_futures=True)
+        if detach:
+            with self.lock:
+                busy = {job.runner.id for job in self.jobs.values()
+                        if job.runner is not None and not job.ended}
+            for runner in list(self.runners.values()):
+                if runner.id not in busy:
+                    self.containers.remove(runner)
+            self.workers.shutdown(wait=True)
+            self.api.close()
+            return
         self.containers.remove_all(parallel=WORKERS)
         self.workers.shutdown(wait=True)
         self.containers.remove_all()  # started while closing
@@ -319,6 +334,11 @@ class WarmPool:
     def _exec(self, job: _Job, runner: Runner) -> None:
         with engine_errors("starting a task"):
             exec_id = self.containers.create_exec(runner, job.task)
+            # before it starts: a run that dies from now on leaves what a later one adopts
+            adopted.write_record(runner.host_dir, {
+                "key": key_of(job.task, stat_identity), "products": products_id(job.task),
+                "name": job.task.name, "exec": exec_id, "runner": runner.id, "started": time.time(),
+            })
             with self.lock:
                 job.exec_id = exec_id
                 self.by_exec[exec_id] = job
@@ -369,6 +389,8 @@ class WarmPool:
                 # the runner's oom event can come after the exec's end: by now it has
                 job.oom = runner.oom
         finally:
+            if runner is not None:
+                adopted.clear_record(runner.host_dir)  # reported by this run
             with self.lock:
                 job.error = None
                 job.state = State.FINISHED

@@ -25,6 +25,7 @@ from ...errors import BackendUnavailable, CrankError
 from ...staging.digest import sha256_file
 from ...staging.stage import Stager
 from ...task import Capacity, Kind, State, TaskResult, TaskSpec
+from ..adoption import Orphan, Orphans, key_of, products_id
 from ..paths import under
 from . import layout, sources
 from .api import TesApi
@@ -37,6 +38,9 @@ TAG_JOB = "crank-job"
 TAG_RULE = "crank-rule"
 TAG_WORKDIR = "crank-workdir"
 TAG_SUBMISSION = "crank-submission"
+# what the task does (adoption.key_of) and which files it writes: a later run adopts it
+TAG_KEY = "crank-key"
+TAG_PRODUCTS = "crank-products"
 
 STATES = {
     "UNKNOWN": State.QUEUED,
@@ -52,6 +56,9 @@ STATES = {
     "PREEMPTED": State.PREEMPTED,
 }
 NON_TERMINAL = ("UNKNOWN", "QUEUED", "INITIALIZING", "RUNNING", "PAUSED")
+# a dead run's task that ended in these is adopted with its outcome (a system error or a
+# cancel is not the job's: a new task runs)
+ADOPTABLE_ENDS = ("COMPLETE", "EXECUTOR_ERROR")
 
 
 @dataclass(frozen=True)
@@ -151,6 +158,7 @@ class _Submission:
     task: TaskSpec
     tag: str  # value of TAG_SUBMISSION
     key: str  # runs/<run>/<handle>
+    run: str  # the run that created it (another for an adopted task)
     future: Optional[Future] = None
     tes_id: Optional[str] = None
     error: Optional[str] = None
@@ -192,41 +200,107 @@ class TesBackend:
         self._source_sets: Dict[Tuple[str, ...], Tuple[str, str]] = {}
         self._closing = False
         self.tags = {TAG_RUN: run_id, TAG_WORKDIR: workdir_tag(self.workdir)}
-        self.monitor = Monitor(api, TAG_RUN, run_id)
+        # one per run whose tasks this run follows: its own, and those it adopted from
+        self.monitors: Dict[str, Monitor] = {run_id: Monitor(api, TAG_RUN, run_id)}
+        self.orphans: Orphans[Tuple[str, str]] = Orphans()  # (task id, submission tag)
+
+    @property
+    def monitor(self) -> Monitor:
+        return self.monitors[self.run_id]
 
     def capacity(self) -> Capacity:
         return Capacity()  # TES does not say; the server refuses what it cannot run
 
-    def remove_orphans(self, live_runs: Collection[str]) -> int:
-        """Cancel the non-terminal tasks that dead runs in this workdir left (they crashed)."""
+    def gather_orphans(self, live_runs: Collection[str], dead_runs: Collection[str]) -> Tuple[int, int]:
+        """Keep the dead runs' tasks that can be adopted (running, or ended by themselves
+        while nobody watched); cancel the other non-terminal tasks of runs that are gone."""
         keep = {self.run_id, *live_runs}
-        stale = [
-            t.id
-            for t in self.api.list_tasks(TAG_WORKDIR, self.tags[TAG_WORKDIR], view="BASIC")
-            if t.state in NON_TERMINAL and (t.tags or {}).get(TAG_RUN) not in keep
-        ]
+        stale, found = [], []
+        for t in self.api.list_tasks(TAG_WORKDIR, self.tags[TAG_WORKDIR], view="BASIC"):
+            tags = t.tags or {}
+            run = tags.get(TAG_RUN)
+            if run in keep:
+                continue
+            adoptable = t.state in NON_TERMINAL or t.state in ADOPTABLE_ENDS
+            if run in dead_runs and adoptable and tags.get(TAG_KEY) and ":" in tags.get(TAG_SUBMISSION, ""):
+                found.append(Orphan(tags[TAG_KEY], tags.get(TAG_PRODUCTS, ""),
+                                    (t.id, tags[TAG_SUBMISSION]), finished=t.state not in NON_TERMINAL))
+            elif t.state in NON_TERMINAL:
+                stale.append(t.id)
         for task_id in stale:
             self.api.cancel_task(task_id)
-        return len(stale)
+        self.orphans = Orphans(found)
+        return len(stale), len(found)
+
+    def adopt(self, task: TaskSpec) -> Optional[str]:
+        if not self.orphans:
+            return None
+        orphan = self.orphans.claim(self._key(task))
+        if orphan is None:
+            for other in self.orphans.writing(products_id(task)):
+                if not other.finished:
+                    self._cancel_quietly(other.ref[0])
+            return None
+        tes_id, tag = orphan.ref
+        run, old_handle = tag.split(":", 1)
+        key = f"runs/{run}/{old_handle}"
+        if orphan.finished and not self._objects_exist(key):
+            return None  # collected and released by its run: nothing left to take over
+        with self._lock:
+            handle = self._new_handle(task)
+            sub = _Submission(handle=handle, task=task, tag=tag, key=key, run=run, tes_id=tes_id)
+            self._subs[handle] = sub
+        self._monitor_of(sub).add(tes_id)
+        return handle
+
+    def cancel_orphans(self) -> int:
+        left = [o for o in self.orphans.take_all() if not o.finished]
+        for orphan in left:
+            self.api.cancel_task(orphan.ref[0])
+        return len(left)
+
+    def _key(self, task: TaskSpec) -> str:
+        return key_of(task, self.stager.cache.digest)
+
+    def _objects_exist(self, key: str) -> bool:
+        try:
+            return bool(self.store.list(key + "/"))
+        except CrankError:
+            return False
+
+    def _monitor_of(self, sub: _Submission) -> Monitor:
+        with self._lock:
+            if sub.run not in self.monitors:
+                self.monitors[sub.run] = Monitor(self.api, TAG_RUN, sub.run)
+            return self.monitors[sub.run]
 
     # ------------------------------------------------------------------ submit
 
     def submit(self, task: TaskSpec) -> str:
         if self._closing:
             raise CrankError("crank is shutting down")
-        base = f"{task.job_id}-{task.attempt}"
+        if self.orphans:  # another version of this work must not go on
+            for other in self.orphans.writing(products_id(task)):
+                if not other.finished:
+                    self._cancel_quietly(other.ref[0])
         with self._lock:
-            n = 0
-            handle = base
-            while handle in self._subs:
-                n += 1
-                handle = f"{base}-r{n}"
+            handle = self._new_handle(task)
             sub = _Submission(
                 handle=handle, task=task, tag=f"{self.run_id}:{handle}",
-                key=f"runs/{self.run_id}/{handle}",
+                key=f"runs/{self.run_id}/{handle}", run=self.run_id,
             )
             self._subs[handle] = sub
         sub.future = self._pool.submit(self._stage_and_create, sub)
+        return handle
+
+    def _new_handle(self, task: TaskSpec) -> str:
+        """(under the lock) A handle no submission of this run has."""
+        base = f"{task.job_id}-{task.attempt}"
+        n = 0
+        handle = base
+        while handle in self._subs:
+            n += 1
+            handle = f"{base}-r{n}"
         return handle
 
     def _stage_and_create(self, sub: _Submission) -> None:
@@ -234,7 +308,8 @@ class TesBackend:
             staged = self._stage(sub.task)
             sub.digests = tuple(s.digest for s in staged)
             tags = {**self.tags, TAG_JOB: f"{sub.task.job_id}-{sub.task.attempt}",
-                    TAG_RULE: sub.task.label, TAG_SUBMISSION: sub.tag}
+                    TAG_RULE: sub.task.label, TAG_SUBMISSION: sub.tag,
+                    TAG_KEY: self._key(sub.task), TAG_PRODUCTS: products_id(sub.task)}
             source_set = self._source_set(sub.task.sources) if sub.task.sources else None
             body = task_body(to_tes_task(sub.task, staged, self.store.url(sub.key), tags, source_set))
             if sub.canceled or self._closing:
@@ -297,7 +372,8 @@ class TesBackend:
         listed: Dict[str, str] = {}
         if any(s.tes_id for s in subs):
             try:
-                listed = self.monitor.round()
+                for monitor in list(self.monitors.values()):
+                    listed.update(monitor.round())
             except HttpError as e:
                 # final (credentials refused, wrong URL): these tasks cannot be followed
                 self._lose_sight(subs, e)
@@ -314,7 +390,7 @@ class TesBackend:
             elif sub.tes_id in listed:
                 sub.last_state = listed[sub.tes_id]
                 states[h] = STATES.get(sub.last_state, State.QUEUED)
-            elif self.monitor.young(sub.tes_id):
+            elif self._monitor_of(sub).young(sub.tes_id):
                 states[h] = State.QUEUED
             else:
                 states[h] = State.LOST
@@ -348,7 +424,7 @@ class TesBackend:
         try:
             full = self.api.get_task(sub.tes_id)
         except HttpError as e:
-            if e.status == 404 and self.monitor.young(sub.tes_id):
+            if e.status == 404 and self._monitor_of(sub).young(sub.tes_id):
                 raise BackendUnavailable(f"task {sub.tes_id} not found yet") from None
             raise CrankError(f"{task.label}: the TES server lost task {sub.tes_id} ({e})") from None
         if full.state == "SYSTEM_ERROR":
@@ -363,7 +439,7 @@ class TesBackend:
             if sub is None or self._closing:
                 continue
             if sub.tes_id:
-                self.monitor.remove(sub.tes_id)
+                self._monitor_of(sub).remove(sub.tes_id)
                 if sub.last_state in NON_TERMINAL:
                     # a chain that failed while its task still ran: the task must not outlive it
                     self._pool.submit(self._cancel_quietly, sub.tes_id)
@@ -394,16 +470,21 @@ class TesBackend:
             if sub.tes_id and (sub.last_state is None or sub.last_state in NON_TERMINAL):
                 self.api.cancel_task(sub.tes_id)
 
-    def close(self) -> None:
+    def close(self, detach: bool = False) -> None:
         self._closing = True
         try:
             for sub in list(self._subs.values()):
                 sub.canceled = True
             self.stager.stop()  # inputs still uploading are abandoned, not awaited
             self._pool.shutdown(wait=True, cancel_futures=True)
-            for t in self.api.list_tasks(TAG_RUN, self.run_id, view="BASIC", bounded=True):
-                if t.state in NON_TERMINAL:
-                    self.api.cancel_task(t.id)
+            if not detach:
+                for t in self.api.list_tasks(TAG_RUN, self.run_id, view="BASIC", bounded=True):
+                    if t.state in NON_TERMINAL:
+                        self.api.cancel_task(t.id)
+                for sub in self._subs.values():  # adopted: tagged with another run
+                    if sub.run != self.run_id and sub.tes_id and sub.last_state in (None, *NON_TERMINAL):
+                        self.api.cancel_task(sub.tes_id)
+                self.cancel_orphans()
         finally:
             self.stager.close()
             self.fetcher.close()

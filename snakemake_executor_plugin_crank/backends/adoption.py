@@ -1,0 +1,175 @@
+"""Adopting what a dead run left: the key that says a task does the work a new job asks
+for, and the pool of a dead run's tasks that jobs of this run may claim.
+
+A task's key is a digest of everything that decides what it produces: its label (rule or
+group), image, command, environment, resources, the paths of its inputs and products, the
+workflow's source files it depends on, and the inputs' content as the backend identifies it (``identify``:
+content digests on TES, size and modification time on Docker). Run-specific parts (job id,
+attempt, task name, log directory) are left out: a rerun numbers its jobs anew.
+
+Imports nothing of crank's but ``task``.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import threading
+from dataclasses import dataclass
+from typing import Callable, Dict, Generic, Iterable, List, Optional, Tuple, TypeVar
+
+from ..task import Input, TaskSpec
+
+# file path -> what identifies its content
+Identify = Callable[[str], str]
+
+
+def stat_identity(path: str) -> str:
+    """Size and modification time (Docker: the task reads the file itself, in place)."""
+    st = os.lstat(path)
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def key_of(task: TaskSpec, identify: Identify) -> str:
+    """The task's adoption key (see the module text)."""
+    r = task.resources
+    work = {
+        "label": task.label,
+        "image": task.image,
+        "script": task.script,
+        "workdir": task.workdir,
+        "env": sorted(task.env.items()),
+        "inputs": [[i.path, i.kind.value, i.url] for i in task.inputs],
+        "outputs": [[o.path, o.kind.value, o.update, o.url] for o in task.outputs],
+        "logs": [o.path for o in task.logs],
+        "benchmarks": list(task.benchmarks),
+        "resources": [r.cpus, r.mem_mb, r.disk_mb, r.runtime_s, r.gpus, r.preemptible, r.gpu_model],
+        "sources": _sources_identity(_sources_read(task)),
+        "content": [_content(i, identify) for i in task.inputs if not i.url]
+        + [_tree(o.path, identify) for o in task.outputs if o.update and os.path.lexists(o.path)],
+    }
+    return hashlib.sha256(json.dumps(work, sort_keys=True).encode()).hexdigest()
+
+
+def _content(i: Input, identify: Identify):
+    if not os.path.lexists(i.path):
+        return [i.path, None]
+    return _tree(i.path, identify)
+
+
+def _tree(path: str, identify: Identify) -> List:
+    """What a file or directory holds: for a directory, every entry below it (links as
+    their text, files as ``identify`` says)."""
+    if os.path.islink(path) and not os.path.isdir(path):
+        return [path, "link", os.readlink(path)]
+    if not os.path.isdir(path):
+        return [path, identify(path)]
+    entries: List = []
+    for root, dirs, files in os.walk(path, followlinks=True):
+        dirs.sort()
+        for name in sorted(files) + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
+            full = os.path.join(root, name)
+            if os.path.islink(full):
+                entries.append([os.path.relpath(full, path), "link", os.readlink(full)])
+            else:
+                entries.append([os.path.relpath(full, path), identify(full)])
+        dirs[:] = [d for d in dirs if not os.path.islink(os.path.join(root, d))]
+        if not dirs and not files:
+            entries.append([os.path.relpath(root, path), "dir"])
+    return [path, "tree", entries]
+
+
+def _sources_read(task: TaskSpec) -> Tuple[str, ...]:
+    """The sources the task's work depends on: all of them for a task that runs Snakemake
+    (a run: block, a script); for a command run directly, those it names (an edit
+    elsewhere in the workflow does not change what it does)."""
+    if not task.benchmarks_by_crank:
+        return task.sources
+    return tuple(
+        p for p in task.sources
+        if p in task.script or os.path.relpath(p, task.workdir) in task.script
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _sources_identity(sources: Tuple[str, ...]) -> str:
+    """The workflow's sources, by size and modification time (the same for every task of a
+    run: computed once)."""
+    h = hashlib.sha256()
+    for path in sources:
+        try:
+            h.update(f"{path}\0{stat_identity(path)}\0".encode())
+        except OSError:
+            h.update(f"{path}\0-\0".encode())
+    return h.hexdigest()
+
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Orphan(Generic[T]):
+    """A dead run's task: its key, which files it writes (``products_id``), and what the
+    backend needs to take it over (``ref``)."""
+
+    key: str
+    products: str
+    ref: T
+    finished: bool = False
+
+
+class Orphans(Generic[T]):
+    """The tasks dead runs left that no job of this run has claimed yet; thread-safe."""
+
+    def __init__(self, found: Iterable[Orphan[T]] = ()):
+        self._lock = threading.Lock()
+        self._by_key: Dict[str, List[Orphan[T]]] = {}
+        for orphan in found:
+            self._by_key.setdefault(orphan.key, []).append(orphan)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return sum(len(v) for v in self._by_key.values())
+
+    def claim(self, key: str) -> Optional[Orphan[T]]:
+        """The orphan doing exactly this work (a running one before a finished one), taken
+        out of the pool; None when there is none."""
+        with self._lock:
+            candidates = self._by_key.get(key)
+            if not candidates:
+                return None
+            candidates.sort(key=lambda o: o.finished)
+            orphan = candidates.pop(0)
+            if not candidates:
+                del self._by_key[key]
+            return orphan
+
+    def writing(self, products: str) -> List[Orphan[T]]:
+        """The orphans that write the same files (``products_id``) as other work: they
+        must not go on. Taken out of the pool."""
+        taken = []
+        with self._lock:
+            for key in list(self._by_key):
+                keep = []
+                for orphan in self._by_key[key]:
+                    (taken if orphan.products == products else keep).append(orphan)
+                if keep:
+                    self._by_key[key] = keep
+                else:
+                    del self._by_key[key]
+        return taken
+
+    def take_all(self) -> List[Orphan[T]]:
+        with self._lock:
+            everything = [o for v in self._by_key.values() for o in v]
+            self._by_key.clear()
+        return everything
+
+
+def products_id(task: TaskSpec) -> str:
+    """Which files the task writes, short enough for a tag or a label."""
+    paths = sorted(p.path for p in task.products)
+    return hashlib.sha256("\0".join(paths).encode()).hexdigest()[:32]
+

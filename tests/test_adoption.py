@@ -1,0 +1,197 @@
+"""Runs that outlive their client (docs/reliability.md, "A run that dies"): a run killed
+while its jobs run leaves its tasks running; the next run adopts every task that does the
+work one of its jobs asks for (no new task or container), reports it as if it had
+submitted it, and cancels the rest. Counted on the engine and on the TES server."""
+
+import os
+import signal
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import requests
+
+from conftest import BUSYBOX, containers_of, snakemake_command, wait_for
+from test_tes import crank_command, tasks_of
+
+# long: 40 s; quick ends while no crank runs; bad fails meanwhile; edited is changed
+# between the runs (its new version is short)
+SNAKEFILE = """
+rule all:
+    input: "long0.txt", "long1.txt", "quick.txt", "bad.txt", "edited.txt"
+
+rule long:
+    output: "long{i}.txt"
+    log: "logs/long{i}.log"
+    shell: "echo start > {log}; sleep 40; echo long {wildcards.i} > {output}; echo end >> {log}"
+
+rule quick:
+    output: "quick.txt"
+    log: "logs/quick.log"
+    shell: "echo start > {log}; sleep 12; echo quick > {output}; echo end >> {log}"
+
+rule bad:
+    output: "bad.txt"
+    log: "logs/bad.log"
+    shell: "echo start > {log}; sleep 12; echo broken >> {log}; exit 3"
+
+rule edited:
+    output: "edited.txt"
+    log: "logs/edited.log"
+    shell: "echo start > {log}; sleep 40; echo old > {output}"
+"""
+EDITED = 'shell: "echo start > {log}; sleep 40; echo old > {output}"'
+EDIT = 'shell: "echo new > {output}; echo start > {log}"'
+RULES = ("long", "long", "quick", "bad", "edited")
+
+
+def workflow(tmp_path: Path) -> Path:
+    workdir = tmp_path / uuid.uuid4().hex / "wf"
+    workdir.mkdir(parents=True)
+    (workdir / "Snakefile").write_text(SNAKEFILE)
+    return workdir
+
+
+def start(command, workdir: Path, env) -> subprocess.Popen:
+    return subprocess.Popen(command, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, stdin=subprocess.DEVNULL)
+
+
+def run(command, workdir: Path, env, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(command, cwd=workdir, capture_output=True, text=True, env=env,
+                          stdin=subprocess.DEVNULL, timeout=timeout)
+
+
+def kill_hard(proc: subprocess.Popen) -> None:
+    proc.kill()  # SIGKILL: no clean-up at all
+    proc.wait()
+
+
+def all_started(workdir: Path) -> bool:
+    names = ("long0", "long1", "quick", "bad", "edited")
+    return all((workdir / "logs" / f"{n}.log").exists() for n in names)
+
+
+def check_rerun(workdir: Path, done: subprocess.CompletedProcess, seconds: float) -> None:
+    """What every backend must show after the rerun."""
+    assert done.returncode != 0, done.stderr[-3000:]  # rule bad failed, with --keep-going
+    assert done.stderr.count("adopts the") == 4, done.stderr[-5000:]
+    for i in (0, 1):
+        assert (workdir / f"long{i}.txt").read_text() == f"long {i}\n"
+        assert (workdir / "logs" / f"long{i}.log").read_text() == "start\nend\n"
+    assert (workdir / "quick.txt").read_text() == "quick\n"
+    assert (workdir / "logs" / "quick.log").read_text() == "start\nend\n"
+    assert (workdir / "edited.txt").read_text() == "new\n"  # not the old task's "old"
+    assert not (workdir / "bad.txt").exists()
+    assert (workdir / "logs" / "bad.log").read_text() == "start\nbroken\n"
+    assert "rule bad" in done.stderr and "exit code 3" in done.stderr, done.stderr[-5000:]
+    # a new task would need 40 s for the long jobs alone
+    assert seconds < 40, seconds
+
+
+# ---------------------------------------------------------------- Docker
+
+
+def docker_env():
+    return {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+def creations(docker_api, workdir: Path, since: float, until: float):
+    """Containers created and execs started for the workdir's tasks in [since, until]."""
+    events = docker_api.events(since=int(since), until=int(until) + 1, decode=True,
+                               filters={"type": "container", "label": f"crank.workdir={workdir}"})
+    return [e["Action"] for e in events if e["Action"] == "create" or e["Action"].startswith("exec_create")]
+
+
+@pytest.mark.docker
+def test_a_killed_run_is_adopted_by_the_next_docker(docker_api, tmp_path):
+    workdir = workflow(tmp_path)
+    env = docker_env()
+    first = start(snakemake_command("--jobs", "6"), workdir, env)
+    try:
+        wait_for(lambda: all_started(workdir), 90, "every job to start")
+    finally:
+        kill_hard(first)
+    killed = time.time()
+    # --unlock adopts nothing and cancels nothing
+    unlock = run(snakemake_command("--unlock"), workdir, env)
+    assert unlock.returncode == 0, unlock.stderr[-3000:]
+    running = [c for c in containers_of(docker_api, workdir) if c["State"] == "running"]
+    assert len(running) == 5
+    wait_for(lambda: (workdir / "logs" / "bad.log").read_text() == "start\nbroken\n", 60,
+             "rule bad to fail while no crank runs")
+    (workdir / "Snakefile").write_text(SNAKEFILE.replace(EDITED, EDIT))
+    began = time.monotonic()
+    done = run(snakemake_command("--jobs", "6", "--rerun-incomplete", "--keep-going"), workdir, env)
+    seconds = time.monotonic() - began
+    check_rerun(workdir, done, seconds)
+    # one task for the edited rule: nothing else was created again
+    made = creations(docker_api, workdir, killed, time.time())
+    assert len(made) == 1, made
+    assert containers_of(docker_api, workdir) == []
+    assert not list((workdir / ".snakemake" / "crank" / "runs").iterdir())
+
+
+@pytest.mark.docker
+def test_a_detached_run_is_adopted_by_the_next_docker(docker_api, tmp_path):
+    workdir = tmp_path / "wf"
+    workdir.mkdir()
+    (workdir / "Snakefile").write_text(
+        'rule a:\n    output: "a.txt"\n    shell: "touch started; sleep 20; echo a > {output}"\n')
+    env = docker_env()
+    first = start(snakemake_command("--crank-detach"), workdir, env)
+    try:
+        wait_for(lambda: (workdir / "started").exists(), 60, "the job to start")
+        first.send_signal(signal.SIGINT)
+        _, stderr = first.communicate(timeout=60)
+    finally:
+        first.kill()
+    assert "left running (--crank-detach)" in stderr, stderr[-3000:]
+    [runner] = containers_of(docker_api, workdir)
+    assert runner["State"] == "running"
+    began = time.monotonic()
+    done = run(snakemake_command("--rerun-incomplete"), workdir, env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "adopts the container" in done.stderr
+    assert (workdir / "a.txt").read_text() == "a\n"
+    assert time.monotonic() - began < 20
+    assert containers_of(docker_api, workdir) == []
+
+
+# ---------------------------------------------------------------- TES
+
+
+@pytest.mark.tes
+def test_a_killed_run_is_adopted_by_the_next_tes(tes, tmp_path):
+    workdir = workflow(tmp_path)
+    env = tes.env()
+    first = start(crank_command(tes, workdir, "--jobs", "6"), workdir, env)
+    try:
+        wait_for(lambda: len([t for t in tasks_of(tes, workdir) if t["state"] == "RUNNING"]) == 5,
+                 120, "every task to run")
+    finally:
+        kill_hard(first)
+    before = {t["id"] for t in tasks_of(tes, workdir)}
+    assert len(before) == 5
+    unlock = run(crank_command(tes, workdir, "--unlock"), workdir, env)
+    assert unlock.returncode == 0, unlock.stderr[-3000:]
+
+    def ended(rule):
+        return [t for t in tasks_of(tes, workdir) if t["tags"]["crank-rule"] == f"rule {rule}"
+                and t["state"] in ("COMPLETE", "EXECUTOR_ERROR")]
+
+    wait_for(lambda: ended("quick") and ended("bad"), 90, "quick and bad to end while no crank runs")
+    assert not [t for t in tasks_of(tes, workdir) if t["state"] in ("CANCELED", "CANCELING")]
+    (workdir / "Snakefile").write_text(SNAKEFILE.replace(EDITED, EDIT))
+    began = time.monotonic()
+    done = run(crank_command(tes, workdir, "--jobs", "6", "--rerun-incomplete", "--keep-going"),
+               workdir, env)
+    seconds = time.monotonic() - began
+    check_rerun(workdir, done, seconds)
+    after = {t["id"]: t for t in tasks_of(tes, workdir)}
+    new = set(after) - before
+    assert len(new) == 1 and after[new.pop()]["tags"]["crank-rule"] == "rule edited"
+    [old_edited] = [t for i, t in after.items() if i in before and t["tags"]["crank-rule"] == "rule edited"]
+    assert old_edited["state"] in ("CANCELED", "CANCELING")
