@@ -127,36 +127,48 @@ def test_a_killed_run_is_adopted_by_the_next_docker(docker_api, tmp_path):
     done = run(snakemake_command("--jobs", "6", "--rerun-incomplete", "--keep-going"), workdir, env)
     seconds = time.monotonic() - began
     check_rerun(workdir, done, seconds)
-    # one task for the edited rule: nothing else was created again
+    # one task for the edited rule (an exec, in a runner made for it): nothing else again
     made = creations(docker_api, workdir, killed, time.time())
-    assert len(made) == 1, made
+    execs = [e for e in made if e.startswith("exec_create")]
+    assert len(execs) == 1 and "echo new > edited.txt" in execs[0], made
+    assert made.count("create") <= 1, made
     assert containers_of(docker_api, workdir) == []
     assert not list((workdir / ".snakemake" / "crank" / "runs").iterdir())
 
 
-@pytest.mark.docker
-def test_a_detached_run_is_adopted_by_the_next_docker(docker_api, tmp_path):
-    workdir = tmp_path / "wf"
-    workdir.mkdir()
-    (workdir / "Snakefile").write_text(
-        'rule a:\n    output: "a.txt"\n    shell: "touch started; sleep 20; echo a > {output}"\n')
-    env = docker_env()
-    first = start(snakemake_command("--crank-detach"), workdir, env)
+DETACHED = 'rule a:\n    output: "a.txt"\n    shell: "echo started > started; sleep 20; echo a > {output}"\n'
+
+
+def detach_then_adopt(command, workdir: Path, env, started) -> float:
+    """Start the one 20 s job with --crank-detach, Ctrl-C it once it runs, adopt it in a
+    rerun: the rerun's seconds."""
+    (workdir / "Snakefile").write_text(DETACHED)
+    first = start(command("--crank-detach"), workdir, env)
     try:
-        wait_for(lambda: (workdir / "started").exists(), 60, "the job to start")
+        wait_for(started, 90, "the job to start")
         first.send_signal(signal.SIGINT)
         _, stderr = first.communicate(timeout=60)
     finally:
         first.kill()
     assert "left running (--crank-detach)" in stderr, stderr[-3000:]
-    [runner] = containers_of(docker_api, workdir)
-    assert runner["State"] == "running"
     began = time.monotonic()
-    done = run(snakemake_command("--rerun-incomplete"), workdir, env)
+    done = run(command("--rerun-incomplete"), workdir, env)
+    seconds = time.monotonic() - began
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "adopts the container" in done.stderr
+    assert "rule a (job 0) adopts the" in done.stderr, done.stderr[-3000:]
     assert (workdir / "a.txt").read_text() == "a\n"
-    assert time.monotonic() - began < 20
+    return seconds
+
+
+@pytest.mark.docker
+def test_a_detached_run_is_adopted_by_the_next_docker_cold(docker_api, tmp_path):
+    """In a container of its own (no warm runner): adopted by its labels."""
+    workdir = tmp_path / "wf"
+    workdir.mkdir()
+    command = lambda *args: snakemake_command("--crank-docker-warm", "no", *args)
+    seconds = detach_then_adopt(command, workdir, docker_env(),
+                                lambda: (workdir / "started").exists())
+    assert seconds < 20  # a new container would take 20 s
     assert containers_of(docker_api, workdir) == []
 
 
@@ -195,3 +207,14 @@ def test_a_killed_run_is_adopted_by_the_next_tes(tes, tmp_path):
     assert len(new) == 1 and after[new.pop()]["tags"]["crank-rule"] == "rule edited"
     [old_edited] = [t for i, t in after.items() if i in before and t["tags"]["crank-rule"] == "rule edited"]
     assert old_edited["state"] in ("CANCELED", "CANCELING")
+
+
+@pytest.mark.tes
+def test_a_detached_run_is_adopted_by_the_next_tes(tes, tmp_path):
+    workdir = tmp_path / "wf"
+    workdir.mkdir()
+    command = lambda *args: crank_command(tes, workdir, *args)
+    running = lambda: [t for t in tasks_of(tes, workdir) if t["state"] == "RUNNING"]
+    detach_then_adopt(command, workdir, tes.env(), running)
+    [task] = tasks_of(tes, workdir)  # the same task, adopted: no second one
+    assert task["state"] == "COMPLETE"

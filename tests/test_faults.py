@@ -115,6 +115,40 @@ def test_engine_restart_mid_run_is_survived(engine, api, tmp_path, warm):
     assert time.monotonic() - began < 110
 
 
+FOUR = """
+rule all:
+    input: expand("out/{i}.txt", i=range(4))
+
+rule work:
+    output: "out/{i}.txt"
+    shell: "echo started > started.{wildcards.i}; sleep 25; echo {wildcards.i} > {output}"
+"""
+
+
+@BOTH
+def test_an_engine_stopped_under_running_jobs_runs_them_again_once(engine, api, tmp_path, warm):
+    """dockerd stopped 6 s into four 25 s jobs, started 8 s later, no --retries: a task the
+    engine's stop killed is not the job's fault, crank runs it again once, and the run
+    completes with every output right (docs/reliability.md)."""
+    workdir = workflow(tmp_path, FOUR)
+    proc = start(workdir, engine.url, "--crank-docker-warm", warm, "--jobs", "4")
+    try:
+        wait_for(lambda: all((workdir / f"started.{i}").exists() for i in range(4)), 60,
+                 "the four jobs to start")
+        time.sleep(6)  # the scenario itself: the engine stops 6 s into the jobs
+        engine.stop()
+        time.sleep(8)  # and is away for 8 s
+        engine.start()
+        out = finish(proc, timeout=150)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out
+    for i in range(4):
+        assert (workdir / "out" / f"{i}.txt").read_text() == f"{i}\n"
+    assert "Traceback" not in out
+    assert api.containers(all=True) == []
+
+
 SLOW = """
 rule slow:
     output: "slow.txt"

@@ -6,7 +6,8 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-from typing import Any, Dict, Mapping, Sequence, Tuple
+import time
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import docker
 import docker.errors
@@ -14,6 +15,7 @@ import docker.errors
 from ...errors import BackendUnavailable, CrankError
 from ...task import State, TaskResult, TaskSpec, file_argv, script_fits_argv
 from .. import logs
+from ..stamps import parse
 from ..adoption import key_of, products_id, stat_identity
 from . import engine
 from .engine import (LABEL_KEY, LABEL_PRODUCTS, LABEL_RUN, LABEL_WORKDIR, DockerOptions,
@@ -42,6 +44,12 @@ class ColdRunner:
         self.images = images
         self.script_dirs: set = set()  # where scripts too long for argv were written
         self.adopted: set = set()  # containers of dead runs this run took over
+        # when the engine did not answer (wall clock, from the last answer before to the
+        # first after): a container that a signal ended then was stopped by the engine
+        self.outages: List[Tuple[float, float]] = []
+        self._last_answer: Optional[float] = None
+        self._silent_since: Optional[float] = None
+        self._interrupted: Dict[str, bool] = {}
 
     def submit(self, task: TaskSpec) -> str:
         """Start the task as a container of its own."""
@@ -124,12 +132,45 @@ class ColdRunner:
             self.cancel([name])
 
     def poll(self, handles: Sequence[str]) -> Mapping[str, State]:
-        if self.adopted.intersection(handles):  # labeled with the runs that made them
-            rows = engine.containers(self.api, LABEL_WORKDIR, self.workdir)
-        else:
-            rows = engine.containers(self.api, LABEL_RUN, self.run_id)
+        try:
+            if self.adopted.intersection(handles):  # labeled with the runs that made them
+                rows = engine.containers(self.api, LABEL_WORKDIR, self.workdir)
+            else:
+                rows = engine.containers(self.api, LABEL_RUN, self.run_id)
+        except BackendUnavailable:
+            if self._silent_since is None:
+                self._silent_since = self._last_answer or time.time()
+            raise
+        now = time.time()
+        if self._silent_since is not None:
+            self.outages.append((self._silent_since - 1, now))
+            self._silent_since = None
+        self._last_answer = now
         seen = {row["Id"]: _STATES.get(row["State"], State.RUNNING) for row in rows}
-        return {h: seen.get(h, State.LOST) for h in handles}
+        states = {h: seen.get(h, State.LOST) for h in handles}
+        for h, state in states.items():
+            if state is State.FINISHED and self.outages and self._stopped_by_engine(h):
+                states[h] = State.INTERRUPTED
+        return states
+
+    def _stopped_by_engine(self, handle: str) -> bool:
+        """Whether a signal ended the container while the engine did not answer (it stopped
+        or restarted: live-restore off stops every container), asked once per container."""
+        if handle not in self._interrupted:
+            try:
+                with engine_errors("inspecting a container"):
+                    state = self.api.inspect_container(handle)["State"]
+            except docker.errors.NotFound:
+                return False
+            try:
+                ended = parse(state.get("FinishedAt")).timestamp()
+            except (TypeError, ValueError, AttributeError):
+                ended = None
+            self._interrupted[handle] = (
+                ended is not None and (state.get("ExitCode") or 0) > 128
+                and any(start <= ended <= end for start, end in self.outages)
+            )
+        return self._interrupted[handle]
 
     def stop(self, handle: str) -> None:
         try:

@@ -39,6 +39,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import docker
 import docker.errors
 import docker.types
+import requests
 
 from ...errors import CrankError
 from ...task import TaskSpec
@@ -329,7 +330,11 @@ class Runners:
             return True
         except docker.errors.NotFound:
             return True
-        except Exception:  # noqa: BLE001 - still running (timed out), or no answer
+        except requests.exceptions.ReadTimeout:
+            return runner.dead  # still running
+        except requests.exceptions.ConnectionError:
+            return True  # the engine went away: it stops its containers as it goes
+        except Exception:  # noqa: BLE001 - no answer
             return runner.dead
 
 
