@@ -185,7 +185,7 @@ class Executor(RemoteExecutor):
     def _cancel_unclaimed(self) -> None:
         """Once every job this run will run was handed over, cancel the dead runs' tasks
         that none adopted (a checkpoint still to finish may add jobs: wait for it)."""
-        if not self._orphans_kept:
+        if not self._orphans_kept or self._others_alive():
             return
         dag = self.workflow.dag
         if any(not dag.finished(j) for j in dag.checkpoint_jobs):
@@ -200,6 +200,11 @@ class Executor(RemoteExecutor):
         self._orphans_kept = 0
         if removed:
             self.logger.info(f"crank: removed {removed} {self._unit}(s) left by an earlier run")
+
+    def _others_alive(self) -> bool:
+        """Whether another run of this workdir started since: it may have adopted what is
+        left of the dead runs, which this run then must not cancel."""
+        return bool(runs.live_runs(self.context.workdir) - {self.run_id})
 
     async def check_active_jobs(
         self, active_jobs: List[SubmittedJobInfo]
@@ -381,6 +386,9 @@ class Executor(RemoteExecutor):
         self._canceling = True
         detach = self._detached
         try:
+            if not detach and self._orphans_kept and not self._others_alive():
+                self.backend.cancel_orphans()  # what dead runs left that no job adopted
+                self._orphans_kept = 0
             self.backend.close(detach=detach)
             closed = True
         except CrankError as e:
@@ -397,7 +405,7 @@ class Executor(RemoteExecutor):
                 "same command again with --rerun-incomplete to adopt them"
             )
             return
-        if closed:  # what dead runs left is adopted and reported, or canceled
+        if closed and not self._orphans_kept:  # what dead runs left is adopted or canceled
             for run_id in self._dead_runs:
                 runs.forget_run(self.context.workdir, run_id)
         runs.forget(self._run_file)

@@ -80,9 +80,10 @@ class ExecutorSettings(ExecutorSettingsBase):
     detach: bool = field(
         default=False,
         metadata={
-            "help": "On Ctrl-C or SIGTERM, leave the running tasks on the backend instead of "
-            "canceling them; a later crank run in this directory (with --rerun-incomplete) "
-            "adopts those that do the work its jobs ask for and cancels the rest.",
+            "help": "On Ctrl-C, leave the running tasks on the backend instead of canceling "
+            "them; a later crank run in this directory (with --rerun-incomplete) adopts "
+            "those that do the work its jobs ask for and cancels the rest. (On SIGTERM "
+            "Snakemake waits for its running jobs.)",
             "env_var": True,
         },
     )

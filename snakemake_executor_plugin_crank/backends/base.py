@@ -50,5 +50,5 @@ class Backend(Protocol):
         """Stop the tasks and free what the backend holds for them."""
 
     def close(self, detach: bool = False) -> None:
-        """Cancel whatever this run still has on the backend, and the kept tasks; with
-        ``detach``, leave every task running for a later run to adopt."""
+        """Cancel whatever this run still has on the backend (its own tasks and those it
+        adopted); with ``detach``, leave every task running for a later run to adopt."""

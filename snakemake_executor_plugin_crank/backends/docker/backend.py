@@ -170,9 +170,9 @@ class DockerBackend:
         try:
             if not detach:
                 self.adopted.remove_all()
-                self.cancel_orphans()
-                for root in self._dead_roots:
-                    scratch.rmtree(root)
+                if not self.orphans:  # else kept for the run that adopts or cancels them
+                    for root in self._dead_roots:
+                        scratch.rmtree(root)
             self.cold.close(detach)
         finally:
             self.client.close()

@@ -484,7 +484,6 @@ class TesBackend:
                 for sub in self._subs.values():  # adopted: tagged with another run
                     if sub.run != self.run_id and sub.tes_id and sub.last_state in (None, *NON_TERMINAL):
                         self.api.cancel_task(sub.tes_id)
-                self.cancel_orphans()
         finally:
             self.stager.close()
             self.fetcher.close()
