@@ -255,6 +255,151 @@ def test_second_run_sends_nothing(s3, s3_prefix, tmp_path, settled):
     assert "0 B sent" in second.summary()
 
 
+ALL_REQUESTS = ("GET", "PUT", "POST", "LIST", "COPY", "DELETE")  # a HEAD counts as a GET
+
+
+def counting(s: Stager) -> list[str]:
+    """The store requests ``s`` makes from now on, by the name of the Store method."""
+    calls: list[str] = []
+    for name in ("head", "put_file", "put_bytes", "copy", "list", "get_file"):
+        original = getattr(s.store, name)
+
+        def counted(*args, _original=original, _name=name, **kwargs):
+            calls.append(_name)
+            return _original(*args, **kwargs)
+
+        setattr(s.store, name, counted)
+    return calls
+
+
+def confirmed_ages(cache: Path) -> dict[str, int]:
+    import sqlite3
+
+    with sqlite3.connect(cache) as db:
+        return {k: time.time_ns() - t for k, t in db.execute("SELECT key, confirmed_ns FROM stored_v1")}
+
+
+@pytest.fixture
+def own_bucket(s3, s3_prefix):
+    """A bucket of this test alone, so that the server's counters per bucket count only its
+    requests while other tests use the server: (prefix in it, S3Server counting it)."""
+    import boto3
+    from botocore.config import Config
+
+    from conftest import S3Server
+
+    name = f"crank-test-{uuid.uuid4().hex[:12]}"
+    env = s3.env()
+    client = boto3.client(
+        "s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name=env["AWS_REGION"],
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        config=Config(s3={"addressing_style": "path"}))
+    client.create_bucket(Bucket=name)
+    try:
+        yield f"s3://{name}/test", S3Server({**s3.values, "CRANK_TEST_BUCKET": name})
+    finally:
+        remove_all(f"s3://{name}")
+        client.delete_bucket(Bucket=name)
+        client.close()
+
+
+@pytest.mark.s3
+def test_a_new_run_asks_the_store_nothing_about_unchanged_inputs(own_bucket, tmp_path):
+    """What the store holds is remembered beside the digests: a rerun (a new process) of 150
+    unchanged files and a directory sends no request at all. Another store is asked."""
+    s3_prefix, s3 = own_bucket
+    datas = [os.urandom(100 + i) for i in range(120)]
+    paths = [str(write(tmp_path / f"in{i}", d)) for i, d in enumerate(datas)]
+    for i in range(30):
+        write(tmp_path / "dir" / f"f{i}", os.urandom(50 + i))
+    inputs = paths + [str(tmp_path / "dir")]
+    cache = tmp_path / ".snakemake" / "crank" / "digests.sqlite"
+    wait_settled(paths)
+    first = stage_process(s3_prefix, cache, inputs)
+    out, err = first.communicate(timeout=120)
+    assert first.returncode == 0 and f"done {sum(map(len, datas)) + sum(50 + i for i in range(30))}" in out, err
+    before = objects(s3_prefix)
+    requests_before = s3.requests(*ALL_REQUESTS)
+
+    rerun = stage_process(s3_prefix, cache, inputs)
+    out, err = rerun.communicate(timeout=120)
+    assert rerun.returncode == 0 and "done 0" in out, err
+    assert s3.requests(*ALL_REQUESTS) == requests_before  # 151 HEADs before
+    assert objects(s3_prefix) == before
+    # the same in this process, counted on the client: not one request
+    again = stager(s3_prefix, tmp_path)
+    calls = counting(again)
+    again.stage(inputs)
+    assert calls == [] and again.stats.bytes_sent == 0
+
+    # the same files for another store (another prefix): looked up there and sent
+    elsewhere = f"{s3_prefix}-elsewhere"
+    try:
+        other = stager(elsewhere, tmp_path)
+        other.stage(paths[:5])
+        assert other.stats.bytes_sent == sum(map(len, datas[:5]))
+    finally:
+        remove_all(elsewhere)
+
+
+@pytest.mark.s3
+def test_a_forgotten_input_is_sent_again_by_this_run_and_later_ones(s3_prefix, tmp_path, settled):
+    kept, lost = write(tmp_path / "kept", b"kept\n"), write(tmp_path / "lost", b"lost\n")
+    first = stager(s3_prefix, tmp_path)
+    first.stage([str(kept), str(lost)])
+    obstore.delete(obstore_from_url(s3_prefix, client_options={"allow_http": True}), file_key(sha(b"lost\n")))
+    # before forget: trusted (a later run would not notice the removal)
+    assert stager(s3_prefix, tmp_path).cache.stored(first.store.location, file_key(sha(b"lost\n")))
+
+    first.forget([sha(b"lost\n")])
+    later = stager(s3_prefix, tmp_path)
+    calls = counting(later)
+    later.stage([str(kept), str(lost)])
+    assert later.stats.bytes_sent == len(b"lost\n")
+    assert calls == ["head", "put_file"]  # the kept file is still not looked up
+    assert file_key(sha(b"lost\n")) in objects(s3_prefix)
+
+    # the run that forgot asks the store whatever another run wrote in the database meanwhile
+    obstore.delete(obstore_from_url(s3_prefix, client_options={"allow_http": True}), file_key(sha(b"lost\n")))
+    first.forget([sha(b"lost\n")])
+    first.cache.mark_stored(first.store.location, file_key(sha(b"lost\n")))
+    sent = first.stats.bytes_sent
+    first.stage([str(lost)])
+    assert first.stats.bytes_sent - sent == len(b"lost\n")
+    assert file_key(sha(b"lost\n")) in objects(s3_prefix)
+
+
+@pytest.mark.s3
+def test_an_entry_older_than_its_bound_is_checked_with_the_store(s3_prefix, tmp_path, settled):
+    import sqlite3
+
+    f = write(tmp_path / "in", b"content\n")
+    key = file_key(sha(b"content\n"))
+    cache = tmp_path / ".snakemake" / "crank" / "digests.sqlite"
+    stager(s3_prefix, tmp_path).stage([str(f)])
+    assert confirmed_ages(cache)[key] < 60e9
+    obstore.delete(obstore_from_url(s3_prefix, client_options={"allow_http": True}), key)
+
+    # just younger than the bound: trusted; and a trusted entry does not renew itself
+    with sqlite3.connect(cache) as db:
+        db.execute("UPDATE stored_v1 SET confirmed_ns = ?", (time.time_ns() - digest_module.STORED_TRUST_NS + 60e9,))
+    young = stager(s3_prefix, tmp_path)
+    calls = counting(young)
+    young.stage([str(f)])
+    assert calls == [] and confirmed_ages(cache)[key] > digest_module.STORED_TRUST_NS - 61e9
+
+    for confirmed in (time.time_ns() - digest_module.STORED_TRUST_NS - 1, time.time_ns() + 3600e9):
+        with sqlite3.connect(cache) as db:  # older than the bound, or from a clock set back
+            db.execute("UPDATE stored_v1 SET confirmed_ns = ?", (int(confirmed),))
+        old = stager(s3_prefix, tmp_path)
+        calls = counting(old)
+        old.stage([str(f)])
+        assert calls == ["head", "put_file"] and old.stats.bytes_sent == len(b"content\n")
+        assert 0 <= confirmed_ages(cache)[key] < 60e9  # confirmed anew
+        assert key in objects(s3_prefix)
+        obstore.delete(obstore_from_url(s3_prefix, client_options={"allow_http": True}), key)
+
+
 @pytest.mark.s3
 def test_identical_files_are_uploaded_once(s3_prefix, tmp_path):
     data = os.urandom(PART_SIZE + 1)

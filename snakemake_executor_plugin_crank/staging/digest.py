@@ -6,6 +6,10 @@ an archive extracted with stored mtimes) after rewriting a file in place, but no
 kernel sets it to the current time on every change of content or metadata, so a rewritten file
 never matches its old entry. Two runs sharing a workdir share the file safely (SQLite locking,
 busy timeout).
+
+The same file remembers which objects a store was seen to hold (table ``stored_v1``), so that
+a new run does not ask the store about each unchanged input again; an entry is trusted for
+STORED_TRUST_NS only.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from ..errors import CrankError
 
@@ -29,6 +33,13 @@ RACY_NS = 2_000_000_000
 # "digests" keyed without it: it is left alone (an older crank sharing the workdir keeps using
 # it) and never read, so each file is hashed once more after an upgrade.
 TABLE = "digests_v2"
+# (store, key) -> when the store was last seen to hold the object (uploaded, or looked up). A
+# table of its own: the digest tables keep their meaning, and an older crank never reads it.
+STORED = "stored_v1"
+# How long such an entry is trusted without asking the store again. Objects removed within this
+# time (by hand; lifecycle rules usually keep objects for weeks) cost a job its first attempt:
+# the task fails with SYSTEM_ERROR, the backend forgets its inputs and the retry sends them.
+STORED_TRUST_NS = 7 * 24 * 3600 * 1_000_000_000
 
 # (size, mtime_ns, inode, device, ctime_ns)
 Identity = tuple[int, int, int, int, int]
@@ -128,6 +139,11 @@ class DigestCache:
             " path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, inode INTEGER,"
             " dev INTEGER, ctime_ns INTEGER, sha256 TEXT NOT NULL)"
         )
+        self._db.execute(
+            f"CREATE TABLE IF NOT EXISTS {STORED} ("
+            " store TEXT NOT NULL, key TEXT NOT NULL, confirmed_ns INTEGER NOT NULL,"
+            " PRIMARY KEY (store, key)) WITHOUT ROWID"
+        )
 
     def lookup(self, path: str) -> str | None:
         """The cached digest of ``path`` if the file is unchanged since it was hashed."""
@@ -179,6 +195,35 @@ class DigestCache:
             except sqlite3.Error:
                 pass  # a cache that cannot be written only costs a rehash next time
         return digest, identity
+
+    def stored(self, store: str, key: str) -> bool:
+        """Whether ``store`` was seen to hold ``key`` less than STORED_TRUST_NS ago."""
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT confirmed_ns FROM {STORED} WHERE store = ? AND key = ?", (store, key),
+            ).fetchone()
+        # an entry from the future (a clock set back) is not trusted either
+        return row is not None and 0 <= time.time_ns() - row[0] < STORED_TRUST_NS
+
+    def mark_stored(self, store: str, key: str) -> None:
+        """``store`` holds ``key`` now (it was uploaded, copied or looked up)."""
+        with self._lock:
+            try:
+                self._db.execute(
+                    f"INSERT OR REPLACE INTO {STORED} VALUES (?, ?, ?)", (store, key, time.time_ns()),
+                )
+            except sqlite3.Error:
+                pass  # an entry that cannot be written only costs a lookup next time
+
+    def forget_stored(self, store: str, keys: Iterable[str]) -> None:
+        """Ask the store about these keys again next time (something may have removed them)."""
+        with self._lock:
+            try:
+                self._db.executemany(
+                    f"DELETE FROM {STORED} WHERE store = ? AND key = ?", [(store, k) for k in keys],
+                )
+            except sqlite3.Error:
+                pass
 
     def close(self) -> None:
         with self._lock:

@@ -11,7 +11,9 @@ prefix of another: Funnel fetches a key as a directory when a longer key starts 
     runs/...              outputs, under keys the backend chooses
 
 A file already in the store with the right size is not uploaded again; identical content is
-uploaded once per run; hashing of one file overlaps the upload of others.
+uploaded once per run; hashing of one file overlaps the upload of others. What the store was
+seen to hold is remembered in the digest cache's database, so that a later run sends no request
+for an unchanged input (for a bounded time, see digest.STORED_TRUST_NS).
 """
 
 from __future__ import annotations
@@ -125,7 +127,10 @@ class Stager:
         self._progress_interval = progress_interval
         self._lock = threading.Lock()
         self._stopping = threading.Event()
+        self._where = store.location  # names the store in the digest cache's database
         self._present: set[str] = set()  # digests known to be in the store
+        # digests forgotten by this process: the store is asked whatever the database says
+        self._doubted: set[str] = set()
         self._uploading: dict[str, Future] = {}  # digest -> the upload of that content
         self._active = 0
         self._active_since = 0.0
@@ -191,9 +196,12 @@ class Stager:
 
     def forget(self, digests: Iterable[str]) -> None:
         """Look these contents up in the store again next time they are staged (something
-        may have removed them)."""
+        may have removed them), in this run and in later ones."""
+        digests = set(digests)
         with self._lock:
             self._present.difference_update(digests)
+            self._doubted.update(digests)
+        self.cache.forget_stored(self._where, [file_key(d) for d in digests])
 
     def stop(self) -> None:
         """End every stage() call soon, now and later, with digest.Stopped: hashing stops within
@@ -235,12 +243,14 @@ class Stager:
         key = file_key(digest)
         try:
             uploaded = False
-            if self.store.head(key) != size:
-                with self._lock:
-                    self._queued_bytes += size
-                self.store.put_file(path, key, sha256=digest, on_bytes=self._sent, identity=identity,
-                                    stop=self._stopping.is_set)
-                uploaded = True
+            if not self._remembered(key, digest):
+                if self.store.head(key) != size:
+                    with self._lock:
+                        self._queued_bytes += size
+                    self.store.put_file(path, key, sha256=digest, on_bytes=self._sent, identity=identity,
+                                        stop=self._stopping.is_set)
+                    uploaded = True
+                self._confirmed(key, digest)
             with self._lock:
                 self._present.add(digest)
             mine.set_result(None)
@@ -251,6 +261,21 @@ class Stager:
         finally:
             with self._lock:
                 del self._uploading[digest]
+
+    def _remembered(self, key: str, digest: str | None = None) -> bool:
+        """The database says the store holds ``key``, and this process has not doubted it."""
+        with self._lock:
+            if digest is not None and digest in self._doubted:
+                return False
+        return self.cache.stored(self._where, key)
+
+    def _confirmed(self, key: str, digest: str | None = None) -> None:
+        """The store was just seen to hold ``key``. Only then is the database's entry renewed:
+        an entry trusted without asking must not extend its own life."""
+        self.cache.mark_stored(self._where, key)
+        if digest is not None:
+            with self._lock:
+                self._doubted.discard(digest)
 
     def _put_manifest(self, directory: str, tree: _Tree, done: dict[str, tuple[str, int]]) -> str:
         entries = []
@@ -264,8 +289,10 @@ class Stager:
             entries.append({"path": os.path.relpath(path, directory), "dir": True})
         data = manifest_bytes(entries)
         key = dir_key(hashlib.sha256(data).hexdigest())
-        if self.store.head(key) != len(data):
-            self.store.put_bytes(data, key)
+        if not self._remembered(key):
+            if self.store.head(key) != len(data):
+                self.store.put_bytes(data, key)
+            self._confirmed(key)
         return self.store.url(key)
 
     # ------------------------------------------------------------------ outputs
@@ -321,11 +348,13 @@ class Stager:
             if digest in self._present or digest in self._uploading:
                 return
         cas = file_key(digest)
-        try:
-            if self.store.head(cas) != size:
-                self.store.copy(key, cas)
-        except CrankError:
-            return  # e.g. above a store's copy limit: staging uploads it when it is needed
+        if not self._remembered(cas, digest):
+            try:
+                if self.store.head(cas) != size:
+                    self.store.copy(key, cas)
+            except CrankError:
+                return  # e.g. above a store's copy limit: staging uploads it when it is needed
+            self._confirmed(cas, digest)
         with self._lock:
             self._present.add(digest)
 

@@ -192,6 +192,12 @@ class Store:
 
     # ------------------------------------------------------------------ operations
 
+    @property
+    def location(self) -> str:
+        """Names this store: its prefix, and the endpoint of an S3-compatible server (the same
+        bucket name on two servers is two stores)."""
+        return f"{self.prefix} at {self.endpoint}" if self.endpoint else self.prefix
+
     def url(self, key: str) -> str:
         """Full URL of ``key``, e.g. ``s3://bucket/prefix/cas/sha256/<hex>``."""
         return f"{self.prefix}/{key}"
