@@ -4,8 +4,8 @@ Files travel through object storage (the Stagers handed in): local inputs by con
 ``<prefix>/cas/sha256/<hex>``, products back from ``<prefix>/runs/<run>/<submission>/``.
 The container layout (why nothing is mounted at the user's paths) is in ``layout``.
 
-Status: one paginated ``ListTasks`` (tag ``crank-run``, view MINIMAL) per round for every
-task (``monitor``); ``GetTask`` (FULL) only for a task that turned terminal. Staging and
+Status: ``monitor`` asks each round for the tasks still watched (tagged lists by state, a
+GetTask for the few they miss); ``GetTask`` (FULL) only for a task that turned terminal. Staging and
 creating run in a small thread pool, so ``submit`` returns at once.
 """
 
