@@ -35,7 +35,7 @@ class Executor(RemoteExecutor):
     def __post_init__(self):
         self.settings = self.workflow.executor_settings or ExecutorSettings()
         self.run_id = uuid.uuid4().hex
-        workdir = os.getcwd()
+        workdir = self._workdir = os.getcwd()
         self._tolerance_s = self.settings.backend_tolerance
         # what a task is called on the backend, in messages
         self._unit = "task" if self.settings.backend == "tes" else "container"
@@ -54,16 +54,16 @@ class Executor(RemoteExecutor):
             raise WorkflowError(str(e)) from None
         if removed:
             self.logger.info(f"crank: removed {removed} {self._unit}(s) left by an earlier run")
-        self._orphans_kept = kept
+        # the single jobs handed to run_job: once every job to run is among them, no
+        # later job can adopt what is left
+        self._submitted = set()
+        self._orphans_kept = kept  # last: a status round may already run
         if kept:
             self.logger.info(
                 f"crank: an earlier run in this directory ended without its {kept} "
                 f"{self._unit}(s); jobs that ask for the same work adopt them, the rest are "
                 "canceled (if Snakemake asks for it, run again with --rerun-incomplete)"
             )
-        # the single jobs handed to run_job: once every job to run is among them, no
-        # later job can adopt what is left
-        self._submitted = set()
         remote = self.workflow.remote_execution_settings
         self.runner = Runner(
             self.backend,
@@ -204,7 +204,7 @@ class Executor(RemoteExecutor):
     def _others_alive(self) -> bool:
         """Whether another run of this workdir started since: it may have adopted what is
         left of the dead runs, which this run then must not cancel."""
-        return bool(runs.live_runs(self.context.workdir) - {self.run_id})
+        return bool(runs.live_runs(self._workdir) - {self.run_id})
 
     async def check_active_jobs(
         self, active_jobs: List[SubmittedJobInfo]
@@ -407,7 +407,7 @@ class Executor(RemoteExecutor):
             return
         if closed and not self._orphans_kept:  # what dead runs left is adopted or canceled
             for run_id in self._dead_runs:
-                runs.forget_run(self.context.workdir, run_id)
+                runs.forget_run(self._workdir, run_id)
         runs.forget(self._run_file)
 
     def _fence_given_up(self, closed: bool) -> None:

@@ -6,6 +6,7 @@ submitted it, and cancels the rest. Counted on the engine and on the TES server.
 import os
 import signal
 import subprocess
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -87,8 +88,9 @@ def check_rerun(workdir: Path, done: subprocess.CompletedProcess, seconds: float
     assert not (workdir / "bad.txt").exists()
     assert (workdir / "logs" / "bad.log").read_text() == "start\nbroken\n"
     assert "rule bad" in done.stderr and "exit code 3" in done.stderr, done.stderr[-5000:]
-    # a new task would need 40 s for the long jobs alone
-    assert seconds < 40, seconds
+    # a new task would need 40 s for the long jobs alone; the counts on the engine and the
+    # server are what proves adoption, this is for the record (pytest -s)
+    print(f"the rerun took {seconds:.1f} s")
 
 
 # ---------------------------------------------------------------- Docker
@@ -98,11 +100,42 @@ def docker_env():
     return {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
-def creations(docker_api, workdir: Path, since: float, until: float):
-    """Containers created and execs started for the workdir's tasks in [since, until]."""
-    events = docker_api.events(since=int(since), until=int(until) + 1, decode=True,
-                               filters={"type": "container", "label": f"crank.workdir={workdir}"})
-    return [e["Action"] for e in events if e["Action"] == "create" or e["Action"].startswith("exec_create")]
+class Creations:
+    """Containers created and execs started for the workdir's tasks while it is open: a
+    live event stream (the engine keeps only its last 256 events for a later query)."""
+
+    def __init__(self, docker_api, workdir: Path):
+        self.api = docker_api
+        self.labels = {"crank.workdir": str(workdir)}
+        self.stream = docker_api.events(decode=True, filters={
+            "type": "container", "label": f"crank.workdir={workdir}"})
+        self.made = []
+        self.fenced = threading.Event()
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self):
+        try:
+            for event in self.stream:
+                if "crank.fence" in (event.get("Actor") or {}).get("Attributes", {}):
+                    self.fenced.set()
+                    continue
+                action = event.get("Action", "")
+                if action == "create" or action.startswith("exec_create"):
+                    self.made.append(action)
+        except Exception:  # noqa: BLE001 - closed
+            pass
+
+    def close(self):
+        """Everything up to now: a container of the test's own, whose event comes last."""
+        fence = self.api.create_container(BUSYBOX, "true", labels={**self.labels, "crank.fence": "1"})
+        try:
+            assert self.fenced.wait(30), "the fence's event never came"
+        finally:
+            self.api.remove_container(fence["Id"], force=True)
+            self.stream.close()
+            self.thread.join(10)
+        return self.made
 
 
 @pytest.mark.docker
@@ -114,7 +147,6 @@ def test_a_killed_run_is_adopted_by_the_next_docker(docker_api, tmp_path):
         wait_for(lambda: all_started(workdir), 90, "every job to start")
     finally:
         kill_hard(first)
-    killed = time.time()
     # --unlock adopts nothing and cancels nothing
     unlock = run(snakemake_command("--unlock"), workdir, env)
     assert unlock.returncode == 0, unlock.stderr[-3000:]
@@ -123,12 +155,13 @@ def test_a_killed_run_is_adopted_by_the_next_docker(docker_api, tmp_path):
     wait_for(lambda: (workdir / "logs" / "bad.log").read_text() == "start\nbroken\n", 60,
              "rule bad to fail while no crank runs")
     (workdir / "Snakefile").write_text(SNAKEFILE.replace(EDITED, EDIT))
+    creations = Creations(docker_api, workdir)
     began = time.monotonic()
     done = run(snakemake_command("--jobs", "6", "--rerun-incomplete", "--keep-going"), workdir, env)
     seconds = time.monotonic() - began
+    made = creations.close()
     check_rerun(workdir, done, seconds)
     # one task for the edited rule (an exec, in a runner made for it): nothing else again
-    made = creations(docker_api, workdir, killed, time.time())
     execs = [e for e in made if e.startswith("exec_create")]
     assert len(execs) == 1 and "echo new > edited.txt" in execs[0], made
     assert made.count("create") <= 1, made
@@ -139,9 +172,9 @@ def test_a_killed_run_is_adopted_by_the_next_docker(docker_api, tmp_path):
 DETACHED = 'rule a:\n    output: "a.txt"\n    shell: "echo started > started; sleep 20; echo a > {output}"\n'
 
 
-def detach_then_adopt(command, workdir: Path, env, started) -> float:
+def detach_then_adopt(command, workdir: Path, env, started, watch=None):
     """Start the one 20 s job with --crank-detach, Ctrl-C it once it runs, adopt it in a
-    rerun: the rerun's seconds."""
+    rerun; ``watch``: made before the rerun, closed after it (what it returns is returned)."""
     (workdir / "Snakefile").write_text(DETACHED)
     first = start(command("--crank-detach"), workdir, env)
     try:
@@ -151,13 +184,13 @@ def detach_then_adopt(command, workdir: Path, env, started) -> float:
     finally:
         first.kill()
     assert "left running (--crank-detach)" in stderr, stderr[-3000:]
-    began = time.monotonic()
+    watching = watch() if watch else None
     done = run(command("--rerun-incomplete"), workdir, env)
-    seconds = time.monotonic() - began
+    seen = watching.close() if watching else None
     assert done.returncode == 0, done.stderr[-3000:]
     assert "rule a (job 0) adopts the" in done.stderr, done.stderr[-3000:]
     assert (workdir / "a.txt").read_text() == "a\n"
-    return seconds
+    return seen
 
 
 @pytest.mark.docker
@@ -166,9 +199,9 @@ def test_a_detached_run_is_adopted_by_the_next_docker_cold(docker_api, tmp_path)
     workdir = tmp_path / "wf"
     workdir.mkdir()
     command = lambda *args: snakemake_command("--crank-docker-warm", "no", *args)
-    seconds = detach_then_adopt(command, workdir, docker_env(),
-                                lambda: (workdir / "started").exists())
-    assert seconds < 20  # a new container would take 20 s
+    made = detach_then_adopt(command, workdir, docker_env(), lambda: (workdir / "started").exists(),
+                             watch=lambda: Creations(docker_api, workdir))
+    assert made == []  # no container made again
     assert containers_of(docker_api, workdir) == []
 
 
