@@ -21,6 +21,7 @@ from obstore.store import from_url as obstore_from_url
 
 from snakemake_executor_plugin_crank.errors import BackendUnavailable, CrankError
 from snakemake_executor_plugin_crank.staging import digest as digest_module
+from snakemake_executor_plugin_crank.staging import stage as stage_module
 from snakemake_executor_plugin_crank.staging.digest import DigestCache, Stopped, sha256_file
 from snakemake_executor_plugin_crank.staging.stage import (
     Stager,
@@ -261,7 +262,7 @@ ALL_REQUESTS = ("GET", "PUT", "POST", "LIST", "COPY", "DELETE")  # a HEAD counts
 def counting(s: Stager) -> list[str]:
     """The store requests ``s`` makes from now on, by the name of the Store method."""
     calls: list[str] = []
-    for name in ("head", "put_file", "put_bytes", "copy", "list", "get_file"):
+    for name in ("head", "list_group", "put_file", "put_bytes", "copy", "list", "get_file"):
         original = getattr(s.store, name)
 
         def counted(*args, _original=original, _name=name, **kwargs):
@@ -398,6 +399,37 @@ def test_an_entry_older_than_its_bound_is_checked_with_the_store(s3_prefix, tmp_
         assert 0 <= confirmed_ages(cache)[key] < 60e9  # confirmed anew
         assert key in objects(s3_prefix)
         obstore.delete(obstore_from_url(s3_prefix, client_options={"allow_http": True}), key)
+
+
+@pytest.mark.s3
+def test_a_large_stage_call_lists_what_the_store_holds_instead_of_a_head_per_file(
+        s3_prefix, tmp_path, settled, monkeypatch):
+    """A call with many files (here 40 against LIST_FROM 16) lists each group cas/sha256/<2 hex>
+    it needs once; the files the store held already (staged from another workdir) are not sent
+    again. A group larger than its bound is looked up file by file."""
+    monkeypatch.setattr(stage_module, "LIST_FROM", 16)
+    datas = [os.urandom(64 + i) for i in range(40)]
+    paths = [str(write(tmp_path / f"in{i}", d)) for i, d in enumerate(datas)]
+    elsewhere = tmp_path / "elsewhere"
+    stager(s3_prefix, elsewhere).stage(paths[:10])  # below LIST_FROM: a HEAD each
+
+    s = stager(s3_prefix, tmp_path)
+    calls = counting(s)
+    staged = s.stage(paths)
+    groups = {sha(d)[:2] for d in datas}
+    assert sorted(calls) == sorted(["list_group"] * len(groups) + ["put_file"] * 30)
+    assert s.stats.bytes_sent == sum(map(len, datas[10:])) and [x.url for x in staged] == [
+        f"{s3_prefix}/{file_key(sha(d))}" for d in datas]
+    assert {k: v[0] for k, v in objects(s3_prefix).items()} == {file_key(sha(d)): len(d) for d in datas}
+
+    # a store holding more of a group than the call may list: a HEAD for each file of it
+    monkeypatch.setattr(stage_module, "LIST_PAGE", 0)
+    monkeypatch.setattr(stage_module, "LISTED_PER_GROUP", 0)
+    again = stager(s3_prefix, tmp_path / "third")
+    calls = counting(again)
+    again.stage(paths)
+    assert sorted(calls) == sorted(["list_group"] * len(groups) + ["head"] * 40)
+    assert again.stats.bytes_sent == 0
 
 
 @pytest.mark.s3

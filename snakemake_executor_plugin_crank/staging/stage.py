@@ -40,6 +40,15 @@ FILES = "cas/sha256"
 DIRS = "cas/dirs"
 _REMOTE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+# A stage() call of this many files or more learns which of them the store holds by listing
+# each group cas/sha256/<2 hex> it needs, once, instead of a HEAD per file: the HEADs of a
+# cohort of small files slowed its first stage to 0.5-0.7x of a plain parallel upload (the
+# server's CPU is shared). A group is listed up to LISTED_PER_GROUP times the files the call
+# expects in it (at least LIST_PAGE keys), so a listing never takes more requests than the
+# HEADs it saves, nor much memory; a larger group is looked up file by file.
+LIST_FROM = 1024
+LISTED_PER_GROUP = 2
+LIST_PAGE = 1000  # keys in one answer to a listing
 
 
 def file_key(sha256: str) -> str:
@@ -169,13 +178,11 @@ class Stager:
                 raise CrankError(f"input {path}: no such file or directory")
 
         # one task per distinct file; identical content in different files is handled in _put
-        futures: dict[str, Future] = {}
-        for _, target in plan:
-            if isinstance(target, _Tree):
-                for f in target.files:
-                    if f not in futures:
-                        futures[f] = self._pool.submit(self._stage_file, f)
-        done = _wait_all(futures)
+        files = list(dict.fromkeys(f for _, target in plan if isinstance(target, _Tree) for f in target.files))
+        listings = None
+        if len(files) >= LIST_FROM and self.store.kind != "file":
+            listings = _Listings(self.store, max(LIST_PAGE, LISTED_PER_GROUP * -(-len(files) // 256)))
+        done = _wait_all({f: self._pool.submit(self._stage_file, f, listings) for f in files})
 
         staged: list[StagedFile] = []
         for source, target in plan:
@@ -209,18 +216,18 @@ class Stager:
         For a run that is ending (Ctrl-C), which should not wait for gigabytes to upload."""
         self._stopping.set()
 
-    def _stage_file(self, path: str) -> tuple[str, int]:
+    def _stage_file(self, path: str, listings: _Listings | None = None) -> tuple[str, int]:
         check(self._stopping.is_set)
         digest, identity = self.cache.digest_with_identity(path, stop=self._stopping.is_set)
         try:
-            sent = self._put(path, digest, identity[0], identity)
+            sent = self._put(path, digest, identity[0], identity, listings)
         except ContentChanged:
             # The bytes read for the upload are not those of the digest. Either the file
             # changed since it was hashed, or the cached digest was wrong although the stat
             # matched (a file system that keeps no ctime); hashing it again settles both, and
             # a file that changes again meanwhile really is being written.
             digest, identity = self.cache.digest_with_identity(path, cached=False, stop=self._stopping.is_set)
-            sent = self._put(path, digest, identity[0], identity)
+            sent = self._put(path, digest, identity[0], identity, listings)
         size = identity[0]
         with self._lock:
             if sent:
@@ -229,7 +236,7 @@ class Stager:
                 self.stats.bytes_deduplicated += size
         return digest, size
 
-    def _put(self, path: str, digest: str, size: int, identity: Identity) -> bool:
+    def _put(self, path: str, digest: str, size: int, identity: Identity, listings: _Listings | None) -> bool:
         """Make sure the content ``digest`` is in the store; True when this call uploaded it."""
         with self._lock:
             if digest in self._present:
@@ -244,7 +251,7 @@ class Stager:
         try:
             uploaded = False
             if not self._remembered(key, digest):
-                if self.store.head(key) != size:
+                if (listings.size(digest) if listings else self.store.head(key)) != size:
                     with self._lock:
                         self._queued_bytes += size
                     self.store.put_file(path, key, sha256=digest, on_bytes=self._sent, identity=identity,
@@ -398,6 +405,35 @@ class Stager:
             self._active -= 1
             if self._active == 0:
                 self.stats.seconds += time.monotonic() - self._active_since
+
+
+class _Listings:
+    """What the store holds in each group cas/sha256/<2 hex>, listed once for one stage() call
+    (see LIST_FROM) when a file of that group is first looked up."""
+
+    def __init__(self, store: Store, limit: int):
+        self._store = store
+        self._limit = limit
+        self._lock = threading.Lock()
+        self._groups: dict[str, Future] = {}  # "4f" -> {digest: size}, or None: too large to list
+
+    def size(self, digest: str) -> int | None:
+        """The size of the object of ``digest`` in the store, None when there is none."""
+        with self._lock:
+            listing = self._groups.get(digest[:2])
+            if listing is None:
+                mine = self._groups[digest[:2]] = listing = Future()
+            else:
+                mine = None
+        if mine is not None:
+            try:
+                found = self._store.list_group(FILES, digest[:2], self._limit)
+                mine.set_result(None if found is None else {cas_digest(k): n for k, n in found})
+            except BaseException as e:
+                mine.set_exception(e)
+                raise
+        sizes = listing.result()
+        return self._store.head(file_key(digest)) if sizes is None else sizes.get(digest)
 
 
 def _tree_below(directory: str) -> _Tree:

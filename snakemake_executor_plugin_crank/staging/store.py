@@ -334,6 +334,26 @@ class Store:
         except (BaseError, OSError) as e:
             raise self._error(e, "listing", key_prefix) from None
 
+    def list_group(self, key_prefix: str, start: str, limit: int) -> list[tuple[str, int]] | None:
+        """(key, size) of the objects under ``key_prefix``/ whose name starts with ``start``, or
+        None when there are more than ``limit`` of them. Reads only as far as the group goes:
+        object stores list in key order from where they are asked to start (not file://)."""
+        first = f"{key_prefix.strip('/')}/{start}"
+        found: list[tuple[str, int]] = []
+        try:
+            for batch in obstore.list(self._store, prefix=key_prefix.strip("/"), offset=first, chunk_size=1000):
+                for meta in batch:
+                    if not meta["path"].startswith(first):
+                        return found
+                    found.append((meta["path"], int(meta["size"])))
+                    if len(found) > limit:
+                        return None
+        except FileNotFoundError:
+            pass
+        except (BaseError, OSError) as e:
+            raise self._error(e, "listing", first) from None
+        return found
+
     def delete(self, key: str) -> None:
         """Delete ``key``; an absent object is not an error."""
         try:
