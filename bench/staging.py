@@ -61,7 +61,8 @@ print(idle, hwm(), stager.stats.bytes_sent, time.monotonic() - start)
 """
 
 
-def load_env() -> str:
+def load_env() -> dict[str, str]:
+    """The AWS_* variables of the test server's s3.env into the environment; all its values."""
     state = Path(os.environ.get("CRANK_TEST_STATE") or Path.home() / ".cache" / "crank-test")
     env_file = state / "s3.env"
     if not env_file.is_file():
@@ -72,7 +73,7 @@ def load_env() -> str:
         if sep:
             values[key] = value
     os.environ.update({k: v for k, v in values.items() if k.startswith("AWS_")})
-    return values["CRANK_TEST_BUCKET"]
+    return values
 
 
 def make_files(directory: Path, count: int, tag: str) -> list[str]:
@@ -154,7 +155,7 @@ def throughput(bucket: str, tmp: Path, repeat: int, prefixes: list[str]) -> None
           f"raw obstore {mib_s(total, raw):.0f} MiB/s, crank {mib_s(total, first):.0f} MiB/s, "
           f"ratio {raw / first:.2f}x (target >= 0.9)")
 
-    # 2. unchanged inputs, a new run in the same workdir: digest cache + one HEAD per file
+    # 2. unchanged inputs, a new run in the same workdir: digest cache, and its record of the store
     stage_prefix, cache, paths = stagers[-1]
     second, stager = crank_stage(stage_prefix, cache, paths)
     print(f"2. second run, unchanged: {stager.stats.bytes_sent} bytes sent, {second * 1000:.1f} ms = "
@@ -203,7 +204,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="rounds of part 1 (default 3)")
     parser.add_argument("--rss-gib", type=int, default=0, help="GiB to stage for the peak RSS (default: skip)")
     args = parser.parse_args()
-    bucket = load_env()
+    bucket = load_env()["CRANK_TEST_BUCKET"]
     print(f"machine: {os.cpu_count()} cores, {os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 2**30:.0f} GiB; "
           f"server {os.environ.get('AWS_ENDPOINT_URL')}", flush=True)
     prefixes: list[str] = []
