@@ -373,7 +373,8 @@ class Executor(RemoteExecutor):
     def cancel_jobs(self, active_jobs: List[SubmittedJobInfo]):
         self._canceling = True
         if self.settings.detach:
-            self._detached = bool(active_jobs)
+            # also a task submitted while Ctrl-C came, before Snakemake listed its job
+            self._detached = True
             return
         try:
             self.runner.cancel([info.aux["record"].chain for info in active_jobs])

@@ -229,8 +229,21 @@ class TesBackend:
                 stale.append(t.id)
         for task_id in stale:
             self.api.cancel_task(task_id)
-        self.orphans = Orphans(found)
-        return len(stale), len(found)
+        self.orphans = Orphans(self._uncollected(found))
+        return len(stale), len(self.orphans)
+
+    def _uncollected(self, found: List[Orphan]) -> List[Orphan]:
+        """Without the ended tasks their run collected and released: their products are
+        gone from the store (one list per dead run)."""
+        runs_ended = {o.ref[1].split(":", 1)[0] for o in found if o.finished}
+        kept = set()
+        for run in runs_ended:
+            prefix = f"runs/{run}/"
+            try:
+                kept.update(f"{run}:{k[len(prefix):].split('/', 1)[0]}" for k, _ in self.store.list(prefix))
+            except CrankError:
+                pass  # cannot tell: none of that run's ended tasks is adopted
+        return [o for o in found if not o.finished or o.ref[1] in kept]
 
     def adopt(self, task: TaskSpec) -> Optional[str]:
         if not self.orphans:
@@ -244,8 +257,6 @@ class TesBackend:
         tes_id, tag = orphan.ref
         run, old_handle = tag.split(":", 1)
         key = f"runs/{run}/{old_handle}"
-        if orphan.finished and not self._objects_exist(key):
-            return None  # collected and released by its run: nothing left to take over
         with self._lock:
             handle = self._new_handle(task)
             sub = _Submission(handle=handle, task=task, tag=tag, key=key, run=run, tes_id=tes_id)
@@ -261,12 +272,6 @@ class TesBackend:
 
     def _key(self, task: TaskSpec) -> str:
         return key_of(task, self.stager.cache.digest)
-
-    def _objects_exist(self, key: str) -> bool:
-        try:
-            return bool(self.store.list(key + "/"))
-        except CrankError:
-            return False
 
     def _monitor_of(self, sub: _Submission) -> Monitor:
         with self._lock:
