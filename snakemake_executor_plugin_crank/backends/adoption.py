@@ -88,9 +88,16 @@ def _sources_read(task: TaskSpec) -> Tuple[str, ...]:
     if not task.benchmarks_by_crank:
         return task.sources
     return tuple(
-        p for p in task.sources
-        if p in task.script or os.path.relpath(p, task.workdir) in task.script
+        path for path, relative in _names(task.sources, task.workdir)
+        if relative in task.script or path in task.script
     )
+
+
+@functools.lru_cache(maxsize=8)
+def _names(sources: Tuple[str, ...], workdir: str) -> Tuple[Tuple[str, str], ...]:
+    """Each source with its path relative to the workdir (the same for every task of a
+    run: computed once)."""
+    return tuple((p, os.path.relpath(p, workdir)) for p in sources)
 
 
 @functools.lru_cache(maxsize=64)
