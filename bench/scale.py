@@ -138,6 +138,8 @@ def crank_seconds():
             stats.add(p)
         except TypeError:  # a thread that never ran a profiled call
             pass
+    if os.environ.get("BENCH_PROFILE"):
+        stats.dump_stats(os.environ["BENCH_PROFILE"])
     mine = lambda func: "snakemake_executor_plugin_crank" in func[0]
     profiled = sum(row[2] for row in stats.stats.values())
     total = 0.0
@@ -169,7 +171,9 @@ def run_once(backend: str, n: int, args) -> dict:
     with tempfile.TemporaryDirectory(prefix="crank-scale-") as tmp:
         (Path(tmp) / "Snakefile").write_text(SNAKEFILE.format(n=n))
         log = Path(tmp) / "bench.json"
-        env = {**os.environ, "BENCH_LOG": str(log),
+        profile = {"BENCH_PROFILE": os.path.join(os.path.abspath(args.profile_dir), f"{backend}-{n}.pstats")
+                   } if args.profile_dir else {}
+        env = {**os.environ, **profile, "BENCH_LOG": str(log),
                "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
         command = [sys.executable, "-c", SHIM, "--jobs", str(JOBS[backend]), *args.snakemake_args]
         if backend == "local":
@@ -219,6 +223,7 @@ def main() -> None:
     parser.add_argument("--snakemake-args", default="", help="extra snakemake options, e.g. --scheduler greedy")
     parser.add_argument("--json", help="also write every run's figures here")
     parser.add_argument("--timeout", type=float, help="stop a run after this many seconds")
+    parser.add_argument("--profile-dir", help="keep each run's merged profile (pstats) here")
     args = parser.parse_args()
     args.snakemake_args = args.snakemake_args.split()
     sizes = [int(s) for s in args.sizes.split(",")]
