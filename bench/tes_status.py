@@ -8,8 +8,11 @@ For each count N: N tasks are submitted through TesBackend (one run tag), then `
 timed over several rounds: wall time, crank's CPU time (process time) and the HTTP requests it
 made, against the naive alternative of one GetTask(MINIMAL) per task. Up to --running tasks
 are ``sleep`` containers that stay RUNNING; above that, tasks name an image the engine lacks so
-that Funnel ends them at once (2 cores cannot run 1000 containers): a round lists every task
-of the run whatever its state, so the list request costs the same.
+that Funnel ends them at once (2 cores cannot run 1000 containers). Since rounds follow the
+watched tasks only (lists of the active states, a GetTask for each watched task they miss),
+such ended tasks, which this benchmark never releases, cost one GetTask each per round: that
+row measures those lookups, not a round of a run, which releases a task once it ended
+(bench/scale.py measures rounds in whole runs).
 """
 
 from __future__ import annotations
