@@ -13,7 +13,7 @@ average, 14.5 GiB for 100,000), in directories of 1,000:
    record of the store ignored and no listing shows what it cost before (a HEAD per file).
 
 It works in a bucket of its own (the server's counters are per bucket), deleted at the end with
-the generated files; with SeaweedFS's `weed` on PATH the freed space is reclaimed too.
+the generated files (the raw upload: in a bucket per slice, deleted after it); with SeaweedFS's `weed` on PATH the freed space is reclaimed too.
 Run: nice -n 19 python3 bench/cohort.py [--files 100000]
 """
 
@@ -151,7 +151,7 @@ def main() -> None:
     print(f"machine: {os.cpu_count()} cores, {os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 2**30:.0f} GiB, "
           f"load {os.getloadavg()[0]:.1f}; server {os.environ.get('AWS_ENDPOINT_URL')}", flush=True)
     make_bucket(bucket, create=True)
-    raw_prefix, stage_prefix = f"s3://{bucket}/raw", f"s3://{bucket}/stage"
+    stage_prefix = f"s3://{bucket}/stage"
     try:
         with tempfile.TemporaryDirectory(prefix="crank-cohort-") as tmp:
             start = time.perf_counter()
@@ -174,7 +174,15 @@ def main() -> None:
                 part_listing.write_text("\n".join(part))
                 for which in (("raw", "crank") if n % 2 == 0 else ("crank", "raw")):
                     if which == "raw":
-                        raw += (raw_part := raw_upload(raw_prefix, part))
+                        # a bucket per slice, deleted at once: the test server holds 64 volumes,
+                        # fewer than the cohort's two copies need (deleting the bucket frees its
+                        # volumes, deleting its objects does not)
+                        make_bucket(raw_bucket := f"{bucket}-raw{n}", create=True)
+                        try:
+                            raw += (raw_part := raw_upload(f"s3://{raw_bucket}/raw", part))
+                        finally:
+                            remove_prefix(f"s3://{raw_bucket}")
+                            make_bucket(raw_bucket, create=False)
                         continue
                     before = server_requests(metrics, bucket)
                     run = crank_run(stage_prefix, cache, part_listing)
@@ -202,7 +210,6 @@ def main() -> None:
                       f"(process {rerun['process']:.2f} s = {100 * rerun['process'] / first:.1f}%)"
                       + (" (targets 0 bytes, <= 1 per 100, <= 5%)" if remembered == "read" else ""), flush=True)
     finally:
-        remove_prefix(raw_prefix)
         remove_prefix(stage_prefix)
         make_bucket(bucket, create=False)
         reclaim_space()
