@@ -330,8 +330,11 @@ def test_a_new_run_asks_the_store_nothing_about_unchanged_inputs(own_bucket, tmp
     # the same in this process, counted on the client: not one request
     again = stager(s3_prefix, tmp_path)
     calls = counting(again)
+    tasks = []  # nor a task on the thread pool: answered from the database at once
+    again._stage_file = lambda *args, _original=again._stage_file: tasks.append(args) or _original(*args)
     again.stage(inputs)
-    assert calls == [] and again.stats.bytes_sent == 0
+    assert calls == [] and tasks == [] and again.stats.bytes_sent == 0
+    assert again.stats.bytes_deduplicated == sum(map(len, datas)) + sum(50 + i for i in range(30))
 
     # the same files for another store (another prefix): looked up there and sent
     elsewhere = f"{s3_prefix}-elsewhere"

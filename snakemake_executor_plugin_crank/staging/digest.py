@@ -163,6 +163,16 @@ class DigestCache:
             return row[5], identity
         return None, identity
 
+    def cached(self, path: str) -> tuple[str, Identity] | None:
+        """The cached digest of ``path`` and the identity (see file_identity) it was cached
+        under, when the file is unchanged since it was hashed; else None."""
+        digest, identity = self._lookup(os.path.realpath(path))
+        if digest is None:
+            return None
+        with self._lock:
+            self.hits += 1
+        return digest, identity
+
     def digest(self, path: str) -> str:
         """sha256 hex of ``path``; hashed only when the cache has no entry for this exact file."""
         return self.digest_with_identity(path)[0]
@@ -174,14 +184,9 @@ class DigestCache:
         so that a later reader can tell whether the file is still the same. ``cached=False``
         hashes the file whatever the cache holds, and replaces the entry; ``stop`` ends the
         hashing early (see check)."""
-        real = os.path.realpath(path)
-        if cached:
-            digest, identity = self._lookup(real)
-            if digest is not None:
-                with self._lock:
-                    self.hits += 1
-                return digest, identity
-        digest, st = _hash_with_stat(real, stop)
+        if cached and (found := self.cached(path)) is not None:
+            return found
+        digest, st = _hash_with_stat(os.path.realpath(path), stop)
         identity = file_identity(st)
         with self._lock:
             self.misses += 1
@@ -190,7 +195,7 @@ class DigestCache:
             try:
                 self._db.execute(
                     f"INSERT OR REPLACE INTO {TABLE} VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (real, *identity, digest),
+                    (os.path.realpath(path), *identity, digest),
                 )
             except sqlite3.Error:
                 pass  # a cache that cannot be written only costs a rehash next time
