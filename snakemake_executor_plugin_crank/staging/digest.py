@@ -186,7 +186,8 @@ class DigestCache:
         hashing early (see check)."""
         if cached and (found := self.cached(path)) is not None:
             return found
-        digest, st = _hash_with_stat(os.path.realpath(path), stop)
+        real = os.path.realpath(path)
+        digest, st = _hash_with_stat(real, stop)
         identity = file_identity(st)
         with self._lock:
             self.misses += 1
@@ -195,7 +196,7 @@ class DigestCache:
             try:
                 self._db.execute(
                     f"INSERT OR REPLACE INTO {TABLE} VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (os.path.realpath(path), *identity, digest),
+                    (real, *identity, digest),
                 )
             except sqlite3.Error:
                 pass  # a cache that cannot be written only costs a rehash next time
