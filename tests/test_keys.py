@@ -62,10 +62,10 @@ def test_a_directory_input_counts_by_what_it_holds(tmp_path):
 
 def test_sources_count_for_snakemake_jobs_and_where_a_command_names_them(tmp_path):
     (tmp_path / "Snakefile").write_text("rule a: ...")
-    (tmp_path / "helper.sh").write_text("echo 1")
-    sources = (str(tmp_path / "Snakefile"), str(tmp_path / "helper.sh"))
+    (tmp_path / "prepare.sh").write_text("echo 1")
+    sources = (str(tmp_path / "Snakefile"), str(tmp_path / "prepare.sh"))
     shell = task(tmp_path, sources=sources)
-    names = task(tmp_path, sources=sources, script="sh helper.sh > out.txt")
+    names = task(tmp_path, sources=sources, script="sh prepare.sh > out.txt")
     runs_snakemake = task(tmp_path, sources=sources, benchmarks_by_crank=False)
     keys = [key_of(t, stat_identity) for t in (shell, names, runs_snakemake)]
     (tmp_path / "Snakefile").write_text("rule a: ... edited elsewhere")
@@ -73,7 +73,7 @@ def test_sources_count_for_snakemake_jobs_and_where_a_command_names_them(tmp_pat
     assert key_of(shell, stat_identity) == keys[0]  # its command is what it runs
     assert key_of(names, stat_identity) == keys[1]
     assert key_of(runs_snakemake, stat_identity) != keys[2]  # its code is in the Snakefile
-    (tmp_path / "helper.sh").write_text("echo 2 # edited")
+    (tmp_path / "prepare.sh").write_text("echo 2 # edited")
     adoption._sources_identity.cache_clear()
     assert key_of(names, stat_identity) != keys[1]
 
