@@ -117,7 +117,7 @@ class AdoptedExecs:
                 states[h] = State.LOST
             elif job.ended_at is not None or self._ended(job):
                 # a runner the engine's restart stopped: not the task's doing
-                states[h] = State.INTERRUPTED if job.reason and job.code is None else State.FINISHED
+                states[h] = State.INTERRUPTED if job.reason else State.FINISHED
             else:
                 states[h] = State.RUNNING
         return states

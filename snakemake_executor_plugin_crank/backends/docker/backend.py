@@ -127,8 +127,7 @@ class DockerBackend:
         return self.cold.submit(task)
 
     def poll(self, handles: Sequence[str]) -> Mapping[str, State]:
-        taken = [h for h in handles if _is_adopted(h)]
-        warm, cold = _split([h for h in handles if not _is_adopted(h)])
+        taken, warm, cold = _split(handles)
         states = dict(self.warm.poll(warm)) if warm else {}  # answered from memory
         if taken:
             states.update(self.adopted.poll(taken))
@@ -151,15 +150,15 @@ class DockerBackend:
         return self.cold.result(handle, task)
 
     def release(self, handles: Sequence[str]) -> None:
-        self.adopted.remove([h for h in handles if _is_adopted(h)])
-        warm, cold = _split([h for h in handles if not _is_adopted(h)])
+        taken, warm, cold = _split(handles)
+        self.adopted.remove(taken)
         if warm:
             self.warm.release(warm)
         self.cold.cancel(cold)
 
     def cancel(self, handles: Sequence[str]) -> None:
-        self.adopted.remove([h for h in handles if _is_adopted(h)])
-        warm, cold = _split([h for h in handles if not _is_adopted(h)])
+        taken, warm, cold = _split(handles)
+        self.adopted.remove(taken)
         if warm:
             self.warm.cancel(warm)
         self.cold.cancel(cold)
@@ -186,7 +185,8 @@ def _is_warm(handle: str) -> bool:
     return handle.startswith(PREFIX)
 
 
-def _split(handles: Sequence[str]) -> Tuple[List[str], List[str]]:
-    """(warm handles, container handles)"""
+def _split(handles: Sequence[str]) -> Tuple[List[str], List[str], List[str]]:
+    """(adopted warm tasks' handles, warm handles, container handles)"""
+    taken = [h for h in handles if _is_adopted(h)]
     warm = [h for h in handles if _is_warm(h)]
-    return warm, [h for h in handles if not _is_warm(h)]
+    return taken, warm, [h for h in handles if not (_is_adopted(h) or _is_warm(h))]

@@ -151,7 +151,7 @@ class Runners:
 
     def make_root(self) -> str:
         """The run's temporary directory, with a file naming its owner, so that a later
-        run can tell it stale when this one was killed hard (scratch.remove_stale_dirs)."""
+        run can tell it stale when this one was killed hard (backend.gather_orphans)."""
         with self.lock:
             if self.root is None:
                 self.root = scratch.make_root(self.workdir, self.base_url, self.run_id)

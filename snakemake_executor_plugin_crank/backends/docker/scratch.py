@@ -14,7 +14,7 @@ import shutil
 import socket
 import stat
 import tempfile
-from typing import Collection, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 from ...task import TaskSpec
 from .. import logs
@@ -65,19 +65,6 @@ def roots_of(workdir: str, base_url: Optional[str]) -> List[Tuple[str, str]]:
             continue
         found.append((str(owner.get("run")), root))
     return found
-
-
-def remove_stale_dirs(workdir: str, base_url: Optional[str], run_id: str, live_runs: Collection[str]) -> int:
-    """Remove the runners' temporary directories that runs killed hard left behind: those
-    of this workdir and engine whose run is not in ``live_runs`` (the runs of this workdir
-    that are alive, see runs.py). Returns how many."""
-    removed = 0
-    for run, root in roots_of(workdir, base_url):
-        if run == run_id or run in live_runs:
-            continue
-        rmtree(root)
-        removed += not os.path.exists(root)
-    return removed
 
 
 def rmtree(path: str) -> None:

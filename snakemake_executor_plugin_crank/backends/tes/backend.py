@@ -250,9 +250,7 @@ class TesBackend:
             return None
         orphan = self.orphans.claim(self._key(task))
         if orphan is None:
-            for other in self.orphans.writing(products_id(task)):
-                if not other.finished:
-                    self._cancel_quietly(other.ref[0])
+            self._cancel_other_versions(task)
             return None
         tes_id, tag = orphan.ref
         run, old_handle = tag.split(":", 1)
@@ -270,6 +268,12 @@ class TesBackend:
             self.api.cancel_task(orphan.ref[0])
         return len(left)
 
+    def _cancel_other_versions(self, task: TaskSpec) -> None:
+        """The kept tasks writing the task's files do other work: they must not go on."""
+        for other in self.orphans.writing(products_id(task)):
+            if not other.finished:
+                self._cancel_quietly(other.ref[0])
+
     def _key(self, task: TaskSpec) -> str:
         return key_of(task, self.stager.cache.digest)
 
@@ -284,10 +288,8 @@ class TesBackend:
     def submit(self, task: TaskSpec) -> str:
         if self._closing:
             raise CrankError("crank is shutting down")
-        if self.orphans:  # another version of this work must not go on
-            for other in self.orphans.writing(products_id(task)):
-                if not other.finished:
-                    self._cancel_quietly(other.ref[0])
+        if self.orphans:
+            self._cancel_other_versions(task)
         with self._lock:
             handle = self._new_handle(task)
             sub = _Submission(
