@@ -15,7 +15,12 @@ from pathlib import Path
 import pytest
 import requests
 
-from snakemake_executor_plugin_crank.backends.tes.backend import TAG_RUN, TAG_WORKDIR, workdir_tag
+from snakemake_executor_plugin_crank.backends.tes.backend import (
+    TAG_RUN,
+    TAG_SUBMISSION,
+    TAG_WORKDIR,
+    workdir_tag,
+)
 
 from conftest import BUSYBOX, copy_workflow, wait_for
 from faultproxy import FaultProxy
@@ -272,6 +277,41 @@ def test_throttled_requests_are_waited_out(aws_env, tmp_path):
     assert min(gaps) >= 1.5, gaps  # Retry-After: 2, less the round trip
     assert "asked crank to wait 2 s (HTTP 429" in stderr
     assert "Traceback" not in stderr
+
+
+def test_creates_keep_pace_with_a_server_that_throttles_them(aws_env, tmp_path):
+    """A gateway that refuses every create for its first 10 s (429, Retry-After: 1), then
+    takes one a second, and loses the answer of every fifth create it lets through: every
+    job of a wide run still gets exactly one task. Throttled creates are waited out, not
+    counted as failures (five throttled answers used to fail a job)."""
+    n = 16
+    workdir = tmp_path / "wide"
+    workdir.mkdir()
+    (workdir / "Snakefile").write_text(
+        f"rule all:\n    input: expand('out/{{i}}.txt', i=range({n}))\n"
+        "rule one:\n    output: 'out/{i}.txt'\n    shell: 'echo {wildcards.i} > {output}'\n")
+    first, passed = [], []  # time of the first create; times of those let through
+
+    def gateway(method, path):
+        if (method, path) != ("POST", "/tasks"):
+            return "pass"
+        now = time.monotonic()
+        first[:] = first or [now]
+        if now - first[0] < 10 or (passed and now - passed[-1] < 1.0):
+            return "error429"
+        passed.append(now)
+        return "lose_answer" if len(passed) % 5 == 0 else "pass"
+
+    with proxy_to(aws_env, retry_after_s=1) as proxy:
+        proxy.set_rule(gateway)
+        done = crank(aws_env, workdir, "--crank-tes-url", proxy.url, "--jobs", str(n), timeout=400)
+        throttled, lost = proxy.actions("error429"), proxy.actions("lose_answer")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(int(p.read_text()) for p in (workdir / "out").glob("*.txt")) == list(range(n))
+    tags = [t["tags"][TAG_SUBMISSION] for t in tasks_of(aws_env, workdir)]
+    assert len(tags) == n and len(set(tags)) == n, sorted(tags)
+    assert len(throttled) >= n and len(lost) >= 3, (len(throttled), len(lost))
+    assert "Traceback" not in done.stderr
 
 
 def while_the_status_list_answers(tes, tmp_path: Path, action: str, *args: str, env=None):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import time
 from typing import Any, Callable, List, Mapping, Optional, Type, TypeVar
 
@@ -65,6 +66,10 @@ BOUNDED = {"timeout": BOUNDED_READ_TIMEOUT_S, "retry_reads": False}
 CREATE_ATTEMPTS = 5
 # the longest a create waits at once for a server that asked it to (429, Retry-After)
 CREATE_WAIT_MAX_S = 30.0
+# A server that asks crank to wait (429, 503 with Retry-After) did nothing: such answers do
+# not use up CREATE_ATTEMPTS, since a busy server at the start of a wide run throttles every
+# create for a while; a create still throttled after this long fails
+CREATE_THROTTLED_MAX_S = 900.0
 
 Model = TypeVar("Model")
 
@@ -145,7 +150,9 @@ class TesApi:
         a retry never makes a second task."""
         delay = 0.5
         unsure = False  # an earlier attempt may have created the task
-        for attempt in range(CREATE_ATTEMPTS):
+        failures = 0
+        throttled_until = time.monotonic() + CREATE_THROTTLED_MAX_S
+        while True:
             try:
                 if unsure:
                     if stopping():  # a task the lost answer hid is canceled by the shutdown
@@ -162,16 +169,22 @@ class TesApi:
             except HttpError as e:
                 raise CrankError(f"the TES server refused the task: {e}") from None
             except Throttled as e:
-                # the server did nothing: wait as it asked (within reason), then go on
-                wait = min(e.retry_after or delay, CREATE_WAIT_MAX_S)
+                if time.monotonic() >= throttled_until:
+                    raise BackendUnavailable(
+                        f"{e}; it has asked crank to wait for more than "
+                        f"{CREATE_THROTTLED_MAX_S / 60:.0f} minutes") from None
+                # jitter spreads the workers that were all told to wait out
+                wait = min(e.retry_after or delay, CREATE_WAIT_MAX_S) * random.uniform(1.0, 1.25)
             except BackendUnavailable:
                 unsure = True
+                failures += 1
+                if failures == CREATE_ATTEMPTS:
+                    raise
                 wait = delay
-            if attempt + 1 == CREATE_ATTEMPTS:
-                raise
-            time.sleep(wait)
+            _sleep_unless(stopping, wait)
+            if stopping():
+                raise CrankError("the run ended before the task was created")
             delay = min(delay * 2, 8)
-        raise AssertionError("unreachable")
 
     def cancel_task(self, task_id: str) -> None:
         """Cancel the task; one that is gone (404) needs nothing."""
@@ -191,3 +204,13 @@ class TesApi:
                 f"the TES server at {self.http.base} answered {request} with something other "
                 f"than {what}")
         return parsed
+
+
+def _sleep_unless(stopping: Callable[[], bool], seconds: float) -> None:
+    """Sleep ``seconds``, cut short once ``stopping()`` (checked every second)."""
+    deadline = time.monotonic() + seconds
+    while not stopping():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return
+        time.sleep(min(left, 1.0))
