@@ -22,6 +22,11 @@ fresh directory, started through a shim that changes nothing in crank and record
   jobs, so a cost that grew with them would show; at the end, one list of every task of the
   run (what each round cost before rounds followed the watched tasks only), for comparison.
 
+With ``--throttle-creates R`` the TES runs go through a gateway (the tests' fault proxy, on
+loopback) that lets R creates a second through, answers the others 429 with ``Retry-After: 1``
+and loses the answer of every 100th create it lets through; after each TES run every task of
+the run is listed once (BASIC) to count tasks against submissions: a duplicate would show.
+
 Printed: a table of the runs, crank's CPU per job at each size against the smallest size
 (the issue's target: within 1.5x), RSS above the local executor's at the same size, and the
 status rounds. ``--tes-tasks`` prints how many tasks the server holds before the TES runs.
@@ -39,6 +44,9 @@ import time
 from pathlib import Path
 
 import requests
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from faultproxy import FaultProxy  # noqa: E402
 
 IMAGE = "crank-test/busybox:1"
 REPO = Path(__file__).resolve().parent.parent
@@ -181,7 +189,7 @@ def run_once(backend: str, n: int, args) -> dict:
         else:
             command += ["--executor", "crank", "--crank-default-image", IMAGE]
         if backend == "tes":
-            command += ["--crank-backend", "tes", "--crank-tes-url", args.url,
+            command += ["--crank-backend", "tes", "--crank-tes-url", args.tes_url,
                         "--crank-storage-prefix", f"{args.prefix}/{os.path.basename(tmp)}"]
         started = time.monotonic()
         try:
@@ -199,7 +207,42 @@ def run_once(backend: str, n: int, args) -> dict:
             sys.exit(f"{backend} at {n} jobs: {made} outputs instead of {n}")
         figures = json.loads(log.read_text())
         figures["wall_s"] = elapsed
+        if backend == "tes":
+            figures["tasks"], figures["submissions"] = tasks_and_submissions(args.url, tmp)
         return figures
+
+
+def tasks_and_submissions(url: str, workdir: str) -> tuple:
+    """How many tasks the server holds for the run in ``workdir``, and how many distinct
+    submissions they are (one list of the whole run, BASIC: it carries the tags)."""
+    from snakemake_executor_plugin_crank.backends.tes.backend import TAG_SUBMISSION, TAG_WORKDIR, workdir_tag
+
+    tags, token = [], None
+    while True:
+        params = {"tag_key": TAG_WORKDIR, "tag_value": workdir_tag(workdir), "view": "BASIC",
+                  "page_size": 2047, **({"page_token": token} if token else {})}
+        answer = requests.get(f"{url}/v1/tasks", params=params, timeout=600).json()
+        tags += [(t.get("tags") or {}).get(TAG_SUBMISSION) for t in answer.get("tasks") or []]
+        token = answer.get("next_page_token")
+        if not token or not answer.get("tasks"):
+            return len(tags), len(set(tags))
+
+
+class Gateway:
+    """``rate`` creates a second go through; the others are answered 429 (Retry-After: 1);
+    every 100th answer that went through is lost."""
+
+    def __init__(self, rate: float):
+        self.interval, self.last, self.passed = 1.0 / rate, 0.0, 0
+
+    def __call__(self, method: str, path: str) -> str:
+        if (method, path) != ("POST", "/tasks"):
+            return "pass"
+        now = time.monotonic()
+        if now - self.last < self.interval:
+            return "error429"
+        self.last, self.passed = now, self.passed + 1
+        return "lose_answer" if self.passed % 100 == 0 else "pass"
 
 
 def server_tasks(url: str) -> int:
@@ -224,7 +267,15 @@ def main() -> None:
     parser.add_argument("--json", help="also write every run's figures here")
     parser.add_argument("--timeout", type=float, help="stop a run after this many seconds")
     parser.add_argument("--profile-dir", help="keep each run's merged profile (pstats) here")
+    parser.add_argument("--throttle-creates", type=float, metavar="R",
+                        help="TES: a gateway in front of the server lets R creates a second through")
     args = parser.parse_args()
+    args.tes_url, gateway = args.url, None
+    if args.throttle_creates:
+        host, port = args.url.rsplit("//", 1)[1].rstrip("/").split(":")
+        gateway = FaultProxy(("127.0.0.1", 0), (host, int(port)), retry_after_s=1).__enter__()
+        gateway.set_rule(Gateway(args.throttle_creates))
+        args.tes_url = gateway.url
     args.snakemake_args = args.snakemake_args.split()
     sizes = [int(s) for s in args.sizes.split(",")]
     backends = args.backends.split(",")
@@ -287,6 +338,15 @@ def main() -> None:
                   f"{size / 1024:.0f} KiB, {seconds * 1000:.0f} ms; the last round here: {last[2]} "
                   f"request(s), {last[3] / 1024:.1f} KiB, {last[4] * 1000:.0f} ms "
                   f"({last[3] / max(1, size):.3f}x the bytes)")
+    for n in sizes:
+        r = results.get(("tes", n))
+        if r:
+            print(f"\nTES at {n} jobs: {r['tasks']} tasks for {r['submissions']} submissions "
+                  f"({r['tasks'] - r['submissions']} duplicates)")
+    if gateway:
+        throttled, lost = len(gateway.actions("error429")), len(gateway.actions("lose_answer"))
+        print(f"gateway: {throttled} creates answered 429, {lost} answers lost")
+        gateway.stop()
     if args.json:
         Path(args.json).write_text(json.dumps({f"{b} {n}": r for (b, n), r in results.items()}))
 

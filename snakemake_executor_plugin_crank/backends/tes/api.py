@@ -11,7 +11,7 @@ import tes
 from tes.utils import UnmarshalError, camel_to_snake, unmarshal
 
 from ...errors import BackendUnavailable, CrankError
-from .http import HttpError, Session, Throttled
+from .http import CREATE, HttpError, Session, Throttled
 
 # the models inside a model, as py-tes's unmarshal nests them
 NESTED = {
@@ -160,7 +160,7 @@ class TesApi:
                     found = self.list_tasks(tag_key, tag_value, view="BASIC", bounded=True)
                     if found:
                         return found[0].id
-                answer = self.http.request("POST", "/v1/tasks", "create", body=body, retry_reads=False)
+                answer = self.http.request("POST", "/v1/tasks", CREATE, body=body, retry_reads=False)
                 created = self._parse(answer, tes.CreateTaskResponse, "POST /v1/tasks", "a task id")
                 if not created.id:
                     raise BackendUnavailable(

@@ -5,7 +5,10 @@ exponential backoff and jitter (urllib3 ``Retry``, honouring ``Retry-After`` up 
 RETRY_AFTER_MAX_S a time); what still fails becomes ``BackendUnavailable``. A 429, or a 503
 with ``Retry-After``, also holds every request of the session until the time the server
 asked for (``Throttled``, without sending): requests made once (status rounds) fail fast
-meanwhile, and the caller's tolerance decides how long that may last. An answer that is not
+meanwhile, and the caller's tolerance decides how long that may last. Creates neither set nor
+obey that hold: each waits out its own answer (a gateway often limits creates alone, and its
+Retry-After is rounded up to seconds, so one create's wait holding all of them would create
+far below the rate the server takes), and at most a few are in flight at once. An answer that is not
 JSON (a proxy's HTML page) is ``BackendUnavailable`` too. Any other 4xx is final and
 explained (401/403: the credentials, 404: the URL). Credentials never appear in a message:
 the URL is shown without its user-info. Messages that ask the user to check something name
@@ -34,6 +37,7 @@ READ_TIMEOUT = 60.0
 RETRIES = 5
 # a Retry-After longer than this is not slept through inside one request
 RETRY_AFTER_MAX_S = 10.0
+CREATE = "create"  # the kind of request that posts a task
 
 
 def redact(url: str) -> str:
@@ -156,7 +160,7 @@ class Session:
         self._secrets = [s for s in (token, password) if s]
         self._lock = threading.Lock()
         self.counts: dict = {}
-        # (monotonic time before which no request is sent, why)
+        # (monotonic time before which no request but a create is sent, why)
         self._hold: tuple = (0.0, "")
 
     def count(self, kind: str) -> None:
@@ -182,7 +186,7 @@ class Session:
         """JSON answer of ``method path``; None for a status in ``allow``."""
         until, why = self._hold
         left = until - time.monotonic()
-        if left > 0:
+        if left > 0 and kind != CREATE:
             raise Throttled(f"{why}; {left:.0f} s left, nothing sent", left)
         self.count(kind)
         url = self.base + path
@@ -206,7 +210,7 @@ class Session:
         if status == 429 or (status == 503 and retry_after is not None):
             wait = f" {retry_after:.0f} s" if retry_after is not None else ""
             why = f"{self.what} at {self.base} asked crank to wait{wait} (HTTP {status} on {method} {path})"
-            if retry_after:
+            if retry_after and kind != CREATE:
                 self._hold = (time.monotonic() + retry_after, why)
             raise Throttled(why, retry_after)
         # 408 and 499 (a gateway whose call to the server was cut, as Funnel's while it
