@@ -158,6 +158,20 @@ def test_digest_cache_streams_large_files(tmp_path):
     assert DigestCache(str(tmp_path / "d.sqlite")).digest(str(f)) == sha(data)
 
 
+def test_a_small_file_is_read_once_for_its_digest_and_its_upload(tmp_path, settled):
+    """read_small gives the content with its digest and caches the digest as a hash would;
+    a file above the limit is not read; an empty file is a file."""
+    cache = DigestCache(str(tmp_path / "d.sqlite"))
+    data = os.urandom(5000)
+    f = write(tmp_path / "f", data)
+    digest, identity, content = cache.read_small(str(f), 5000)
+    assert (digest, content, identity[0]) == (sha(data), data, 5000)
+    assert cache.lookup(str(f)) == sha(data) and cache.misses == 1
+    assert cache.read_small(str(f), 4999) is None and cache.misses == 1
+    empty = write(tmp_path / "empty", b"")
+    assert cache.read_small(str(empty), 10)[::2] == (sha(b""), b"")
+
+
 def test_unreadable_input_is_one_line(tmp_path):
     with pytest.raises(CrankError, match="cannot read .*missing"):
         sha256_file(str(tmp_path / "missing"))
@@ -420,7 +434,7 @@ def test_a_large_stage_call_lists_what_the_store_holds_instead_of_a_head_per_fil
     calls = counting(s)
     staged = s.stage(paths)
     groups = {sha(d)[:2] for d in datas}
-    assert sorted(calls) == sorted(["list_group"] * len(groups) + ["put_file"] * 30)
+    assert sorted(calls) == sorted(["list_group"] * len(groups) + ["put_bytes"] * 30)
     assert s.stats.bytes_sent == sum(map(len, datas[10:])) and [x.url for x in staged] == [
         f"{s3_prefix}/{file_key(sha(d))}" for d in datas]
     assert {k: v[0] for k, v in objects(s3_prefix).items()} == {file_key(sha(d)): len(d) for d in datas}

@@ -81,11 +81,13 @@ def _hash_with_stat(path: str, stop: Callable[[], bool] | None = None) -> tuple[
     before and after reading: a file written to meanwhile is refused instead of hashed wrong.
     ``stop`` is asked between blocks (see check)."""
     h = hashlib.sha256()
-    buf = bytearray(BLOCK_SIZE)
-    view = memoryview(buf)
     try:
         with open(path, "rb", buffering=0) as f:
             before = os.fstat(f.fileno())
+            # a buffer no larger than the file: zeroing a whole block for each small file of
+            # a cohort cost more CPU than hashing it
+            buf = bytearray(max(1, min(BLOCK_SIZE, before.st_size)))
+            view = memoryview(buf)
             if hasattr(os, "posix_fadvise"):
                 os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
             while n := f.readinto(buf):
@@ -189,10 +191,38 @@ class DigestCache:
         real = os.path.realpath(path)
         digest, st = _hash_with_stat(real, stop)
         identity = file_identity(st)
+        self._remember(real, identity, digest)
+        return digest, identity
+
+    def read_small(self, path: str, limit: int) -> tuple[str, Identity, bytes] | None:
+        """The digest, identity and content of ``path`` when it holds at most ``limit`` bytes
+        (else None, having read nothing), from one read: a caller that uploads these bytes
+        sends exactly what was hashed, without reading and hashing the file again. The digest
+        is cached as by digest_with_identity."""
+        real = os.path.realpath(path)
+        try:
+            with open(real, "rb", buffering=0) as f:
+                before = os.fstat(f.fileno())
+                if before.st_size > limit:
+                    return None
+                data = f.read()
+                after = os.fstat(f.fileno())
+        except OSError as e:
+            raise CrankError(f"cannot read {real}: {e.strerror or e}") from None
+        identity = file_identity(after)
+        if file_identity(before) != identity or len(data) != identity[0]:
+            raise CrankError(f"{real} changed while it was being read; is something still writing it?")
+        digest = hashlib.sha256(data).hexdigest()
+        self._remember(real, identity, digest)
+        return digest, identity, data
+
+    def _remember(self, real: str, identity: Identity, digest: str) -> None:
+        """Cache the digest just computed of the file at ``real``, unless it changed too
+        recently for its stat to tell a later change (see RACY_NS)."""
         with self._lock:
             self.misses += 1
             if recently_changed(identity):
-                return digest, identity
+                return
             try:
                 self._db.execute(
                     f"INSERT OR REPLACE INTO {TABLE} VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -200,7 +230,6 @@ class DigestCache:
                 )
             except sqlite3.Error:
                 pass  # a cache that cannot be written only costs a rehash next time
-        return digest, identity
 
     def stored(self, store: str, key: str) -> bool:
         """Whether ``store`` was seen to hold ``key`` less than STORED_TRUST_NS ago."""

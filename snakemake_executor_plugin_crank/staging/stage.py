@@ -49,6 +49,10 @@ _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 LIST_FROM = 1024
 LISTED_PER_GROUP = 2
 LIST_PAGE = 1000  # keys in one answer to a listing
+# A file this small whose digest is not cached is read once: hashed and uploaded from memory
+# (a cohort's first stage read and hashed each file twice, and on two cores that CPU came out
+# of the upload). The stager's workers hold at most this much each.
+READ_ONCE_MAX = 1 << 20
 
 
 def file_key(sha256: str) -> str:
@@ -253,6 +257,11 @@ class Stager:
         it had none, the file is hashed)."""
         check(self._stopping.is_set)
         stop = self._stopping.is_set
+        read = None if cached else self.cache.read_small(path, READ_ONCE_MAX)
+        if read is not None:
+            digest, identity, data = read
+            sent = self._put(path, digest, identity[0], identity, listings, data)
+            return self._count(digest, identity[0], sent)
         digest, identity = cached or self.cache.digest_with_identity(path, cached=False, stop=stop)
         try:
             sent = self._put(path, digest, identity[0], identity, listings)
@@ -263,7 +272,9 @@ class Stager:
             # a file that changes again meanwhile really is being written.
             digest, identity = self.cache.digest_with_identity(path, cached=False, stop=self._stopping.is_set)
             sent = self._put(path, digest, identity[0], identity, listings)
-        size = identity[0]
+        return self._count(digest, identity[0], sent)
+
+    def _count(self, digest: str, size: int, sent: bool) -> tuple[str, int]:
         with self._lock:
             if sent:
                 self.stats.bytes_sent += size
@@ -271,8 +282,12 @@ class Stager:
                 self.stats.bytes_deduplicated += size
         return digest, size
 
-    def _put(self, path: str, digest: str, size: int, identity: Identity, listings: _Listings | None) -> bool:
-        """Make sure the content ``digest`` is in the store; True when this call uploaded it."""
+    def _put(
+        self, path: str, digest: str, size: int, identity: Identity, listings: _Listings | None,
+        data: bytes | None = None,
+    ) -> bool:
+        """Make sure the content ``digest`` is in the store; True when this call uploaded it.
+        ``data``: the file's content, already read and hashed, sent as it is."""
         with self._lock:
             if digest in self._present:
                 return False
@@ -289,8 +304,13 @@ class Stager:
                 if (listings.size(digest) if listings else self.store.head(key)) != size:
                     with self._lock:
                         self._queued_bytes += size
-                    self.store.put_file(path, key, sha256=digest, on_bytes=self._sent, identity=identity,
-                                        stop=self._stopping.is_set)
+                    if data is None:
+                        self.store.put_file(path, key, sha256=digest, on_bytes=self._sent, identity=identity,
+                                            stop=self._stopping.is_set)
+                    else:
+                        check(self._stopping.is_set)
+                        self.store.put_bytes(data, key)
+                        self._sent(size)
                     uploaded = True
                 self._confirmed(key, digest)
             with self._lock:
