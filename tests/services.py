@@ -392,22 +392,24 @@ def find_funnel(state: Path) -> str:
     return str(binary)
 
 
-def funnel_config(base: Path, s3_env: dict[str, str]) -> str:
+def funnel_config(base: Path, s3_env: dict[str, str], http_port: int = FUNNEL_HTTP_PORT,
+                  rpc_port: int = FUNNEL_RPC_PORT, compute: str = "local") -> str:
     """Funnel parses its config strictly: unknown keys are errors, ports are quoted strings,
-    durations no shorter than 1s. JSON strings are valid YAML scalars."""
+    durations no shorter than 1s. JSON strings are valid YAML scalars. ``compute``: "noop"
+    keeps every task QUEUED (a benchmark fills a database that way)."""
     q = json.dumps
     endpoint = s3_env["AWS_ENDPOINT_URL"].split("://", 1)[1]
     return f"""Database: boltdb
-Compute: local
+Compute: {compute}
 Logger:
   Level: info
   OutputFile: {q(str(base / "funnel.log"))}
 Server:
   HostName: 127.0.0.1
-  HTTPPort: {q(str(FUNNEL_HTTP_PORT))}
-  RPCPort: {q(str(FUNNEL_RPC_PORT))}
+  HTTPPort: {q(str(http_port))}
+  RPCPort: {q(str(rpc_port))}
 RPCClient:
-  ServerAddress: {q(f"127.0.0.1:{FUNNEL_RPC_PORT}")}
+  ServerAddress: {q(f"127.0.0.1:{rpc_port}")}
 BoltDB:
   Path: {q(str(base / "funnel.db"))}
 Worker:
