@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 import uuid
+from datetime import timedelta
 from pathlib import Path
 
 import obstore
@@ -22,6 +23,7 @@ from obstore.store import from_url as obstore_from_url
 from snakemake_executor_plugin_crank.errors import BackendUnavailable, CrankError
 from snakemake_executor_plugin_crank.staging import digest as digest_module
 from snakemake_executor_plugin_crank.staging import stage as stage_module
+from snakemake_executor_plugin_crank.staging import store as store_module
 from snakemake_executor_plugin_crank.staging.digest import DigestCache, Stopped, sha256_file
 from snakemake_executor_plugin_crank.staging.stage import (
     Stager,
@@ -1055,3 +1057,28 @@ def test_install_puts_a_file_or_directory_whole_over_whatever_is_there(tmp_path)
         assert os.listdir(out / "new") == ["far"]  # no copy left beside it
     finally:
         shutil.rmtree(other, ignore_errors=True)
+
+
+@pytest.mark.s3
+def test_an_upload_the_server_stops_reading_fails_within_its_timeout(s3_prefix, tmp_path, monkeypatch):
+    """A store that accepts a PUT and never reads its body (SeaweedFS with full volumes did
+    this for minutes): the upload fails with one line once the request's overall timeout has
+    passed, instead of waiting on a write that nothing else bounds."""
+    from faultproxy import FaultProxy
+
+    monkeypatch.setattr(store_module, "CLIENT", {**store_module.CLIENT, "timeout": "3s"})
+    monkeypatch.setattr(store_module, "RETRY", {**store_module.RETRY, "retry_timeout": timedelta(seconds=1)})
+    endpoint = os.environ["AWS_ENDPOINT_URL"].rsplit("//", 1)[1]
+    host, port = endpoint.split(":")
+    f = write(tmp_path / "big", os.urandom(PART_SIZE))  # more than the sockets' buffers hold
+    with FaultProxy(("127.0.0.1", 0), (host, int(port)), hang_s=90) as proxy:
+        proxy.set_rule(lambda method, path: "hang" if method == "PUT" else "pass")
+        store = Store.from_url(s3_prefix, endpoint=proxy.url)
+        started = time.monotonic()
+        with pytest.raises(CrankError, match="uploading") as failed:
+            store.put_file(str(f), "stalled")
+        elapsed = time.monotonic() - started
+    assert elapsed < 30, elapsed  # the 60 s read timeout alone waits for the proxy to give up
+    assert "\n" not in str(failed.value)
+    # what ships: such requests are bounded; only a download (one large object) may take hours
+    assert store_module.CLIENT["timeout"] == "10m" and store_module.DOWNLOAD_CLIENT["timeout"] == "6h"

@@ -48,14 +48,21 @@ MEMORY_PARTS = PART_CONCURRENCY + 2
 DOWNLOAD_CHUNK = 4 << 20
 
 # Transient failures (connection errors, timeouts, 5xx) are retried by obstore with exponential
-# backoff and jitter. The overall request timeout is generous because a download of a large
-# object is one request; a stalled connection is caught by the read timeout instead.
+# backoff and jitter.
 RETRY = {
     "max_retries": 6,
     "retry_timeout": timedelta(minutes=2),
     "backoff": {"init_backoff": timedelta(milliseconds=200), "max_backoff": timedelta(seconds=10), "base": 2},
 }
-CLIENT = {"connect_timeout": "5s", "read_timeout": "60s", "timeout": "6h"}
+# Every request but a download sends or receives at most PART_SIZE bytes, so its whole time is
+# bounded: the read timeout covers reading an answer only, and a server that stops reading a
+# PUT's body (measured: SeaweedFS with its volumes full, for more than 7 minutes) would
+# otherwise hold the upload until the overall timeout. 10 minutes still lets an 8 MiB part
+# through at 14 KB/s.
+CLIENT = {"connect_timeout": "5s", "read_timeout": "60s", "timeout": "10m"}
+# A download of a large object is one request: its overall timeout is generous, and a stalled
+# connection is caught by the read timeout instead.
+DOWNLOAD_CLIENT = {**CLIENT, "timeout": "6h"}
 # check() runs before any job: an unreachable store should be reported within seconds.
 PROBE_RETRY = {
     "max_retries": 2,
@@ -136,6 +143,7 @@ class Store:
         self._options = options
         _limit_heap_growth()
         self._store = self._build(RETRY, CLIENT)
+        self._downloads = self._build(RETRY, DOWNLOAD_CLIENT)
         self._budget = _MemoryBudget(MEMORY_PARTS)
 
     @classmethod
@@ -282,7 +290,7 @@ class Store:
         directory, name = os.path.split(os.path.abspath(dest))
         tmp = os.path.join(directory, f".{name}.crank-{uuid.uuid4().hex[:12]}.part")
         try:
-            result = obstore.get(self._store, key)
+            result = obstore.get(self._downloads, key)
             expected = int(result.meta["size"]) if size is None else size
             if size is not None and int(result.meta["size"]) != size:
                 raise CrankError(f"{self.url(key)}: has {result.meta['size']} bytes, expected {size}")
