@@ -1066,6 +1066,8 @@ def test_an_upload_the_server_stops_reading_fails_within_its_timeout(s3_prefix, 
     passed, instead of waiting on a write that nothing else bounds."""
     from faultproxy import FaultProxy
 
+    # what ships: such requests are bounded; only a download (one large object) may take hours
+    assert store_module.CLIENT["timeout"] == "10m" and store_module.DOWNLOAD_CLIENT["timeout"] == "6h"
     monkeypatch.setattr(store_module, "CLIENT", {**store_module.CLIENT, "timeout": "3s"})
     monkeypatch.setattr(store_module, "RETRY", {**store_module.RETRY, "retry_timeout": timedelta(seconds=1)})
     endpoint = os.environ["AWS_ENDPOINT_URL"].rsplit("//", 1)[1]
@@ -1080,5 +1082,3 @@ def test_an_upload_the_server_stops_reading_fails_within_its_timeout(s3_prefix, 
         elapsed = time.monotonic() - started
     assert elapsed < 30, elapsed  # the 60 s read timeout alone waits for the proxy to give up
     assert "\n" not in str(failed.value)
-    # what ships: such requests are bounded; only a download (one large object) may take hours
-    assert store_module.CLIENT["timeout"] == "10m" and store_module.DOWNLOAD_CLIENT["timeout"] == "6h"
