@@ -346,8 +346,9 @@ def wait_terminal(backend, handles, timeout=120):
 
 def test_a_status_round_costs_the_active_tasks_not_the_finished_ones(aws_env, tmp_path):
     """Twelve tasks of the run finished and were released, ten still run: a round is one
-    list per active state (RUNNING, QUEUED, INITIALIZING) and carries the ten only (a round
-    used to list every task of the run)."""
+    list per active state (RUNNING, QUEUED, INITIALIZING), or one GetTask per running task
+    when the server's lists were measured slower (a database holding many earlier tasks),
+    and carries the ten only (a round used to list every task of the run)."""
     backend = TesBackend(uuid.uuid4().hex, str(tmp_path),
                          TesOptions(url=aws_env.url, storage_prefix=aws_env.prefix("count")))
     try:
@@ -364,10 +365,10 @@ def test_a_status_round_costs_the_active_tasks_not_the_finished_ones(aws_env, tm
         for _ in range(3):
             before, listed[:] = dict(backend.http.counts), []
             states = backend.poll(running)
-            after = backend.http.counts
-            assert after.get("list", 0) - before.get("list", 0) == 3
-            assert sum(after.values()) - sum(before.values()) == 3
-            assert sorted(t.id for t in listed) == sorted(backend._subs[h].tes_id for h in running)
+            made = {k: n - before.get(k, 0) for k, n in backend.http.counts.items() if n != before.get(k, 0)}
+            assert made in ({"list": 3}, {"state": 10}), made
+            if listed:
+                assert sorted(t.id for t in listed) == sorted(backend._subs[h].tes_id for h in running)
             assert set(states.values()) == {State.RUNNING}
     finally:
         backend.close()

@@ -2,6 +2,7 @@
 TES server that answers what Funnel answers: what a round asks and what comes back grows
 with the tasks still watched, not with the tasks the run finished."""
 
+import threading
 from typing import Dict, List, Optional
 
 import pytest
@@ -9,15 +10,25 @@ from tes import Task
 
 from snakemake_executor_plugin_crank.backends.tes import monitor as monitor_module
 from snakemake_executor_plugin_crank.backends.tes.http import HttpError
-from snakemake_executor_plugin_crank.backends.tes.monitor import FEW, LISTED_STATES, Monitor
+from snakemake_executor_plugin_crank.backends.tes.monitor import (
+    FEW,
+    LISTED_STATES,
+    LOOKUP_THREADS,
+    REMEASURE_ROUNDS,
+    Monitor,
+)
 
 TAG = ("crank-run", "run-1")
 
 
 class Server:
-    """A task table; ``honours_state``: False for a server that ignores the state filter."""
+    """A task table; ``honours_state``: False for a server that ignores the state filter.
+    Each request takes ``list_s`` or ``get_s`` seconds on a clock of the thread that sent it
+    (``clock``), so what the Monitor measures does not depend on this machine."""
 
-    def __init__(self, honours_state: bool = True):
+    def __init__(self, honours_state: bool = True, list_s: float = 0.001, get_s: float = 0.01):
+        self.list_s, self.get_s = list_s, get_s
+        self._time = threading.local()
         self.states: Dict[str, str] = {}
         self.tags: Dict[str, str] = {}
         self.honours_state = honours_state
@@ -25,6 +36,12 @@ class Server:
         self.tasks_sent = 0
         self.reported: List[str] = []
         self.http = type("Http", (), {"base": "http://tes.example"})()
+
+    def clock(self) -> float:
+        return getattr(self._time, "now", 0.0)
+
+    def _spend(self, seconds: float) -> None:
+        self._time.now = self.clock() + seconds
 
     def add(self, task_id: str, state: str, run: str = TAG[1]) -> None:
         self.states[task_id] = state
@@ -34,6 +51,7 @@ class Server:
     def list_tasks(self, tag_key: str, tag_value: str, view: str = "MINIMAL", bounded: bool = False,
                    state: Optional[str] = None) -> List[Task]:
         self.requests.append(("list", state))
+        self._spend(self.list_s)
         found = [Task(id=i, state=s) for i, s in self.states.items() if self.tags[i] == tag_value
                  and (state is None or not self.honours_state or s == state)]
         self.tasks_sent += len(found)
@@ -41,6 +59,7 @@ class Server:
 
     def get_task(self, task_id: str, view: str = "FULL") -> Task:
         self.requests.append(("get", task_id))
+        self._spend(self.get_s)
         if task_id not in self.states:
             raise HttpError("404 from the TES server", 404)
         self.tasks_sent += 1
@@ -51,7 +70,7 @@ class Server:
 
 
 def watching(server: Server, ids) -> Monitor:
-    monitor = Monitor(server, *TAG)
+    monitor = Monitor(server, *TAG, clock=server.clock)
     for task_id in ids:
         monitor.add(task_id)
     return monitor
@@ -69,8 +88,12 @@ def test_a_round_pays_for_the_watched_tasks_not_for_the_finished_ones():
     monitor = watching(server, [f"t{i}" for i in range(9_900, 10_000)])
     states = monitor.round()
     assert states == {f"t{i}": "RUNNING" for i in range(9_900, 10_000)}
+    # and once in a run, one task by id: what a GetTask costs, to compare with the lists
+    assert server.requests == [("list", s) for s in LISTED_STATES] + [("get", "t9900")]
+    assert server.tasks_sent == 101
+    server.requests.clear()
+    monitor.round()
     assert server.requests == [("list", s) for s in LISTED_STATES]
-    assert server.tasks_sent == 100
 
 
 def test_a_task_that_ended_since_the_last_round_is_reported_with_its_end_state():
@@ -149,3 +172,30 @@ def test_nothing_watched_asks_nothing():
     server.add("t0", "RUNNING")
     assert Monitor(server, *TAG).round() == {}
     assert server.requests == []
+
+
+def test_a_server_whose_lists_cost_more_than_lookups_is_asked_by_id():
+    """50,000 tasks of earlier runs make each filtered list walk them all (0.5 s here) while
+    a GetTask stays one lookup (2 ms): after one round of lists, which times both kinds,
+    rounds ask each watched task by id, and list again every REMEASURE_ROUNDS rounds; once
+    the lists are fast again, rounds list."""
+    server = Server(list_s=0.5, get_s=0.002)
+    for i in range(100):
+        server.add(f"t{i}", "RUNNING")
+    monitor = watching(server, server.states)
+    kinds = []
+    for _ in range(REMEASURE_ROUNDS + 2):
+        server.requests.clear()
+        assert len(monitor.round()) == 100
+        kinds.append({r[0] for r in server.requests})
+    # the first round lists (3 x 0.5 s) and times one GetTask: 100 take 13 x 2 ms
+    assert kinds[0] == {"list", "get"}
+    assert kinds[1:REMEASURE_ROUNDS + 1] == [{"get"}] * REMEASURE_ROUNDS
+    assert kinds[REMEASURE_ROUNDS + 1] == {"list"}
+    assert 100 / LOOKUP_THREADS * 0.002 < len(LISTED_STATES) * 0.5
+    server.list_s = 0.001
+    for _ in range(REMEASURE_ROUNDS + 1):  # the next remeasure sees cheap lists
+        monitor.round()
+    server.requests.clear()
+    monitor.round()
+    assert {r[0] for r in server.requests} == {"list"}

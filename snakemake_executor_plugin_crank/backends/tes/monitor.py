@@ -2,21 +2,26 @@
 watched (created, not yet released), never with the tasks the run finished or with what
 else the server holds.
 
-More than FEW watched tasks: one tagged ListTasks for each state a task waits or runs in
-(TES 1.1's state filter), which lists the run's active tasks only, then one GetTask (MINIMAL)
-for each watched task those lists miss: it ended since the last round (asked once; the
-backend releases it in the same round), is in a state not listed (PAUSED, CANCELING), or
-is not visible yet. FEW or fewer: one GetTask each, since every filtered list makes the
-server walk its whole task table (Funnel's BoltDB) while a GetTask is one lookup. A server
-that ignores the state filter lists ended tasks too: their states are right all the same,
-and from then on crank asks for each watched task by id."""
+A round either lists or asks by id. Listing: one tagged ListTasks for each state a task waits
+or runs in (TES 1.1's state filter), which lists the run's active tasks only, then one GetTask
+(MINIMAL) for each watched task those lists miss: it ended since the last round (asked once;
+the backend releases it in the same round), is in a state not listed (PAUSED, CANCELING), or
+is not visible yet. By id: one GetTask for each watched task, LOOKUP_THREADS at a time.
+Both cost what the watched tasks cost; which is faster depends on the server: every filtered
+list makes Funnel walk its whole task table (BoltDB, every task of every earlier run), while
+a GetTask is one lookup. So a round asks by id with FEW or fewer watched tasks, and otherwise
+takes whichever the latest measured request times say is faster, listing again every
+REMEASURE_ROUNDS rounds to follow a table that changed. A server that ignores the state
+filter lists ended tasks too: their states are right all the same, and from then on crank
+asks for each watched task by id."""
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, Iterable, Set
+from typing import Callable, Dict, Iterable, Optional, Set
 
 from .api import TesApi
 from .http import HttpError
@@ -30,18 +35,28 @@ LISTED_STATES = ("RUNNING", "QUEUED", "INITIALIZING")
 FEW = 8
 # GetTasks of one round in flight at once
 LOOKUP_THREADS = 8
+# rounds asked by id in a row before the lists are timed again
+REMEASURE_ROUNDS = 20
 
 
 class Monitor:
     """The watched task ids and when each was created; thread-safe (tasks are created in a
     pool while the status rounds run on Snakemake's loop)."""
 
-    def __init__(self, api: TesApi, tag_key: str, tag_value: str):
+    def __init__(self, api: TesApi, tag_key: str, tag_value: str,
+                 clock: Callable[[], float] = time.monotonic):
         self.api = api
         self.tag = (tag_key, tag_value)
+        self._clock = clock
         self._lock = threading.Lock()
         self._created: Dict[str, float] = {}  # task id -> when it was created (monotonic)
         self._by_id = False  # the server ignores the state filter: every task by GetTask
+        # the mean seconds of one filtered list and of one GetTask, in the latest round
+        # that made such requests; this round's times so far
+        self._list_s: Optional[float] = None
+        self._get_s: Optional[float] = None
+        self._times: Dict[str, list] = {"list": [], "get": []}
+        self._rounds_by_id = 0  # in a row, since the lists were last timed
 
     def add(self, task_id: str) -> None:
         with self._lock:
@@ -58,15 +73,49 @@ class Monitor:
             watched = set(self._created)
         if not watched:
             return {}
-        states = {} if len(watched) <= FEW or self._by_id else self._listed(watched)
-        states.update(self._looked_up(watched - states.keys()))
+        try:
+            states = self._listed(watched) if self._lists_faster(len(watched)) else {}
+            ask = watched - states.keys()
+            if not ask and states and self._get_s is None and not self._by_id:
+                ask = {min(states)}  # once: what a GetTask costs, to compare
+            states.update(self._looked_up(ask))
+        finally:
+            with self._lock:
+                for kind, times in self._times.items():
+                    if times:
+                        setattr(self, f"_{kind}_s", sum(times) / len(times))
+                        times.clear()
         with self._lock:
             return {i: s for i, s in states.items() if i in self._created}
+
+    def _lists_faster(self, watched: int) -> bool:
+        """Whether this round lists (see the module's docstring)."""
+        if watched <= FEW or self._by_id:
+            return False
+        with self._lock:
+            list_s, get_s = self._list_s, self._get_s
+        by_id_s = math.ceil(watched / LOOKUP_THREADS) * get_s if get_s is not None else None
+        if list_s is None or by_id_s is None or self._rounds_by_id >= REMEASURE_ROUNDS:
+            faster = True
+        else:
+            faster = len(LISTED_STATES) * list_s <= by_id_s
+        self._rounds_by_id = 0 if faster else self._rounds_by_id + 1
+        return faster
+
+    def _timed(self, kind: str, request: Callable):
+        """``request()``, its time counted among this round's of ``kind`` ("list", "get")."""
+        started = self._clock()
+        try:
+            return request()
+        finally:
+            seconds = self._clock() - started
+            with self._lock:
+                self._times[kind].append(seconds)
 
     def _listed(self, watched: Set[str]) -> Dict[str, str]:
         found: Dict[str, str] = {}
         for state in LISTED_STATES:
-            tasks = self.api.list_tasks(*self.tag, bounded=True, state=state)
+            tasks = self._timed("list", lambda: self.api.list_tasks(*self.tag, bounded=True, state=state))
             found.update((t.id, t.state or "UNKNOWN") for t in tasks if t.id in watched)
             if any((t.state or "UNKNOWN") != state for t in tasks):
                 # this list holds the run's tasks in every state: complete on its own
@@ -91,7 +140,7 @@ class Monitor:
 
     def _state(self, task_id: str):
         try:
-            return self.api.get_task(task_id, view="MINIMAL").state or "UNKNOWN"
+            return self._timed("get", lambda: self.api.get_task(task_id, view="MINIMAL")).state or "UNKNOWN"
         except HttpError as e:
             if e.status == 404:
                 return None  # not visible (yet): young, or lost once its grace is over
