@@ -84,15 +84,25 @@ def start_run_a(docker_api, workdir: Path):
     return first, run_a
 
 
+def long_script(workdir: Path, run_id: str) -> Path:
+    """A script the run wrote for a command too long for a container's argv, as it would."""
+    path = workdir / ".snakemake" / "crank" / "scripts" / run_id / "a.sh"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("echo a\n")
+    return path
+
+
 @pytest.mark.docker
 def test_a_second_run_in_the_workdir_leaves_the_first_running_docker(docker_api, tmp_path):
     workdir = workflow(tmp_path)
     first, run_a = start_run_a(docker_api, workdir)
     try:
+        script = long_script(workdir, run_a)
         second = snakemake(workdir, "b.txt")
         assert second.returncode == 0, second.stderr[-3000:]
         assert "left by an earlier run" not in second.stderr
         assert running_containers(docker_api, run_a)
+        assert script.exists()
         (workdir / "go").touch()
         finish(first)
     finally:
@@ -108,11 +118,13 @@ def test_the_containers_of_a_killed_run_are_removed_docker(docker_api, tmp_path)
     first, run_a = start_run_a(docker_api, workdir)
     first.kill()  # SIGKILL: no clean-up, the run file stays
     first.wait()
+    script = long_script(workdir, run_a)
     second = snakemake(workdir, "b.txt")
     assert second.returncode == 0, second.stderr[-3000:]
     assert "removed 1 container(s) left by an earlier run" in second.stderr
     assert docker_api.containers(all=True, filters={"label": f"crank.run={run_a}"}) == []
     assert run_files(workdir) == []
+    assert not script.parent.exists()
 
 
 # ---------------------------------------------------------------- TES

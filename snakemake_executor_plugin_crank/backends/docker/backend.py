@@ -4,11 +4,13 @@ the one place that tells the two kinds of handle apart."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 from typing import Callable, Collection, List, Mapping, Optional, Sequence, Tuple
 
 from ...task import Capacity, State, TaskResult, TaskSpec, script_fits_argv
 from ..adoption import Orphan, Orphans, key_of, products_id, stat_identity
-from . import adopted, engine, scratch
+from . import adopted, cold, engine, scratch
 from .adopted import AdoptedExecs
 from .cold import ColdRunner
 from .engine import (LABEL_JOB, LABEL_KEY, LABEL_PRODUCTS, LABEL_RUN, LABEL_WORKDIR,
@@ -88,6 +90,12 @@ class DockerBackend:
                 stale.append(row["Id"])
         self.cold.cancel(stale)
         self.orphans = Orphans(found)
+        # the scripts of runs that are gone: an adopted container may still read its own,
+        # so they go when this run ends, with its own
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(cold.scripts_root(self.workdir)):
+                if entry.name not in keep:
+                    self.cold.script_dirs.add(entry.path)
         return len(stale), len(found)
 
     def adopt(self, task: TaskSpec) -> Optional[str]:

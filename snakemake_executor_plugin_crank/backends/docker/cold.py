@@ -33,6 +33,11 @@ _STATES = {
 }
 
 
+
+def scripts_root(workdir: str) -> str:
+    """Where the scripts too long for a container's argv are written, a directory per run."""
+    return os.path.join(workdir, ".snakemake", "crank", "scripts")
+
 class ColdRunner:
     """Runs each task as a container of its own; its handle is the container's id."""
 
@@ -91,7 +96,7 @@ class ColdRunner:
         one, as a file under the workdir, which the workdir mount makes visible."""
         if script_fits_argv(task.script):
             return task.argv
-        directory = os.path.join(task.workdir, ".snakemake", "crank", "scripts", self.run_id)
+        directory = os.path.join(scripts_root(task.workdir), self.run_id)
         path = os.path.join(directory, task.name + ".sh")
         try:
             # in the workdir, where jobs write: never through a symlink one put there
