@@ -199,3 +199,22 @@ def test_a_server_whose_lists_cost_more_than_lookups_is_asked_by_id():
     server.requests.clear()
     monitor.round()
     assert {r[0] for r in server.requests} == {"list"}
+
+
+def test_a_server_that_refuses_the_filters_is_asked_by_id():
+    """A strict TES 1.0 server answers 400 to the state and tag filters: the round still
+    gets every state, by id, and says so once."""
+    server = Server()
+    for i in range(20):
+        server.add(f"t{i}", "RUNNING")
+    monitor = watching(server, server.states)
+
+    def refused(*args, **kwargs):
+        server.requests.append(("list", None))
+        raise HttpError("the TES server refused GET /v1/tasks: HTTP 400: unknown field state", 400)
+
+    server.list_tasks = refused
+    for _ in range(2):
+        assert monitor.round() == {f"t{i}": "RUNNING" for i in range(20)}
+    assert server.requests.count(("list", None)) == 1
+    assert len(server.reported) == 1 and "refuses a filtered ListTasks" in server.reported[0]
