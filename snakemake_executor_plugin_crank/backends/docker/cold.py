@@ -33,10 +33,10 @@ _STATES = {
 }
 
 
-
 def scripts_root(workdir: str) -> str:
     """Where the scripts too long for a container's argv are written, a directory per run."""
     return os.path.join(workdir, ".snakemake", "crank", "scripts")
+
 
 class ColdRunner:
     """Runs each task as a container of its own; its handle is the container's id."""

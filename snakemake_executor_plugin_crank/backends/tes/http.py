@@ -8,8 +8,8 @@ asked for (``Throttled``, without sending): requests made once (status rounds) f
 meanwhile, and the caller's tolerance decides how long that may last. Creates neither set nor
 obey that hold: each waits out its own answer (a gateway often limits creates alone, and its
 Retry-After is rounded up to seconds, so one create's wait holding all of them would create
-far below the rate the server takes), and at most a few are in flight at once. An answer that is not
-JSON (a proxy's HTML page) is ``BackendUnavailable`` too. Any other 4xx is final and
+far below the rate the server takes), and at most a few are in flight at once. An answer
+that is not JSON (a proxy's HTML page) is ``BackendUnavailable`` too. Any other 4xx is final and
 explained (401/403: the credentials, 404: the URL). Credentials never appear in a message:
 the URL is shown without its user-info. Messages that ask the user to check something name
 it as the caller's ``Hints`` say (the settings layer knows its option names; this module does

@@ -50,7 +50,7 @@ class Monitor:
         self._clock = clock
         self._lock = threading.Lock()
         self._created: Dict[str, float] = {}  # task id -> when it was created (monotonic)
-        self._by_id = False  # the server ignores the state filter: every task by GetTask
+        self._by_id = False  # the server ignores or refuses the filters: every task by GetTask
         # the mean seconds of one filtered list and of one GetTask, in the latest round
         # that made such requests; this round's times so far
         self._list_s: Optional[float] = None
