@@ -69,16 +69,29 @@ SHIM = r"""
 import atexit, cProfile, collections, json, os, pstats, re, resource, runpy, sys, threading, time
 import requests
 
+# the main thread's profile, and the others': each folded into ``ended`` when its thread
+# ends, so that a thread's profile (about 80 KiB) is not held for the rest of the run
 profiles = [cProfile.Profile(time.thread_time)]
+ended, ended_lock = [None], threading.Lock()
 run = threading.Thread.run
 def profiled(self):
     p = cProfile.Profile(time.thread_time)
-    profiles.append(p)
+    with ended_lock:
+        profiles.append(p)
     p.enable()
     try:
         run(self)
     finally:
         p.disable()
+        with ended_lock:
+            profiles.remove(p)
+            try:
+                if ended[0] is None:
+                    ended[0] = pstats.Stats(p)
+                else:
+                    ended[0].add(p)
+            except TypeError:  # a thread that never ran a profiled call
+                pass
 threading.Thread.run = profiled
 
 lock = threading.Lock()
@@ -141,11 +154,12 @@ def whole_run_list():
 
 def crank_seconds():
     stats = pstats.Stats(profiles[0])
-    for p in profiles[1:]:
-        try:
-            stats.add(p)
-        except TypeError:  # a thread that never ran a profiled call
-            pass
+    with ended_lock:
+        for p in [*profiles[1:], *filter(None, ended)]:
+            try:
+                stats.add(p)
+            except TypeError:  # a thread that never ran a profiled call
+                pass
     if os.environ.get("BENCH_PROFILE"):
         stats.dump_stats(os.environ["BENCH_PROFILE"])
     mine = lambda func: "snakemake_executor_plugin_crank" in func[0]

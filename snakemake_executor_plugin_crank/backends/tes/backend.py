@@ -492,6 +492,8 @@ class TesBackend:
                     if sub.run != self.run_id and sub.tes_id and sub.last_state in (None, *NON_TERMINAL):
                         self.api.cancel_task(sub.tes_id)
         finally:
+            for monitor in self.monitors.values():
+                monitor.close()
             self.stager.close()
             self.fetcher.close()
             if self.stager.stats.files:

@@ -57,6 +57,8 @@ class Monitor:
         self._get_s: Optional[float] = None
         self._times: Dict[str, list] = {"list": [], "get": []}
         self._rounds_by_id = 0  # in a row, since the lists were last timed
+        # kept for the whole run: its threads start on the first round that needs them
+        self._pool = ThreadPoolExecutor(LOOKUP_THREADS, thread_name_prefix="crank-tes-state")
 
     def add(self, task_id: str) -> None:
         with self._lock:
@@ -140,13 +142,11 @@ class Monitor:
         ids = list(ids)
         if not ids:
             return {}
-        if len(ids) == 1:
-            answers = [self._state(ids[0])]
-        else:
-            with ThreadPoolExecutor(min(LOOKUP_THREADS, len(ids)),
-                                    thread_name_prefix="crank-tes-state") as pool:
-                answers = list(pool.map(self._state, ids))
+        answers = [self._state(ids[0])] if len(ids) == 1 else list(self._pool.map(self._state, ids))
         return {i: s for i, s in zip(ids, answers) if s is not None}
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)
 
     def _state(self, task_id: str):
         try:
