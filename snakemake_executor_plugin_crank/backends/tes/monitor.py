@@ -21,7 +21,7 @@ import math
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Dict, Iterable, Optional, Set
+from typing import Callable, Dict, Iterable, List, Optional, Set
 
 from .api import TesApi
 from .http import HttpError
@@ -51,11 +51,10 @@ class Monitor:
         self._lock = threading.Lock()
         self._created: Dict[str, float] = {}  # task id -> when it was created (monotonic)
         self._by_id = False  # the server ignores or refuses the filters: every task by GetTask
-        # the mean seconds of one filtered list and of one GetTask, in the latest round
-        # that made such requests; this round's times so far
-        self._list_s: Optional[float] = None
-        self._get_s: Optional[float] = None
-        self._times: Dict[str, list] = {"list": [], "get": []}
+        # by kind of request ("list", "get"): its mean seconds in the latest round that made
+        # such requests, and this round's times so far
+        self._mean_s: Dict[str, Optional[float]] = {"list": None, "get": None}
+        self._times: Dict[str, List[float]] = {"list": [], "get": []}
         self._rounds_by_id = 0  # in a row, since the lists were last timed
         # kept for the whole run: its threads start on the first round that needs them
         self._pool = ThreadPoolExecutor(LOOKUP_THREADS, thread_name_prefix="crank-tes-state")
@@ -78,14 +77,14 @@ class Monitor:
         try:
             states = self._listed(watched) if self._lists_faster(len(watched)) else {}
             ask = watched - states.keys()
-            if not ask and states and self._get_s is None and not self._by_id:
+            if not ask and states and self._mean_s["get"] is None and not self._by_id:
                 ask = {min(states)}  # once: what a GetTask costs, to compare
             states.update(self._looked_up(ask))
         finally:
             with self._lock:
                 for kind, times in self._times.items():
                     if times:
-                        setattr(self, f"_{kind}_s", sum(times) / len(times))
+                        self._mean_s[kind] = sum(times) / len(times)
                         times.clear()
         with self._lock:
             return {i: s for i, s in states.items() if i in self._created}
@@ -95,7 +94,7 @@ class Monitor:
         if watched <= FEW or self._by_id:
             return False
         with self._lock:
-            list_s, get_s = self._list_s, self._get_s
+            list_s, get_s = self._mean_s["list"], self._mean_s["get"]
         by_id_s = math.ceil(watched / LOOKUP_THREADS) * get_s if get_s is not None else None
         if list_s is None or by_id_s is None or self._rounds_by_id >= REMEASURE_ROUNDS:
             faster = True
