@@ -72,7 +72,7 @@ import requests
 # the main thread's profile, and the others': each folded into ``ended`` when its thread
 # ends, so that a thread's profile (about 80 KiB) is not held for the rest of the run
 profiles = [cProfile.Profile(time.thread_time)]
-ended, ended_lock = [None], threading.Lock()
+ended, ended_lock = pstats.Stats(), threading.Lock()
 run = threading.Thread.run
 def profiled(self):
     p = cProfile.Profile(time.thread_time)
@@ -86,10 +86,7 @@ def profiled(self):
         with ended_lock:
             profiles.remove(p)
             try:
-                if ended[0] is None:
-                    ended[0] = pstats.Stats(p)
-                else:
-                    ended[0].add(p)
+                ended.add(p)
             except TypeError:  # a thread that never ran a profiled call
                 pass
 threading.Thread.run = profiled
@@ -155,7 +152,7 @@ def whole_run_list():
 def crank_seconds():
     stats = pstats.Stats(profiles[0])
     with ended_lock:
-        for p in [*profiles[1:], *filter(None, ended)]:
+        for p in [*profiles[1:], ended]:
             try:
                 stats.add(p)
             except TypeError:  # a thread that never ran a profiled call
