@@ -96,9 +96,18 @@ def _hash_with_stat(path: str, stop: Callable[[], bool] | None = None) -> tuple[
             after = os.fstat(f.fileno())
     except OSError as e:
         raise CrankError(f"cannot read {path}: {e.strerror or e}") from None
-    if file_identity(before) != file_identity(after):
-        raise CrankError(f"{path} changed while it was being read; is something still writing it?")
+    _unchanged(path, before, after)
     return h.hexdigest(), after
+
+
+def _unchanged(path: str, before: os.stat_result, after: os.stat_result, read: int | None = None) -> Identity:
+    """The identity of the file read at ``path``, whose stat was ``before`` when it was opened
+    and ``after`` once read (``read`` bytes of it, when counted); a file written to meanwhile
+    is refused."""
+    identity = file_identity(after)
+    if file_identity(before) != identity or read not in (None, identity[0]):
+        raise CrankError(f"{path} changed while it was being read; is something still writing it?")
+    return identity
 
 
 def _retry_while_locked(setup, seconds: float = 30.0) -> None:
@@ -209,9 +218,7 @@ class DigestCache:
                 after = os.fstat(f.fileno())
         except OSError as e:
             raise CrankError(f"cannot read {real}: {e.strerror or e}") from None
-        identity = file_identity(after)
-        if file_identity(before) != identity or len(data) != identity[0]:
-            raise CrankError(f"{real} changed while it was being read; is something still writing it?")
+        identity = _unchanged(real, before, after, read=len(data))
         digest = hashlib.sha256(data).hexdigest()
         self._remember(real, identity, digest)
         return digest, identity, data
