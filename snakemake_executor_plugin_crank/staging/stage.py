@@ -256,13 +256,13 @@ class Stager:
         """``cached``: the digest cache's answer for ``path`` when looked up just before (None:
         it had none, the file is hashed)."""
         check(self._stopping.is_set)
-        stop = self._stopping.is_set
         read = None if cached else self.cache.read_small(path, READ_ONCE_MAX)
         if read is not None:
             digest, identity, data = read
             sent = self._put(path, digest, identity[0], identity, listings, data)
             return self._count(digest, identity[0], sent)
-        digest, identity = cached or self.cache.digest_with_identity(path, cached=False, stop=stop)
+        digest, identity = cached or self.cache.digest_with_identity(
+            path, cached=False, stop=self._stopping.is_set)
         try:
             sent = self._put(path, digest, identity[0], identity, listings)
         except ContentChanged:
