@@ -18,6 +18,7 @@ from .adapter.record import JobRecord
 from .errors import BackendUnavailable, CrankError, ImageUnavailable
 from .runner import Runner
 from .settings import ExecutorSettings, backend_from, image_message
+from .task import Adopted
 
 IDLE_INTERVAL = 0.1
 
@@ -172,15 +173,15 @@ class Executor(RemoteExecutor):
             SubmittedJobInfo(job, external_jobid=record.chain.handle, aux={"record": record})
         )
 
-    def _adopt(self, job, tasks) -> Optional[str]:
-        """The handle of a dead run's task doing this job's work, if there is one. Only a
-        job of one task: a group's later jobs start after Snakemake removed their outputs."""
+    def _adopt(self, job, tasks) -> Optional[Adopted]:
+        """A dead run's task doing this job's work, if there is one. Only a job of one
+        task: a group's later jobs start after Snakemake removed their outputs."""
         if not self._orphans_kept or len(tasks) != 1 or job.is_group():
             return None
-        handle = self.backend.adopt(tasks[0])
-        if handle is not None:
+        adopted = self.backend.adopt(tasks[0])
+        if adopted is not None:
             self.logger.info(f"crank: {_label(job)} (job {job.jobid}) adopts the {self._unit} an earlier run left")
-        return handle
+        return adopted
 
     def _cancel_unclaimed(self) -> None:
         """Once every job this run will run was handed over, cancel the dead runs' tasks

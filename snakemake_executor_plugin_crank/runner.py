@@ -16,7 +16,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from .backends.base import Backend
 from .errors import BackendUnavailable, CrankError, failure_message
-from .task import State, TaskResult, TaskSpec
+from .task import Adopted, State, TaskResult, TaskSpec
 
 
 # a task the backend lost through no fault of its own (State.INTERRUPTED) runs again this often
@@ -83,17 +83,20 @@ class Runner:
 
     def start(
         self, tasks: Sequence[TaskSpec], later: Sequence[Callable[[], Sequence[TaskSpec]]] = (),
-        adopted: Optional[str] = None,
+        adopted: Optional[Adopted] = None,
     ) -> Chain:
         """Submit the first task; ``later`` build the tasks that follow ``tasks``, each when
         its turn comes, right after the task before it succeeded (a CrankError it raises
         fails the chain). Raises CrankError when the backend refuses the first task; when
         the backend does not answer (BackendUnavailable) the task is submitted again at the
-        next rounds, for up to ``tolerance_s``. ``adopted``: the handle of a task a dead run
-        left that does the first task's work (``Backend.adopt``), followed instead."""
+        next rounds, for up to ``tolerance_s``. ``adopted``: a task a dead run left that does
+        the first task's work (``Backend.adopt``), followed instead; its wall time counts
+        from when it started."""
         chain = Chain(list(tasks), list(later))
         if adopted is not None:
-            chain.handle = adopted
+            chain.handle = adopted.handle
+            if adopted.ran_s is not None:
+                chain.running_since = self.clock() - adopted.ran_s
             return chain
         try:
             chain.handle = self.backend.submit(chain.current)

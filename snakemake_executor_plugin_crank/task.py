@@ -151,6 +151,16 @@ class State(enum.Enum):
 
 
 @dataclass(frozen=True)
+class Adopted:
+    """A dead run's task taken over by this run: its handle, and how long it had been
+    running when taken (None when it had not started, or the backend cannot tell), so that
+    its wall time counts from its start, not from the adoption."""
+
+    handle: str
+    ran_s: Optional[float] = None
+
+
+@dataclass(frozen=True)
 class TaskResult:
     ok: bool
     exit_code: Optional[int] = None

@@ -18,10 +18,10 @@ from conftest import BUSYBOX, containers_of, snakemake_command, wait_for
 from test_tes import crank_command, tasks_of
 
 # long: 40 s; quick ends while no crank runs; bad fails meanwhile; edited is changed
-# between the runs (its new version is short)
+# between the runs (its new version is short); timed outlives its 1 min wall time
 SNAKEFILE = """
 rule all:
-    input: "long0.txt", "long1.txt", "quick.txt", "bad.txt", "edited.txt"
+    input: "long0.txt", "long1.txt", "quick.txt", "bad.txt", "edited.txt", "timed.txt"
 
 rule long:
     output: "long{i}.txt"
@@ -42,10 +42,18 @@ rule edited:
     output: "edited.txt"
     log: "logs/edited.log"
     shell: "echo start > {log}; sleep 40; echo old > {output}"
+
+rule timed:
+    output: "timed.txt"
+    log: "logs/timed.log"
+    resources: runtime=1
+    shell: "echo start > {log}; sleep 300; echo timed > {output}"
 """
 EDITED = 'shell: "echo start > {log}; sleep 40; echo old > {output}"'
 EDIT = 'shell: "echo new > {output}; echo start > {log}"'
-RULES = ("long", "long", "quick", "bad", "edited")
+# the rerun starts once the first run's tasks have run this long: were the wall time of an
+# adopted task counted from its adoption, the rerun would last 60 s at least
+RAN_BEFORE_RERUN_S = 30
 
 
 def workflow(tmp_path: Path) -> Path:
@@ -71,14 +79,14 @@ def kill_hard(proc: subprocess.Popen) -> None:
 
 
 def all_started(workdir: Path) -> bool:
-    names = ("long0", "long1", "quick", "bad", "edited")
+    names = ("long0", "long1", "quick", "bad", "edited", "timed")
     return all((workdir / "logs" / f"{n}.log").exists() for n in names)
 
 
 def check_rerun(workdir: Path, done: subprocess.CompletedProcess, seconds: float) -> None:
     """What every backend must show after the rerun."""
     assert done.returncode != 0, done.stderr[-3000:]  # rule bad failed, with --keep-going
-    assert done.stderr.count("adopts the") == 4, done.stderr[-5000:]
+    assert done.stderr.count("adopts the") == 5, done.stderr[-5000:]
     for i in (0, 1):
         assert (workdir / f"long{i}.txt").read_text() == f"long {i}\n"
         assert (workdir / "logs" / f"long{i}.log").read_text() == "start\nend\n"
@@ -88,8 +96,12 @@ def check_rerun(workdir: Path, done: subprocess.CompletedProcess, seconds: float
     assert not (workdir / "bad.txt").exists()
     assert (workdir / "logs" / "bad.log").read_text() == "start\nbroken\n"
     assert "rule bad" in done.stderr and "exit code 3" in done.stderr, done.stderr[-5000:]
-    # a new task would need 40 s for the long jobs alone; the counts on the engine and the
-    # server are what proves adoption, this is for the record (pytest -s)
+    assert not (workdir / "timed.txt").exists()
+    assert any(line.strip().startswith("message: rule timed (job") and line.endswith(
+        "wall time exceeded (runtime limit 1 min)") for line in done.stderr.splitlines()), done.stderr[-5000:]
+    assert seconds < 60 - RAN_BEFORE_RERUN_S / 2, f"the rerun took {seconds:.1f} s"
+    # the counts on the engine and the server are what proves adoption, this is for the
+    # record (pytest -s)
     print(f"the rerun took {seconds:.1f} s")
 
 
@@ -145,15 +157,17 @@ def test_a_killed_run_is_adopted_by_the_next_docker(docker_api, tmp_path):
     first = start(snakemake_command("--jobs", "6"), workdir, env)
     try:
         wait_for(lambda: all_started(workdir), 90, "every job to start")
+        started = time.monotonic()
     finally:
         kill_hard(first)
     # --unlock adopts nothing and cancels nothing
     unlock = run(snakemake_command("--unlock"), workdir, env)
     assert unlock.returncode == 0, unlock.stderr[-3000:]
     running = [c for c in containers_of(docker_api, workdir) if c["State"] == "running"]
-    assert len(running) == 5
+    assert len(running) == 6
     wait_for(lambda: (workdir / "logs" / "bad.log").read_text() == "start\nbroken\n", 60,
              "rule bad to fail while no crank runs")
+    wait_for(lambda: time.monotonic() - started >= RAN_BEFORE_RERUN_S, 60, "the tasks to run a while")
     (workdir / "Snakefile").write_text(SNAKEFILE.replace(EDITED, EDIT))
     creations = Creations(docker_api, workdir)
     began = time.monotonic()
@@ -214,12 +228,13 @@ def test_a_killed_run_is_adopted_by_the_next_tes(tes, tmp_path):
     env = tes.env()
     first = start(crank_command(tes, workdir, "--jobs", "6"), workdir, env)
     try:
-        wait_for(lambda: len([t for t in tasks_of(tes, workdir) if t["state"] == "RUNNING"]) == 5,
+        wait_for(lambda: len([t for t in tasks_of(tes, workdir) if t["state"] == "RUNNING"]) == 6,
                  120, "every task to run")
+        started = time.monotonic()
     finally:
         kill_hard(first)
     before = {t["id"] for t in tasks_of(tes, workdir)}
-    assert len(before) == 5
+    assert len(before) == 6
     unlock = run(crank_command(tes, workdir, "--unlock"), workdir, env)
     assert unlock.returncode == 0, unlock.stderr[-3000:]
 
@@ -228,6 +243,7 @@ def test_a_killed_run_is_adopted_by_the_next_tes(tes, tmp_path):
                 and t["state"] in ("COMPLETE", "EXECUTOR_ERROR")]
 
     wait_for(lambda: ended("quick") and ended("bad"), 90, "quick and bad to end while no crank runs")
+    wait_for(lambda: time.monotonic() - started >= RAN_BEFORE_RERUN_S, 60, "the tasks to run a while")
     assert not [t for t in tasks_of(tes, workdir) if t["state"] in ("CANCELED", "CANCELING")]
     (workdir / "Snakefile").write_text(SNAKEFILE.replace(EDITED, EDIT))
     began = time.monotonic()

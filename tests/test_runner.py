@@ -10,7 +10,7 @@ import pytest
 
 from snakemake_executor_plugin_crank.errors import BackendUnavailable, CrankError
 from snakemake_executor_plugin_crank.runner import Runner
-from snakemake_executor_plugin_crank.task import Resources, State, TaskResult, TaskSpec
+from snakemake_executor_plugin_crank.task import Adopted, Resources, State, TaskResult, TaskSpec
 
 from conftest import containers_of, copy_workflow, snakemake
 
@@ -185,5 +185,19 @@ def test_an_adopted_task_is_followed_not_submitted():
     backend.submit = lambda task: pytest.fail("submitted")
     task = TaskSpec(name="t", label="rule t", job_id="1", attempt=1, image="i",
                     script="true", workdir="/w", log_dir="/w/logs")
-    chain = Runner(backend).start([task], adopted="theirs")
+    chain = Runner(backend).start([task], adopted=Adopted("theirs"))
     assert chain.handle == "theirs"
+
+
+def test_an_adopted_tasks_wall_time_counts_from_its_start_not_from_the_adoption():
+    backend, clock = FakeBackend(), Clock()
+    task = TaskSpec(name="slow", label="rule slow", job_id="1", attempt=1, image="i",
+                    script="sleep 600", workdir="/w", resources=Resources(runtime_s=60),
+                    log_dir="/w/logs")
+    runner = Runner(backend, clock=clock)
+    chain = runner.start([task], adopted=Adopted("theirs", ran_s=50))
+    assert runner.step([chain]) == {}
+    clock.now += 11  # 61 s since it started, 11 s since it was adopted
+    assert runner.step([chain]) == {} and backend.stops == 1
+    outcome = runner.step([chain])[chain]
+    assert not outcome.ok and "wall time exceeded (runtime limit 1 min)" in outcome.message

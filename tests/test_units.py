@@ -240,6 +240,22 @@ def test_tes_answers_with_fields_and_states_beyond_the_schema_still_parse():
     assert task.logs[0].system_logs == ["pulled"] and task.logs[0].logs[0].exit_code == 3
 
 
+def test_an_adopted_tes_tasks_start_is_its_latest_attempts_command_start():
+    """What an adopted task's wall time counts from (a time without a zone is UTC)."""
+    import tes
+    from tes.utils import unmarshal
+
+    from snakemake_executor_plugin_crank.backends.tes.backend import executor_start
+
+    def task(*attempts):
+        return unmarshal({"id": "t", "logs": [{"logs": [{"start_time": s} for s in a]} for a in attempts]},
+                         tes.Task)
+
+    assert executor_start(task(["2026-01-01T00:00:00Z"], ["2026-01-01T00:01:40.5Z"])) == 1767225700.5
+    assert executor_start(task(["2026-01-01T00:01:40"])) == 1767225700.0
+    assert executor_start(task()) is None and executor_start(task([])) is None
+
+
 @pytest.mark.parametrize("status, transient", [(499, True), (408, True), (502, True), (400, False)])
 def test_a_tes_answer_that_says_nothing_was_done_is_asked_again(status, transient):
     """Funnel's gateway answers 499 while it reconnects to itself: not a refusal."""

@@ -17,10 +17,11 @@ import hashlib
 import json
 import os
 import threading
+import time
 from dataclasses import dataclass
 from typing import Callable, Dict, Generic, Iterable, List, Optional, Tuple, TypeVar
 
-from ..task import Input, TaskSpec
+from ..task import Adopted, Input, TaskSpec
 
 # file path -> what identifies its content
 Identify = Callable[[str], str]
@@ -125,6 +126,11 @@ class Orphan(Generic[T]):
     products: str
     ref: T
     finished: bool = False
+    started: Optional[float] = None  # wall clock, when it began running, if it did
+
+    def adopted(self, handle: str) -> Adopted:
+        ran = None if self.started is None else max(0.0, time.time() - self.started)
+        return Adopted(handle, ran)
 
 
 class Orphans(Generic[T]):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Collection, Mapping, Optional, Protocol, Sequence, Tuple
 
-from ..task import Capacity, State, TaskResult, TaskSpec
+from ..task import Adopted, Capacity, State, TaskResult, TaskSpec
 
 
 class Backend(Protocol):
@@ -22,9 +22,9 @@ class Backend(Protocol):
         that can be adopted are kept for ``adopt``; the rest is canceled. Return (how many
         were canceled, how many are kept)."""
 
-    def adopt(self, task: TaskSpec) -> Optional[str]:
-        """The handle of a kept task that does this task's work (``adoption.key_of``), now
-        this run's; else None, after canceling the kept tasks that write the same files."""
+    def adopt(self, task: TaskSpec) -> Optional[Adopted]:
+        """A kept task that does this task's work (``adoption.key_of``), now this run's;
+        else None, after canceling the kept tasks that write the same files."""
 
     def cancel_orphans(self) -> int:
         """Cancel the kept tasks nothing adopted; return how many."""

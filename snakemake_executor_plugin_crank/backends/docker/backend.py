@@ -8,7 +8,7 @@ import contextlib
 import os
 from typing import Callable, Collection, List, Mapping, Optional, Sequence, Tuple
 
-from ...task import Capacity, State, TaskResult, TaskSpec, script_fits_argv
+from ...task import Adopted, Capacity, State, TaskResult, TaskSpec, script_fits_argv
 from ..adoption import Orphan, Orphans, key_of, products_id, stat_identity
 from . import adopted, cold, engine, scratch
 from .adopted import AdoptedExecs
@@ -71,7 +71,8 @@ class DockerBackend:
                 continue
             left = [e for e in adopted.left_execs(root) if e.runner in present] if run in dead_runs else []
             for e in left:
-                found.append(Orphan(e.key, e.products, ("warm", e), finished=e.exit_code() is not None))
+                found.append(Orphan(e.key, e.products, ("warm", e), finished=e.exit_code() is not None,
+                                    started=e.started))
                 spared.add(e.runner)
             if left:
                 self._dead_roots.append(root)
@@ -84,8 +85,9 @@ class DockerBackend:
                 continue
             if (labels.get(LABEL_RUN) in dead_runs and labels.get(LABEL_KEY) and labels.get(LABEL_JOB)
                     and row.get("State") in ("running", "exited")):
+                # started as soon as created
                 found.append(Orphan(labels[LABEL_KEY], labels.get(LABEL_PRODUCTS, ""), ("cold", row["Id"]),
-                                    finished=row.get("State") != "running"))
+                                    finished=row.get("State") != "running", started=row.get("Created")))
             else:
                 stale.append(row["Id"])
         self.cold.cancel(stale)
@@ -98,7 +100,7 @@ class DockerBackend:
                     self.cold.script_dirs.add(entry.path)
         return len(stale), len(found)
 
-    def adopt(self, task: TaskSpec) -> Optional[str]:
+    def adopt(self, task: TaskSpec) -> Optional[Adopted]:
         if not self.orphans:
             return None
         orphan = self.orphans.claim(key_of(task, stat_identity))
@@ -108,8 +110,8 @@ class DockerBackend:
         kind, ref = orphan.ref
         if kind == "cold":
             self.cold.adopted.add(ref)
-            return ref
-        return self.adopted.take(ref)
+            return orphan.adopted(ref)
+        return orphan.adopted(self.adopted.take(ref))
 
     def cancel_orphans(self) -> int:
         left = self.orphans.take_all()

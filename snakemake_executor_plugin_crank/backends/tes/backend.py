@@ -11,6 +11,7 @@ creating run in a small thread pool, so ``submit`` returns at once.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import os
 import shutil
@@ -24,7 +25,7 @@ import tes
 from ...errors import BackendUnavailable, CrankError
 from ...staging.digest import sha256_file
 from ...staging.stage import Stager
-from ...task import Capacity, Kind, State, TaskResult, TaskSpec
+from ...task import Adopted, Capacity, Kind, State, TaskResult, TaskSpec
 from ..adoption import Orphan, Orphans, key_of, products_id
 from ..paths import under
 from . import layout, sources
@@ -152,6 +153,17 @@ def task_body(t: tes.Task) -> Dict[str, Any]:
     return t.as_dict()
 
 
+def executor_start(t: tes.Task) -> Optional[float]:
+    """When the task's latest attempt started its command (wall clock), as a BASIC or FULL
+    view tells; None before that. A time without a zone is UTC (RFC 3339 requires one)."""
+    if not t.logs:
+        return None
+    started = next((e.start_time for e in t.logs[-1].logs or [] if e.start_time), None)
+    if started is None:
+        return None
+    return (started if started.tzinfo else started.replace(tzinfo=datetime.timezone.utc)).timestamp()
+
+
 @dataclass(eq=False)
 class _Submission:
     handle: str
@@ -224,7 +236,8 @@ class TesBackend:
             adoptable = t.state in NON_TERMINAL or t.state in ADOPTABLE_ENDS
             if run in dead_runs and adoptable and tags.get(TAG_KEY) and ":" in tags.get(TAG_SUBMISSION, ""):
                 found.append(Orphan(tags[TAG_KEY], tags.get(TAG_PRODUCTS, ""),
-                                    (t.id, tags[TAG_SUBMISSION]), finished=t.state not in NON_TERMINAL))
+                                    (t.id, tags[TAG_SUBMISSION]), finished=t.state not in NON_TERMINAL,
+                                    started=executor_start(t)))
             elif t.state in NON_TERMINAL:
                 stale.append(t.id)
         for task_id in stale:
@@ -245,7 +258,7 @@ class TesBackend:
                 pass  # cannot tell: none of that run's ended tasks is adopted
         return [o for o in found if not o.finished or o.ref[1] in kept]
 
-    def adopt(self, task: TaskSpec) -> Optional[str]:
+    def adopt(self, task: TaskSpec) -> Optional[Adopted]:
         if not self.orphans:
             return None
         orphan = self.orphans.claim(self._key(task))
@@ -260,7 +273,7 @@ class TesBackend:
             sub = _Submission(handle=handle, task=task, tag=tag, key=key, run=run, tes_id=tes_id)
             self._subs[handle] = sub
         self._monitor_of(sub).add(tes_id)
-        return handle
+        return orphan.adopted(handle)
 
     def cancel_orphans(self) -> int:
         left = [o for o in self.orphans.take_all() if not o.finished]
