@@ -218,3 +218,33 @@ def test_a_server_that_refuses_the_filters_is_asked_by_id():
         assert monitor.round() == {f"t{i}": "RUNNING" for i in range(20)}
     assert server.requests.count(("list", None)) == 1
     assert len(server.reported) == 1 and "refuses a filtered ListTasks" in server.reported[0]
+
+
+@pytest.mark.parametrize("server_kind", ["honours", "ignores", "refuses"])
+def test_a_runs_end_lists_what_is_still_active_not_what_it_finished(server_kind):
+    """What the backend cancels at the end of a run (backend.still_active): the run's
+    waiting and running tasks, from lists that carry only those when the server honours the
+    state filter; from the whole run when it ignores or refuses (400) the filter."""
+    from snakemake_executor_plugin_crank.backends.tes.backend import still_active
+
+    server = Server(honours_state=server_kind != "ignores")
+    for i in range(1000):
+        server.add(f"done{i}", "COMPLETE")
+    for state in ("RUNNING", "QUEUED", "INITIALIZING", "PAUSED"):
+        server.add(f"{state.lower()}1", state)
+    server.add("other", "RUNNING", run="run-2")
+    if server_kind == "refuses":
+        listed = server.list_tasks
+
+        def list_tasks(*args, state=None, **kwargs):
+            if state is not None:
+                raise HttpError("the TES server refused GET /v1/tasks: HTTP 400: unknown field state", 400)
+            return listed(*args, **kwargs)
+
+        server.list_tasks = list_tasks
+    active = {t.id for t in still_active(server, TAG[1]) if t.state not in ("COMPLETE",)}
+    assert active == {"running1", "queued1", "initializing1", "paused1"}
+    if server_kind == "honours":
+        assert server.tasks_sent == 4 and len(server.requests) == 4
+    else:
+        assert server.tasks_sent == 1004
