@@ -200,8 +200,11 @@ def run_once(backend: str, n: int, args) -> dict:
         else:
             command += ["--executor", "crank", "--crank-default-image", IMAGE]
         if backend == "tes":
+            prefix = f"{args.prefix}/{os.path.basename(tmp)}"
+            if prefix.startswith("file://"):  # a shared directory: crank wants it made
+                os.makedirs(prefix[len("file://"):], exist_ok=True)
             command += ["--crank-backend", "tes", "--crank-tes-url", args.tes_url,
-                        "--crank-storage-prefix", f"{args.prefix}/{os.path.basename(tmp)}"]
+                        "--crank-storage-prefix", prefix]
         started = time.monotonic()
         try:
             done = subprocess.run(command, cwd=tmp, env=env, stdin=subprocess.DEVNULL,
@@ -273,7 +276,8 @@ def main() -> None:
     parser.add_argument("--sizes", default="100,1000")
     parser.add_argument("--backends", default="local,docker,tes")
     parser.add_argument("--url", default=os.environ.get("CRANK_TEST_TES_URL", "http://127.0.0.1:18000"))
-    parser.add_argument("--prefix", default=f"s3://{os.environ.get('CRANK_TEST_BUCKET', 'crank-test')}/scale")
+    parser.add_argument("--prefix", default=f"s3://{os.environ.get('CRANK_TEST_BUCKET', 'crank-test')}/scale",
+                        help="TES: the storage prefix, or file:///dir on a directory the server shares")
     parser.add_argument("--snakemake-args", default="", help="extra snakemake options, e.g. --scheduler greedy")
     parser.add_argument("--json", help="also write every run's figures here")
     parser.add_argument("--timeout", type=float, help="stop a run after this many seconds")
