@@ -4,6 +4,7 @@ test first needs them); they never replace them with fakes."""
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -14,6 +15,12 @@ import pytest
 import services
 
 from snakemake_executor_plugin_crank.adapter.jobs import snakemake_version
+
+# A shell that starts the suite in the background without job control ignores SIGINT for
+# it, every Snakemake it starts would inherit that, and the tests' Ctrl-C would do nothing:
+# a handled signal is reset to the default in a child, an ignored one is not.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 WORKFLOWS = Path(__file__).parent / "workflows"
 BUSYBOX = "crank-test/busybox:1"
