@@ -31,7 +31,7 @@ from ..paths import under
 from . import layout, sources
 from .api import TesApi
 from .http import HttpError
-from .monitor import Monitor
+from .monitor import LISTED_STATES, Monitor
 from .results import Collector
 
 TAG_RUN = "crank-run"
@@ -60,8 +60,9 @@ NON_TERMINAL = ("UNKNOWN", "QUEUED", "INITIALIZING", "RUNNING", "PAUSED")
 # a dead run's task that ended in these is adopted with its outcome (a system error or a
 # cancel is not the job's: a new task runs)
 ADOPTABLE_ENDS = ("COMPLETE", "EXECUTOR_ERROR")
-# what a run's end lists to cancel what is left (UNKNOWN, the enum's zero, would filter nothing)
-CLOSE_STATES = ("RUNNING", "QUEUED", "INITIALIZING", "PAUSED")
+# what a run's end lists to cancel what is left: the states a status round lists, and PAUSED
+# (UNKNOWN, the enum's zero, would filter nothing)
+CLOSE_STATES = (*LISTED_STATES, "PAUSED")
 
 
 @dataclass(frozen=True)
