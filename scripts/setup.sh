@@ -3,7 +3,8 @@
 # needs root and a shell:
 #   - a running Docker engine (Debian's docker.io; started by tests/services.py),
 #   - locally built test images (no registry needed): crank-test/busybox:1,
-#     crank-test/bash:1 and crank-test/snakemake:<host snakemake version>.
+#     crank-test/bash:1, crank-test/snakemake:<host snakemake version> and
+#     crank-test/snakemake-s3:<same version> (with the host's S3 storage plugin).
 # SeaweedFS and Funnel are started by the tests themselves (tests/services.py).
 # Idempotent: when everything is in place it only checks and takes a few seconds.
 #
@@ -254,6 +255,24 @@ build_snakemake() {
     check_run "$name" "$version" snakemake --version
 }
 
+# The Snakemake image plus the S3 storage plugin the host has (the same version), installed
+# by pip in a container of the Snakemake image and committed.
+build_snakemake_s3() {
+    local name=$1 base=crank-test/snakemake:${1##*:} plugin cid blog=$STATE/snakemake-s3-image.log
+    plugin=$(python3 -c 'import importlib.metadata as m; print(m.version("snakemake-storage-plugin-s3"))') \
+        || die "snakemake-storage-plugin-s3 is not installed on the host (pip install -e '.[test]')"
+    log "  pip install snakemake-storage-plugin-s3==$plugin (log: $blog)"
+    cid=$(docker create --network host "$base" pip install --no-cache-dir --disable-pip-version-check \
+        "snakemake-storage-plugin-s3==$plugin") || die "docker create $base"
+    if ! docker start -a "$cid" >"$blog" 2>&1 || [[ $(docker inspect -f '{{.State.ExitCode}}' "$cid") != 0 ]]; then
+        docker rm -f "$cid" >/dev/null 2>&1 || true
+        die_log "pip install snakemake-storage-plugin-s3 in $base" "$blog"
+    fi
+    docker commit "$cid" "$name" >/dev/null || { docker rm -f "$cid" >/dev/null 2>&1; die "docker commit $name"; }
+    docker rm -f "$cid" >/dev/null 2>&1 || true
+    check_run "$name" ok python3 -c 'import snakemake_storage_plugin_s3; print("ok")'
+}
+
 # ---------------------------------------------------------------- main
 
 ensure_docker
@@ -263,6 +282,7 @@ SNAKEMAKE_VERSION=$(python3 -c 'import snakemake; print(snakemake.__version__)')
 ensure_image crank-test/busybox:1 build_busybox
 ensure_image crank-test/bash:1 build_bash
 ensure_image "crank-test/snakemake:$SNAKEMAKE_VERSION" build_snakemake
+ensure_image "crank-test/snakemake-s3:$SNAKEMAKE_VERSION" build_snakemake_s3
 
 out=$(docker run --rm --network none crank-test/busybox:1 true 2>&1) \
     || die "docker run --network none crank-test/busybox:1 true: $out (engine log: $STATE/dockerd.log)"

@@ -166,7 +166,9 @@ class Runner:
 
     @staticmethod
     def _wall_time(task: TaskSpec) -> str:
-        return f"wall time exceeded (runtime limit {task.resources.runtime_s // 60} min)"
+        minutes, seconds = divmod(task.resources.runtime_s, 60)
+        limit = " ".join(([f"{minutes} min"] if minutes else []) + ([f"{seconds} s"] if seconds else []))
+        return f"wall time exceeded (runtime limit {limit})"
 
     def _may_resubmit(self, chain: Chain) -> bool:
         return chain.current.resources.preemptible and chain.preemptions < self.preemptible_retries

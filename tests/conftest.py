@@ -8,10 +8,12 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import docker
 import pytest
+import requests
 import services
 
 from snakemake_executor_plugin_crank.adapter.jobs import snakemake_version
@@ -26,6 +28,8 @@ WORKFLOWS = Path(__file__).parent / "workflows"
 BUSYBOX = "crank-test/busybox:1"
 BASH = "crank-test/bash:1"
 SNAKEMAKE_IMAGE = f"crank-test/snakemake:{snakemake_version()}"
+# with the S3 storage plugin: Snakemake inside stores a run: rule's outputs itself
+SNAKEMAKE_S3_IMAGE = f"crank-test/snakemake-s3:{snakemake_version()}"
 
 
 @pytest.fixture(scope="session")
@@ -35,8 +39,11 @@ def docker_api():
         client.ping()
     except docker.errors.DockerException as e:
         pytest.fail(f"no Docker engine ({e}); run scripts/setup.sh first", pytrace=False)
-    for image in (BUSYBOX, BASH, SNAKEMAKE_IMAGE):
-        client.api.inspect_image(image)
+    for image in (BUSYBOX, BASH, SNAKEMAKE_IMAGE, SNAKEMAKE_S3_IMAGE):
+        try:
+            client.api.inspect_image(image)
+        except docker.errors.ImageNotFound:
+            pytest.fail(f"no test image {image}; run scripts/setup.sh first", pytrace=False)
     yield client.api
     client.close()
 
@@ -142,12 +149,29 @@ class S3Server:
         return sum(int(float(v)) for v in re.findall(r'^SeaweedFS_s3_in_flight_requests\{[^}]*\} (\S+)$', text, re.M))
 
 
+KEPT = []  # the servers this session uses (services.Kept)
+
+
+@pytest.fixture(autouse=True)
+def _servers_alive(request):
+    """A server that died during a test (Funnel has crashed so) is started again for the
+    next one, with one line saying so, instead of failing every later test."""
+    for kept in KEPT:
+        try:
+            line = kept.revive()
+        except services.ServiceError as e:
+            line = f"{kept.name} had stopped answering and could not be started again: {e}"
+        if line:
+            request.config.pluginmanager.get_plugin("terminalreporter").write_line(f"\n{line}", red=True)
+
+
 @pytest.fixture(scope="session")
 def s3():
     """SeaweedFS, reused when it already answers, else started for this session and stopped after."""
     try:
-        with services.seaweedfs() as values:
-            yield S3Server(values)
+        with services.seaweedfs() as kept:
+            KEPT.append(kept)
+            yield S3Server(kept.values)
     except services.ServiceError as e:
         pytest.fail(f"SeaweedFS: {e}", pytrace=False)
 
@@ -175,14 +199,165 @@ def tes(s3):
     """Funnel, reused when it already answers, else started for this session and stopped after;
     or a skip saying loudly what is missing."""
     try:
-        with services.funnel(s3.values) as url:
-            yield TesServer(url, s3)
+        with services.funnel(s3.values) as kept:
+            KEPT.append(kept)
+            yield TesServer(kept.url, s3)
     except services.Unavailable as e:
         TES_SKIPPED.append(f"TES TESTS SKIPPED: no Funnel ({e}): put a funnel "
                            f"{services.FUNNEL_VERSION} binary on PATH or in CRANK_FUNNEL")
         pytest.skip(TES_SKIPPED[0])
     except services.ServiceError as e:
         pytest.fail(f"Funnel: {e}", pytrace=False)
+
+
+@pytest.fixture
+def aws_env(tes, monkeypatch):
+    """The store's credentials in this process's environment, for tests that drive the TES
+    backend in-process."""
+    for key, value in tes.s3.env().items():
+        monkeypatch.setenv(key, value)
+    return tes
+
+
+# ---------------------------------------------------------------- crank on a backend
+
+
+class Crank:
+    """crank on one backend through the real snakemake CLI, as a user runs it; and what it
+    left on that backend for a workdir."""
+
+    backend = ""
+
+    def command(self, workdir: Path, *args: str) -> list:
+        raise NotImplementedError
+
+    def env(self) -> dict:
+        return {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+    def run(self, workdir: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        return subprocess.run(self.command(workdir, *args), cwd=workdir, capture_output=True,
+                              text=True, timeout=timeout, env=self.env(), stdin=subprocess.DEVNULL)
+
+    def start(self, workdir: Path, *args: str) -> subprocess.Popen:
+        return subprocess.Popen(self.command(workdir, *args), cwd=workdir, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=self.env(),
+                                stdin=subprocess.DEVNULL)
+
+    def live(self, workdir: Path) -> list:
+        """The containers or tasks of the workdir that have not ended (or not been removed)."""
+        raise NotImplementedError
+
+    def running(self, workdir: Path) -> list:
+        """Those of them that run."""
+        raise NotImplementedError
+
+
+class OnDocker(Crank):
+    backend = "docker"
+
+    def __init__(self, api):
+        self.api = api
+
+    def command(self, workdir: Path, *args: str) -> list:
+        return snakemake_command(*args)
+
+    def live(self, workdir: Path) -> list:
+        return containers_of(self.api, workdir)
+
+    def running(self, workdir: Path) -> list:
+        return [c for c in containers_of(self.api, workdir) if c["State"] == "running"]
+
+
+class OnTes(Crank):
+    backend = "tes"
+
+    def __init__(self, tes: TesServer):
+        self.tes = tes
+
+    def command(self, workdir: Path, *args: str) -> list:
+        return tes_command(self.tes, workdir, *args)
+
+    def env(self) -> dict:
+        return self.tes.env()
+
+    def live(self, workdir: Path) -> list:
+        return live_tasks(self.tes, workdir)
+
+    def running(self, workdir: Path) -> list:
+        return running_tasks(self.tes, workdir)
+
+
+@pytest.fixture(params=[pytest.param("docker", marks=pytest.mark.docker),
+                        pytest.param("tes", marks=pytest.mark.tes)])
+def crank(request) -> Crank:
+    """crank on each backend in turn (the marks select them: ``-m "not tes"``)."""
+    if request.param == "docker":
+        return OnDocker(request.getfixturevalue("docker_api"))
+    return OnTes(request.getfixturevalue("tes"))
+
+
+def tes_run(tes: TesServer, workdir: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return OnTes(tes).run(workdir, *args, timeout=timeout)
+
+
+def tes_start(tes: TesServer, workdir: Path, *args: str) -> subprocess.Popen:
+    return OnTes(tes).start(workdir, *args)
+
+
+def tes_command(tes: TesServer, workdir: Path, *args: str) -> list:
+    """The real snakemake CLI with crank on Funnel, a storage prefix of this test's own
+    (named after the workdir's parent); a later --crank-tes-url in ``args`` wins."""
+    return [
+        sys.executable, "-m", "snakemake", "--executor", "crank", "--jobs", "4",
+        "--crank-backend", "tes", "--crank-tes-url", tes.url,
+        "--crank-storage-prefix", tes.prefix(workdir.parent.name),
+        "--crank-default-image", BUSYBOX, "--seconds-between-status-checks", "1", *args,
+    ]
+
+
+NON_TERMINAL = {"UNKNOWN", "QUEUED", "INITIALIZING", "RUNNING", "PAUSED"}
+
+
+def tasks_of(tes: TesServer, workdir: Path) -> list:
+    """Every task of the workdir on the server (BASIC view)."""
+    from snakemake_executor_plugin_crank.backends.tes.backend import TAG_WORKDIR, workdir_tag
+
+    answer = requests.get(f"{tes.url}/v1/tasks", params={
+        "tag_key": TAG_WORKDIR, "tag_value": workdir_tag(str(workdir)), "view": "BASIC",
+        "page_size": 2047}, timeout=30)
+    answer.raise_for_status()
+    return answer.json().get("tasks") or []
+
+
+def live_tasks(tes: TesServer, workdir: Path) -> list:
+    return [t for t in tasks_of(tes, workdir) if t.get("state") in NON_TERMINAL]
+
+
+def running_tasks(tes: TesServer, workdir: Path) -> list:
+    return [t for t in tasks_of(tes, workdir) if t["state"] == "RUNNING"]
+
+
+def proxy_to(tes: TesServer, **kwargs):
+    """The fault proxy on a free loopback port in front of Funnel."""
+    from faultproxy import FaultProxy
+
+    host, port = tes.url.rsplit("//", 1)[1].split(":")
+    return FaultProxy(("127.0.0.1", 0), (host, int(port)), **kwargs)
+
+
+def slow_workflow(tmp_path: Path, seconds: int) -> Path:
+    """A one-job workflow whose job sleeps ``seconds``, with a storage prefix of its own."""
+    workdir = tmp_path / uuid.uuid4().hex / "wf"
+    workdir.mkdir(parents=True)
+    (workdir / "Snakefile").write_text(
+        f'rule slow:\n    output: "slow.txt"\n    shell: "sleep {seconds}; echo done > {{output}}"\n'
+    )
+    return workdir
+
+
+def status_request(method: str, path: str) -> bool:
+    """A request of a status round: a task list, or one task by id when few are watched."""
+    return method == "GET" and (path == "/tasks" or path.startswith("/tasks/"))
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -44,8 +44,8 @@ FUNNEL_HTTP_PORT, FUNNEL_RPC_PORT = 18000 + OFFSET, 19090 + OFFSET
 BUCKET = "crank-test"
 FUNNEL_VERSION = "v0.11.12"
 START_TIMEOUT = 60.0
-# SeaweedFS waits 10 s before it stops, and its filer sometimes goes on retrying writes to its
-# volume server, already stopped, for more than 30 s; dockerd stops its containers first.
+# SeaweedFS's filer sometimes goes on retrying writes to its volume server, already stopped,
+# for more than 30 s; dockerd stops its containers first.
 STOP_TIMEOUT = 30.0
 
 
@@ -283,8 +283,10 @@ class SeaweedFS:
         # 8181, 9101), no telemetry, single-master mode (else a restart waits for a Raft election).
         usage = subprocess.run([weed, "server", "-h"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True).stdout.split()
+        # Its volume server waits 10 s before it stops by default: nothing to drain here.
         extra = [flag for flag in ("-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",
-                                   "-master.peers=none", "-s3.autoCreateBucket=false")
+                                   "-master.peers=none", "-s3.autoCreateBucket=false",
+                                   "-volume.preStopSeconds=0")
                  if flag.partition("=")[0] in usage]
         (self.state / "seaweed").mkdir(exist_ok=True)
         weed_log = self.state / "weed.log"
@@ -396,9 +398,13 @@ def funnel_config(base: Path, s3_env: dict[str, str], http_port: int = FUNNEL_HT
                   rpc_port: int = FUNNEL_RPC_PORT, compute: str = "local") -> str:
     """Funnel parses its config strictly: unknown keys are errors, ports are quoted strings,
     durations no shorter than 1s. JSON strings are valid YAML scalars. ``compute``: "noop"
-    keeps every task QUEUED (a benchmark fills a database that way)."""
+    keeps every task QUEUED (a benchmark fills a database that way).
+
+    S3 goes through the AmazonS3 backend pointed at SeaweedFS (an endpoint and a region: without
+    the region it asks for the bucket's), not GenericS3: v0.11.12's GenericS3 download
+    debug-prints the live download object, whatever the log level, and crashed the server
+    with "fatal error: runtime: name offset base pointer out of range"."""
     q = json.dumps
-    endpoint = s3_env["AWS_ENDPOINT_URL"].split("://", 1)[1]
     return f"""Database: boltdb
 Compute: {compute}
 Logger:
@@ -422,16 +428,18 @@ LocalStorage:
   AllowedDirs:
     - {q(str(base / "shared"))}
 AmazonS3:
-  Disabled: true
+  Disabled: false
+  AWSConfig:
+    Endpoint: {q(s3_env["AWS_ENDPOINT_URL"])}
+    Region: {q(s3_env["AWS_REGION"])}
+    Key: {q(s3_env["AWS_ACCESS_KEY_ID"])}
+    Secret: {q(s3_env["AWS_SECRET_ACCESS_KEY"])}
+    MaxRetries: 3
+GenericS3: []
 GoogleStorage:
   Disabled: true
 Swift:
   Disabled: true
-GenericS3:
-  - Endpoint: {q(endpoint)}
-    Key: {q(s3_env["AWS_ACCESS_KEY_ID"])}
-    Secret: {q(s3_env["AWS_SECRET_ACCESS_KEY"])}
-    Region: {q(s3_env["AWS_REGION"])}
 """
 
 
@@ -565,29 +573,57 @@ class PrivateEngine:
 # ---------------------------------------------------------------- for conftest and the command line
 
 
+class Kept:
+    """A server a test session uses: started when none answers, started again when it died
+    between two tests (``revive``), stopped at the end (``close``) only if the session started
+    it (or started it again)."""
+
+    def __init__(self, name: str, alive: Callable[[], bool], ensure: Callable[[], bool],
+                 stop: Callable[[], None], log_path: Path):
+        self.name = name
+        self.log_path = log_path
+        self._alive, self._ensure, self._stop = alive, ensure, stop
+        self.started = ensure()
+
+    def revive(self) -> Optional[str]:
+        """None while it answers; else it is started again, and the line saying so."""
+        if self._alive():
+            return None
+        line = (f"{self.name} had stopped answering (its log: {self.log_path}; last line: "
+                f"{log_tail(self.log_path, 1).strip() or '-'}); started again for the next test")
+        self.started = self._ensure() or self.started
+        return line
+
+    def close(self) -> None:
+        if self.started:
+            self._stop()
+
+
 @contextmanager
-def seaweedfs() -> Iterator[dict[str, str]]:
-    """The S3 server's environment (AWS_*, CRANK_TEST_BUCKET, CRANK_TEST_S3_METRICS) while it
-    runs; stopped at the end only if started here."""
+def seaweedfs() -> Iterator[Kept]:
+    """The S3 server while the session runs; ``.values``: its environment (AWS_*,
+    CRANK_TEST_BUCKET, CRANK_TEST_S3_METRICS)."""
     server = SeaweedFS()
-    started = server.ensure()
+    kept = Kept("SeaweedFS", lambda: port_open(S3_PORT), server.ensure, server.daemon.stop,
+                server.state / "weed.log")
+    kept.values = server.env()
     try:
-        yield server.env()
+        yield kept
     finally:
-        if started:
-            server.daemon.stop()
+        kept.close()
 
 
 @contextmanager
-def funnel(s3_env: dict[str, str]) -> Iterator[str]:
-    """Funnel's URL while it runs; stopped at the end only if started here."""
+def funnel(s3_env: dict[str, str]) -> Iterator[Kept]:
+    """Funnel while the session runs; ``.url``: its URL."""
     server = Funnel()
-    started = server.ensure(s3_env)
+    kept = Kept("Funnel", server.healthy, lambda: server.ensure(s3_env), server.daemon.stop,
+                server.base / "funnel.log")
+    kept.url = server.url
     try:
-        yield server.url
+        yield kept
     finally:
-        if started:
-            server.daemon.stop()
+        kept.close()
 
 
 def main(argv: list[str]) -> int:

@@ -3,7 +3,6 @@ while its jobs run leaves its tasks running; the next run adopts every task that
 work one of its jobs asks for (no new task or container), reports it as if it had
 submitted it, and cancels the rest. Counted on the engine and on the TES server."""
 
-import os
 import signal
 import subprocess
 import threading
@@ -11,11 +10,7 @@ import time
 import uuid
 from pathlib import Path
 
-import pytest
-import requests
-
-from conftest import BUSYBOX, containers_of, snakemake_command, wait_for
-from test_tes import crank_command, tasks_of
+from conftest import BUSYBOX, tasks_of, wait_for
 
 # long: 40 s; quick ends while no crank runs; bad fails meanwhile; edited is changed
 # between the runs (its new version is short); timed outlives its 1 min wall time
@@ -63,16 +58,6 @@ def workflow(tmp_path: Path) -> Path:
     return workdir
 
 
-def start(command, workdir: Path, env) -> subprocess.Popen:
-    return subprocess.Popen(command, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env, stdin=subprocess.DEVNULL)
-
-
-def run(command, workdir: Path, env, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run(command, cwd=workdir, capture_output=True, text=True, env=env,
-                          stdin=subprocess.DEVNULL, timeout=timeout)
-
-
 def kill_hard(proc: subprocess.Popen) -> None:
     proc.kill()  # SIGKILL: no clean-up at all
     proc.wait()
@@ -106,10 +91,6 @@ def check_rerun(workdir: Path, done: subprocess.CompletedProcess, seconds: float
 
 
 # ---------------------------------------------------------------- Docker
-
-
-def docker_env():
-    return {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
 class Creations:
@@ -150,47 +131,67 @@ class Creations:
         return self.made
 
 
-@pytest.mark.docker
-def test_a_killed_run_is_adopted_by_the_next_docker(docker_api, tmp_path):
+def test_a_killed_run_is_adopted_by_the_next(crank, tmp_path):
     workdir = workflow(tmp_path)
-    env = docker_env()
-    first = start(snakemake_command("--jobs", "6"), workdir, env)
+    docker = crank.backend == "docker"
+    first = crank.start(workdir, "--jobs", "6")
     try:
-        wait_for(lambda: all_started(workdir), 90, "every job to start")
+        if docker:  # the logs are written in place
+            wait_for(lambda: all_started(workdir), 90, "every job to start")
+        else:
+            wait_for(lambda: len(crank.running(workdir)) == 6, 120, "every task to run")
         started = time.monotonic()
     finally:
         kill_hard(first)
+    before = {t["id"] for t in tasks_of(crank.tes, workdir)} if not docker else set()
     # --unlock adopts nothing and cancels nothing
-    unlock = run(snakemake_command("--unlock"), workdir, env)
+    unlock = crank.run(workdir, "--unlock")
     assert unlock.returncode == 0, unlock.stderr[-3000:]
-    running = [c for c in containers_of(docker_api, workdir) if c["State"] == "running"]
-    assert len(running) == 6
-    wait_for(lambda: (workdir / "logs" / "bad.log").read_text() == "start\nbroken\n", 60,
-             "rule bad to fail while no crank runs")
+    if docker:
+        assert len(crank.running(workdir)) == 6
+        wait_for(lambda: (workdir / "logs" / "bad.log").read_text() == "start\nbroken\n", 60,
+                 "rule bad to fail while no crank runs")
+    else:
+        assert len(before) == 6
+
+        def ended(rule):
+            return [t for t in tasks_of(crank.tes, workdir) if t["tags"]["crank-rule"] == f"rule {rule}"
+                    and t["state"] in ("COMPLETE", "EXECUTOR_ERROR")]
+
+        wait_for(lambda: ended("quick") and ended("bad"), 90, "quick and bad to end while no crank runs")
     wait_for(lambda: time.monotonic() - started >= RAN_BEFORE_RERUN_S, 60, "the tasks to run a while")
+    if not docker:
+        assert not [t for t in tasks_of(crank.tes, workdir) if t["state"] in ("CANCELED", "CANCELING")]
     (workdir / "Snakefile").write_text(SNAKEFILE.replace(EDITED, EDIT))
-    creations = Creations(docker_api, workdir)
+    creations = Creations(crank.api, workdir) if docker else None
     began = time.monotonic()
-    done = run(snakemake_command("--jobs", "6", "--rerun-incomplete", "--keep-going"), workdir, env)
+    done = crank.run(workdir, "--jobs", "6", "--rerun-incomplete", "--keep-going", timeout=240)
     seconds = time.monotonic() - began
-    made = creations.close()
+    made = creations.close() if docker else None
     check_rerun(workdir, done, seconds)
-    # one task for the edited rule (an exec, in a runner made for it): nothing else again
-    execs = [e for e in made if e.startswith("exec_create")]
-    assert len(execs) == 1 and "echo new > edited.txt" in execs[0], made
-    assert made.count("create") <= 1, made
-    assert containers_of(docker_api, workdir) == []
-    assert not list((workdir / ".snakemake" / "crank" / "runs").iterdir())
+    if docker:
+        # one task for the edited rule (an exec, in a runner made for it): nothing else again
+        execs = [e for e in made if e.startswith("exec_create")]
+        assert len(execs) == 1 and "echo new > edited.txt" in execs[0], made
+        assert made.count("create") <= 1, made
+        assert crank.live(workdir) == []
+        assert not list((workdir / ".snakemake" / "crank" / "runs").iterdir())
+        return
+    after = {t["id"]: t for t in tasks_of(crank.tes, workdir)}
+    new = set(after) - before
+    assert len(new) == 1 and after[new.pop()]["tags"]["crank-rule"] == "rule edited"
+    [old_edited] = [t for i, t in after.items() if i in before and t["tags"]["crank-rule"] == "rule edited"]
+    assert old_edited["state"] in ("CANCELED", "CANCELING")
 
 
 DETACHED = 'rule a:\n    output: "a.txt"\n    shell: "echo started > started; sleep 20; echo a > {output}"\n'
 
 
-def detach_then_adopt(command, workdir: Path, env, started, watch=None):
+def detach_then_adopt(crank, workdir: Path, started, *extra: str, watch=None):
     """Start the one 20 s job with --crank-detach, Ctrl-C it once it runs, adopt it in a
     rerun; ``watch``: made before the rerun, closed after it (what it returns is returned)."""
     (workdir / "Snakefile").write_text(DETACHED)
-    first = start(command("--crank-detach"), workdir, env)
+    first = crank.start(workdir, *extra, "--crank-detach")
     try:
         wait_for(started, 90, "the job to start")
         first.send_signal(signal.SIGINT)
@@ -199,7 +200,7 @@ def detach_then_adopt(command, workdir: Path, env, started, watch=None):
         first.kill()
     assert "left running (--crank-detach)" in stderr, stderr[-3000:]
     watching = watch() if watch else None
-    done = run(command("--rerun-incomplete"), workdir, env)
+    done = crank.run(workdir, *extra, "--rerun-incomplete", timeout=240)
     seen = watching.close() if watching else None
     assert done.returncode == 0, done.stderr[-3000:]
     assert "rule a (job 0) adopts the" in done.stderr, done.stderr[-3000:]
@@ -207,63 +208,16 @@ def detach_then_adopt(command, workdir: Path, env, started, watch=None):
     return seen
 
 
-@pytest.mark.docker
-def test_a_detached_run_is_adopted_by_the_next_docker_cold(docker_api, tmp_path):
-    """In a container of its own (no warm runner): adopted by its labels."""
+def test_a_detached_run_is_adopted_by_the_next(crank, tmp_path):
+    """On Docker in a container of its own (no warm runner): adopted by its labels."""
     workdir = tmp_path / "wf"
     workdir.mkdir()
-    command = lambda *args: snakemake_command("--crank-docker-warm", "no", *args)
-    made = detach_then_adopt(command, workdir, docker_env(), lambda: (workdir / "started").exists(),
-                             watch=lambda: Creations(docker_api, workdir))
-    assert made == []  # no container made again
-    assert containers_of(docker_api, workdir) == []
-
-
-# ---------------------------------------------------------------- TES
-
-
-@pytest.mark.tes
-def test_a_killed_run_is_adopted_by_the_next_tes(tes, tmp_path):
-    workdir = workflow(tmp_path)
-    env = tes.env()
-    first = start(crank_command(tes, workdir, "--jobs", "6"), workdir, env)
-    try:
-        wait_for(lambda: len([t for t in tasks_of(tes, workdir) if t["state"] == "RUNNING"]) == 6,
-                 120, "every task to run")
-        started = time.monotonic()
-    finally:
-        kill_hard(first)
-    before = {t["id"] for t in tasks_of(tes, workdir)}
-    assert len(before) == 6
-    unlock = run(crank_command(tes, workdir, "--unlock"), workdir, env)
-    assert unlock.returncode == 0, unlock.stderr[-3000:]
-
-    def ended(rule):
-        return [t for t in tasks_of(tes, workdir) if t["tags"]["crank-rule"] == f"rule {rule}"
-                and t["state"] in ("COMPLETE", "EXECUTOR_ERROR")]
-
-    wait_for(lambda: ended("quick") and ended("bad"), 90, "quick and bad to end while no crank runs")
-    wait_for(lambda: time.monotonic() - started >= RAN_BEFORE_RERUN_S, 60, "the tasks to run a while")
-    assert not [t for t in tasks_of(tes, workdir) if t["state"] in ("CANCELED", "CANCELING")]
-    (workdir / "Snakefile").write_text(SNAKEFILE.replace(EDITED, EDIT))
-    began = time.monotonic()
-    done = run(crank_command(tes, workdir, "--jobs", "6", "--rerun-incomplete", "--keep-going"),
-               workdir, env)
-    seconds = time.monotonic() - began
-    check_rerun(workdir, done, seconds)
-    after = {t["id"]: t for t in tasks_of(tes, workdir)}
-    new = set(after) - before
-    assert len(new) == 1 and after[new.pop()]["tags"]["crank-rule"] == "rule edited"
-    [old_edited] = [t for i, t in after.items() if i in before and t["tags"]["crank-rule"] == "rule edited"]
-    assert old_edited["state"] in ("CANCELED", "CANCELING")
-
-
-@pytest.mark.tes
-def test_a_detached_run_is_adopted_by_the_next_tes(tes, tmp_path):
-    workdir = tmp_path / "wf"
-    workdir.mkdir()
-    command = lambda *args: crank_command(tes, workdir, *args)
-    running = lambda: [t for t in tasks_of(tes, workdir) if t["state"] == "RUNNING"]
-    detach_then_adopt(command, workdir, tes.env(), running)
-    [task] = tasks_of(tes, workdir)  # the same task, adopted: no second one
+    if crank.backend == "docker":
+        made = detach_then_adopt(crank, workdir, lambda: (workdir / "started").exists(),
+                                 "--crank-docker-warm", "no", watch=lambda: Creations(crank.api, workdir))
+        assert made == []  # no container made again
+        assert crank.live(workdir) == []
+        return
+    detach_then_adopt(crank, workdir, lambda: crank.running(workdir))
+    [task] = tasks_of(crank.tes, workdir)  # the same task, adopted: no second one
     assert task["state"] == "COMPLETE"

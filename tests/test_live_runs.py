@@ -3,18 +3,14 @@ run's start-up leaves the first run's containers (Docker) and tasks (TES) alone;
 dead run left is still removed (docs/reliability.md, promise 9)."""
 
 import json
-import os
 import socket
 import subprocess
 import uuid
 from pathlib import Path
 
-import pytest
-
 from snakemake_executor_plugin_crank import runs
 
-from conftest import snakemake, snakemake_command, wait_for
-from test_tes import running_tasks, start_crank, tasks_of
+from conftest import tasks_of, wait_for
 
 # rule a runs until the test creates "go" in the workdir (at most two minutes)
 SNAKEFILE = """
@@ -58,32 +54,6 @@ def finish(proc: subprocess.Popen, timeout: float = 120) -> str:
     return stderr
 
 
-# ---------------------------------------------------------------- Docker
-
-
-def start_snakemake(workdir: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        snakemake_command(*args), cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdin=subprocess.DEVNULL,
-    )
-
-
-def running_containers(api, run_id: str):
-    return api.containers(filters={"label": f"crank.run={run_id}", "status": "running"})
-
-
-def start_run_a(docker_api, workdir: Path):
-    """Run a, once its container runs: its process and its run id."""
-    first = start_snakemake(workdir, "a.txt")
-    try:
-        run_a = wait_for(lambda: run_files(workdir) and the_run_of(first, workdir), 60, "run a's file")
-        wait_for(lambda: running_containers(docker_api, run_a), 60, "run a's container running")
-    except BaseException:
-        first.kill()
-        raise
-    return first, run_a
-
-
 def long_script(workdir: Path, run_id: str) -> Path:
     """A script the run wrote for a command too long for a container's argv, as it would."""
     path = workdir / ".snakemake" / "crank" / "scripts" / run_id / "a.sh"
@@ -92,85 +62,75 @@ def long_script(workdir: Path, run_id: str) -> Path:
     return path
 
 
-@pytest.mark.docker
-def test_a_second_run_in_the_workdir_leaves_the_first_running_docker(docker_api, tmp_path):
-    workdir = workflow(tmp_path)
-    first, run_a = start_run_a(docker_api, workdir)
+def identity(found: dict) -> str:
+    """A container's or a task's id."""
+    return found.get("Id") or found["id"]
+
+
+def start_run_a(crank, workdir: Path):
+    """Run a, once its container or task runs: its process, its run id, and what runs it."""
+    first = crank.start(workdir, "a.txt")
     try:
-        script = long_script(workdir, run_a)
-        second = snakemake(workdir, "b.txt")
-        assert second.returncode == 0, second.stderr[-3000:]
-        assert "left by an earlier run" not in second.stderr
-        assert running_containers(docker_api, run_a)
-        assert script.exists()
-        (workdir / "go").touch()
-        finish(first)
-    finally:
+        run_a = wait_for(lambda: run_files(workdir) and the_run_of(first, workdir), 60, "run a's file")
+        [running] = wait_for(lambda: crank.running(workdir), 90, "run a's task running")
+    except BaseException:
         first.kill()
-    assert (workdir / "a.txt").read_text() == "a\n"
-    assert (workdir / "b.txt").read_text() == "b\n"
-    assert run_files(workdir) == []  # each run removed its own at the end
+        raise
+    return first, run_a, running
 
 
-@pytest.mark.docker
-def test_the_containers_of_a_killed_run_are_removed_docker(docker_api, tmp_path):
-    workdir = workflow(tmp_path)
-    first, run_a = start_run_a(docker_api, workdir)
-    first.kill()  # SIGKILL: no clean-up, the run file stays
-    first.wait()
-    script = long_script(workdir, run_a)
-    second = snakemake(workdir, "b.txt")
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert "removed 1 container(s) left by an earlier run" in second.stderr
-    assert docker_api.containers(all=True, filters={"label": f"crank.run={run_a}"}) == []
-    assert run_files(workdir) == []
-    assert not script.parent.exists()
-
-
-# ---------------------------------------------------------------- TES
-
-
-def let_task_finish(docker_api, task_id: str, workdir: Path) -> None:
-    """Create "go" in the task's workdir: no filesystem is shared with a TES task, so through
-    the container Funnel runs its first executor in (named after the task)."""
-    exec_id = docker_api.exec_create(f"{task_id}-0", ["touch", str(workdir / "go")])["Id"]
+def let_a_finish(crank, docker_api, running: dict, workdir: Path) -> None:
+    """Create "go" in the workdir, where rule a's job looks for it: on TES no filesystem is
+    shared with the task, so through the container Funnel runs its first executor in
+    (named after the task)."""
+    if crank.backend == "docker":
+        (workdir / "go").touch()
+        return
+    exec_id = docker_api.exec_create(f"{running['id']}-0", ["touch", str(workdir / "go")])["Id"]
     docker_api.exec_start(exec_id)
     assert docker_api.exec_inspect(exec_id)["ExitCode"] == 0
 
 
-@pytest.mark.tes
-def test_a_second_run_in_the_workdir_leaves_the_first_running_tes(tes, docker_api, tmp_path):
+def test_a_second_run_in_the_workdir_leaves_the_first_running(crank, docker_api, tmp_path):
     workdir = workflow(tmp_path)
-    first = start_crank(tes, workdir, "a.txt")
+    first, run_a, running = start_run_a(crank, workdir)
     try:
-        [task_a] = wait_for(lambda: running_tasks(tes, workdir), 90, "run a's task running")
-        done = start_crank(tes, workdir, "b.txt")
-        finish(done)
-        assert [t["id"] for t in running_tasks(tes, workdir)] == [task_a["id"]]
-        let_task_finish(docker_api, task_a["id"], workdir)
+        script = long_script(workdir, run_a)
+        second = crank.run(workdir, "b.txt")
+        assert second.returncode == 0, second.stderr[-3000:]
+        assert "left by an earlier run" not in second.stderr
+        assert [identity(r) for r in crank.running(workdir)] == [identity(running)]
+        assert script.exists()
+        let_a_finish(crank, docker_api, running, workdir)
         finish(first)
     finally:
         first.kill()
     assert (workdir / "a.txt").read_text() == "a\n"
     assert (workdir / "b.txt").read_text() == "b\n"
-    assert len(tasks_of(tes, workdir)) == 2
-    assert run_files(workdir) == []
+    if crank.backend == "tes":
+        assert len(tasks_of(crank.tes, workdir)) == 2
+    assert run_files(workdir) == []  # each run removed its own at the end
 
 
-@pytest.mark.tes
-def test_the_tasks_of_a_killed_run_are_canceled_tes(tes, tmp_path):
+def test_what_a_killed_run_left_is_removed(crank, tmp_path):
     workdir = workflow(tmp_path)
-    first = start_crank(tes, workdir, "a.txt")
-    try:
-        [task_a] = wait_for(lambda: running_tasks(tes, workdir), 90, "run a's task running")
-        assert task_a["tags"]["crank-run"] == the_run_of(first, workdir)
-    finally:
-        first.kill()
-        first.wait()
-    stderr = finish(start_crank(tes, workdir, "b.txt"))
-    assert "removed 1 task(s) left by an earlier run" in stderr
-    states = {t["id"]: t["state"] for t in tasks_of(tes, workdir)}
-    assert states[task_a["id"]] in ("CANCELED", "CANCELING")
+    first, run_a, running = start_run_a(crank, workdir)
+    first.kill()  # SIGKILL: no clean-up, the run file stays
+    first.wait()
+    if crank.backend == "tes":
+        assert running["tags"]["crank-run"] == run_a
+    script = long_script(workdir, run_a)
+    second = crank.run(workdir, "b.txt")
+    assert second.returncode == 0, second.stderr[-3000:]
+    what = "container" if crank.backend == "docker" else "task"
+    assert f"removed 1 {what}(s) left by an earlier run" in second.stderr
+    assert crank.live(workdir) == []
+    if crank.backend == "docker":
+        assert crank.api.containers(all=True, filters={"label": f"crank.run={run_a}"}) == []
+        assert not script.parent.exists()
+    else:
+        states = {t["id"]: t["state"] for t in tasks_of(crank.tes, workdir)}
+        assert states[running["id"]] in ("CANCELED", "CANCELING")
     assert run_files(workdir) == []
 
 

@@ -152,13 +152,13 @@ def test_a_wall_time_kill_the_engine_refuses_is_tried_again(docker_api, tmp_path
 @pytest.mark.tes
 def test_a_wall_time_cancel_the_tes_server_refuses_is_tried_again(tes, tmp_path):
     """The same on TES, where the runtime limit is what ends a task Funnel leaves RUNNING."""
-    from test_tes import crank, live_tasks, proxy_to
+    from conftest import live_tasks, proxy_to, tes_run
 
     workdir = copy_workflow("failing", tmp_path / uuid.uuid4().hex / "wf")
     refused = []
     with proxy_to(tes) as proxy:
         proxy.set_rule(refusing_the_first_two(":cancel", refused))
-        done = crank(tes, workdir, "walltime", "--crank-tes-url", proxy.url)
+        done = tes_run(tes, workdir, "walltime", "--crank-tes-url", proxy.url)
     assert len(refused) == 2
     assert done.returncode != 0
     assert "wall time exceeded (runtime limit 1 min)" in done.stderr
@@ -201,3 +201,10 @@ def test_an_adopted_tasks_wall_time_counts_from_its_start_not_from_the_adoption(
     assert runner.step([chain]) == {} and backend.stops == 1
     outcome = runner.step([chain])[chain]
     assert not outcome.ok and "wall time exceeded (runtime limit 1 min)" in outcome.message
+
+
+@pytest.mark.parametrize("seconds, shown", [(60, "1 min"), (30, "30 s"), (90, "1 min 30 s"), (7200, "120 min")])
+def test_the_wall_time_message_says_the_limit_as_asked(seconds, shown):
+    task = TaskSpec(name="t", label="rule t", job_id="1", attempt=1, image="i", script="true",
+                    workdir="/w", resources=Resources(runtime_s=seconds), log_dir="/w/logs")
+    assert Runner._wall_time(task) == f"wall time exceeded (runtime limit {shown})"

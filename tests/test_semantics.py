@@ -64,24 +64,6 @@ def both(name: str, tmp_path: Path, *args: str, crank_args=(), cores: int = 2, c
     return local, crank, local_dir, crank_dir
 
 
-BACKENDS = pytest.mark.parametrize(
-    "backend", ["docker", pytest.param("tes", marks=pytest.mark.tes)]
-)
-
-
-def on(backend: str, request):
-    """How to run crank on the backend, and what it left running there."""
-    if backend == "docker":
-        api = request.getfixturevalue("docker_api")
-        return snakemake, lambda workdir: containers_of(api, workdir)
-    from test_tes import crank, live_tasks
-
-    tes = request.getfixturevalue("tes")
-    return (lambda workdir, *args: crank(tes, workdir, *args)), (
-        lambda workdir: live_tasks(tes, workdir)
-    )
-
-
 def assert_same_files(local_dir: Path, crank_dir: Path, skip=()):
     local, crank = tree(local_dir, skip), tree(crank_dir, skip)
     assert sorted(crank) == sorted(local)
@@ -169,29 +151,27 @@ def test_threads_and_zero_resources_as_locally(docker_api, tmp_path):
     assert containers_of(docker_api, crank_dir) == []
 
 
-@BACKENDS
-def test_threads_capped_at_the_cores_given_as_locally(backend, request, tmp_path):
+def test_threads_capped_at_the_cores_given_as_locally(crank, tmp_path):
     """Issue 22, item 1: with --cores above the engine's CPUs, {threads} and the thread
     variables are the rule's threads capped at --cores, as locally; the container's CPU
     quota stays within what the engine has."""
-    run, left = on(backend, request)
-    local, crank, local_dir, crank_dir = both(
-        "semantics_cores", tmp_path, cores=5, crank_args=("--cores", "5"), crank=run
+    local, done, local_dir, crank_dir = both(
+        "semantics_cores", tmp_path, cores=5, crank_args=("--cores", "5"), crank=crank.run
     )
     assert local.returncode == 0, local.stderr
-    assert crank.returncode == 0, crank.stderr
+    assert done.returncode == 0, done.stderr
     # the host's own cgroup quota is not the container's: checked below instead
     assert_same_files(local_dir, crank_dir, skip={"logs/five_quota.txt"})
     read = lambda rel: (crank_dir / rel).read_text()
     assert read("five.txt") == "5 5 5 5 5 5 5\n"
     assert read("eight.txt") == "5 5\n"
     assert read("three.txt") == "3\n"
-    if backend == "docker":
-        cpus = request.getfixturevalue("docker_api").info()["NCPU"]
+    if crank.backend == "docker":
+        cpus = crank.api.info()["NCPU"]
         assert cpus < 5, "the test needs an engine with fewer than 5 CPUs"
         quota, period = read("logs/five_quota.txt").split()[:2]  # cgroup v1 or v2
         assert 0 < int(quota) <= cpus * int(period), (quota, period)
-    assert left(crank_dir) == []
+    assert crank.live(crank_dir) == []
 
 
 FROM_INPUT = (
@@ -199,24 +179,22 @@ FROM_INPUT = (
 )
 
 
-@BACKENDS
-def test_group_jobs_resources_from_inputs_as_locally(backend, request, tmp_path):
+def test_group_jobs_resources_from_inputs_as_locally(crank, tmp_path):
     """Issue 22, item 2: a group's job computes its resources (and command) from an input
     an earlier job of the group wrote, when it starts, as locally."""
-    run, left = on(backend, request)
-    local, crank, local_dir, crank_dir = both("semantics_group_inputs", tmp_path, *FROM_INPUT, crank=run)
+    local, done, local_dir, crank_dir = both("semantics_group_inputs", tmp_path, *FROM_INPUT, crank=crank.run)
     assert local.returncode == 0, local.stderr
-    assert crank.returncode == 0, crank.stderr
+    assert done.returncode == 0, done.stderr
     # the host's own cgroup limit is not the container's: checked below instead
     assert_same_files(local_dir, crank_dir, skip={"logs/b_limit.txt"})
     read = lambda rel: (crank_dir / rel).read_text()
     assert read("b.txt").endswith("a mem=1200 disk=1200\nb mem=2442 disk=2442\n")
     assert read("c.txt") == "c mem=2484 disk=2484\n"
     assert not (crank_dir / "a.txt").exists()  # temp(), consumed inside the group
-    if backend == "docker":
+    if crank.backend == "docker":
         limit = int(read("logs/b_limit.txt"))  # the engine rounds down to whole pages
         assert any(0 <= mb - limit < 4096 for mb in (2442 * 10**6, 2442 * 2**20)), limit
-    assert left(crank_dir) == []
+    assert crank.live(crank_dir) == []
 
 
 def instant_task(name):

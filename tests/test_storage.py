@@ -18,8 +18,7 @@ from pathlib import Path
 import pytest
 import requests
 
-import test_tes
-from conftest import SNAKEMAKE_IMAGE, copy_workflow, snakemake
+from conftest import SNAKEMAKE_IMAGE, SNAKEMAKE_S3_IMAGE, OnDocker, OnTes, copy_workflow, tasks_of
 
 pytestmark = pytest.mark.s3
 
@@ -87,27 +86,26 @@ def local_run(workdir: Path, *args: str, env=None) -> subprocess.CompletedProces
     )
 
 
+def crank_run(crank, workdir: Path, *args: str, env=None) -> subprocess.CompletedProcess:
+    """crank on its backend, with Snakemake in the image for run: rules. On Docker without
+    AWS_* variables (the storage plugin gets its settings only); on TES crank's own staging
+    store keeps them."""
+    environment = {**crank.env(), **(env or {})}
+    if crank.backend == "docker":
+        environment = without_aws(environment)
+    return subprocess.run(
+        crank.command(workdir, "--container-image", SNAKEMAKE_IMAGE, *args), cwd=workdir,
+        capture_output=True, text=True, timeout=300, env=environment, stdin=subprocess.DEVNULL,
+    )
+
+
 def docker_run(workdir: Path, *args: str, env=None) -> subprocess.CompletedProcess:
-    command = [
-        sys.executable, "-m", "snakemake", "--executor", "crank", "--jobs", "4",
-        "--crank-default-image", "crank-test/busybox:1", "--container-image", SNAKEMAKE_IMAGE,
-        "--seconds-between-status-checks", "1", *args,
-    ]
-    return subprocess.run(
-        command, cwd=workdir, capture_output=True, text=True, timeout=300,
-        env=without_aws({**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}),
-        stdin=subprocess.DEVNULL,
-    )
+    return crank_run(OnDocker(None), workdir, *args, env=env)
 
 
-def tes_run(tes, workdir: Path, *args: str, env=None) -> subprocess.CompletedProcess:
-    """crank on Funnel (crank's own staging store gets its AWS_* variables, the storage
-    plugin its settings)."""
-    command = test_tes.crank_command(tes, workdir, "--container-image", SNAKEMAKE_IMAGE, *args)
-    return subprocess.run(
-        command, cwd=workdir, capture_output=True, text=True, timeout=300,
-        env={**tes.env(), **(env or {})}, stdin=subprocess.DEVNULL,
-    )
+def on(crank):
+    """``run(workdir, *args, env=None)`` for the crank fixture's backend."""
+    return functools.partial(crank_run, crank)
 
 
 def ok(done: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -152,19 +150,11 @@ def broken_web(tmp_path):
 # ---------------------------------------------------------------- storage plugins on the host
 
 
-@pytest.mark.docker
-def test_run_rule_needs_no_storage_plugin_in_the_image(docker_api, tmp_path):
+def test_run_rule_needs_no_storage_plugin_in_the_image(crank, tmp_path):
     """The S3 and HTTP plugins are installed on the host (the test extra), not in the image:
     Snakemake's job command must not name their settings."""
     workdir = copy_workflow("storage_secrets", tmp_path / "w")
-    ok(docker_run(workdir, "run_env.txt"))
-    assert (workdir / "run_env.txt").is_file()
-
-
-@pytest.mark.tes
-def test_run_rule_needs_no_storage_plugin_in_the_image_on_tes(tes, tmp_path):
-    workdir = copy_workflow("storage_secrets", tmp_path / "w")
-    ok(tes_run(tes, workdir, "run_env.txt"))
+    ok(crank_run(crank, workdir, "run_env.txt"))
     assert (workdir / "run_env.txt").is_file()
 
 
@@ -190,26 +180,19 @@ def assert_no_secret(workdir: Path, s3) -> None:
         assert not any(n in text for n in SECRET_NAMES), name
 
 
-@pytest.mark.docker
-def test_storage_secrets_stay_out_of_tasks_that_do_not_use_storage(docker_api, s3, tmp_path):
+def test_storage_secrets_stay_out_of_tasks_that_do_not_use_storage(crank, s3, tmp_path):
     workdir, args, env = secrets_workdir(tmp_path)
-    ok(docker_run(workdir, *args, *storage_args(s3), env=env))
+    ok(crank_run(crank, workdir, *args, *storage_args(s3), env=env))
     assert_no_secret(workdir, s3)
-
-
-@pytest.mark.tes
-def test_storage_secrets_stay_out_of_tes_task_bodies(tes, s3, tmp_path):
-    workdir, args, env = secrets_workdir(tmp_path)
-    ok(tes_run(tes, workdir, *args, *storage_args(s3), env=env))
-    assert_no_secret(workdir, s3)
-    tasks = test_tes.tasks_of(tes, workdir)
-    assert len(tasks) == 2
-    for task in tasks:
-        full = requests.get(f"{tes.url}/v1/tasks/{task['id']}", params={"view": "FULL"},
-                            timeout=30)
-        full.raise_for_status()
-        assert s3.values["AWS_SECRET_ACCESS_KEY"] not in full.text
-        assert not any(n in full.text for n in SECRET_NAMES)
+    if crank.backend == "tes":  # nor in the task bodies the server keeps
+        tasks = tasks_of(crank.tes, workdir)
+        assert len(tasks) == 2
+        for task in tasks:
+            full = requests.get(f"{crank.tes.url}/v1/tasks/{task['id']}", params={"view": "FULL"},
+                                timeout=30)
+            full.raise_for_status()
+            assert s3.values["AWS_SECRET_ACCESS_KEY"] not in full.text
+            assert not any(n in full.text for n in SECRET_NAMES)
 
 
 # ---------------------------------------------------------------- storage() files
@@ -255,26 +238,12 @@ def assert_like_local(run, tmp_path: Path, bucket, web, s3, *args: str) -> None:
     assert "Nothing to be done" in again.stderr
 
 
-@pytest.mark.docker
-def test_storage_files_are_retrieved_and_stored_on_docker(docker_api, s3, bucket, web, tmp_path):
-    assert_like_local(docker_run, tmp_path, bucket, web, s3)
+def test_storage_files_are_retrieved_and_stored(crank, s3, bucket, web, tmp_path):
+    assert_like_local(on(crank), tmp_path, bucket, web, s3)
 
 
-@pytest.mark.tes
-def test_storage_files_are_retrieved_and_stored_on_tes(tes, s3, bucket, web, tmp_path):
-    assert_like_local(functools.partial(tes_run, tes), tmp_path, bucket, web, s3)
-
-
-@pytest.mark.docker
-def test_kept_local_copies_on_docker(docker_api, s3, bucket, web, tmp_path):
-    assert_like_local(docker_run, tmp_path, bucket, web, s3, "--keep-storage-local-copies")
-
-
-@pytest.mark.tes
-def test_kept_local_copies_on_tes(tes, s3, bucket, web, tmp_path):
-    assert_like_local(
-        functools.partial(tes_run, tes), tmp_path, bucket, web, s3, "--keep-storage-local-copies"
-    )
+def test_kept_local_copies(crank, s3, bucket, web, tmp_path):
+    assert_like_local(on(crank), tmp_path, bucket, web, s3, "--keep-storage-local-copies")
 
 
 def assert_failed_jobs_log_stored_like_local(run, tmp_path: Path, bucket, s3) -> None:
@@ -289,14 +258,8 @@ def assert_failed_jobs_log_stored_like_local(run, tmp_path: Path, bucket, s3) ->
     assert results["crank"] == results["local"]
 
 
-@pytest.mark.docker
-def test_failed_jobs_storage_log_is_stored_on_docker(docker_api, s3, bucket, tmp_path):
-    assert_failed_jobs_log_stored_like_local(docker_run, tmp_path, bucket, s3)
-
-
-@pytest.mark.tes
-def test_failed_jobs_storage_log_is_stored_on_tes(tes, s3, bucket, tmp_path):
-    assert_failed_jobs_log_stored_like_local(functools.partial(tes_run, tes), tmp_path, bucket, s3)
+def test_failed_jobs_storage_log_is_stored(crank, s3, bucket, tmp_path):
+    assert_failed_jobs_log_stored_like_local(on(crank), tmp_path, bucket, s3)
 
 
 @pytest.mark.docker
@@ -327,32 +290,6 @@ def assert_default_storage_like_local(run, tmp_path: Path, bucket, s3, *args: st
     assert results["crank"] == results["local"]
 
 
-@pytest.fixture(scope="module")
-def image_with_s3_plugin(docker_api):
-    """The test image with Snakemake plus the S3 plugin, made once from the one without."""
-    import docker
-
-    name = SNAKEMAKE_IMAGE.replace("snakemake:", "snakemake-s3:")
-    try:
-        docker_api.inspect_image(name)
-        return name
-    except docker.errors.ImageNotFound:
-        pass
-    client = docker.DockerClient(base_url=docker_api.base_url)
-    container = client.containers.run(
-        SNAKEMAKE_IMAGE, ["pip", "install", "-q", "snakemake-storage-plugin-s3==0.3.6"],
-        network_mode="host", detach=True,
-    )
-    try:
-        if container.wait(timeout=300)["StatusCode"] != 0:
-            pytest.skip(f"cannot make {name}: {container.logs()[-500:]!r}")
-        repository, tag = name.rsplit(":", 1)
-        container.commit(repository, tag)
-    finally:
-        container.remove(force=True)
-    return name
-
-
 def default_run_args(bucket, s3, image: str) -> tuple:
     prefix = bucket.prefix()
     return prefix, (
@@ -363,15 +300,15 @@ def default_run_args(bucket, s3, image: str) -> tuple:
 
 @pytest.mark.docker
 def test_run_rule_with_default_storage_reaches_the_store_from_the_image(
-    docker_api, s3, bucket, image_with_s3_plugin, tmp_path
+    docker_api, s3, bucket, tmp_path
 ):
     """Snakemake in the image stores the run: rule's output itself: it gets the plugin's
     settings and secrets (and the store is on the host's loopback: host network)."""
     local = copy_workflow("storage_default_run", tmp_path / "local")
-    local_prefix, args = default_run_args(bucket, s3, image_with_s3_plugin)
+    local_prefix, args = default_run_args(bucket, s3, SNAKEMAKE_S3_IMAGE)
     ok(local_run(local, *args))
     workdir = copy_workflow("storage_default_run", tmp_path / "crank")
-    prefix, args = default_run_args(bucket, s3, image_with_s3_plugin)
+    prefix, args = default_run_args(bucket, s3, SNAKEMAKE_S3_IMAGE)
     ok(docker_run(workdir, *args, "--crank-docker-network", "host"))
     assert bucket.objects(prefix) == bucket.objects(local_prefix)
     assert bucket.objects(prefix)["b.txt"] == b"a\nb from run\n"
@@ -391,27 +328,13 @@ def test_image_without_the_storage_plugin_is_one_clear_line(docker_api, s3, buck
     assert "unrecognized arguments" not in done.stderr
 
 
-@pytest.mark.docker
-def test_default_storage_provider_on_docker(docker_api, s3, bucket, tmp_path):
-    assert_default_storage_like_local(docker_run, tmp_path, bucket, s3)
+def test_default_storage_provider(crank, s3, bucket, tmp_path):
+    assert_default_storage_like_local(on(crank), tmp_path, bucket, s3)
 
 
-@pytest.mark.tes
-def test_default_storage_provider_on_tes(tes, s3, bucket, tmp_path):
-    assert_default_storage_like_local(functools.partial(tes_run, tes), tmp_path, bucket, s3)
-
-
-@pytest.mark.docker
-def test_default_storage_provider_with_a_group_on_docker(docker_api, s3, bucket, tmp_path):
+def test_default_storage_provider_with_a_group(crank, s3, bucket, tmp_path):
     """a and b in one group: b reads a.txt before the group's outputs are stored."""
-    assert_default_storage_like_local(docker_run, tmp_path, bucket, s3, "--groups", "a=g", "b=g")
-
-
-@pytest.mark.tes
-def test_default_storage_provider_with_a_group_on_tes(tes, s3, bucket, tmp_path):
-    assert_default_storage_like_local(
-        functools.partial(tes_run, tes), tmp_path, bucket, s3, "--groups", "a=g", "b=g"
-    )
+    assert_default_storage_like_local(on(crank), tmp_path, bucket, s3, "--groups", "a=g", "b=g")
 
 
 # ---------------------------------------------------------------- between-workflow cache
@@ -453,24 +376,12 @@ def assert_cache_in_storage_like_local(run, tmp_path: Path, bucket, s3) -> None:
         assert objects[f"{name}/a.txt"] == objects[f"{name}/b.txt"] == computed, name
 
 
-@pytest.mark.docker
-def test_output_cache_in_storage_on_docker(docker_api, s3, bucket, tmp_path):
-    assert_cache_in_storage_like_local(docker_run, tmp_path, bucket, s3)
+def test_output_cache_in_storage(crank, s3, bucket, tmp_path):
+    assert_cache_in_storage_like_local(on(crank), tmp_path, bucket, s3)
 
 
-@pytest.mark.tes
-def test_output_cache_in_storage_on_tes(tes, s3, bucket, tmp_path):
-    assert_cache_in_storage_like_local(functools.partial(tes_run, tes), tmp_path, bucket, s3)
-
-
-@pytest.mark.docker
-def test_output_cache_is_stored_and_reused_on_docker(docker_api, tmp_path):
-    assert_cache_like_local(docker_run, tmp_path)
-
-
-@pytest.mark.tes
-def test_output_cache_is_stored_and_reused_on_tes(tes, tmp_path):
-    assert_cache_like_local(functools.partial(tes_run, tes), tmp_path)
+def test_output_cache_is_stored_and_reused(crank, tmp_path):
+    assert_cache_like_local(on(crank), tmp_path)
 
 
 # ---------------------------------------------------------------- TES: objects by URL
@@ -499,7 +410,7 @@ def test_tes_server_moves_storage_files_itself(tes, s3, bucket, tmp_path):
         )
         workdir = copy_workflow("storage_default", tmp_path / "crank")
         prefix = bucket.prefix()
-        ok(tes_run(tes, workdir, "--default-storage-provider", "s3",
+        ok(crank_run(OnTes(tes), workdir, "--default-storage-provider", "s3",
                    "--default-storage-prefix", f"s3://{bucket.name}/{prefix}", *args))
         requests_seen = list(proxy.seen)
     assert bucket.objects(prefix) == bucket.objects(local_prefix) == {
@@ -519,7 +430,7 @@ def test_tes_server_moves_storage_files_itself(tes, s3, bucket, tmp_path):
                for m, path in moved), moved
     bodies = [
         requests.get(f"{tes.url}/v1/tasks/{t['id']}", params={"view": "FULL"}, timeout=30).json()
-        for t in test_tes.tasks_of(tes, workdir)
+        for t in tasks_of(tes, workdir)
     ]
     urls = {i.get("url") for body in bodies for i in body.get("inputs", [])}
     assert f"s3://{bucket.name}/{prefix}/a.txt" in urls
@@ -557,19 +468,17 @@ def assert_sources_like_local(run, tmp_path: Path, extra_files: int = 0) -> Path
     return workdir
 
 
-@pytest.mark.docker
-def test_shell_jobs_read_the_workflows_sources_on_docker(docker_api, tmp_path):
-    assert_sources_like_local(docker_run, tmp_path)
-
-
-@pytest.mark.tes
-def test_shell_jobs_read_the_workflows_sources_on_tes(tes, tmp_path):
-    """The sources come as one archive input, the same for every task: a task body does
-    not grow with the number of tracked files (here 500 more)."""
-    workdir = assert_sources_like_local(functools.partial(tes_run, tes), tmp_path, extra_files=500)
+def test_shell_jobs_read_the_workflows_sources(crank, tmp_path):
+    """On TES the sources come as one archive input, the same for every task: a task body
+    does not grow with the number of tracked files (here 500 more)."""
+    if crank.backend == "docker":
+        assert_sources_like_local(on(crank), tmp_path)
+        return
+    tes = crank.tes
+    workdir = assert_sources_like_local(on(crank), tmp_path, extra_files=500)
     bodies = [
         requests.get(f"{tes.url}/v1/tasks/{t['id']}", params={"view": "FULL"}, timeout=30).json()
-        for t in test_tes.tasks_of(tes, workdir)
+        for t in tasks_of(tes, workdir)
     ]
     assert len(bodies) == 2
     fetched = []

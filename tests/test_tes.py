@@ -36,8 +36,10 @@ from snakemake_executor_plugin_crank.staging.stage import file_key
 from snakemake_executor_plugin_crank.staging.store import Store
 from snakemake_executor_plugin_crank.task import Input, Kind, Output, Resources, State, TaskSpec
 
-from conftest import BASH, BUSYBOX, copy_workflow, wait_for
-from faultproxy import FaultProxy
+from conftest import (
+    BASH, BUSYBOX, NON_TERMINAL, copy_workflow, live_tasks, proxy_to, running_tasks, slow_workflow,
+    status_request, tasks_of, tes_command, tes_run, tes_start, wait_for,
+)
 from expectations import (
     assert_exact_outputs,
     assert_rulekinds_outputs,
@@ -47,45 +49,6 @@ from expectations import (
 )
 
 pytestmark = pytest.mark.tes
-
-NON_TERMINAL = {"UNKNOWN", "QUEUED", "INITIALIZING", "RUNNING", "PAUSED"}
-
-
-@pytest.fixture
-def aws_env(tes, monkeypatch):
-    for key, value in tes.s3.env().items():
-        monkeypatch.setenv(key, value)
-    return tes
-
-
-def crank_command(tes, workdir: Path, *args: str):
-    """The real snakemake CLI with crank on Funnel, a storage prefix of this test's own
-    (named after the workdir's parent); a later --crank-tes-url in ``args`` wins."""
-    return [
-        sys.executable, "-m", "snakemake", "--executor", "crank", "--jobs", "4",
-        "--crank-backend", "tes", "--crank-tes-url", tes.url,
-        "--crank-storage-prefix", tes.prefix(workdir.parent.name),
-        "--crank-default-image", BUSYBOX, "--seconds-between-status-checks", "1", *args,
-    ]
-
-
-def crank(tes, workdir: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(crank_command(tes, workdir, *args), cwd=workdir, capture_output=True,
-                          text=True, timeout=timeout, env=tes.env(), stdin=subprocess.DEVNULL)
-
-
-def tasks_of(tes, workdir: Path):
-    answer = requests.get(f"{tes.url}/v1/tasks", params={
-        "tag_key": TAG_WORKDIR, "tag_value": workdir_tag(str(workdir)), "view": "BASIC",
-        "page_size": 2047}, timeout=30)
-    answer.raise_for_status()
-    return answer.json().get("tasks") or []
-
-
-def live_tasks(tes, workdir: Path):
-    return [t for t in tasks_of(tes, workdir) if t.get("state") in NON_TERMINAL]
-
-
 
 # ---------------------------------------------------------------- Snakemake's own cases
 
@@ -120,13 +83,13 @@ class TestSnakemakeBaseOnTes(TestWorkflowsLocalStorageBase):
 
 def test_exact_outputs_across_rules(tes, tmp_path):
     workdir, args = exact_workdir(tmp_path)
-    done = crank(tes, workdir, *args)
+    done = tes_run(tes, workdir, *args)
     assert done.returncode == 0, done.stderr
     # Funnel runs containers as root (no user option); the files arrive as the caller's
     assert_exact_outputs(workdir, "0:0")
     assert live_tasks(tes, workdir) == []
 
-    again = crank(tes, workdir, *args)
+    again = tes_run(tes, workdir, *args)
     assert again.returncode == 0 and "Nothing to be done" in again.stderr
 
 
@@ -142,7 +105,7 @@ def test_paths_that_are_string_prefixes_of_each_other(tes, tmp_path):
     odd.mkdir()
     try:
         (odd / "in.txt").write_text("odd in\n")
-        done = crank(tes, workdir, "--config", f"odd={odd}")
+        done = tes_run(tes, workdir, "--config", f"odd={odd}")
         assert done.returncode == 0, done.stderr
         assert read(workdir / "out") == "plain\nin\n"
         assert read(workdir / "outdir" / "gz") == "not really gzip\n"
@@ -155,7 +118,7 @@ def test_paths_that_are_string_prefixes_of_each_other(tes, tmp_path):
 
 def test_every_rule_kind_runs_with_exact_outputs(tes, tmp_path):
     workdir, args = rulekinds_workdir(tmp_path)
-    done = crank(tes, workdir, *args, timeout=600)
+    done = tes_run(tes, workdir, *args, timeout=600)
     assert done.returncode == 0, done.stderr
     assert_rulekinds_outputs(workdir)
     assert live_tasks(tes, workdir) == []
@@ -163,7 +126,7 @@ def test_every_rule_kind_runs_with_exact_outputs(tes, tmp_path):
 
 def test_failing_rule_reports_exit_code_and_stderr(tes, tmp_path):
     workdir = copy_workflow("failing", tmp_path / "wf")
-    done = crank(tes, workdir, "fails")
+    done = tes_run(tes, workdir, "fails")
     assert done.returncode != 0
     assert "rule fails (job" in done.stderr
     assert "exit code 3" in done.stderr
@@ -178,7 +141,7 @@ def test_failing_rule_reports_exit_code_and_stderr(tes, tmp_path):
 
 def test_unknown_image_fails_with_the_tes_state(tes, tmp_path):
     workdir = copy_workflow("failing", tmp_path / "wf")
-    done = crank(tes, workdir, "badimage")
+    done = tes_run(tes, workdir, "badimage")
     assert done.returncode != 0
     assert "rule badimage (job" in done.stderr
     assert "TES state EXECUTOR_ERROR" in done.stderr
@@ -214,7 +177,7 @@ def test_tasks_of_a_crashed_run_are_canceled_at_start(tes, tmp_path):
         **body, "tags": {TAG_RUN: "crashed", TAG_WORKDIR: workdir_tag(str(tmp_path / "other"))}},
         timeout=30).json()["id"]
     try:
-        done = crank(tes, workdir, "greedy", "--max-threads", "1")
+        done = tes_run(tes, workdir, "greedy", "--max-threads", "1")
         assert done.returncode == 0, done.stderr
 
         def state(task_id):
@@ -229,44 +192,12 @@ def test_tasks_of_a_crashed_run_are_canceled_at_start(tes, tmp_path):
 # ---------------------------------------------------------------- faults (docs/reliability.md)
 
 
-def slow_workflow(tmp_path: Path, seconds: int) -> Path:
-    """A one-job workflow whose job sleeps ``seconds``, with a storage prefix of its own."""
-    workdir = tmp_path / uuid.uuid4().hex / "wf"
-    workdir.mkdir(parents=True)
-    (workdir / "Snakefile").write_text(
-        f'rule slow:\n    output: "slow.txt"\n    shell: "sleep {seconds}; echo done > {{output}}"\n'
-    )
-    return workdir
-
-
-def start_crank(tes, workdir: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        crank_command(tes, workdir, *args), cwd=workdir, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True, env=tes.env(), stdin=subprocess.DEVNULL,
-    )
-
-
-def running_tasks(tes, workdir: Path):
-    return [t for t in tasks_of(tes, workdir) if t["state"] == "RUNNING"]
-
-
-def proxy_to(tes, **kwargs) -> FaultProxy:
-    """The fault proxy on a free loopback port in front of Funnel."""
-    host, port = tes.url.rsplit("//", 1)[1].split(":")
-    return FaultProxy(("127.0.0.1", 0), (host, int(port)), **kwargs)
-
-
-def status_request(method: str, path: str) -> bool:
-    """A request of a status round: a task list, or one task by id when few are watched."""
-    return method == "GET" and (path == "/tasks" or path.startswith("/tasks/"))
-
-
 def test_server_unreachable_mid_run_is_survived(tes, tmp_path):
     """Promise 2 on TES: the server stops answering while a task runs and ends; crank keeps
     trying within --crank-backend-tolerance and then collects the task as usual."""
     workdir = slow_workflow(tmp_path, 4)
     with proxy_to(tes) as proxy:
-        proc = start_crank(tes, workdir, "--crank-tes-url", proxy.url)
+        proc = tes_start(tes, workdir, "--crank-tes-url", proxy.url)
         try:
             wait_for(lambda: running_tasks(tes, workdir), timeout=60, what="the task running")
             proxy.set_rule(lambda method, path: "refuse")
@@ -288,7 +219,7 @@ def test_server_that_stops_answering_is_given_up_within_the_tolerance(tes, tmp_p
     the reason, and its task canceled first."""
     workdir = slow_workflow(tmp_path, 600)
     with proxy_to(tes, hang_s=600) as proxy:
-        proc = start_crank(tes, workdir, "--crank-tes-url", proxy.url, "--crank-backend-tolerance", "10")
+        proc = tes_start(tes, workdir, "--crank-tes-url", proxy.url, "--crank-backend-tolerance", "10")
         try:
             wait_for(lambda: running_tasks(tes, workdir), timeout=60, what="the task running")
             proxy.set_rule(lambda method, path: "hang" if status_request(method, path) else "pass")
@@ -320,7 +251,7 @@ def test_lost_answer_to_create_makes_one_task(tes, tmp_path):
     with proxy_to(tes) as proxy:
         proxy.set_rule(lose_first_create)
         done = subprocess.run(
-            crank_command(tes, workdir, "greedy", "--max-threads", "1", "--crank-tes-url", proxy.url),
+            tes_command(tes, workdir, "greedy", "--max-threads", "1", "--crank-tes-url", proxy.url),
             cwd=workdir, capture_output=True, text=True, env=tes.env(), stdin=subprocess.DEVNULL,
             timeout=300,
         )
@@ -469,7 +400,7 @@ def test_an_output_the_next_job_reads_is_not_uploaded_again(aws_env, tmp_path):
     directory holds Snakemake's timestamp file too)."""
     run = uuid.uuid4().hex  # crank() names the storage prefix after the workdir's parent
     workdir = copy_workflow("tes_handoff", tmp_path / run / "wf")
-    done = crank(aws_env, workdir)
+    done = tes_run(aws_env, workdir)
     assert done.returncode == 0, done.stderr
     assert read(workdir / "sizes.txt") == f"{3 << 20}\n{1 << 20}\n"
     summary = [line for line in done.stderr.splitlines() if "crank: staging:" in line]

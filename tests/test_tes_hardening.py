@@ -22,20 +22,11 @@ from snakemake_executor_plugin_crank.backends.tes.backend import (
     workdir_tag,
 )
 
-from conftest import BUSYBOX, copy_workflow, wait_for
-from faultproxy import FaultProxy
-from test_tes import (
-    aws_env,  # noqa: F401 - a fixture
-    crank,
-    crank_command,
-    live_tasks,
-    proxy_to,
-    running_tasks,
-    slow_workflow,
-    start_crank,
-    status_request,
-    tasks_of,
+from conftest import (
+    BUSYBOX, copy_workflow, live_tasks, proxy_to, running_tasks, slow_workflow, status_request,
+    tasks_of, tes_command, tes_run, tes_start, wait_for,
 )
+from faultproxy import FaultProxy
 
 pytestmark = pytest.mark.tes
 
@@ -109,7 +100,7 @@ def test_update_outputs_keep_their_old_content_as_with_the_local_executor(aws_en
     assert reference.returncode == 0, reference.stderr
     assert (local / "log.txt").read_text() == "old\nnew\n"  # what the local executor does
 
-    done = crank(aws_env, on_tes)
+    done = tes_run(aws_env, on_tes)
     assert done.returncode == 0, done.stderr
     assert user_files(on_tes) == user_files(local)
 
@@ -132,7 +123,7 @@ def test_failed_jobs_log_files_come_back_as_with_the_local_executor(aws_env, tmp
     assert reference.returncode != 0
     assert (local / "logs" / "fail.log").read_text() == "diagnostics\n"
 
-    done = crank(aws_env, on_tes)
+    done = tes_run(aws_env, on_tes)
     assert done.returncode != 0
     assert "exit code 3" in done.stderr and "Traceback" not in done.stderr
     assert user_files(on_tes) == user_files(local)
@@ -174,7 +165,7 @@ def test_a_server_that_ignores_tag_filters_never_costs_another_users_task(aws_en
         wait_for(lambda: state_of(aws_env, other) == "RUNNING", timeout=60, what="the user's task running")
         with proxy_to(aws_env) as proxy:
             proxy.set_rule(drop_filters_and_refuse_the_first_create)
-            done = crank(aws_env, workdir, "greedy", "--max-threads", "1", "--crank-tes-url", proxy.url)
+            done = tes_run(aws_env, workdir, "greedy", "--max-threads", "1", "--crank-tes-url", proxy.url)
             assert ("POST", "/tasks") in proxy.actions("refuse")
             assert len(proxy.actions("drop_tag_filter")) >= 3  # start-up, lookup, rounds, shutdown
         assert done.returncode == 0, done.stderr
@@ -222,7 +213,7 @@ def test_a_finished_job_is_reported_while_other_inputs_still_upload(aws_env, tmp
     host, port = aws_env.s3.endpoint.rsplit("//", 1)[1].split(":")
     with FaultProxy(("127.0.0.1", 0), (host, int(port)), hang_s=300) as store:
         store.set_rule(lambda method, path: "hang" if method == "PUT" and "/cas/" in path else "pass")
-        proc = start_crank(aws_env, workdir, "--crank-storage-endpoint", store.url)
+        proc = tes_start(aws_env, workdir, "--crank-storage-endpoint", store.url)
         try:
             wait_for(lambda: len(store.actions("hang")) >= 8, timeout=60, what="uploads stuck")
             wait_for(lambda: (workdir / "quick.txt").exists(), timeout=60,
@@ -261,7 +252,7 @@ def test_throttled_requests_are_waited_out(aws_env, tmp_path):
 
     with proxy_to(aws_env, retry_after_s=2) as proxy:
         proxy.set_rule(throttle)
-        proc = start_crank(aws_env, workdir, "--crank-tes-url", proxy.url)
+        proc = tes_start(aws_env, workdir, "--crank-tes-url", proxy.url)
         try:
             wait_for(lambda: running_tasks(aws_env, workdir), timeout=60, what="the task running")
             rounds.set()
@@ -304,7 +295,7 @@ def test_creates_keep_pace_with_a_server_that_throttles_them(aws_env, tmp_path):
 
     with proxy_to(aws_env, retry_after_s=1) as proxy:
         proxy.set_rule(gateway)
-        done = crank(aws_env, workdir, "--crank-tes-url", proxy.url, "--jobs", str(n), timeout=400)
+        done = tes_run(aws_env, workdir, "--crank-tes-url", proxy.url, "--jobs", str(n), timeout=400)
         throttled, lost = proxy.actions("error429"), proxy.actions("lose_answer")
     assert done.returncode == 0, done.stderr[-3000:]
     assert sorted(int(p.read_text()) for p in (workdir / "out").glob("*.txt")) == list(range(n))
@@ -321,7 +312,7 @@ def while_the_status_list_answers(tes, tmp_path: Path, action: str, *args: str, 
     workdir = slow_workflow(tmp_path, 600)
     with proxy_to(tes) as proxy:
         proc = subprocess.Popen(
-            crank_command(tes, workdir, "--crank-tes-url", proxy.url, *args), cwd=workdir,
+            tes_command(tes, workdir, "--crank-tes-url", proxy.url, *args), cwd=workdir,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
             env={**tes.env(), **(env or {})})
         try:

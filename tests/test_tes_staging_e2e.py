@@ -16,8 +16,7 @@ import pytest
 from snakemake_executor_plugin_crank.staging.stage import file_key
 from snakemake_executor_plugin_crank.staging.store import Store
 
-from conftest import snakemake, wait_for
-from test_tes import aws_env, crank, live_tasks, start_crank  # noqa: F401 - aws_env is a fixture
+from conftest import live_tasks, snakemake, tes_run, tes_start, wait_for
 
 pytestmark = pytest.mark.tes
 
@@ -51,7 +50,7 @@ def test_a_file_rewritten_with_its_old_mtime_reaches_the_job(tes, tmp_path):
     old = data.stat()
     # the first run caches the digest only once the file's last change is 2 s old
     wait_for(lambda: time.time_ns() - old.st_ctime_ns > 2_000_000_000, 10, "the input to settle")
-    first = crank(tes, workdir)
+    first = tes_run(tes, workdir)
     assert first.returncode == 0, first.stderr
     assert (workdir / "out.txt").read_text() == "AAAA\n"
 
@@ -60,7 +59,7 @@ def test_a_file_rewritten_with_its_old_mtime_reaches_the_job(tes, tmp_path):
     os.utime(data, ns=(old.st_atime_ns, old.st_mtime_ns))
     now = data.stat()
     assert (now.st_ino, now.st_size, now.st_mtime_ns) == (old.st_ino, old.st_size, old.st_mtime_ns)
-    again = crank(tes, workdir, "-F")
+    again = tes_run(tes, workdir, "-F")
     assert again.returncode == 0, again.stderr
     assert (workdir / "out.txt").read_text() == "BBBB\n"
 
@@ -103,7 +102,7 @@ def test_a_directory_input_with_links_to_its_ancestors(tes, tmp_path):
     assert docker_run.returncode == 0, docker_run.stderr
 
     start = time.monotonic()
-    done = crank(tes, workdir, timeout=120)
+    done = tes_run(tes, workdir, timeout=120)
     assert done.returncode == 0, done.stderr
     assert time.monotonic() - start < 90
     seen = (workdir / "seen.txt").read_text().splitlines()
@@ -127,7 +126,7 @@ def test_ctrl_c_does_not_wait_for_an_upload(aws_env, tmp_path):
         for _ in range(96):  # 768 MiB: seconds to hash and to upload
             f.write(block)
             digest.update(block)
-    proc = start_crank(aws_env, workdir)
+    proc = tes_start(aws_env, workdir)
     lines = []
 
     def read_stderr():
