@@ -2,6 +2,7 @@
 test images of scripts/setup.sh; SeaweedFS and Funnel from tests/services.py, started when a
 test first needs them); they never replace them with fakes."""
 
+import contextlib
 import os
 import shutil
 import signal
@@ -152,6 +153,17 @@ class S3Server:
 KEPT = []  # the servers this session uses (services.Kept)
 
 
+def say(config, line: str) -> None:
+    """One line on the terminal, also from a worker of a parallel run (whose own terminal
+    output nobody sees)."""
+    reporter = None if is_worker(config) else config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(f"\n{line}", red=True)
+    else:
+        sys.__stderr__.write(f"\n{line}\n")
+        sys.__stderr__.flush()
+
+
 @pytest.fixture(autouse=True)
 def _servers_alive(request):
     """A server that died during a test (Funnel has crashed so) is started again for the
@@ -162,14 +174,14 @@ def _servers_alive(request):
         except services.ServiceError as e:
             line = f"{kept.name} had stopped answering and could not be started again: {e}"
         if line:
-            request.config.pluginmanager.get_plugin("terminalreporter").write_line(f"\n{line}", red=True)
+            say(request.config, line)
 
 
 @pytest.fixture(scope="session")
 def s3():
     """SeaweedFS, reused when it already answers, else started for this session and stopped after."""
     try:
-        with services.seaweedfs() as kept:
+        with services.seaweedfs(stop=not PARALLEL) as kept:
             KEPT.append(kept)
             yield S3Server(kept.values)
     except services.ServiceError as e:
@@ -194,17 +206,21 @@ class TesServer:
 TES_SKIPPED = []  # the reason, repeated in the terminal summary
 
 
+def tes_skipped(reason) -> str:
+    return (f"TES TESTS SKIPPED: no Funnel ({reason}): put a funnel {services.FUNNEL_VERSION} "
+            "binary on PATH or in CRANK_FUNNEL")
+
+
 @pytest.fixture(scope="session")
 def tes(s3):
     """Funnel, reused when it already answers, else started for this session and stopped after;
     or a skip saying loudly what is missing."""
     try:
-        with services.funnel(s3.values) as kept:
+        with services.funnel(s3.values, stop=not PARALLEL) as kept:
             KEPT.append(kept)
             yield TesServer(kept.url, s3)
     except services.Unavailable as e:
-        TES_SKIPPED.append(f"TES TESTS SKIPPED: no Funnel ({e}): put a funnel "
-                           f"{services.FUNNEL_VERSION} binary on PATH or in CRANK_FUNNEL")
+        TES_SKIPPED.append(tes_skipped(e))
         pytest.skip(TES_SKIPPED[0])
     except services.ServiceError as e:
         pytest.fail(f"Funnel: {e}", pytrace=False)
@@ -358,6 +374,52 @@ def slow_workflow(tmp_path: Path, seconds: int) -> Path:
 def status_request(method: str, path: str) -> bool:
     """A request of a status round: a task list, or one task by id when few are watched."""
     return method == "GET" and (path == "/tasks" or path.startswith("/tasks/"))
+
+
+# ---------------------------------------------------------------- parallel runs (pytest -n N)
+
+# In a worker of a parallel run: the servers are the whole run's, started and stopped by the
+# controller; a worker may start one again that died, never stops one.
+PARALLEL = bool(os.environ.get("PYTEST_XDIST_WORKER"))
+STARTED_BY_CONTROLLER = []  # services.Kept
+
+
+def is_worker(config) -> bool:
+    return hasattr(config, "workerinput")
+
+
+def pytest_configure(config):
+    """The controller of a parallel run starts the servers before its workers start, so
+    that no two workers start one at once and none stops one that another still uses."""
+    if is_worker(config) or not getattr(config.option, "numprocesses", None):
+        return
+    try:
+        with contextlib.ExitStack() as stack:
+            s3 = stack.enter_context(services.seaweedfs(stop=False))
+            STARTED_BY_CONTROLLER.append(s3)
+            try:
+                STARTED_BY_CONTROLLER.append(stack.enter_context(services.funnel(s3.values, stop=False)))
+            except services.Unavailable as e:
+                TES_SKIPPED.append(tes_skipped(e))
+    except services.ServiceError as e:
+        raise pytest.UsageError(f"a test server did not start: {e}") from None
+
+
+def pytest_unconfigure(config):
+    """The controller stops what the run started, workers' restarts included (pid files)."""
+    for kept in reversed(STARTED_BY_CONTROLLER):
+        if kept.started:
+            kept.stop_recorded()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """The slowest tests first, so that a parallel run does not end waiting for one of them;
+    the tests of a module with a private Docker engine in one worker (one engine per module)."""
+    for item in items:
+        if "engine" in item.fixturenames:
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -579,33 +579,55 @@ class Kept:
     it (or started it again)."""
 
     def __init__(self, name: str, alive: Callable[[], bool], ensure: Callable[[], bool],
-                 stop: Callable[[], None], log_path: Path):
+                 daemon: Daemon, log_path: Path, stop: bool = True):
+        """``stop``: False where another process stops it (the controller of a parallel run)."""
         self.name = name
         self.log_path = log_path
+        self.daemon = daemon
         self._alive, self._ensure, self._stop = alive, ensure, stop
-        self.started = ensure()
+        with starting():
+            self.started = ensure()
 
     def revive(self) -> Optional[str]:
         """None while it answers; else it is started again, and the line saying so."""
         if self._alive():
             return None
-        line = (f"{self.name} had stopped answering (its log: {self.log_path}; last line: "
-                f"{log_tail(self.log_path, 1).strip() or '-'}); started again for the next test")
-        self.started = self._ensure() or self.started
+        with starting():  # another process of the run may be at it already
+            if self._alive():
+                return None
+            line = (f"{self.name} had stopped answering (its log: {self.log_path}; last line: "
+                    f"{log_tail(self.log_path, 1).strip() or '-'}); started again for the next test")
+            self.started = self._ensure() or self.started
         return line
 
     def close(self) -> None:
-        if self.started:
-            self._stop()
+        if self.started and self._stop:
+            self.daemon.stop()
+
+    def stop_recorded(self) -> None:
+        """Stop the server its pid file names: also one that another process started again."""
+        Daemon(self.daemon.comm, self.daemon.pid_file).stop()
 
 
 @contextmanager
-def seaweedfs() -> Iterator[Kept]:
+def starting() -> Iterator[None]:
+    """Held while a server is checked and started: the processes of a parallel run never
+    start the same server twice."""
+    import fcntl
+
+    STATE.mkdir(parents=True, exist_ok=True)
+    with open(STATE / "starting.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+@contextmanager
+def seaweedfs(stop: bool = True) -> Iterator[Kept]:
     """The S3 server while the session runs; ``.values``: its environment (AWS_*,
     CRANK_TEST_BUCKET, CRANK_TEST_S3_METRICS)."""
     server = SeaweedFS()
-    kept = Kept("SeaweedFS", lambda: port_open(S3_PORT), server.ensure, server.daemon.stop,
-                server.state / "weed.log")
+    kept = Kept("SeaweedFS", lambda: port_open(S3_PORT), server.ensure, server.daemon,
+                server.state / "weed.log", stop)
     kept.values = server.env()
     try:
         yield kept
@@ -614,11 +636,11 @@ def seaweedfs() -> Iterator[Kept]:
 
 
 @contextmanager
-def funnel(s3_env: dict[str, str]) -> Iterator[Kept]:
+def funnel(s3_env: dict[str, str], stop: bool = True) -> Iterator[Kept]:
     """Funnel while the session runs; ``.url``: its URL."""
     server = Funnel()
-    kept = Kept("Funnel", server.healthy, lambda: server.ensure(s3_env), server.daemon.stop,
-                server.base / "funnel.log")
+    kept = Kept("Funnel", server.healthy, lambda: server.ensure(s3_env), server.daemon,
+                server.base / "funnel.log", stop)
     kept.url = server.url
     try:
         yield kept

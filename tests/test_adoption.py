@@ -10,6 +10,8 @@ import time
 import uuid
 from pathlib import Path
 
+import pytest
+
 from conftest import BUSYBOX, tasks_of, wait_for
 
 # long: 40 s; quick ends while no crank runs; bad fails meanwhile; edited is changed
@@ -131,6 +133,7 @@ class Creations:
         return self.made
 
 
+@pytest.mark.slow
 def test_a_killed_run_is_adopted_by_the_next(crank, tmp_path):
     workdir = workflow(tmp_path)
     docker = crank.backend == "docker"
@@ -208,6 +211,7 @@ def detach_then_adopt(crank, workdir: Path, started, *extra: str, watch=None):
     return seen
 
 
+@pytest.mark.slow
 def test_a_detached_run_is_adopted_by_the_next(crank, tmp_path):
     """On Docker in a container of its own (no warm runner): adopted by its labels."""
     workdir = tmp_path / "wf"

@@ -439,6 +439,7 @@ def drawn():
     return workflows(left_out=frozenset(left_out))
 
 
+@pytest.mark.slow
 @pytest.mark.docker
 @differential(default_examples=10)
 @given(wf=drawn())

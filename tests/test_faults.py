@@ -125,6 +125,7 @@ rule work:
 """
 
 
+@pytest.mark.slow
 @BOTH
 def test_an_engine_stopped_under_running_jobs_runs_them_again_once(engine, api, tmp_path, warm):
     """dockerd stopped 6 s into four 25 s jobs, started 8 s later, no --retries: a task the

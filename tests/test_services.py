@@ -42,7 +42,7 @@ def test_a_server_that_died_is_started_again_with_one_line(tmp_path):
         assert services.wait_until(lambda: services.port_open(port), 30)
         return True
 
-    kept = services.Kept("web", lambda: services.port_open(port), ensure, daemon.stop, tmp_path / "web.log")
+    kept = services.Kept("web", lambda: services.port_open(port), ensure, daemon, tmp_path / "web.log")
     try:
         assert kept.started and kept.revive() is None
         daemon.stop()

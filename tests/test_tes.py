@@ -213,6 +213,7 @@ def test_server_unreachable_mid_run_is_survived(tes, tmp_path):
     assert len(tasks_of(tes, workdir)) == 1
 
 
+@pytest.mark.slow
 def test_server_that_stops_answering_is_given_up_within_the_tolerance(tes, tmp_path):
     """Promises 2 and 3 on TES: a server that accepts status requests but never answers
     holds no round for long; past --crank-backend-tolerance the job is reported failed with

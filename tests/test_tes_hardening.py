@@ -270,6 +270,7 @@ def test_throttled_requests_are_waited_out(aws_env, tmp_path):
     assert "Traceback" not in stderr
 
 
+@pytest.mark.slow
 def test_creates_keep_pace_with_a_server_that_throttles_them(aws_env, tmp_path):
     """A gateway that refuses every create for its first 10 s (429, Retry-After: 1), then
     takes one a second, and loses the answer of every fifth create it lets through: every
