@@ -10,6 +10,9 @@
 #
 # Environment:
 #   CRANK_TEST_STATE     state dir for logs and data (default: ~/.cache/crank-test)
+#   CRANK_TEST_FRESH=1   first make this machine look new to the tests: stop the test servers,
+#                        remove the test images and the state dir's contents (CI does, so that
+#                        every path a fresh machine takes is taken every time)
 #   CRANK_DOCKERD_ARGS   extra arguments for dockerd when the engine is started here
 #                        (e.g. -H/--data-root/--exec-root/--pidfile for a private engine;
 #                        set DOCKER_HOST to match). Never --bridge=none next to another
@@ -275,7 +278,20 @@ build_snakemake_s3() {
 
 # ---------------------------------------------------------------- main
 
+# As on a new machine: no test images, no test servers, no state. The running engine and its
+# own pid and log stay (the engine is not the tests' to remove; an engine setup.sh started is
+# stopped by scripts/test.sh at the end as usual).
+make_fresh() {
+    log "fresh: removing the test images and the test state, as on a new machine"
+    CRANK_TEST_STATE=$STATE python3 "$SERVICES" stop 9>&- >/dev/null 2>&1 || true
+    local images
+    images=$(docker images --format '{{.Repository}}:{{.Tag}}' | grep '^crank-test/' || true)
+    [[ -z $images ]] || docker image rm -f $images >/dev/null || die "cannot remove the test images"
+    find "$STATE" -mindepth 1 -maxdepth 1 ! -name setup.lock ! -name 'dockerd.*' -exec rm -rf {} +
+}
+
 ensure_docker
+[[ ${CRANK_TEST_FRESH:-} != 1 ]] || make_fresh
 
 SNAKEMAKE_VERSION=$(python3 -c 'import snakemake; print(snakemake.__version__)') \
     || die "snakemake is not importable by the host's python3"
