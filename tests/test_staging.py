@@ -652,20 +652,21 @@ def test_directory_round_trip_with_manifest_last(any_prefix, tmp_path):
     s = Stager(store, DigestCache(str(tmp_path / "d.sqlite")))
     staged = s.stage([str(src)])
 
-    assert sorted(x.path for x in staged) == sorted(str(src / rel) for rel in tree)
+    assert sorted(x.path for x in staged if x.url) == sorted(str(src / rel) for rel in tree)
     assert order[-1].startswith("cas/dirs/") and len(order) == 4  # 3 distinct contents, then the manifest
     manifest_key = order[-1]
     s.fetch_file(manifest_key, str(tmp_path / "manifest.json"))
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest_key == dir_key(sha((tmp_path / "manifest.json").read_bytes()))
-    assert {e["path"]: (e["size"], e["sha256"]) for e in manifest} == {
+    assert {e["path"]: (e["size"], e["sha256"]) for e in manifest if "sha256" in e} == {
         rel: (len(d), sha(d)) for rel, d in tree.items()
     }
     assert next(e["mode"] for e in manifest if e["path"] == "x") == 0o755
+    assert {e["path"] for e in manifest if "dir" in e} == {"sub", "sub/deeper"}
 
     # back from the content-addressed objects ...
     back = tmp_path / "back"
-    for e in manifest:
+    for e in (e for e in manifest if "sha256" in e):
         (back / e["path"]).parent.mkdir(parents=True, exist_ok=True)
         s.fetch_file(file_key(e["sha256"]), str(back / e["path"]), e["size"])
     assert {rel: (back / rel).read_bytes() for rel in tree} == tree
@@ -961,60 +962,100 @@ def stage_within(s: Stager, paths: list[str], seconds: float) -> list:
 
 
 @pytest.mark.s3
-def test_a_directory_with_links_to_its_ancestors_is_staged_once_with_the_links(any_prefix, tmp_path):
-    """Links to files and to directories outside are followed; a link to a directory on the
-    way to it is kept as a link, relative, and not walked. Once this staged 41 copies of
-    every file for one such link, and never ended for two."""
+def test_a_directory_with_links_is_staged_with_the_links_and_what_they_lead_to(any_prefix, tmp_path):
+    """Every symlink stays a link with its own target text; what it leads to is staged too
+    (here a directory outside, once), never walked again when it is a directory on the way to
+    the link. Once this staged 41 copies of every file for one link back to an ancestor, and
+    never ended for two; and links came as copies of their targets."""
     ref = ancestor_links_tree(tmp_path)
     s = Stager(Store.from_url(any_prefix), DigestCache(str(tmp_path / "d.sqlite")))
     staged = stage_within(s, [str(ref)], 30)
 
-    files = {os.path.relpath(x.path, ref): x.url.rsplit("/", 1)[1] for x in staged if not x.link}
-    assert files == {
-        "a": sha(b"a\n"), "sub/b": sha(b"b\n"), "flink": sha(b"b\n"),
-        "outside/c": sha(b"c\n"), "outside_again/c": sha(b"c\n"),
-    }
-    links = {os.path.relpath(x.path, ref): x.link for x in staged if x.link}
+    def rel(path: str) -> str:
+        return os.path.relpath(path, tmp_path)
+
+    files = {rel(x.path): x.url.rsplit("/", 1)[1] for x in staged if x.url}
+    assert files == {"ref/a": sha(b"a\n"), "ref/sub/b": sha(b"b\n"), "shared/c": sha(b"c\n")}
+    links = {rel(x.path): x.link for x in staged if x.link}
     assert links == {
-        "sub/up": "..", "sub/deeper/back": "../..", "sub/deeper/root": "../../..",
-        "outside/to_ref": "..", "outside_again/to_ref": "..",
+        "ref/sub/up": "..", "ref/sub/deeper/back": "../..", "ref/sub/deeper/root": str(tmp_path),
+        "ref/flink": "sub/b", "ref/broken": "nowhere", "ref/outside": "../shared",
+        "ref/outside_again": str(tmp_path / "shared"), "shared/to_ref": "../ref",
     }
-    # each link resolves, from where it sits in the staged tree, to the directory it names
-    for rel, target in links.items():
-        here = os.path.dirname(os.path.join(ref, rel))
-        assert os.path.samefile(os.path.normpath(os.path.join(here, target)), os.path.join(ref, rel))
-    assert s.stats.files == 5 and len(objects(any_prefix)) == 3 + 1  # a, b, c and the manifest
+    assert {rel(x.path) for x in staged if x.directory} == {"ref", "ref/sub", "ref/sub/deeper", "shared"}
+    assert len(staged) == len({x.path for x in staged})  # each entry once
+    assert s.stats.files == 3 and len(objects(any_prefix)) == 3 + 1  # a, b, c and the manifest
 
     [manifest_key] = [k for k in objects(any_prefix) if k.startswith("cas/dirs/")]
     s.fetch_file(manifest_key, str(tmp_path / "manifest.json"))
     manifest = json.loads((tmp_path / "manifest.json").read_text())
-    assert {e["path"]: e["link"] for e in manifest if "link" in e} == links
-    assert {e["path"] for e in manifest if "sha256" in e} == set(files)
+    assert {e["path"]: e["link"] for e in manifest if "link" in e} == {
+        os.path.relpath(p, "ref"): t for p, t in links.items() if p.startswith("ref/")}
+    assert {e["path"] for e in manifest if "sha256" in e} == {"a", "sub/b"}
+    assert {e["path"] for e in manifest if "dir" in e} == {"sub", "sub/deeper"}
 
 
 @pytest.mark.s3
-def test_a_linked_directory_input_stays_a_link_and_empty_directories_are_kept(s3_prefix, tmp_path):
-    """A directory input that is a symlink comes back as that link (its own target text) and
-    the tree where it leads; an empty directory as an entry to make, in the manifest too."""
+def test_linked_inputs_stay_links_with_their_modes_and_times(s3_prefix, tmp_path):
+    """A directory input that is a symlink stays that link (its own target text, also along a
+    chain of links) and the tree where it leads comes too, empty directories and modes and
+    times included; a symlinked directory on the way to a file input becomes a link too."""
     real = tmp_path / "elsewhere" / "ref"
     write(real / "a", b"a\n")
+    os.chmod(real / "a", 0o751)
+    os.utime(real / "a", ns=(1, 1_500_000_000_123_456_789))
     (real / "empty" / "emptier").mkdir(parents=True)
     (tmp_path / "wf").mkdir()
     (tmp_path / "wf" / "ref").symlink_to(real)
     (tmp_path / "wf" / "rel").symlink_to("../elsewhere/ref")
-    (tmp_path / "wf" / "via").symlink_to("rel")  # a chain: the task gets the real path
+    (tmp_path / "wf" / "via").symlink_to("rel")
+    write(tmp_path / "big" / "x.fq", b"x\n")
+    (tmp_path / "wf" / "data").symlink_to(tmp_path / "big")
     s = Stager(Store.from_url(s3_prefix), DigestCache(str(tmp_path / "d.sqlite")))
-    staged = s.stage([str(tmp_path / "wf" / name) for name in ("ref", "rel", "via")])
+    staged = s.stage([str(tmp_path / "wf" / name) for name in ("ref", "rel", "via", "data/x.fq")])
 
     assert {x.path: x.link for x in staged if x.link} == {
         str(tmp_path / "wf" / "ref"): str(real), str(tmp_path / "wf" / "rel"): "../elsewhere/ref",
-        str(tmp_path / "wf" / "via"): str(real)}
-    assert {x.path for x in staged if x.url} == {str(real / "a")}
-    assert {x.path for x in staged if x.empty_dir} == {str(real / "empty" / "emptier")}
-    [manifest_key] = {k for k in objects(s3_prefix) if k.startswith("cas/dirs/")}
-    s.fetch_file(manifest_key, str(tmp_path / "manifest.json"))
-    manifest = json.loads((tmp_path / "manifest.json").read_text())
-    assert [e for e in manifest if "dir" in e] == [{"path": "empty/emptier", "dir": True}]
+        str(tmp_path / "wf" / "via"): "rel", str(tmp_path / "wf" / "data"): str(tmp_path / "big")}
+    assert {x.path for x in staged if x.url} == {str(real / "a"), str(tmp_path / "big" / "x.fq")}
+    [a] = [x for x in staged if x.path == str(real / "a")]
+    assert (a.mode, a.mtime_ns) == (0o751, 1_500_000_000_123_456_789)
+    assert {x.path for x in staged if x.directory} == {str(real), str(real / "empty"), str(real / "empty" / "emptier")}
+    assert not [k for k in objects(s3_prefix) if k.startswith("cas/dirs/")]  # only links were asked for
+
+
+def test_an_input_that_is_a_fifo_a_socket_or_inside_a_directory_is_one_line(tmp_path):
+    """Nothing opens it (a FIFO would block the read for ever): one line names it."""
+    import socket
+
+    from snakemake_executor_plugin_crank.staging import tree
+
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "d").mkdir()
+    os.mkfifo(tmp_path / "d" / "inner")
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(tmp_path / "sock"))
+        for name, what in (("fifo", "a FIFO"), ("sock", "a socket"), ("d", "a FIFO")):
+            with pytest.raises(CrankError, match=f"is {what}") as e:
+                tree.plan([str(tmp_path / name)])
+            assert "\n" not in str(e.value)
+    assert "inside the directory" in str(pytest.raises(CrankError, tree.plan, [str(tmp_path / "d")]).value)
+    # a link to a device is made as the link, the container has its own
+    (tmp_path / "null").symlink_to("/dev/null")
+    assert [e.kind for e in tree.plan([str(tmp_path / "null")]).entries] == ["link"]
+
+
+def test_link_cycles_and_dangling_links_among_inputs_are_links(tmp_path):
+    """A cycle of links and a link to nothing are made as they are, at once."""
+    from snakemake_executor_plugin_crank.staging import tree
+
+    (tmp_path / "a").symlink_to("b")
+    (tmp_path / "b").symlink_to("a")
+    (tmp_path / "gone").symlink_to("nothing")
+    (tmp_path / "self").symlink_to("self")
+    planned = tree.plan([str(tmp_path / n) for n in ("a", "gone", "self")])
+    assert {os.path.basename(e.path): e.link for e in planned.entries} == {
+        "a": "b", "b": "a", "gone": "nothing", "self": "self"}
 
 
 def test_install_puts_a_file_or_directory_whole_over_whatever_is_there(tmp_path):

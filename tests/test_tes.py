@@ -497,12 +497,12 @@ def example_task(tmp_path: Path) -> TaskSpec:
 
 
 def test_resources_are_mapped_exactly(tmp_path):
-    staged = [layout.Staged(str(tmp_path / "a.txt"), "s3://b/cas/sha256/" + "0" * 64, "0" * 64)]
+    staged = [layout.Staged(str(tmp_path / "a.txt"), "s3://b/cas/sha256/" + "0" * 64, "0" * 64, mode=0o644)]
     body = task_body(to_tes_task(example_task(tmp_path), staged, "s3://b/runs/r/1-1", {"crank-run": "r"}))
     assert body["resources"] == {"cpu_cores": 2, "ram_gb": 1.5, "disk_gb": 2.5, "preemptible": True,
                                  "backend_parameters": {"gpus": "1", "gpu_model": "a100"}}
     paths = [i["path"] for i in body["inputs"]]
-    assert f"/crank/in/{'0' * 64}" in paths and layout.WRAPPER in paths and layout.COMMAND in paths
+    assert str(tmp_path / "a.txt") in paths and layout.WRAPPER in paths and layout.COMMAND in paths
     assert body["outputs"] == [{"path": "/crank/out", "url": "s3://b/runs/r/1-1", "type": "DIRECTORY"}]
 
 
@@ -518,8 +518,8 @@ def test_request_bodies_validate_against_the_tes_1_1_schema(tmp_path):
 
     spec = yaml.safe_load(Path(path).read_text())
     assert spec["info"]["version"].startswith("1.1")
-    staged = [layout.Staged(str(tmp_path / "a.txt"), "s3://b/cas/sha256/" + "0" * 64, "0" * 64),
-              layout.Staged("/data/ref", "s3://b/ref", layout.url_digest("s3://b/ref"), directory=True)]
+    staged = [layout.Staged(str(tmp_path / "a.txt"), "s3://b/cas/sha256/" + "0" * 64, "0" * 64, mode=0o644),
+              layout.Staged("/data/ref", "s3://b/ref", remote_dir=True)]
     body = task_body(to_tes_task(example_task(tmp_path), staged, "s3://b/runs/r/1-1",
                                  {"crank-run": "r", "crank-job": "1-1"}))
     schema = {**spec["components"]["schemas"]["tesTask"], "components": spec["components"]}

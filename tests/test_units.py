@@ -202,7 +202,7 @@ def test_a_task_index_changes_nothing_through_a_link_it_makes(tmp_path):
     import os
     import stat
 
-    from snakemake_executor_plugin_crank.backends.tes.results import _restore
+    from snakemake_executor_plugin_crank.backends.tes.products import restore as _restore
 
     outside = tmp_path / "outside"
     (outside / "d").mkdir(parents=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import shlex
 from dataclasses import dataclass, field
 from typing import (
     Any, Callable, Collection, Iterable, List, Mapping, Optional, Set, Tuple,
@@ -308,7 +309,7 @@ def snakemake_task(job: Any, ctx: JobContext) -> TaskSpec:
         job_id=str(job.jobid),
         attempt=job.attempt,
         image=image,
-        script=guard + ctx.job_command(job),
+        script=guard + _with_shadow_prefix(ctx.job_command(job), singles, ctx.workdir),
         workdir=ctx.workdir,
         env={
             **task_env(_threads(job, res, ctx), ctx.envvars),
@@ -324,6 +325,16 @@ def snakemake_task(job: Any, ctx: JobContext) -> TaskSpec:
         resources=res,
         log_dir=ctx.log_dir,
     )
+
+
+def _with_shadow_prefix(command: str, jobs: Iterable[Any], workdir: str) -> str:
+    """Snakemake without a shared file system keeps its shadow directories in a temporary
+    directory; a shadow rule's links to its inputs (relative ones under ``minimal``) would
+    then have another text than under the local executor, and a link the job copies to an
+    output another target. In the workdir's .snakemake, as locally, unless the user chose."""
+    if "--shadow-prefix" in command or not any(j.is_shadow for j in jobs):
+        return command
+    return f"{command} --shadow-prefix {shlex.quote(os.path.join(workdir, '.snakemake'))}"
 
 
 def runs_directly(job: Any, ctx: JobContext) -> bool:

@@ -67,3 +67,28 @@ def _replace(src: str, dest: str) -> None:
     if os.path.isdir(src) and os.path.lexists(dest):
         os.unlink(dest)  # rename() puts a directory only where nothing is
     os.replace(src, dest)
+
+
+def merge_into(src: str, dest: str) -> None:
+    """Move what the directory ``src`` holds into the directory ``dest``, entry by entry:
+    what ``src`` has replaces what is there under the same name, nothing else in ``dest`` goes
+    away; ``dest`` gets ``src``'s mode. Where ``dest`` is not a directory (or a symlink to
+    one: never followed), ``src`` replaces it whole."""
+    if not os.path.isdir(dest) or os.path.islink(dest):
+        install(src, dest)
+        return
+    try:
+        for entry in os.scandir(src):
+            target = os.path.join(dest, entry.name)
+            if entry.is_dir(follow_symlinks=False) and os.path.isdir(target) and not os.path.islink(target):
+                merge_into(entry.path, target)
+            elif entry.is_symlink():
+                if os.path.isdir(target) and not os.path.islink(target):
+                    shutil.rmtree(target)
+                os.replace(entry.path, target)
+            else:
+                install(entry.path, target)
+        shutil.copymode(src, dest)
+        os.rmdir(src)
+    except OSError as e:
+        raise CrankError(f"cannot put an output at {dest}: {e.strerror or e}") from None

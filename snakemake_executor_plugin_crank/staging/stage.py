@@ -4,10 +4,10 @@ Layout under the store's prefix (every file key has the same length, so no key i
 prefix of another: Funnel fetches a key as a directory when a longer key starts with it):
 
     cas/sha256/<64 hex>   a file, named by the sha256 of its content
-    cas/dirs/<64 hex>     a directory manifest (JSON list of {path, size, sha256, mode},
-                          {path, link} for a link back to an ancestor and {path, dir} for an
-                          empty directory, named by its own sha256), written after all the
-                          directory's files: it marks the directory complete
+    cas/dirs/<64 hex>     a directory manifest (JSON list of {path, size, sha256, mode,
+                          mtime_ns} for a file, {path, link} for a symlink and {path, dir,
+                          mode, mtime_ns} for a directory, named by its own sha256), written
+                          after all the directory's files: it marks the directory complete
     runs/...              outputs, under keys the backend chooses
 
 A file already in the store with the right size is not uploaded again; identical content is
@@ -23,7 +23,6 @@ import json
 import os
 import re
 import shutil
-import stat
 import tempfile
 import threading
 import time
@@ -32,6 +31,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from ..errors import CrankError
+from . import tree
 from .digest import DigestCache, Identity, check
 from .install import install
 from .store import ContentChanged, Store
@@ -90,27 +90,22 @@ def human_bytes(n: float) -> str:
 
 @dataclass(frozen=True)
 class StagedFile:
-    path: str  # local absolute path (for a directory input: each file in it); a remote input: its URL
-    url: str  # where it is in the store, or the input's own URL when it already was remote; "" for a link
+    """One entry a task must hold for its inputs, at ``path`` (see ``tree``): a file whose
+    content is at ``url``, a directory (``directory``) or a symlink (``link``); or a remote
+    input passed through (``path`` and ``url`` its URL, ``size`` -1)."""
+
+    path: str
+    url: str  # where the file's content is in the store; "" for a directory or a link
     size: int  # bytes; -1 for a remote input (crank does not look it up)
-    # A directory below a directory input that leads back to one of its own ancestors (a
-    # symlink ``up -> ..``): not walked, but made as a symlink with this relative target; or a
-    # directory input that is a symlink, made as one with its own target text
-    link: str = ""
-    empty_dir: bool = False  # an empty directory of a directory input: made, nothing uploaded
-    # a local file's permission bits (its object holds the content alone); 0 for the others
+    link: str = ""  # a symlink with this target text
+    directory: bool = False
+    # the client's permission bits and modification time (the store keeps content alone)
     mode: int = 0
+    mtime_ns: int = 0
 
-
-@dataclass(frozen=True)
-class _Tree:
-    """What a directory input holds: regular files, (path, relative target) of each entry
-    that leads back to a directory on the way to it, and the directories that hold neither
-    (nor such a directory)."""
-
-    files: list[str]
-    links: list[tuple[str, str]]
-    empty_dirs: list[str]
+    @property
+    def remote(self) -> bool:
+        return self.size < 0
 
 
 @dataclass
@@ -155,7 +150,8 @@ class Stager:
 
     def stage(self, paths: Sequence[str]) -> list[StagedFile]:
         """Put every local file (a directory: each file in it, then its manifest) in the store.
-        Remote URLs pass through. Returns one StagedFile per file, in input order."""
+        Remote URLs pass through. Returns every entry a task needs to rebuild the inputs as the
+        client has them (``tree.plan``), then the remote inputs."""
         self._begin()
         try:
             return self._stage(paths)
@@ -163,26 +159,13 @@ class Stager:
             self._end()
 
     def _stage(self, paths: Sequence[str]) -> list[StagedFile]:
-        plan: list[tuple[str, str | _Tree]] = []  # (input, remote url | what it holds)
-        for path in paths:
-            if is_remote(path):
-                plan.append((path, path))
-                continue
-            local = os.path.abspath(path[len("file://"):] if path.startswith("file://") else path)
-            if os.path.isdir(local) and os.path.islink(local):
-                # the job sees a symlink, as it would locally, and the tree where it leads
-                real = os.path.realpath(local)
-                plan.append((local, _Tree([], [(local, _link_text(local, real))], [])))
-                plan.append((real, _tree_below(real)))
-            elif os.path.isdir(local):
-                plan.append((local, _tree_below(local)))
-            elif os.path.exists(local):
-                plan.append((local, _Tree([local], [], [])))
-            else:
-                raise CrankError(f"input {path}: no such file or directory")
+        remote = [p for p in paths if is_remote(p)]
+        local = [os.path.abspath(p[len("file://"):] if p.startswith("file://") else p)
+                 for p in paths if not is_remote(p)]
+        planned = tree.plan(local) if local else tree.Plan()
 
         # one task per distinct file; identical content in different files is handled in _put
-        files = list(dict.fromkeys(f for _, target in plan if isinstance(target, _Tree) for f in target.files))
+        files = [e.path for e in planned.files()]
         listings = None
         if len(files) >= LIST_FROM and self.store.kind != "file":
             listings = _Listings(self.store, max(LIST_PAGE, LISTED_PER_GROUP * -(-len(files) // 256)))
@@ -199,21 +182,22 @@ class Stager:
                 tasks[f] = self._pool.submit(self._stage_file, f, listings, cached)
         done.update(_wait_all(tasks))
 
-        staged: list[StagedFile] = []
-        for source, target in plan:
-            if isinstance(target, str):
-                staged.append(StagedFile(source, target, -1))
-                continue
-            for f in target.files:
-                digest, size = done[f]
-                mode = stat.S_IMODE(os.stat(f).st_mode)
-                staged.append(StagedFile(f, self.store.url(file_key(digest)), size, mode=mode))
-            staged.extend(StagedFile(path, "", 0, link) for path, link in target.links)
-            staged.extend(StagedFile(path, "", 0, empty_dir=True) for path in target.empty_dirs)
-            if os.path.isdir(source) and not os.path.islink(source):
-                self._put_manifest(source, target, done)
+        staged = []
+        for e in planned.entries:
+            if e.kind == tree.FILE:
+                digest, size = done[e.path]
+                staged.append(StagedFile(e.path, self.store.url(file_key(digest)), size,
+                                         mode=e.mode, mtime_ns=e.mtime_ns))
+            else:
+                staged.append(StagedFile(e.path, "", 0, link=e.link, directory=e.kind == tree.DIR,
+                                         mode=e.mode, mtime_ns=e.mtime_ns))
+        staged.extend(StagedFile(url, url, -1) for url in remote)
+        kinds = {e.path: e.kind for e in planned.entries}
+        for _, root in planned.roots:
+            if kinds[root] == tree.DIR:
+                self._put_manifest(root, planned.below(root), done)
         with self._lock:
-            self.stats.files += sum(1 for s in staged if s.size >= 0 and s.url)
+            self.stats.files += len(files)
         return staged
 
     def forget(self, digests: Iterable[str]) -> None:
@@ -339,17 +323,19 @@ class Stager:
             with self._lock:
                 self._doubted.discard(digest)
 
-    def _put_manifest(self, directory: str, tree: _Tree, done: dict[str, tuple[str, int]]) -> str:
-        entries = []
-        for f in tree.files:
-            digest, size = done[f]
-            mode = stat.S_IMODE(os.stat(f).st_mode)
-            entries.append({"path": os.path.relpath(f, directory), "size": size, "sha256": digest, "mode": mode})
-        for path, link in tree.links:
-            entries.append({"path": os.path.relpath(path, directory), "link": link})
-        for path in tree.empty_dirs:
-            entries.append({"path": os.path.relpath(path, directory), "dir": True})
-        data = manifest_bytes(entries)
+    def _put_manifest(self, directory: str, entries: list[tree.Entry], done: dict[str, tuple[str, int]]) -> str:
+        listed = []
+        for e in entries:
+            item: dict = {"path": os.path.relpath(e.path, directory)}
+            if e.kind == tree.FILE:
+                digest, size = done[e.path]
+                item.update(size=size, sha256=digest, mode=e.mode, mtime_ns=e.mtime_ns)
+            elif e.kind == tree.LINK:
+                item.update(link=e.link)
+            else:
+                item.update(dir=True, mode=e.mode, mtime_ns=e.mtime_ns)
+            listed.append(item)
+        data = manifest_bytes(listed)
         key = dir_key(hashlib.sha256(data).hexdigest())
         if not self._remembered(key):
             if self.store.head(key) != len(data):
@@ -489,66 +475,6 @@ class _Listings:
                 raise
         sizes = listing.result()
         return self._store.head(file_key(digest)) if sizes is None else sizes.get(digest)
-
-
-def _tree_below(directory: str) -> _Tree:
-    """Every regular file below ``directory``, in a stable order, symlinks to files and to
-    directories followed, except a directory already on the way from ``/`` to the entry
-    (compared by (st_dev, st_ino)): such an entry (``sub/up -> ..``) is returned as a link
-    to that directory, relative to the entry's own directory, and not walked. Following it
-    would repeat the tree until the kernel's limit on symlinks in a path (ELOOP, 40 levels),
-    twice as often with each further such link. Broken symlinks, sockets and FIFOs are left
-    out (a directory left with nothing else is an empty one); an unreadable directory is an
-    error, never silently left out."""
-    top = os.path.abspath(directory)
-    on_path: dict[tuple[int, int], str] = {}  # directory identity -> the path the job sees
-    ancestors = [top]
-    while ancestors[-1] != os.path.dirname(ancestors[-1]):
-        ancestors.append(os.path.dirname(ancestors[-1]))
-    for path in reversed(ancestors):
-        on_path[_dir_identity(os.stat(path))] = path
-    tree = _Tree([], [], [])
-
-    def walk(path: str) -> None:
-        found = len(tree.files) + len(tree.links) + len(tree.empty_dirs)
-        try:
-            with os.scandir(path) as it:
-                entries = sorted(it, key=lambda e: e.name)
-        except OSError as e:
-            raise CrankError(f"cannot read directory {path}: {e.strerror or e}") from None
-        for entry in entries:
-            try:
-                st = entry.stat()  # through symlinks
-            except OSError:
-                continue  # a broken symlink
-            if stat.S_ISREG(st.st_mode):
-                tree.files.append(entry.path)
-            elif stat.S_ISDIR(st.st_mode):
-                identity = _dir_identity(st)
-                if identity in on_path:
-                    tree.links.append((entry.path, os.path.relpath(on_path[identity], path)))
-                    continue
-                on_path[identity] = entry.path
-                walk(entry.path)
-                del on_path[identity]
-        if len(tree.files) + len(tree.links) + len(tree.empty_dirs) == found:
-            tree.empty_dirs.append(path)
-
-    walk(top)
-    return tree
-
-
-def _link_text(link: str, real: str) -> str:
-    """The target text of ``link`` when it leads to ``real`` inside a task too (made there
-    alone, without the links it may pass through locally), else ``real``."""
-    text = os.readlink(link)
-    parent = os.path.dirname(link)
-    direct = os.path.normpath(os.path.join(parent, text)) == real and os.path.realpath(parent) == parent
-    return text if direct else real
-
-
-def _dir_identity(st: os.stat_result) -> tuple[int, int]:
-    return (st.st_dev, st.st_ino)
 
 
 def _wait_all(futures: dict) -> dict:

@@ -24,11 +24,11 @@ import tes
 
 from ...errors import BackendUnavailable, CrankError
 from ...staging.digest import sha256_file
+from ...staging import tree
 from ...staging.stage import Stager
 from ...task import Adopted, Capacity, Kind, State, TaskResult, TaskSpec
 from ..adoption import Orphan, Orphans, key_of, products_id
-from ..paths import under
-from . import layout, sources
+from . import layout, script, sources
 from .api import TesApi
 from .http import HttpError
 from .monitor import LISTED_STATES, Monitor
@@ -110,20 +110,23 @@ def to_tes_task(
     source_set: Optional[Tuple[str, str]] = None,
 ) -> tes.Task:
     """The TES task for ``task`` whose inputs are ``staged``; products go to ``out_url``;
-    ``source_set``: (digest, URL) of the archive of the workflow's sources (``layout``)."""
+    ``source_set``: (digest, URL) of the archive of the workflow's sources (``script``). Each
+    input the server fetches goes straight to its own path, inside the writable volumes."""
     inputs, seen = [], set()
     for s in staged:
-        path = layout.container_path(s)
-        if not s.fetched or path in seen:
+        if not s.fetched or s.path in seen:
             continue
-        seen.add(path)
-        inputs.append(tes.Input(url=s.url, path=path, type="DIRECTORY" if s.directory else "FILE"))
-    dirs = layout.input_dirs(task)
-    script = layout.wrapper_script(task, staged, dirs, source_set[0] if source_set else "")
+        seen.add(s.path)
+        inputs.append(tes.Input(url=s.url, path=s.path, type="DIRECTORY" if s.remote_dir else "FILE"))
+    volumes = layout.volumes(
+        layout.needed_dirs(task, staged) + (layout.source_dirs(task) if source_set else [])
+    )
+    text = script.wrapper_script(task, staged, volumes, source_set[0] if source_set else "")
     if source_set:
         inputs.append(tes.Input(url=source_set[1], path=f"{layout.IN}/{source_set[0]}", type="FILE"))
-    inputs.append(tes.Input(path=layout.WRAPPER, content=script, type="FILE"))
+    inputs.append(tes.Input(path=layout.WRAPPER, content=text, type="FILE"))
     inputs.append(tes.Input(path=layout.COMMAND, content=task.script, type="FILE"))
+    inputs.append(tes.Input(path=layout.PLACED, content=script.placed_list(task, staged), type="FILE"))
     executor = tes.Executor(
         image=task.image,
         command=["/bin/sh", layout.WRAPPER],
@@ -142,9 +145,7 @@ def to_tes_task(
         ],
         resources=resources_of(task),
         executors=[executor],
-        volumes=layout.volumes(
-            layout.needed_dirs(task, staged) + (layout.source_dirs(task) if source_set else [])
-        ),
+        volumes=volumes,
         tags=dict(tags),
     )
 
@@ -349,7 +350,7 @@ class TesBackend:
     def _stage_and_create(self, sub: _Submission) -> None:
         try:
             staged = self._stage(sub.task)
-            sub.digests = tuple(s.digest for s in staged)
+            sub.digests = tuple(s.digest for s in staged if s.digest)
             tags = {**self.tags, TAG_JOB: f"{sub.task.job_id}-{sub.task.attempt}",
                     TAG_RULE: sub.task.label, TAG_SUBMISSION: sub.tag,
                     TAG_KEY: self._key(sub.task), TAG_PRODUCTS: products_id(sub.task)}
@@ -372,20 +373,21 @@ class TesBackend:
         # Snakemake checks a job's inputs before it hands the job over; a local path missing
         # here is a workflow source it lists but nothing made (e.g. a wrapper's
         # environment.yaml): on Docker a missing path is simply not there either
-        local = [i for i in task.inputs if not i.url and os.path.lexists(i.path)]
+        local = [i.path for i in task.inputs if not i.url and os.path.lexists(i.path)]
         for i in task.inputs:
             if i.url:
-                staged.append(layout.Staged(i.path, i.url, layout.url_digest(i.url),
-                                            directory=i.kind is Kind.DIRECTORY))
-        # an update() output is changed in place: its old content goes in too, as a copy
-        updated = [o.path for o in task.outputs if o.update and os.path.lexists(o.path)]
-        paths = [i.path for i in local] + updated
-        if paths:
-            for f in self.stager.stage(paths):
-                digest = f.url.rsplit("/", 1)[-1]
-                writable = any(under(f.path, u) for u in updated)
-                staged.append(layout.Staged(f.path, f.url, digest, link=f.link, writable=writable,
-                                            empty_dir=f.empty_dir, mode=f.mode))
+                staged.append(layout.Staged(i.path, i.url, remote_dir=i.kind is Kind.DIRECTORY))
+        # an update() output is changed in place: its old content goes in too
+        local += [o.path for o in task.outputs if o.update and os.path.lexists(o.path)]
+        if local:
+            entries = self.stager.stage(local)
+            for f in entries:
+                staged.append(layout.Staged(
+                    f.path, f.url, digest=f.url.rsplit("/", 1)[-1] if f.url else "", link=f.link,
+                    directory=f.directory, mode=f.mode, mtime_ns=f.mtime_ns))
+            # the directories on the way get the client's modes and times too, where they may
+            staged += [layout.Staged(a.path, directory=True, mode=a.mode, mtime_ns=a.mtime_ns, ancestor=True)
+                       for a in tree.ancestors([f.path for f in entries])]
         return staged
 
     def _source_set(self, paths: Tuple[str, ...]) -> Tuple[str, str]:

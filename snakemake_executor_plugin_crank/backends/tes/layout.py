@@ -1,50 +1,34 @@
-"""Where a task's files sit inside a TES container, and the script that sets them up.
+"""Where a task's files sit inside a TES container, and what its index of products says.
 
 Funnel (v0.11.12) compares mount paths as plain string prefixes and silently drops a mount
 whose path starts with another's (``/w/a.txt`` hides ``/w/a.txt.gz``, ``/w/out`` hides
 ``/w/outdir``, its own ``/tmp`` hides ``/tmpx``), and runs containers with a read-only root
-file system. So crank never mounts anything at the user's paths:
+file system. So crank mounts nothing at the user's paths; it asks for writable TES
+``volumes`` (the workdir and the directories of inputs and outputs, chosen so that no volume
+path is a string prefix of another) and has the server fetch each input file straight to its
+own path inside them: an input is never a mount, so no prefix can hide it (Funnel downloads an
+input to its path in the task's directory on the host, which is where the volume holding that
+path is mounted from). The script (``script``) then makes the rest as the client has it:
+directories, symlinks, modes and times.
 
-- every input file is a TES input at ``/crank/in/<64 hex>`` (its sha256, or the sha256 of its
-  URL when it already is remote): all the same length, so none prefixes another;
-- the user's paths are made by the task's script as symlinks to those (directories as real
-  directories of symlinked files), in writable TES ``volumes``: the workdir and the directories
-  of inputs and outputs, chosen so that no volume path is a string prefix of another;
-- an ``update()`` output that exists is staged like an input and *copied* to its path (the
-  command changes it in place; a link would point into a read-only input mount);
-- after the command, every product that exists is copied to ``/crank/out/p<NNNNNN>`` (after a
-  failed command only the rule's log files: nothing else of a failed job is used), with an
-  index of what was there and the command's exit code. The server uploads plain files only, so
-  the index also carries what an object cannot: each directory (empty ones included), each
-  file's and directory's mode, and each symlink (the product itself or one inside it), which
-  goes up as a file holding its target text; ``/crank/out`` is a DIRECTORY
-  output of the task. The script then exits 0, because Funnel uploads no output of a task whose
-  executor failed: the exit code travels in ``/crank/out/exit``;
-- an output with a ``url`` (an object the server writes itself) is copied instead to
-  ``/crank/put/p<NNNNNN>/<its name>``, only after a command that succeeded: that directory
-  is a DIRECTORY output to the object's parent URL, so the server uploads it straight to
-  the object, and uploads nothing (no error: a missing FILE output would be one) when the
-  job failed or did not make it.
-
-The workflow's sources (``TaskSpec.sources``) come as one archive input (``sources``), the
-same for every task of a run, unpacked under ``/tmp/.crank-sources``; the script links each
-path that nothing else put there (a declared input wins) to its file, never at a product's
-path (a product stays writable). An image without tar runs without them, saying so.
+crank's own files use fixed-length paths under ``/crank``: the script and the command in
+``/crank/in``, the products in ``/crank/out`` (a DIRECTORY output), each ``p<NNNNNN>`` with an
+index of what they are (the server uploads plain files only); an output with a ``url`` (an
+object the server writes itself) goes to ``/crank/put/p<NNNNNN>/<its name>``, a DIRECTORY output
+to the object's parent URL.
 
 Pure functions: no I/O, no TES client.
 """
 
 from __future__ import annotations
 
-import hashlib
 import posixpath
 import re
-import shlex
-from dataclasses import dataclass
-from typing import Dict, Iterable, List, Sequence, Set, Tuple
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 from ...errors import CrankError
-from ...task import FILE_LAUNCHER, Kind, TaskSpec
+from ...task import TaskSpec
 from ..paths import under
 
 ROOT = "/crank"
@@ -67,27 +51,8 @@ def product_name(n: int) -> str:
 
 
 SOURCES = "/tmp/.crank-sources"
-
-
-def source_lines(task: TaskSpec, digest: str) -> List[str]:
-    """The script's lines that unpack the workflow's sources (the archive input named
-    ``digest``) and link them into place."""
-    q = shlex.quote
-    products = "|".join(q(p.path) for p in task.products)
-    return [
-        "if command -v tar >/dev/null 2>&1; then",
-        f"  mkdir -p {SOURCES} && tar -xf {IN}/{digest} -C {SOURCES} "
-        "|| crank_fail 'cannot unpack the workflow sources'",
-        "  while IFS= read -r crank_line; do",
-        '    crank_n=${crank_line%% *}; crank_p=${crank_line#* }',
-        *([f'    case "$crank_p" in {products}) continue;; esac'] if products else []),
-        '    if [ ! -e "$crank_p" ] && [ ! -L "$crank_p" ]; then',
-        '      { [ -d "${crank_p%/*}" ] || mkdir -p "${crank_p%/*}"; } && '
-        f'ln -s {SOURCES}/"$crank_n" "$crank_p" || crank_fail \'cannot link a workflow source\'',
-        "    fi",
-        f"  done < {SOURCES}/manifest",
-        "else echo 'crank: the image has no tar: the workflow sources are not in place' >&2; fi",
-    ]
+# what crank put in place, for the script to tell from what the job made (``script``)
+PLACED = "/crank/in/placed"
 
 
 def source_dirs(task: TaskSpec) -> List[str]:
@@ -103,36 +68,6 @@ def url_parent(url: str) -> Tuple[str, str]:
     """(the URL of an object's parent, the object's name)."""
     parent, _, name = url.rpartition("/")
     return parent, name
-
-
-def url_digest(url: str) -> str:
-    return hashlib.sha256(url.encode()).hexdigest()
-
-
-# Copies product $1 to $2 (in OUT) and writes its index lines. A symlink, the product itself
-# or one inside it, goes up as a file holding its target text (the server would follow it, or
-# fail on a dangling one). Modes are read where stat(1) exists (busybox and coreutils have it):
-# without it a product still comes back, with the usual modes.
-COLLECT = f"""crank_collect() {{
-  if [ -L "$1" ]; then t=$(readlink "$1") && printf '%s' "$t" > "$2" && echo "l $2 ." >> {INDEX}
-  elif [ -d "$1" ]; then
-    cp -RP "$1" "$2" && echo "d $2" >> {INDEX} && (cd "$2" && find . -type d) | sed "s|^|s $2 |" >> {INDEX} || return 1
-    (cd "$1" && find . ! -type l -exec stat -c "m $2 %a %n" {{}} + >> {OUT}/{INDEX}) 2>/dev/null
-    (cd "$2" && find . -type l) | while IFS= read -r l; do
-      t=$(readlink "$2/$l") && rm "$2/$l" && printf '%s' "$t" > "$2/$l" && echo "l $2 $l" >> {INDEX} || exit 1
-    done
-  elif [ -e "$1" ]; then
-    cp "$1" "$2" && echo "f $2" >> {INDEX} && {{ stat -c "m $2 %a ." "$1" >> {INDEX} 2>/dev/null; true; }}
-  fi
-}}"""
-
-
-@dataclass(frozen=True)
-class Link:
-    """A user path (``path``) that the script makes as a symlink to ``target``."""
-
-    path: str
-    target: str
 
 
 def _common(a: str, b: str) -> str:
@@ -195,95 +130,31 @@ def volumes(dirs: Iterable[str]) -> List[str]:
 
 @dataclass(frozen=True)
 class Staged:
-    """One file the container reads: the user's path, and where it comes from."""
+    """One entry a task holds for its inputs, at the user's path ``path``: fetched by the
+    server (``url``), or made by the script as a directory (``directory``) or a symlink
+    (``link``)."""
 
-    path: str  # the user's path (a file; or a directory when ``directory``)
-    url: str
-    digest: str  # names its container path
-    directory: bool = False  # a remote directory passed as one TES DIRECTORY input
-    writable: bool = False  # the old content of an update() output: copied, not linked
-    link: str = ""  # not a TES input: the script makes ``path`` a symlink to this (see staging)
-    empty_dir: bool = False  # not a TES input: the script makes ``path`` an empty directory
-    mode: int = 0  # a local file's permission bits: an executable one is copied with them
+    path: str
+    url: str = ""  # fetched to ``path``: a file, or a directory of objects when ``remote_dir``
+    digest: str = ""  # the sha256 of a local file's content (its object under cas/)
+    remote_dir: bool = False
+    link: str = ""  # a symlink with this target text
+    directory: bool = False
+    # the client's permission bits and modification time; None for a remote input (the
+    # server's object carries neither)
+    mode: Optional[int] = None
+    mtime_ns: int = 0
+    ancestor: bool = False  # a directory on the way to the others: its mode and time if it may
 
     @property
     def fetched(self) -> bool:
-        """The server fetches it into ``container_path``; else the script makes it."""
-        return not (self.link or self.empty_dir)
-
-
-def container_path(staged: Staged) -> str:
-    return f"{IN}/{staged.digest}"
+        return bool(self.url)
 
 
 def log_names(task: TaskSpec) -> Set[str]:
     """Product names of the rule's log files (the products a failed job brings back)."""
     first = len(task.outputs)
     return {product_name(n) for n in range(first, first + len(task.logs))}
-
-
-def wrapper_script(task: TaskSpec, staged: Sequence[Staged], local_dirs: Sequence[str],
-                   sources: str = "") -> str:
-    """The POSIX sh script the executor runs (from ``WRAPPER``)."""
-    q = shlex.quote
-    lines = [
-        "# crank: make the user's paths, run the command, collect the products",
-        "set -u",
-        "crank_fail() { echo \"crank: $*\" >&2; exit 70; }",
-        COLLECT,
-    ]
-    made: Set[str] = set()
-
-    def mkdir(d: str) -> None:
-        if d not in made:
-            made.add(d)
-            lines.append(f"mkdir -p {q(d)} || crank_fail 'cannot create a directory'")
-
-    mkdir(task.workdir)
-    links = {s.path for s in staged if s.link}
-    for d in local_dirs:
-        if d not in links:  # a symlink to a directory stays one
-            mkdir(d)
-    for n, product in enumerate(task.products):
-        mkdir(posixpath.dirname(product.path))
-        if product.url:
-            mkdir(upload_dir(n))
-    for s in staged:
-        mkdir(posixpath.dirname(s.path))
-        if s.empty_dir:
-            mkdir(s.path)
-            continue
-        if (s.writable or s.mode & 0o111) and not s.link:
-            # a link into the read-only input mount could be neither changed nor executed
-            chmod = f" && chmod {s.mode:o} {q(s.path)}" if s.mode else ""
-            lines.append(f"cp {container_path(s)} {q(s.path)}{chmod} || crank_fail 'cannot copy an input'")
-            continue
-        target = q(s.link) if s.link else container_path(s)
-        lines.append(f"ln -sfn {target} {q(s.path)} || crank_fail 'cannot link an input'")
-    if sources:  # after the inputs: a declared input wins
-        lines += source_lines(task, sources)
-    lines.append(f"cd {q(task.workdir)} || crank_fail 'cannot enter the workdir'")
-    # the same launcher as on Docker, reading the command from a file (no argv limit)
-    lines.append(f"/bin/sh -c {q(FILE_LAUNCHER)} crank {COMMAND}")
-    lines.append("crank_code=$?")
-    lines.append(f"cd {OUT} || crank_fail 'no {OUT}'")
-    lines.append(f": > {INDEX}")
-    logs = log_names(task)
-    for n, product in enumerate(task.products):
-        name, p = product_name(n), q(product.path)
-        if product.url:
-            # the server uploads it to its object: only what a job that succeeded made
-            put = q(f"{upload_dir(n)}/{url_parent(product.url)[1]}")
-            lines.append(
-                f"if [ \"$crank_code\" = 0 ] && [ -f {p} ]; then cp -L {p} {put} || crank_fail 'cannot collect {n}'; fi"
-            )
-            continue
-        # a failed job's logs come back; its other products would be removed anyway
-        collect = f"crank_collect {p} {name} || crank_fail 'cannot collect {n}'"
-        lines.append(collect if name in logs else f"if [ \"$crank_code\" = 0 ]; then {collect}; fi")
-    lines.append(f"echo \"$crank_code\" > {EXIT}")
-    lines.append("exit 0")
-    return "\n".join(lines) + "\n"
 
 
 @dataclass
@@ -294,6 +165,15 @@ class Index:
     subdirs: Dict[str, List[str]]  # every directory in a directory product ('.' itself)
     links: Dict[str, List[str]]  # symlinks in a directory product; their files hold the target
     modes: Dict[str, Dict[str, int]]  # permission bits of each file and directory ('.' itself)
+    # (owner, name, link): ``name`` (q<N>) holds what the link ``link`` of ``owner`` (a product,
+    # or another such name) leads to, which the job made in the workdir
+    companions: List[Tuple[str, str, str]] = field(default_factory=list)
+    # (owner, link): a link whose target the job made outside the workdir
+    outside: List[Tuple[str, str]] = field(default_factory=list)
+
+
+COMPANION = re.compile(r"q[0-9]{6}")
+NAME = re.compile(r"[pq][0-9]{6}")
 
 
 def read_index(text: str) -> Index:
@@ -318,6 +198,15 @@ def read_index(text: str) -> Index:
                 index.modes.setdefault(name, {})[_inside(sub)] = int(mode, 8) & 0o7777
             except ValueError:
                 raise CrankError(f"the task's index holds a mode that is not octal: {mode!r}") from None
+        elif kind == "c":
+            owner, _, rest = rest.partition(" ")
+            name, _, sub = rest.partition(" ")
+            if not (NAME.fullmatch(owner) and COMPANION.fullmatch(name)):
+                raise CrankError(f"the task's index names an unknown product: {line[:80]!r}")
+            index.companions.append((owner, name, _inside(sub)))
+        elif kind == "w":
+            owner, _, sub = rest.partition(" ")
+            index.outside.append((owner, _inside(sub)))
     return index
 
 
@@ -328,14 +217,10 @@ def _inside(sub: str) -> str:
     return sub
 
 
-def input_dirs(task: TaskSpec) -> List[str]:
-    """Local directory inputs: the script makes them as real directories."""
-    return [i.path for i in task.inputs if i.kind is Kind.DIRECTORY and not i.url]
-
-
 def needed_dirs(task: TaskSpec, staged: Sequence[Staged]) -> List[str]:
+    """The directories the task writes in: where its inputs are fetched or made (not the
+    directories on the way to them), and where its products go."""
     dirs = {task.workdir}
-    dirs |= {posixpath.dirname(s.path) for s in staged}
+    dirs |= {posixpath.dirname(s.path) for s in staged if not s.ancestor}
     dirs |= {posixpath.dirname(p.path) for p in task.products}
-    dirs |= {posixpath.dirname(d) for d in input_dirs(task)}
     return sorted(dirs)

@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import stat
-from typing import Collection, Iterable, Mapping, Optional, Sequence
+from typing import Collection, Iterable, Optional, Sequence
 
 import tes
 
-from ...staging.install import install, install_link
 from ...staging.stage import Stager
 from ...task import TaskResult, TaskSpec
 from ..logs import save_logs
-from . import layout
+from . import layout, products
 
 
 class Collector:
@@ -56,9 +54,9 @@ class Collector:
                                   reason="the task came back without its exit code (TES state COMPLETE)",
                                   stderr_tail=tail, log_files=files, seconds=seconds)
             # a failed job's own log files come back too (run.sh collected only those)
-            self._install(tmp, task, None if code == 0 else layout.log_names(task))
+            warnings = products.install_all(tmp, task, None if code == 0 else layout.log_names(task))
             return TaskResult(ok=code == 0, exit_code=code, stderr_tail=tail, log_files=files,
-                              seconds=seconds)
+                              seconds=seconds, reason="; ".join(warnings) or None)
         finally:
             if tmp:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -82,68 +80,6 @@ class Collector:
             return dest
         os.rmdir(dest)
         return None
-
-    def _install(self, tmp: str, task: TaskSpec, only: Optional[Collection[str]] = None) -> None:
-        """Move every product the task made (of the names in ``only``, when given) into
-        place."""
-        try:
-            with open(os.path.join(tmp, layout.INDEX)) as f:
-                index = layout.read_index(f.read())
-        except FileNotFoundError:
-            index = layout.Index({}, {}, {}, {})
-        for n, product in enumerate(task.products):
-            name = layout.product_name(n)
-            kind = index.kinds.get(name)
-            if kind is None or (only is not None and name not in only):
-                continue  # not made: Snakemake reports missing outputs itself
-            src = os.path.join(tmp, name)
-            if kind == "l":
-                install_link(_link_target(src), product.path)
-                continue
-            if kind == "d":
-                os.makedirs(src, exist_ok=True)
-                for sub in index.subdirs.get(name, []):
-                    os.makedirs(os.path.join(src, sub), exist_ok=True)
-            _restore(src, index.links.get(name, []), index.modes.get(name, {}))
-            install(src, product.path)
-
-
-def _restore(root: str, links: Sequence[str], modes: Mapping[str, int]) -> None:
-    """Turn the files standing for symlinks back into symlinks and give every file and
-    directory its mode, below the downloaded product ``root``. The index comes from the task:
-    nothing is changed through a symlink (a path whose real path is not itself) or outside
-    ``root``; directories last, deepest first, so a read-only one is filled before."""
-    root = os.path.realpath(root)
-
-    def plain(sub: str, kind: int) -> Optional[str]:
-        path = os.path.normpath(os.path.join(root, sub))
-        try:
-            is_kind = stat.S_IFMT(os.lstat(path).st_mode) == kind
-        except OSError:
-            return None
-        return path if is_kind and os.path.realpath(path) == path else None
-
-    directories = {sub: mode for sub, mode in modes.items() if plain(sub, stat.S_IFDIR)}
-    for sub, mode in modes.items():
-        path = plain(sub, stat.S_IFREG)
-        if path and sub not in links:
-            os.chmod(path, mode)
-    for sub in links:
-        path = plain(sub, stat.S_IFREG)
-        if path:
-            target = _link_target(path)
-            os.unlink(path)
-            os.symlink(target, path)
-    for sub in sorted(directories, key=lambda s: -s.count("/") - (s != ".")):
-        path = plain(sub, stat.S_IFDIR)
-        if path:
-            os.chmod(path, directories[sub])
-
-
-def _link_target(path: str) -> str:
-    """The target text of a symlink the task sent as a file holding it."""
-    with open(path, "rb") as f:
-        return os.fsdecode(f.read())
 
 
 def system_summary(lines: Sequence[str], limit: int = 3) -> str:
