@@ -4,12 +4,17 @@ crank (Docker, TES) as under Snakemake's local executor in an identical copy of 
 
 The features are those users combine: shell rules writing files (text or not, executable or
 not) and directories (with symlinks, empty directories), ``update()``, ``temp()``,
-``protected()``, ``touch()``, ``directory()``, symlink outputs, ``log:`` files, failing jobs,
-inputs outside the workdir and symlinks to them, names with spaces, quotes and non-ASCII
-letters, groups, checkpoints, and a second run after an edit (a source, an input outside the
-workdir, a file rewritten with its size and mtime kept, the Snakefile's code, an output
-removed) or with ``-F`` / ``-R``. A difference fails with the shrunk workflow's Snakefile, the
-steps and what differs.
+``protected()``, ``touch()``, ``directory()``, symlink outputs (to an input, or to a file or
+directory the job made, declared or not, also from inside a directory output), ``log:`` files,
+failing jobs, inputs outside the workdir and symlinks to them, names with spaces, quotes and
+non-ASCII letters, groups, checkpoints, shadow rules of every depth, and a second run after an
+edit (a source, an input outside the workdir, a file rewritten with its size and mtime kept,
+the Snakefile's code, an output removed) or with ``-F`` / ``-R``. Jobs look at what they were
+given (``LOOKS``): an archive of their inputs listed and extracted, copies with ``cp -a`` and
+``cp -P``, counts of files and links, ``test -L`` and ``stat``, and the times of the sources
+(which every copy of the workdir gets the same: fixed times), to the nanosecond with
+coreutils' ``ls`` and ``stat`` in an image that has them. A difference fails with the shrunk
+workflow's Snakefile, the steps and what differs.
 
 Each workflow runs once under the local executor and once on each backend the run selects
 (Docker; TES where Funnel runs and ``-m`` keeps it). ``CRANK_DIFF_EXAMPLES`` sets the number of
@@ -18,10 +23,12 @@ one; ``CRANK_DIFF_ALL=1`` draws the features of ``OPEN`` too.
 """
 
 import os
+import shlex
 import shutil
 import stat
 import subprocess
 import sys
+import time
 import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -31,7 +38,7 @@ import pytest
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
-from conftest import OnDocker, OnTes
+from conftest import SNAKEMAKE_IMAGE, OnDocker, OnTes
 
 EXAMPLES = int(os.environ.get("CRANK_DIFF_EXAMPLES") or 0)
 SEED = os.environ.get("CRANK_DIFF_SEED")
@@ -45,13 +52,21 @@ OPEN = {
 }
 
 # The simplest of each choice comes first: Hypothesis shrinks towards it.
-KINDS = ["file", "dir", "temp", "protected", "touch", "update", "symlink", "checkpoint", "temp_dir"]
+KINDS = ["file", "dir", "temp", "protected", "touch", "update", "symlink", "checkpoint", "temp_dir",
+         "made_link", "made_dir_link"]
 FILE_KINDS = ("file", "temp", "protected", "update")
-DIR_KINDS = ("dir", "checkpoint", "temp_dir")
+DIR_KINDS = ("dir", "checkpoint", "temp_dir", "made_dir_link")
+# outputs that are links to what the job made beside them (<output>.real)
+MADE_LINKS = ("made_link", "made_dir_link")
+# what a job does with its inputs besides reading them (see LOOK)
+LOOKS = ["none", "tar", "copy", "count", "kinds", "times", "ls"]
+SHADOWS = [None, "minimal", "shallow", "full", "copy-minimal"]
+SHADOW_KINDS = ("file", "dir", "temp", "protected")
 # data/ext.txt and data/extdir are symlinks to OUTSIDE/ref.txt and OUTSIDE/refdir; data/dir
 # holds a symlink to a file and one back to itself
 SOURCES = ["data/src.txt", "data/link.txt", "data/with space.txt", "data/dir", "OUTSIDE/ref.txt",
            "OUTSIDE/refdir", "data/ext.txt", "data/extdir", "data/tool.sh"]
+DIR_SOURCES = ("data/dir", "OUTSIDE/refdir", "data/extdir")
 NAMES = ["plain", "space", "nested", "odd"]
 EDITS = ["none", "append_src", "append_outside", "same_size_same_mtime", "code", "remove_output"]
 FLAGS = ["none", "forceall", "forcerun"]
@@ -71,6 +86,10 @@ class Rule:
     files: int = 1  # files a checkpoint writes
     executable: bool = False  # a file output made executable
     binary: bool = False  # a file output holds bytes that are not text
+    look: str = "none"  # of LOOKS: how the job inspects its inputs
+    shadow: Optional[str] = None  # of SHADOWS
+    declared_target: bool = False  # a MADE_LINKS output's target is an output too
+    link_out: bool = False  # a directory output holds a link to a file the job made beside it
 
 
 @dataclass(frozen=True)
@@ -86,7 +105,10 @@ class Workflow:
 @st.composite
 def workflows(draw, left_out=frozenset()):
     """``left_out``: features not to draw (OPEN)."""
-    kinds = [k for k in KINDS if not (k == "symlink" and "symlink_output" in left_out)]
+    kinds = [k for k in KINDS if not (k == "symlink" and "symlink_output" in left_out)
+             and not (k in MADE_LINKS and "made_links" in left_out)]
+    looks = [k for k in LOOKS if k == "none" or "looks" not in left_out]
+    shadows = [m for m in SHADOWS if m is None or "shadow" not in left_out]
     sources = [s for s in SOURCES if not (s == "data/extdir" and "linked_dir_input" in left_out)]
     n = draw(st.integers(1, 5))
     rules = []
@@ -96,23 +118,33 @@ def workflows(draw, left_out=frozenset()):
         deps = tuple(sorted(draw(st.sets(st.integers(0, i - 1), max_size=2)))) if i else ()
         exit_code = draw(st.sampled_from([0, 0, 0, 3]))
         directory = kind in DIR_KINDS
+        sources = tuple(sorted(draw(st.sets(st.sampled_from(sources), max_size=2))))
+        look = draw(st.sampled_from(looks)) if deps or sources else "none"
+        shadow = draw(st.sampled_from(shadows)) if kind in SHADOW_KINDS else None
         rules.append(Rule(
             kind=kind,
             name=draw(st.sampled_from(NAMES)),
             deps=deps,
-            sources=tuple(sorted(draw(st.sets(st.sampled_from(sources), max_size=2)))),
+            sources=sources,
             log=draw(st.booleans()),
             exit_code=exit_code,
             # A group fails, or never starts, as a whole under every remote executor
             # (Snakemake removes the outputs of all its jobs): the local executor, which runs no
             # groups, is no reference for a group with a failing job or one downstream of it.
-            group=None if exit_code or any(doomed[d] for d in deps)
+            # A shadow rule's group would run in --container-image, which the runs here leave
+            # to Snakemake's default (an image from a registry).
+            group=None if exit_code or shadow or any(doomed[d] for d in deps)
             else draw(st.sampled_from([None, "g1", "g2"])),
             link_in_dir=directory and "dir_links" not in left_out and draw(st.booleans()),
             empty_dir=directory and "empty_dirs" not in left_out and draw(st.booleans()),
             files=draw(st.integers(0, 3)) if kind == "checkpoint" else 1,
             executable=kind in FILE_KINDS and "executable" not in left_out and draw(st.booleans()),
             binary=kind in FILE_KINDS and draw(st.booleans()),
+            look=look,
+            shadow=shadow,
+            declared_target=kind in MADE_LINKS and draw(st.booleans()),
+            link_out=directory and kind != "made_dir_link" and "made_links" not in left_out
+            and draw(st.booleans()),
         ))
         doomed.append(bool(exit_code) or any(doomed[d] for d in deps))
     rules = convex_groups(rules)
@@ -153,16 +185,21 @@ def convex_groups(rules: list) -> tuple:
 def output_path(i: int, rule: Rule) -> str:
     stem = {"plain": f"out/r{i}", "space": f"out/r{i} x", "nested": f"out/deep/er/r{i}",
             "odd": f"out/r{i}-\u00fc 'q'"}[rule.name]
-    return stem + (".d" if rule.kind in DIR_KINDS else ".lnk" if rule.kind == "symlink" else ".txt")
+    return stem + (".d" if rule.kind in DIR_KINDS else ".lnk" if rule.kind in ("symlink", "made_link")
+                   else ".txt")
 
 
 def output_decl(i: int, rule: Rule) -> str:
     path = repr(output_path(i, rule))
     wrap = {"dir": "directory", "checkpoint": "directory", "temp": "temp", "protected": "protected",
-            "touch": "touch", "update": "update"}.get(rule.kind)
+            "touch": "touch", "update": "update", "made_dir_link": "directory"}.get(rule.kind)
     if rule.kind == "temp_dir":
         return f"temp(directory({path}))"
-    return f"{wrap}({path})" if wrap else path
+    decl = f"{wrap}({path})" if wrap else path
+    if rule.declared_target:  # the link's target, made by the job too
+        target = repr(output_path(i, rule) + ".real")
+        decl += f", directory({target})" if rule.kind == "made_dir_link" else f", {target}"
+    return decl
 
 
 # Writes every input to stdout: a file's name and content, a directory's sorted listing and the
@@ -176,15 +213,68 @@ DUMP = ('for f in {input:q}; do echo "== $f"; if [ -d "$f" ]; then '
 
 DUMP_MARK = "\0DUMP\0"
 
+# Lists the tree $1 the same way with busybox and coreutils: each path (sorted), its kind,
+# and a link's target text, or a directory's mode, or a file's mode, size and content.
+LIST = (
+    'crank_list() {{ find "$1" | LC_ALL=C sort | while IFS= read -r p; do '
+    'if [ -L "$p" ]; then echo "L $p -> $(readlink "$p")"; '
+    'elif [ -d "$p" ]; then echo "D $p $(stat -c %a "$p")"; '
+    'else echo "F $p $(stat -c %a "$p") $(wc -c < "$p")"; cat "$p"; echo; fi; done; }}; '
+)
+# Absolute paths into the workdir (shadow links) name each copy's own workdir: not compared.
+SAME_WORKDIR = "sed 's|/[^ ]*/wf/|WD/|g'"
+
+
+def look_of(i: int, rule: Rule, inputs: list, files: list, sources: list) -> str:
+    """The command rule ``i`` runs on its inputs for ``rule.look`` (output on stdout):
+    ``inputs`` all of them, ``files`` those that are not directories, ``sources`` those of the
+    workdir's fixed sources (their times are the same in every copy). Paths are quoted here:
+    they are literals of the Snakefile. Scratch directories are the rule's own (jobs run at
+    the same time in one workdir)."""
+    q = " ".join(shlex.quote(p) for p in inputs)
+    x, c, p = f".x{i}", f".c{i}", f".p{i}"
+    if rule.look == "tar":
+        # the listing's kind, mode, size, name and link target (owners and the format of
+        # times differ between tar programs); then the archive's bytes, extracted
+        return (f"tar cf - {q} 2>/dev/null | LC_ALL=C.UTF-8 tar tvf - | awk '{{{{$2=\"\"; $4=\"\"; $5=\"\"; print}}}}'"
+                f" | LC_ALL=C sort; rm -rf {x}; mkdir {x}; tar cf - {q} 2>/dev/null | tar xf - -C {x}; "
+                f"{LIST}crank_list {x}; rm -rf {x}")
+    if rule.look == "copy":
+        plain = " ".join(shlex.quote(f) for f in files)
+        copies = f"rm -rf {c} {p}; mkdir {c} {p}; cp -a {q} {c}/; {LIST}crank_list {c}"
+        if plain:
+            copies += f"; cp -P {plain} {p}/; crank_list {p}"
+        return copies + f"; rm -rf {c} {p}"
+    if rule.look == "count":
+        return (f"for f in {q}; do echo \"$f $(find \"$f\" -type f | wc -l) "
+                f"$(find \"$f\" -type l | wc -l)\"; done")
+    if rule.look == "kinds":
+        return (f"for f in {q}; do if test -L \"$f\"; then k=L; else k=-; fi; "
+                f"echo \"$k $(stat -c '%F %a' \"$f\") $f\"; done")
+    src = " ".join(shlex.quote(f) for f in sources)
+    if rule.look == "times" and sources:
+        # whole seconds: what busybox's stat shows
+        return (f"for f in {src}; do find \"$f\" | LC_ALL=C sort | while IFS= read -r p; do "
+                f"stat -c '%Y %n' \"$p\"; done; done")
+    if rule.look == "ls" and sources:
+        # coreutils (the rule's image has them): ls's times, and stat's to the nanosecond
+        return (f"ls -l --time-style=+%s {src} | grep -v '^total' | awk '{{{{$2=\"\"; $3=\"\"; $4=\"\"; print}}}}'; "
+                f"for f in {src}; do find \"$f\" | LC_ALL=C sort | while IFS= read -r p; do "
+                f"stat -c '%.9Y %n' \"$p\"; done; done")
+    return "true"
+
 
 def shell_expression(command: str) -> str:
     """The command as a Python expression of the Snakefile, DUMP spelled once at its top."""
     return " + DUMP + ".join(repr(part) for part in command.split(DUMP_MARK))
 
 
-def shell_of(i: int, rule: Rule, version: int) -> str:
+def shell_of(i: int, rule: Rule, version: int, look: str = "true") -> str:
+    """``look``: the rule's command on its inputs (look_of)."""
     mark = f"echo r{i}-{version}"
     dump = DUMP_MARK if (rule.deps or rule.sources) else "true"
+    if look != "true":
+        dump = f"( {dump}; ( {look} ) | {SAME_WORKDIR} )"
     steps = []
     if rule.log:
         steps.append(f"echo log-r{i} > {{log:q}}")
@@ -205,13 +295,22 @@ def shell_of(i: int, rule: Rule, version: int) -> str:
     elif rule.kind == "checkpoint":
         steps += ["mkdir -p {output:q}", f"{dump} > {{output:q}}/inputs.log"]
         steps += [f"{mark}-{n} > {{output:q}}/{n}.txt" for n in range(rule.files)]
+    elif rule.kind == "made_link":  # a link to a file the job made beside it
+        steps += [f"( {dump}; {mark} ) > {{output[0]:q}}.real",
+                  'ln -s "$(basename {output[0]:q}).real" {output[0]:q}']
+    elif rule.kind == "made_dir_link":  # ... to a directory it made
+        steps += ["mkdir -p {output[0]:q}.real/sub", f"{dump} > {{output[0]:q}}.real/sub/content",
+                  f"{mark} > {{output[0]:q}}.real/top.txt",
+                  'ln -s "$(basename {output[0]:q}).real" {output[0]:q}']
     if rule.empty_dir:
-        steps.append("mkdir {output:q}/empty")
+        steps.append("mkdir {output[0]:q}/empty")
     if rule.executable:
         steps.append("chmod 755 {output:q}")
     if rule.link_in_dir:
-        steps.append("ln -s top.txt {output:q}/alias" if rule.kind != "checkpoint"
+        steps.append("ln -s top.txt {output[0]:q}/alias" if rule.kind != "checkpoint"
                      else "ln -s inputs.log {output:q}/alias.txt")
+    if rule.link_out:  # a link from inside the directory to a file the job made beside it
+        steps += ["echo side > {output[0]:q}.side", 'ln -s "../$(basename {output[0]:q}).side" {output[0]:q}/side']
     if rule.exit_code:
         steps.append(f"exit {rule.exit_code}")
     return "; ".join(steps)
@@ -240,7 +339,15 @@ def snakefile(wf: Workflow, outside: Path) -> str:
             lines.append(f"    log: 'logs/r{i}.log'")
         if rule.group:
             lines.append(f"    group: {rule.group!r}")
-        lines += [f"    shell: {shell_expression(shell_of(i, rule, wf.version))}", ""]
+        if rule.shadow:
+            lines.append(f"    shadow: {rule.shadow!r}")
+        if rule.shadow or rule.look == "ls":  # Snakemake, or coreutils, in the image
+            lines.append(f"    container: {SNAKEMAKE_IMAGE!r}")
+        files = [output_path(d, wf.rules[d]) for d in rule.deps if wf.rules[d].kind not in DIR_KINDS]
+        files += [s.replace("OUTSIDE", str(outside)) for s in rule.sources if s not in DIR_SOURCES]
+        own = [s.replace("OUTSIDE", str(outside)) for s in rule.sources]
+        look = look_of(i, rule, static, files, own) if not checkpoints else "true"
+        lines += [f"    shell: {shell_expression(shell_of(i, rule, wf.version, look))}", ""]
     return "\n".join(lines)
 
 
@@ -260,8 +367,13 @@ def make_sources(workdir: Path, outside: Path) -> None:
     (data / "tool.sh").chmod(0o755)
     (data / "dir" / "to-a").symlink_to("a.txt")
     (data / "dir" / "sub" / "up").symlink_to("..")  # a loop, for programs that follow links
+    (data / "dir" / "sub" / "gone").symlink_to("nowhere")  # dangling
+    (data / "dir" / "ping").symlink_to("pong")  # a cycle of links
+    (data / "dir" / "pong").symlink_to("ping")
+    (data / "dir" / "empty").mkdir()
     (data / "ext.txt").symlink_to(outside / "ref.txt")
     (data / "extdir").symlink_to(outside / "refdir")
+    fixed_times(data)
 
 
 def make_outside(outside: Path) -> None:
@@ -270,6 +382,16 @@ def make_outside(outside: Path) -> None:
     (outside / "refdir" / "x.txt").write_text("x\n")
     (outside / "refdir" / "deep" / "y.txt").write_text("y\n")
     (outside / "refdir" / "to-x").symlink_to("x.txt")
+    fixed_times(outside)
+
+
+def fixed_times(top: Path) -> None:
+    """Every path below ``top`` (and itself) gets a modification time of its own that is the
+    same in every copy of the workdir (nanoseconds included), directories last."""
+    paths = sorted(top.rglob("*"), key=lambda p: (-len(p.parts), str(p))) + [top]
+    for n, path in enumerate(paths):
+        ns = 1_500_000_000_000_000_000 + n * 86_400_123_456_789
+        os.utime(path, ns=(ns, ns), follow_symlinks=False)
 
 
 def seed_outputs(workdir: Path, wf: Workflow) -> None:
@@ -280,11 +402,18 @@ def seed_outputs(workdir: Path, wf: Workflow) -> None:
             path.write_text("old\n")
 
 
+# the time an edited source gets, the same in both copies (jobs show the times of sources)
+EDITED_AT = {}
+
+
 def edit(workdir: Path, outside: Optional[Path], wf: Workflow) -> None:
     """The edit between the two runs (outside: only by the first caller, it is shared)."""
     if wf.edit == "append_src":
         with open(workdir / "data" / "src.txt", "a") as f:
             f.write("edited\n")
+        # newer than the first run's outputs, as an edit is, and the same in both copies
+        ns = EDITED_AT.setdefault(wf, time.time_ns())
+        os.utime(workdir / "data" / "src.txt", ns=(ns, ns))
     elif wf.edit == "append_outside" and outside is not None:
         with open(outside / "ref.txt", "a") as f:
             f.write("edited\n")
@@ -494,6 +623,39 @@ FOUND_ON_TES = {
     # an executable input, alone or in a directory input, was not executable in the job
     "executable_input": Workflow(rules=(Rule(sources=("data/dir", "data/tool.sh")),)),
 }
+
+
+# Every feature the generator draws for jobs that look at what they were given and made,
+# drawn here once each, whatever the series draws: a CI run sees them all on both backends.
+FEATURES = {
+    # archives, copies, counts, kinds and times of files, links and directories, inside the
+    # workdir and outside; outputs that are links to what the job made, declared or not, and
+    # a link from inside a directory output to a file the job made beside it
+    "looks": Workflow(rules=(
+        Rule(sources=("data/dir", "data/link.txt"), look="tar"),
+        Rule(kind="made_link", sources=("OUTSIDE/ref.txt", "data/extdir"), look="copy"),
+        Rule(kind="dir", name="space", deps=(0, 1), sources=("data/with space.txt",), look="count",
+             link_out=True),
+        Rule(kind="made_dir_link", deps=(2,), sources=("data/ext.txt", "data/tool.sh"), look="kinds",
+             declared_target=True),
+        Rule(kind="made_link", deps=(3,), sources=("OUTSIDE/refdir", "data/dir"), look="times",
+             declared_target=True),
+        Rule(kind="made_dir_link", name="odd", deps=(1,), sources=("data/dir", "data/link.txt"), look="ls"),
+    )),
+    # every shadow depth, each job looking at its inputs as the shadow directory shows them
+    "shadows": Workflow(rules=(
+        Rule(sources=("data/dir", "data/link.txt"), look="tar", shadow="minimal"),
+        Rule(kind="dir", sources=("data/src.txt", "data/extdir"), look="kinds", shadow="shallow"),
+        Rule(kind="protected", deps=(0, 1), look="count", shadow="full"),
+        Rule(sources=("data/link.txt", "data/tool.sh"), deps=(0,), look="copy", shadow="copy-minimal"),
+    )),
+}
+
+
+@pytest.mark.docker
+@pytest.mark.parametrize("name", sorted(FEATURES))
+def test_features(backends, tmp_path, name):
+    check_same_as_local(tmp_path, FEATURES[name], backends)
 
 
 @pytest.mark.docker

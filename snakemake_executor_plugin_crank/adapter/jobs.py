@@ -24,6 +24,7 @@ from snakemake.io import is_flagged
 
 from .. import limits
 from ..errors import CrankError
+from ..staging import tree
 from ..task import Capacity, Input, Kind, Output, TaskSpec
 from . import command, resources
 
@@ -128,9 +129,16 @@ def task_env(threads: int, envvars: Mapping[str, str]) -> Mapping[str, str]:
     return env
 
 
-def _inputs(paths: Iterable[Any], urls: Mapping[str, str] = {}) -> Tuple[Input, ...]:
+def _inputs(paths: Iterable[Any], urls: Mapping[str, str] = {}, made: Collection[str] = ()) -> Tuple[Input, ...]:
+    """``made``: the outputs of the jobs of the task (a group's pipe() outputs are FIFOs its
+    own jobs make and read)."""
     found = []
     for path in map(os.path.abspath, map(str, paths)):
+        what = None if path in urls or path in made else tree.special(path)
+        if what:
+            # a job would wait on it for ever; the local executor too
+            raise CrankError(f"input {path} is {what}, not a file or directory a job can be given; "
+                             "give the job a regular file instead")
         kind = Kind.DIRECTORY if os.path.isdir(path) else Kind.FILE
         found.append(Input(path, kind, url=urls.get(path)))
     return tuple(found)
@@ -317,7 +325,8 @@ def snakemake_task(job: Any, ctx: JobContext) -> TaskSpec:
             # Snakemake writes caches under $HOME, which an unknown uid lacks
             "HOME": CONTAINER_TMPDIR,
         },
-        inputs=_inputs([*(f for j in singles for f in j.input), *ctx.sources]),
+        inputs=_inputs([*(f for j in singles for f in j.input), *ctx.sources],
+                       made={os.path.abspath(str(f)) for j in singles for f in j.output}),
         outputs=_outputs((f for j in singles for f in j.output), _read_later(singles)),
         logs=_outputs(f for j in singles for f in j.log),
         # Snakemake in the image measures and writes them

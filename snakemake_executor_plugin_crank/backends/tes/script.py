@@ -79,9 +79,11 @@ NORM = """crank_norm() {
   printf '%s\\n' "${crank_r:-/}"
 }"""
 
-# $1 was put in place by crank (it is, or lies in a directory crank made whole): not the
-# job's. Where grep fails, everything counts as crank's: nothing is sent.
+# $1 was put in place by crank (it is, or lies in a directory crank made whole, or is the
+# link to a workflow source): not the job's. Where grep fails, everything counts as crank's:
+# nothing is sent.
 PLACED_TEST = f"""crank_placed() {{
+  if [ -L "$1" ]; then case $(readlink "$1") in {SOURCES}/*) return 0;; esac; fi
   grep -Fxq -- "= $1" {PLACED} 2>/dev/null; [ $? -ne 1 ] && return 0
   crank_a=$1
   while crank_a=${{crank_a%/*}}; [ -n "$crank_a" ]; do
@@ -128,19 +130,19 @@ def _writable(path: str, volumes: Sequence[str]) -> bool:
 def placed_list(task: TaskSpec, staged: Sequence[Staged]) -> str:
     """The content of ``layout.PLACED``: ``= <path>`` for what crank put in place, each entry
     not inside a directory it made whole (their content is crank's as a whole: ``d <path>``),
-    the directories on the way, the sources and the directories of the products (paths with a
-    line break cannot be told and are left out: the host refuses what they would let pass)."""
+    the directories on the way and those of the products. Not the sources (the script tells
+    them by their links, so the task does not grow with a checkout's files), nor paths with a
+    line break: the host refuses whatever either would let pass."""
     dirs = {s.path for s in staged if s.directory and not s.ancestor}
     exact: Set[str] = {task.workdir}
     for s in staged:
         if posixpath.dirname(s.path) not in dirs:
             exact.add(s.path)
-    for p in [*task.sources, *(p.path for p in task.products), task.workdir]:
+    for p in [*(p.path for p in task.products), task.workdir]:
         d = posixpath.dirname(p)
         while d != "/" and d not in exact:
             exact.add(d)
             d = posixpath.dirname(d)
-    exact.update(task.sources)
     tops = {d for d in dirs if posixpath.dirname(d) not in dirs}
     lines = [f"= {p}" for p in sorted(exact)] + [f"d {p}" for p in sorted(tops)]
     return "".join(f"{line}\n" for line in lines if "\n" not in line)
