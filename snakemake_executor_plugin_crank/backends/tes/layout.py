@@ -218,9 +218,10 @@ def _inside(sub: str) -> str:
 
 
 def needed_dirs(task: TaskSpec, staged: Sequence[Staged]) -> List[str]:
-    """The directories the task writes in: where its inputs are fetched or made (not the
-    directories on the way to them), and where its products go."""
+    """The directories the task writes in: where its inputs are fetched or made (a
+    directory it makes itself; not the directories on the way to them), and where its
+    products go."""
     dirs = {task.workdir}
-    dirs |= {posixpath.dirname(s.path) for s in staged if not s.ancestor}
+    dirs |= {s.path if s.directory else posixpath.dirname(s.path) for s in staged if not s.ancestor}
     dirs |= {posixpath.dirname(p.path) for p in task.products}
     return sorted(dirs)
