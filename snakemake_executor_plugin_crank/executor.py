@@ -266,6 +266,7 @@ class Executor(RemoteExecutor):
             if outcome.ok and problem is None:
                 self.report_job_success(info)
             else:
+                await self._failed_logs(info.job, chain.tasks)
                 if outputs.ran_directly(chain.tasks):
                     await self._store_logs(info.job)
                 self._report_error(info, problem or outcome.message, outcome.log_files)
@@ -309,6 +310,12 @@ class Executor(RemoteExecutor):
         except Exception as e:  # the plugin's or Snakemake's message
             return f"{_label(job)}: storing its outputs failed: {e}"
         return None
+
+    async def _failed_logs(self, job, tasks) -> None:
+        try:
+            await outputs.failed_logs(job, tasks)
+        except OSError as e:  # the job's own failure is what gets reported
+            self.logger.warning(f"crank: cannot make the missing logs of job {job.jobid} ({e})")
 
     async def _store_logs(self, job) -> None:
         try:

@@ -607,6 +607,9 @@ FOUND = {
         Rule(kind="checkpoint", deps=(0,), sources=("data/src.txt",), log=True, group="g2",
              files=0),
         Rule(deps=(0, 2), group="g2"))),
+    # a job that failed before writing its log (here Snakemake cannot copy a directory input
+    # into a copy-minimal shadow directory): no log, where the local executor leaves it empty
+    "failed_without_log": Workflow(rules=(Rule(sources=("data/extdir",), log=True, shadow="copy-minimal"),)),
 }
 
 

@@ -157,6 +157,16 @@ async def _postprocess(job: Any, ignore: Any, workflow: Any, grouped: bool) -> N
     dag.handle_protected(job)
 
 
+async def failed_logs(job: Any, tasks: Sequence[TaskSpec]) -> None:
+    """The log files a failed job did not write are made empty, as Snakemake's local
+    executor leaves them (its main process skips this for a remote job): those of the jobs
+    whose tasks ran (a group's later jobs may never have started)."""
+    started = {t.job_id for t in tasks}
+    for single in single_jobs(job):
+        if not job.is_group() or str(single.jobid) in started:
+            await single.dag.handle_log(single)
+
+
 def touch_member_outputs(single: Any) -> None:
     """What the local executor has done to a job's outputs before the next job starts,
     for a later member of a group to see: its ``touch()`` outputs exist, and its directory
