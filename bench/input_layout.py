@@ -2,7 +2,7 @@
 
     python3 tests/services.py start   # SeaweedFS and Funnel, left running
     set -a; . ~/.cache/crank-test/s3.env; . ~/.cache/crank-test/tes.env; set +a
-    python3 bench/input_layout.py [--rounds 3] [--big-mib 1024] [--small 1000]
+    python3 bench/input_layout.py [--rounds 3] [--big-mib 1024] [--small 1000] [--image IMAGE]
 
 Two cases, each in a fresh directory: 1,000 inputs of 1 KiB, and 2 inputs of 1 GiB.
 
@@ -49,7 +49,6 @@ from snakemake_executor_plugin_crank.staging.stage import Stager  # noqa: E402
 from snakemake_executor_plugin_crank.staging.store import Store  # noqa: E402
 from snakemake_executor_plugin_crank.task import FILE_LAUNCHER, Input, TaskSpec  # noqa: E402
 
-IMAGE = "crank-test/busybox:1"
 # the command's first line: when it started, on the clock the host reads too
 COMMAND = "cat /proc/uptime"
 
@@ -148,7 +147,7 @@ def case(args, name: str, count: int, size: int) -> None:
             boot = boot_time()
             results = {"former": [], "new": []}
             try:
-                task = TaskSpec(name="layout", label="rule layout", job_id="1", attempt=1, image=IMAGE,
+                task = TaskSpec(name="layout", label="rule layout", job_id="1", attempt=1, image=args.image,
                                 script=COMMAND, workdir=workdir, inputs=tuple(Input(p) for p in paths),
                                 log_dir=os.path.join(root, "logs"))
                 staged = backend._stage(task)
@@ -191,9 +190,15 @@ def main() -> None:
     parser.add_argument("--small", type=int, default=1000, help="inputs of 1 KiB")
     parser.add_argument("--big-mib", type=int, default=1024, help="size of each of the 2 large inputs")
     parser.add_argument("--dir", default=None, help="where the inputs are written (default: a temporary directory)")
+    parser.add_argument("--image", default="crank-test/busybox:1",
+                        help="the tasks' image (busybox: touch and chmod run in its shell; coreutils: a process each)")
+    parser.add_argument("--cases", default="small,big", help="small (the 1 KiB inputs), big (the 2 large ones)")
     args = parser.parse_args()
-    case(args, f"{args.small} inputs of 1 KiB", args.small, 1024)
-    case(args, f"2 inputs of {args.big_mib} MiB", 2, args.big_mib << 20)
+    cases = args.cases.split(",")
+    if "small" in cases:
+        case(args, f"{args.small} inputs of 1 KiB", args.small, 1024)
+    if "big" in cases:
+        case(args, f"2 inputs of {args.big_mib} MiB", 2, args.big_mib << 20)
 
 
 if __name__ == "__main__":
