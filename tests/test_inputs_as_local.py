@@ -15,7 +15,7 @@ from snakemake_executor_plugin_crank.backends.tes import layout, products
 from snakemake_executor_plugin_crank.errors import CrankError
 from snakemake_executor_plugin_crank.task import Input, Output, TaskSpec
 
-from conftest import snakemake
+from conftest import tes_run
 
 
 def workdir_with(tmp_path: Path, snakefile: str) -> Path:
@@ -35,12 +35,12 @@ def assert_one_line_naming(done, *words):
     assert lines, done.stderr
 
 
-@pytest.mark.docker
-def test_a_fifo_input_fails_the_job_with_one_line_on_docker(docker_api, tmp_path):
-    """The local executor's job would wait on it for ever: crank's fails at once, saying why."""
+def test_a_fifo_input_fails_the_job_with_one_line(crank, tmp_path):
+    """The local executor's job would wait on it for ever: crank's fails at once, saying why,
+    on every backend."""
     workdir = workdir_with(tmp_path, FIFO.format(input="p"))
     os.mkfifo(workdir / "p")
-    done = snakemake(workdir, timeout=120)
+    done = crank.run(workdir, timeout=120)
     assert_one_line_naming(done, str(workdir / "p"), "is a FIFO")
     assert not (workdir / "n.txt").exists()
 
@@ -48,14 +48,12 @@ def test_a_fifo_input_fails_the_job_with_one_line_on_docker(docker_api, tmp_path
 @pytest.mark.tes
 def test_a_fifo_in_a_directory_input_fails_the_job_with_one_line_on_tes(tes, tmp_path):
     """Inside a directory input a FIFO cannot be sent either (nothing opens it: staging would
-    wait on it for ever); at the top level the same line as on Docker."""
-    from test_tes import crank
-
+    wait on it for ever). On Docker the job sees the directory as it is, as locally."""
     workdir = workdir_with(tmp_path, FIFO.format(input="d"))
     (workdir / "d").mkdir()
     (workdir / "d" / "a.txt").write_text("a\n")
     os.mkfifo(workdir / "d" / "p")
-    done = crank(tes, workdir, timeout=120)
+    done = tes_run(tes, workdir, timeout=120)
     assert_one_line_naming(done, str(workdir / "d" / "p"), "inside the directory", "is a FIFO")
     assert not (workdir / "n.txt").exists()
 
@@ -69,11 +67,9 @@ rule made_outside:
 
 @pytest.mark.tes
 def test_a_link_to_what_the_job_made_outside_the_workdir_comes_back_alone_with_a_warning(tes, tmp_path):
-    from test_tes import crank
-
     target = f"/tmp/crank-made-{uuid.uuid4().hex}"
     workdir = workdir_with(tmp_path, OUTSIDE.format(target=target))
-    done = crank(tes, workdir, timeout=120)
+    done = tes_run(tes, workdir, timeout=120)
     assert done.returncode == 0, done.stderr
     assert os.readlink(workdir / "out.d" / "l") == target and not os.path.exists(target)
     warned = [line for line in done.stderr.splitlines() if "which the job made outside the workdir" in line]
