@@ -19,7 +19,9 @@ workflow's Snakefile, the steps and what differs.
 Each workflow runs once under the local executor and once on each backend the run selects
 (Docker; TES where Funnel runs and ``-m`` keeps it). ``CRANK_DIFF_EXAMPLES`` sets the number of
 workflows (default 10); ``CRANK_DIFF_SEED`` draws another fixed series instead of the default
-one; ``CRANK_DIFF_ALL=1`` draws the features of ``OPEN`` too.
+one; ``CRANK_DIFF_ALL=1`` draws the features of ``OPEN`` too. ``FEATURES`` holds one fixed
+workflow with every way a job looks at its inputs, every kind of link a job makes and every
+shadow depth, so that each run sees them all whatever the series draws.
 """
 
 import os
@@ -58,7 +60,7 @@ FILE_KINDS = ("file", "temp", "protected", "update")
 DIR_KINDS = ("dir", "checkpoint", "temp_dir", "made_dir_link")
 # outputs that are links to what the job made beside them (<output>.real)
 MADE_LINKS = ("made_link", "made_dir_link")
-# what a job does with its inputs besides reading them (see LOOK)
+# what a job does with its inputs besides reading them (see look_of)
 LOOKS = ["none", "tar", "copy", "count", "kinds", "times", "ls"]
 SHADOWS = [None, "minimal", "shallow", "full", "copy-minimal"]
 SHADOW_KINDS = ("file", "dir", "temp", "protected")

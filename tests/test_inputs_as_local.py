@@ -155,3 +155,22 @@ def test_a_task_index_naming_an_unknown_product_is_refused():
     for line in ("c p000000 ../x .", "c ../p q000001 .", "c p000000 q000001 ../.."):
         with pytest.raises(CrankError):
             layout.read_index(line + "\n")
+
+
+def test_what_crank_placed_is_listed_by_tops_and_directories_made_whole():
+    """The task tells what the job made from what crank put there without a line per file of
+    a directory input (a task body must not grow with what a directory holds)."""
+    from snakemake_executor_plugin_crank.backends.tes.layout import Staged
+    from snakemake_executor_plugin_crank.backends.tes.script import _time, placed_list
+
+    task = TaskSpec(name="t", label="rule t", job_id="1", attempt=1, image="i", script="true",
+                    workdir="/w", outputs=(Output("/w/out/x"),))
+    staged = [Staged("/w/data/dir", directory=True, mode=0o755),
+              Staged("/w/data/dir/a", url="s3://b/cas/sha256/0", mode=0o644),
+              Staged("/w/data/dir/sub", directory=True, mode=0o755),
+              Staged("/w/data/src", url="s3://b/cas/sha256/1", mode=0o644),
+              Staged("/w/data/link", link="src"),
+              Staged("/w/data", directory=True, mode=0o755, ancestor=True)]
+    assert placed_list(task, staged).splitlines() == [
+        "= /w", "= /w/data", "= /w/data/dir", "= /w/data/link", "= /w/data/src", "= /w/out", "d /w/data/dir"]
+    assert _time(1_500_000_000_123_456_789) == "1500000000.123456789" and _time(-1) == "-0.000000001"

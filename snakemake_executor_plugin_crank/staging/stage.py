@@ -103,10 +103,6 @@ class StagedFile:
     mode: int = 0
     mtime_ns: int = 0
 
-    @property
-    def remote(self) -> bool:
-        return self.size < 0
-
 
 @dataclass
 class StageStats:

@@ -48,7 +48,8 @@ class Entry:
 @dataclass
 class Plan:
     entries: list[Entry] = field(default_factory=list)
-    # each local input: (its path, the path of its entry, which a directory input's manifest lists)
+    # each local input: (its path, the path of its entry: another where a symlinked
+    # directory on the way leads elsewhere)
     roots: list[tuple[str, str]] = field(default_factory=list)
 
     def files(self) -> list[Entry]:
