@@ -140,15 +140,28 @@ def test_gpu_wins_over_a_disagreeing_gres_with_a_warning():
     assert m.warnings == ("rule r: gpu=1 and gres=gpu:2 disagree; the task gets gpu=1 GPUs",)
 
 
-def test_gpu_model_alone_means_one_gpu_of_that_model():
-    res = mapped(gpu_model="a100").resources
-    assert (res.gpus, res.gpu_model) == (1, "a100")
-    assert mapped(gpu=3, gpu_model="h100").resources.gpus == 3
+def test_gpu_model_alone_asks_for_no_gpu_whatever_its_spelling():
+    # Snakemake's test_string_resources: the local executor runs it and the command reads it
+    for value in ("a100", "nvidia-tesla-1000", "anything at all!", "NVIDIA Tesla P100"):
+        res = mapped(gpu_model=value).resources
+        assert (res.gpus, res.gpu_model) == (0, None)
+    assert mapped(gpu=0, gpu_model="nvidia-tesla-p100").resources.gpus == 0
 
 
-def test_gpu_model_that_is_no_name_is_one_clear_line():
-    with pytest.raises(CrankError, match=r"^rule r: resource gpu_model='a 100' is not a GPU model"):
-        mapped(gpu_model="a 100")
+@pytest.mark.parametrize("spelling,model", [
+    ("a100", "a100"), ("nvidia-tesla-p100", "p100"), ("nvidia-tesla-t4", "t4"),
+    ("NVIDIA-L4", "l4"), ("nvidia-a100-80gb", "a100_80gb"), ("Tesla V100", "v100"),
+    ("nvidia_h100", "h100"), ("amd-mi250x", "mi250x"), ("tesla", "tesla"),
+])
+def test_gpu_model_of_other_executors_is_mapped_where_a_gpu_is_asked_for(spelling, model):
+    res = mapped(gpu=3, gpu_model=spelling).resources
+    assert (res.gpus, res.gpu_model) == (3, model)
+    assert mapped(gres=f"gpu:{spelling.replace('-', '_').replace(' ', '_')}:1").resources.gpu_model == model
+
+
+def test_gpu_model_that_is_no_name_is_one_clear_line_where_a_gpu_is_asked_for():
+    with pytest.raises(CrankError, match=r"^rule r: resource gpu_model='a/100' is not a GPU model"):
+        mapped(gpu=1, gpu_model="a/100")
 
 
 @pytest.mark.parametrize("name", ["nodes", "tasks", "tasks_per_node"])

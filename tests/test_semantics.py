@@ -174,6 +174,16 @@ def test_threads_capped_at_the_cores_given_as_locally(crank, tmp_path):
     assert crank.live(crank_dir) == []
 
 
+def test_gpu_model_of_another_executor_without_gpus_runs_as_locally(crank, tmp_path):
+    """Issue 34, item 5: gpu_model="nvidia-tesla-p100" and no gpu count asks for no GPU; the
+    job runs and its command reads the string, as locally."""
+    local, done, local_dir, crank_dir = both("semantics_gpu_model", tmp_path, crank=crank.run)
+    assert local.returncode == 0, local.stderr
+    assert done.returncode == 0, done.stderr
+    assert_same_files(local_dir, crank_dir)
+    assert (crank_dir / "model.txt").read_text() == "nvidia-tesla-p100\n"
+
+
 FROM_INPUT = (
     "--default-resources", "mem_mb=max(2*input.size, 1000.1)", "disk_mb=max(2*input.size, 1000.2)"
 )

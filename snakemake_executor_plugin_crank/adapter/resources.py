@@ -46,8 +46,10 @@ TABLE: Tuple[Row, ...] = (
     Row("gpu", "count", "GPUs", "number of GPUs; wins over a disagreeing `gres`"),
     Row("gres", "gres", "GPUs", "`gpu`, `gpu:N` or `gpu:model:N` -> N GPUs (1 without N) and "
         "the model; any other GRES is ignored"),
-    Row("gpu_model", "name", "GPU model", 'TES: `backend_parameters: {"gpu_model": ...}`; '
-        "Docker: not used; alone it means 1 GPU (as in the Slurm plugin)"),
+    Row("gpu_model", "name", "GPU model", "with `gpu` or `gres=gpu`: the model, in other "
+        "executors' spellings too (`nvidia-tesla-p100`, `NVIDIA A100` -> `p100`, `a100`); TES: "
+        '`backend_parameters: {"gpu_model": ...}`; Docker: not used; alone it asks for no GPU '
+        "and only reaches the command, as `{resources.gpu_model}`, as locally"),
     Row("nodes", "single", IGNORED, "1 is ignored; more than 1 is an error (one container runs "
         "on one machine)"),
     Row("tasks", "single", IGNORED, "1 is ignored; more than 1 (MPI ranks) is an error"),
@@ -68,7 +70,10 @@ ROWS: Dict[str, Row] = {row.name: row for row in TABLE}
 
 # Slurm's GRES syntax, as the Slurm plugin checks it: name[:type][:count[TGM]]
 GRES = re.compile(r"^[a-zA-Z0-9_]+(:[a-zA-Z0-9_.]+)?(:\d+[TGM]?)?$")
-GPU_MODEL = re.compile(r"^[a-zA-Z0-9_.]+$")
+GPU_MODEL = re.compile(r"^[a-z0-9_.]+$")
+# words of other executors' spellings that name no model: the Kubernetes and Google Batch
+# executors take accelerator types such as "nvidia-tesla-p100" or "nvidia-a100-80gb"
+GPU_VENDOR_WORDS = frozenset({"nvidia", "amd", "intel", "tesla"})
 
 
 def _unset(value: Any) -> bool:
@@ -156,11 +161,19 @@ def _gres(what: str, name: str, value: Any) -> Tuple[str, Optional[str], int]:
     return kind, model, int(str(count).rstrip("TGM"))
 
 
-def _name(what: str, name: str, value: Any) -> str:
-    text = str(value)
-    if not GPU_MODEL.match(text):
-        raise CrankError(f"{what}: resource {name}={value!r} is not a GPU model name (e.g. a100)")
-    return text
+def gpu_model_name(value: Any) -> Optional[str]:
+    """A GPU model as Slurm's GRES types and crank write it (``a100``, ``a100_80gb``), from
+    other executors' spellings: case, vendor words, dashes and spaces
+    (``nvidia-tesla-p100`` -> ``p100``); None when no model name remains."""
+    words = [w for w in re.split(r"[\s_-]+", str(value).strip().lower()) if w]
+    kept = [w for w in words if w not in GPU_VENDOR_WORDS] or words[-1:]
+    text = "_".join(kept)
+    return text if GPU_MODEL.match(text) else None
+
+
+def _name(what: str, name: str, value: Any) -> Any:
+    # checked only where a GPU is asked for (map_job): alone, any string is the command's
+    return value
 
 
 def _single(what: str, name: str, value: Any) -> int:
@@ -214,7 +227,7 @@ def map_job(
     if asked_threads is not None and asked_threads < 0:
         raise CrankError(f"{what}: threads={threads!r} must be a whole number >= 0")
 
-    # GPUs: gpu, else gres=gpu[:model][:N], else 1 when only gpu_model is given
+    # GPUs: gpu, else gres=gpu[:model][:N]
     gpus = values.get("gpu")
     if gpus is not None and gpus < 0:
         raise CrankError(f"{what}: resource gpu={gpus} must be a whole number >= 0")
@@ -231,8 +244,19 @@ def map_job(
                 )
             gpus = gres_count if gpus is None else gpus
             model = model or gres_model
-    if gpus is None:
-        gpus = 1 if model else 0
+    # gpu_model alone asks for no GPU (as locally, and as profiles written for other
+    # executors expect): the string only reaches the command as {resources.gpu_model}
+    gpus = gpus or 0
+    if gpus and model is not None:
+        name = gpu_model_name(model)
+        if name is None:
+            raise CrankError(
+                f"{what}: resource gpu_model={model!r} is not a GPU model name; give one such "
+                "as a100 or nvidia-tesla-p100"
+            )
+        model = name
+    else:
+        model = None
 
     # CPUs: the largest of threads, cpus_per_task, cpus_per_gpu × GPUs; at least 1
     cpus = asked_threads or 1
