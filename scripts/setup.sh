@@ -2,6 +2,7 @@
 # Prepare this machine (Debian bookworm, run as root) for crank's end-to-end tests, with what
 # needs root and a shell:
 #   - a running Docker engine (Debian's docker.io; started by tests/services.py),
+#   - Debian's slurm-wlm and munge (the tests start a one-node Slurm of their own),
 #   - locally built test images (no registry needed): crank-test/busybox:1,
 #     crank-test/bash:1, crank-test/snakemake:<host snakemake version> and
 #     crank-test/snakemake-s3:<same version> (with the host's S3 storage plugin).
@@ -121,6 +122,23 @@ ensure_docker() {
     # The package may have started it; if not, it is started with the fallbacks a sandbox
     # needs. Its pid stays in $STATE/dockerd.pid for `tests/services.py stop-docker`.
     CRANK_TEST_STATE=$STATE python3 "$SERVICES" docker 9>&- || die "the Docker engine did not start"
+}
+
+# ---------------------------------------------------------------- Slurm
+
+# Debian's slurm-wlm and munge for the Funnel-on-Slurm test (tests/services.py starts a
+# one-node cluster of its own from them). Without them that test is skipped, loudly: a
+# machine whose package sources lack them still runs everything else.
+ensure_slurm() {
+    local pkg missing=()
+    for pkg in slurm-wlm munge; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'ok installed' || missing+=("$pkg")
+    done
+    ((${#missing[@]})) || { log "slurm: installed"; return 0; }
+    log "apt: installing ${missing[*]}"
+    if ! apt_retry env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}"; then
+        log "WARNING: apt-get install ${missing[*]} failed (log: $STATE/apt.log); the Funnel-on-Slurm test will be skipped" >&2
+    fi
 }
 
 # ---------------------------------------------------------------- images
@@ -292,6 +310,7 @@ make_fresh() {
 
 ensure_docker
 [[ ${CRANK_TEST_FRESH:-} != 1 ]] || make_fresh
+ensure_slurm
 
 SNAKEMAKE_VERSION=$(python3 -c 'import snakemake; print(snakemake.__version__)') \
     || die "snakemake is not importable by the host's python3"

@@ -226,6 +226,28 @@ def tes(s3):
         pytest.fail(f"Funnel: {e}", pytrace=False)
 
 
+def slurm_skipped(reason) -> str:
+    return f"FUNNEL-ON-SLURM TESTS SKIPPED: {reason}"
+
+
+@pytest.fixture(scope="session")
+def tes_slurm(s3):
+    """A one-node Slurm and a Funnel whose tasks it runs (``.slurm``: the cluster), reused
+    when they answer, else started for this session and stopped after; or a loud skip when
+    Slurm or Funnel is not installed."""
+    try:
+        with services.funnel_on_slurm(s3.values, stop=not PARALLEL) as kept:
+            KEPT.append(kept)
+            server = TesServer(kept.url, s3)
+            server.slurm = kept.slurm
+            yield server
+    except services.Unavailable as e:
+        TES_SKIPPED.append(slurm_skipped(e))
+        pytest.skip(TES_SKIPPED[-1])
+    except services.ServiceError as e:
+        pytest.fail(f"Funnel on Slurm: {e}", pytrace=False)
+
+
 @pytest.fixture
 def aws_env(tes, monkeypatch):
     """The store's credentials in this process's environment, for tests that drive the TES
@@ -401,6 +423,11 @@ def pytest_configure(config):
                 STARTED_BY_CONTROLLER.append(stack.enter_context(services.funnel(s3.values, stop=False)))
             except services.Unavailable as e:
                 TES_SKIPPED.append(tes_skipped(e))
+            try:
+                STARTED_BY_CONTROLLER.append(
+                    stack.enter_context(services.funnel_on_slurm(s3.values, stop=False)))
+            except services.Unavailable as e:
+                TES_SKIPPED.append(slurm_skipped(e))
     except services.ServiceError as e:
         raise pytest.UsageError(f"a test server did not start: {e}") from None
 
@@ -423,5 +450,5 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_terminal_summary(terminalreporter):
-    for line in TES_SKIPPED[:1]:
+    for line in dict.fromkeys(TES_SKIPPED):
         terminalreporter.write_line(line, yellow=True, bold=True)

@@ -6,6 +6,7 @@ A service that already answers (started by a developer, by `start` below, or by 
 session) is reused and left running; only what this process started is stopped.
 
     python3 tests/services.py start        # SeaweedFS and Funnel, left running (benchmarks)
+    python3 tests/services.py slurm        # a one-node Slurm and a Funnel on it (HTTP port 18010)
     python3 tests/services.py stop         # stops the ones whose pid files are in the state dir
     python3 tests/services.py docker       # the Docker engine, when none answers (scripts/setup.sh)
     python3 tests/services.py stop-docker  # the engine `docker` started (scripts/test.sh)
@@ -41,6 +42,10 @@ OFFSET = int(os.environ.get("CRANK_TEST_PORT_OFFSET") or 0)
 S3_PORT, MASTER_PORT, VOLUME_PORT, FILER_PORT, METRICS_PORT = (
     p + OFFSET for p in (18333, 19333, 18080, 18888, 19327))
 FUNNEL_HTTP_PORT, FUNNEL_RPC_PORT = 18000 + OFFSET, 19090 + OFFSET
+# the one-node Slurm and the Funnel that submits to it (Compute: slurm)
+SLURMCTLD_PORT, SLURMD_PORT = 16817 + OFFSET, 16818 + OFFSET
+FUNNEL_SLURM_HTTP_PORT, FUNNEL_SLURM_RPC_PORT = 18010 + OFFSET, 19010 + OFFSET
+SLURM_NODE = "crank-node"
 BUCKET = "crank-test"
 FUNNEL_VERSION = "v0.11.12"
 START_TIMEOUT = 60.0
@@ -98,11 +103,12 @@ def write_private(path: Path, text: str) -> None:
 # ---------------------------------------------------------------- processes
 
 
-def spawn(argv: list[str], log_path: Path) -> subprocess.Popen:
+def spawn(argv: list[str], log_path: Path, env: Optional[dict[str, str]] = None) -> subprocess.Popen:
     """A daemon in its own session (a terminal's Ctrl-C does not reach it), output to a log."""
     with open(log_path, "ab") as out:
         return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+                                stdin=subprocess.DEVNULL, start_new_session=True,
+                                env=None if env is None else {**os.environ, **env})
 
 
 def comm_of(pid: int) -> Optional[str]:
@@ -154,23 +160,29 @@ class Daemon:
         self.pid_file = pid_file
         self.proc: Optional[subprocess.Popen] = None
 
-    def start(self, argv: list[str], log_path: Path) -> subprocess.Popen:
-        self.proc = spawn(argv, log_path)
+    def start(self, argv: list[str], log_path: Path,
+              env: Optional[dict[str, str]] = None) -> subprocess.Popen:
+        self.proc = spawn(argv, log_path, env)
         if self.pid_file:
             record_pid(self.pid_file, self.proc)
         return self.proc
 
-    def start_until(self, argv: list[str], log_path: Path, ready: Callable[[], bool], what: str) -> None:
+    def start_until(self, argv: list[str], log_path: Path, ready: Callable[[], bool], what: str,
+                    env: Optional[dict[str, str]] = None) -> None:
         """Start it and wait until ``ready()``; when it exits or stays unready, it is stopped
         again and ServiceError says why."""
         log_path.write_text("")
-        proc = self.start(argv, log_path)
+        proc = self.start(argv, log_path, env)
         if wait_until(lambda: proc.poll() is not None or ready(), START_TIMEOUT, 0.3) and proc.poll() is None:
             return
         problem = ("exited during startup" if proc.poll() is not None
                    else f"not ready after {START_TIMEOUT:.0f} s")
         self.stop()
         raise ServiceError(f"{what} {problem} (log: {log_path})\n{log_tail(log_path)}")
+
+    def recorded(self) -> "Daemon":
+        """The same daemon as its pid file names it (also one another process started)."""
+        return Daemon(self.comm, self.pid_file)
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
         """Stop the process this object started, or else the one its pid file names."""
@@ -317,11 +329,14 @@ class Funnel:
     every interface whatever its HostName says, so non-loopback traffic to its ports is
     dropped where iptables exists."""
 
+    name = "funnel"
+    http_port, rpc_port = FUNNEL_HTTP_PORT, FUNNEL_RPC_PORT
+
     def __init__(self, state: Path = STATE):
         self.state = state
-        self.base = state / "funnel"
-        self.daemon = Daemon("funnel", state / "funnel.pid")
-        self.url = f"http://127.0.0.1:{FUNNEL_HTTP_PORT}"
+        self.base = state / self.name
+        self.daemon = Daemon("funnel", state / f"{self.name}.pid")
+        self.url = f"http://127.0.0.1:{self.http_port}"
 
     def healthy(self) -> bool:
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -331,14 +346,18 @@ class Funnel:
         except OSError:
             return False
 
+    what = "Funnel"
+    env_file: Optional[str] = "tes.env"  # for shells and benchmarks
+
     def ensure(self, s3_env: dict[str, str]) -> bool:
         """Make Funnel answer; True when this call started it. Unavailable without a binary."""
-        tes_env = self.state / "tes.env"
+        tes_env = self.state / self.env_file if self.env_file else None
         if not self.healthy():
             try:
                 binary = find_funnel(self.state)
             except Unavailable:
-                tes_env.unlink(missing_ok=True)
+                if tes_env:
+                    tes_env.unlink(missing_ok=True)
                 raise
             own = recorded_pid(self.daemon.pid_file, "funnel")
             if own is not None:  # ours, but not answering: hung or still starting
@@ -346,20 +365,236 @@ class Funnel:
             self.start(binary, s3_env)
             started = True
         else:
-            log(f"Funnel: running on 127.0.0.1:{FUNNEL_HTTP_PORT}")
+            log(f"{self.what}: running on 127.0.0.1:{self.http_port}")
             started = False
-        tes_env.write_text(f"export CRANK_TEST_TES_URL={self.url}\n")
+        if tes_env:
+            tes_env.write_text(f"export CRANK_TEST_TES_URL={self.url}\n")
         return started
+
+    def config(self, s3_env: dict[str, str]) -> str:
+        return funnel_config(self.base, s3_env)
+
+    def environment(self) -> Optional[dict[str, str]]:
+        return None
 
     def start(self, binary: str, s3_env: dict[str, str]) -> None:
         for sub in ("work", "shared"):
             (self.base / sub).mkdir(parents=True, exist_ok=True)
         config = self.base / "funnel.yml"
-        write_private(config, funnel_config(self.base, s3_env))
-        firewall([FUNNEL_HTTP_PORT, FUNNEL_RPC_PORT])
+        write_private(config, self.config(s3_env))
+        firewall([self.http_port, self.rpc_port])
         self.daemon.start_until([binary, "server", "run", "--config", str(config)],
-                                self.state / "funnel.out", self.healthy, "Funnel")
-        log(f"Funnel: started on 127.0.0.1:{FUNNEL_HTTP_PORT} ({binary})")
+                                self.state / f"{self.name}.out", self.healthy, self.what,
+                                env=self.environment())
+        log(f"{self.what}: started on 127.0.0.1:{self.http_port} ({binary})")
+
+
+# ---------------------------------------------------------------- Slurm, and Funnel on it
+
+
+class Daemons:
+    """Several daemons stopped as one, in order."""
+
+    def __init__(self, *daemons: Daemon):
+        self.daemons = daemons
+
+    def recorded(self) -> "Daemons":
+        return Daemons(*(d.recorded() for d in self.daemons))
+
+    def stop(self) -> None:
+        for daemon in self.daemons:
+            daemon.stop()
+
+
+class Slurm:
+    """A one-node Slurm cluster from Debian's slurm-wlm and munge, on loopback with ports and a
+    state directory of its own (its own munge key and socket too: it runs beside a site's
+    munged). Commands reach it through ``env()`` (SLURM_CONF). No cgroups: 22.05 knows no
+    ``CgroupPlugin=disabled``, so processes are tracked by /proc and tasks are not confined;
+    the allocation Slurm records is what the tests check."""
+
+    def __init__(self, state: Path = STATE):
+        self.base = state / "slurm"
+        self.conf = self.base / "slurm.conf"
+        self.munge_socket = self.base / "munge" / "munge.socket"
+        self.munged = Daemon("munged", self.base / "munged.pid")
+        self.slurmctld = Daemon("slurmctld", self.base / "slurmctld.pid")
+        self.slurmd = Daemon("slurmd", self.base / "slurmd.pid")
+
+    def env(self) -> dict[str, str]:
+        return {"SLURM_CONF": str(self.conf)}
+
+    @staticmethod
+    def binaries() -> dict[str, str]:
+        """The programs it needs; Unavailable names those missing."""
+        names = ("munged", "slurmctld", "slurmd", "sbatch", "sinfo", "scontrol")
+        found = {name: shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin") for name in names}
+        missing = [name for name, path in found.items() if not path]
+        if missing:
+            raise Unavailable(f"no {', '.join(missing)}: apt-get install slurm-wlm munge "
+                              "(scripts/setup.sh does)")
+        return found
+
+    def command(self, *argv: str, timeout: float = 10) -> subprocess.CompletedProcess:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, **self.env()}, stdin=subprocess.DEVNULL)
+
+    def node_state(self) -> str:
+        if not self.conf.exists() or not port_open(SLURMCTLD_PORT):
+            return ""
+        try:
+            done = self.command(self.binaries()["sinfo"], "-h", "-N", "-n", SLURM_NODE, "-o", "%T")
+        except (subprocess.TimeoutExpired, OSError):
+            return ""
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    def healthy(self) -> bool:
+        """The node takes jobs."""
+        return self.node_state().rstrip("*") in ("idle", "mixed", "allocated", "completing")
+
+    def ensure(self) -> bool:
+        """Make the cluster take jobs; True when this call started it."""
+        binaries = self.binaries()
+        if self.healthy():
+            log(f"Slurm: running (slurmctld on 127.0.0.1:{SLURMCTLD_PORT})")
+            return False
+        self.stop()  # ours, half started or half stopped
+        self.start(binaries)
+        return True
+
+    def start(self, binaries: dict[str, str]) -> None:
+        for sub in ("munge", "ctld", "spool", "jobs"):
+            (self.base / sub).mkdir(parents=True, exist_ok=True)
+        os.chmod(self.base / "munge", 0o700)
+        key = self.base / "munge" / "munge.key"
+        if not key.exists():
+            write_private(key, secrets.token_hex(64))
+        self.write_config()
+        busy = [p for p in (SLURMCTLD_PORT, SLURMD_PORT) if port_open(p)]
+        if busy:
+            raise ServiceError(f"Slurm: ports {busy} on 127.0.0.1 are taken by another program")
+        # munged refuses to run as root without --force; it is a test cluster's own daemon
+        self.munged.start_until([
+            binaries["munged"], "--foreground", "--force", f"--socket={self.munge_socket}",
+            f"--key-file={key}", f"--pid-file={self.base / 'munge' / 'munged.pidfile'}",
+            f"--log-file={self.base / 'munged.log'}", f"--seed-file={self.base / 'munge' / 'seed'}",
+        ], self.base / "munged.out", self.munge_socket.exists, "munged")
+        self.slurmctld.start_until(
+            [binaries["slurmctld"], "-D", "-i", "-f", str(self.conf)], self.base / "slurmctld.out",
+            lambda: port_open(SLURMCTLD_PORT), "slurmctld", env=self.env())
+        self.slurmd.start_until(
+            [binaries["slurmd"], "-D", "-N", SLURM_NODE, "-f", str(self.conf)],
+            self.base / "slurmd.out", self.healthy, "slurmd", env=self.env())
+        log(f"Slurm: started one node on 127.0.0.1 (SLURM_CONF={self.conf})")
+
+    def write_config(self) -> None:
+        """One node with this machine's CPUs and most of its memory; a job's allocation is
+        cores and memory (CR_Core_Memory), so --mem is recorded as asked. A job without
+        --mem gets DefMemPerCPU per CPU, not the whole node (which would run one at a time)."""
+        with open("/proc/meminfo") as f:
+            total_kb = int(next(line for line in f if line.startswith("MemTotal:")).split()[1])
+        memory_mb = int(total_kb / 1024 * 0.8)
+        b = self.base
+        self.conf.write_text(f"""ClusterName=crank-test
+SlurmctldHost={socket.gethostname()}(127.0.0.1)
+SlurmctldPort={SLURMCTLD_PORT}
+SlurmdPort={SLURMD_PORT}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+AuthInfo=socket={self.munge_socket}
+CredType=cred/munge
+StateSaveLocation={b / 'ctld'}
+SlurmdSpoolDir={b / 'spool'}
+SlurmctldPidFile={b / 'slurmctld.pidfile'}
+SlurmdPidFile={b / 'slurmd.pidfile'}
+SlurmctldLogFile={b / 'slurmctld.log'}
+SlurmdLogFile={b / 'slurmd.log'}
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/none
+MpiDefault=none
+SchedulerType=sched/backfill
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core_Memory
+ReturnToService=2
+MinJobAge=600
+DefMemPerCPU=500
+NodeName={SLURM_NODE} NodeAddr=127.0.0.1 NodeHostname={socket.gethostname()} CPUs={os.cpu_count()} RealMemory={memory_mb} State=UNKNOWN
+PartitionName=crank Nodes={SLURM_NODE} Default=YES MaxTime=INFINITE State=UP
+""")
+
+    def daemons(self) -> "Daemons":
+        return Daemons(self.slurmd, self.slurmctld, self.munged)
+
+    def stop(self) -> None:
+        self.daemons().stop()
+
+    def job(self, name: str) -> dict[str, str]:
+        """``scontrol show job`` of the job named ``name`` (Funnel names a job after its task),
+        as key -> value; {} when Slurm has none."""
+        done = self.command(self.binaries()["scontrol"], "-o", "show", "job")
+        for line in done.stdout.splitlines():
+            fields = dict(item.split("=", 1) for item in line.split() if "=" in item)
+            if fields.get("JobName") == name:
+                return fields
+        return {}
+
+
+# v0.11.12's own template ends in `funnel worker run --taskID {{.TaskId}}` without --config:
+# the worker then dials localhost:9090 and never reports. Funnel writes the worker's config
+# into the task's work directory ({{.Config}} is empty in this version). sbatch takes whole
+# units only and reads --mem 0 as the whole node: below 1 GB the template asks for 1GB.
+SLURM_TEMPLATE = """#!/bin/bash
+#SBATCH --job-name {{.TaskId}}
+#SBATCH --ntasks 1
+#SBATCH --error {{.WorkDir}}/funnel-stderr
+#SBATCH --output {{.WorkDir}}/funnel-stdout
+{{if ne .Cpus 0 -}}
+{{printf "#SBATCH --cpus-per-task %d" .Cpus}}
+{{- end}}
+{{if ge .RamGb 1.0 -}}
+{{printf "#SBATCH --mem %.0fGB" .RamGb}}
+{{- else if ne .RamGb 0.0 -}}
+#SBATCH --mem 1GB
+{{- end}}
+{{if ne .DiskGb 0.0 -}}
+{{printf "#SBATCH --tmp %.0fGB" .DiskGb}}
+{{- end}}
+
+funnel worker run --config {{.WorkDir}}/config.yaml --taskID {{.TaskId}}
+"""
+
+
+class FunnelOnSlurm(Funnel):
+    """A second Funnel whose tasks Slurm runs (``Compute: slurm``): each task is an sbatch job
+    whose worker reports to this server's RPC port. Its reconciler marks a task whose Slurm
+    job vanished as failed."""
+
+    name = "funnel-slurm"
+    what = "Funnel on Slurm"
+    env_file = None
+    http_port, rpc_port = FUNNEL_SLURM_HTTP_PORT, FUNNEL_SLURM_RPC_PORT
+
+    def __init__(self, state: Path = STATE):
+        super().__init__(state)
+        self.slurm = Slurm(state)
+
+    def config(self, s3_env: dict[str, str]) -> str:
+        template = "\n".join("    " + line if line else "" for line in SLURM_TEMPLATE.splitlines())
+        return funnel_config(self.base, s3_env, self.http_port, self.rpc_port, "slurm", extra=f"""Slurm:
+  DisableReconciler: false
+  ReconcileRate: "5s"
+  Template: |
+{template}
+""")
+
+    def environment(self) -> dict[str, str]:
+        # sbatch exports the server's environment to the job: funnel must be on its PATH
+        binary_dir = os.path.dirname(find_funnel(self.state))
+        return {**self.slurm.env(), "PATH": f"{binary_dir}:{os.environ.get('PATH', '')}"}
 
 
 def find_funnel(state: Path) -> str:
@@ -395,7 +630,7 @@ def find_funnel(state: Path) -> str:
 
 
 def funnel_config(base: Path, s3_env: dict[str, str], http_port: int = FUNNEL_HTTP_PORT,
-                  rpc_port: int = FUNNEL_RPC_PORT, compute: str = "local") -> str:
+                  rpc_port: int = FUNNEL_RPC_PORT, compute: str = "local", extra: str = "") -> str:
     """Funnel parses its config strictly: unknown keys are errors, ports are quoted strings,
     durations no shorter than 1s. JSON strings are valid YAML scalars. ``compute``: "noop"
     keeps every task QUEUED (a benchmark fills a database that way).
@@ -440,7 +675,7 @@ GoogleStorage:
   Disabled: true
 Swift:
   Disabled: true
-"""
+""" + extra
 
 
 def firewall(ports: list[int]) -> None:
@@ -606,7 +841,7 @@ class Kept:
 
     def stop_recorded(self) -> None:
         """Stop the server its pid file names: also one that another process started again."""
-        Daemon(self.daemon.comm, self.daemon.pid_file).stop()
+        self.daemon.recorded().stop()
 
 
 @contextmanager
@@ -648,6 +883,27 @@ def funnel(s3_env: dict[str, str], stop: bool = True) -> Iterator[Kept]:
         kept.close()
 
 
+@contextmanager
+def funnel_on_slurm(s3_env: dict[str, str], stop: bool = True) -> Iterator[Kept]:
+    """A one-node Slurm and a Funnel submitting to it while the session runs; ``.url``: its
+    URL, ``.slurm``: the cluster. Unavailable when Slurm is not installed."""
+    server = FunnelOnSlurm()
+    slurm = server.slurm
+    slurm.binaries()
+    find_funnel(server.state)
+
+    def ensure() -> bool:
+        return slurm.ensure() | server.ensure(s3_env)
+
+    kept = Kept("Funnel on Slurm", lambda: slurm.healthy() and server.healthy(), ensure,
+                Daemons(server.daemon, *slurm.daemons().daemons), server.base / "funnel.log", stop)
+    kept.url, kept.slurm = server.url, slurm
+    try:
+        yield kept
+    finally:
+        kept.close()
+
+
 def main(argv: list[str]) -> int:
     command = argv[0] if len(argv) == 1 else ""
     try:
@@ -658,7 +914,14 @@ def main(argv: list[str]) -> int:
             except Unavailable as e:
                 log(f"Funnel: NOT AVAILABLE ({e}); the TES benchmarks cannot run")
             log(f"for a shell: set -a; . {STATE}/s3.env; . {STATE}/tes.env; set +a")
+        elif command == "slurm":
+            FunnelOnSlurm().slurm.ensure()
+            FunnelOnSlurm().ensure(SeaweedFS().env())
+            log(f"for a shell: export SLURM_CONF={Slurm().conf}; Funnel on Slurm: "
+                f"{FunnelOnSlurm().url}")
         elif command == "stop":
+            FunnelOnSlurm().daemon.stop()
+            Slurm().stop()
             Funnel().daemon.stop()
             (STATE / "tes.env").unlink(missing_ok=True)
             SeaweedFS().daemon.stop()
@@ -667,7 +930,7 @@ def main(argv: list[str]) -> int:
         elif command == "stop-docker":
             Daemon("dockerd", STATE / "dockerd.pid").stop()
         else:
-            print("usage: python3 tests/services.py start|stop|docker|stop-docker", file=sys.stderr)
+            print("usage: python3 tests/services.py start|slurm|stop|docker|stop-docker", file=sys.stderr)
             return 2
     except ServiceError as e:
         log(f"FAILED: {e}")
