@@ -145,6 +145,16 @@ class ExecutorSettings(ExecutorSettingsBase):
             "env_var": True,
         },
     )
+    tes_token_command: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Shell command that prints a bearer token for the TES server on stdout "
+            "(e.g. an OIDC client-credentials request piped through jq -r .access_token). "
+            "It is run at start, again when the server answers 401, and shortly before the "
+            "token's exp when it is a JWT; the tokens are never logged nor put in a task.",
+            "env_var": True,
+        },
+    )
     storage_prefix: Optional[str] = field(
         default=None,
         metadata={
@@ -181,8 +191,15 @@ def check(settings: ExecutorSettings) -> None:
     ]
     if missing:
         raise CrankError(f"--crank-backend tes needs {' and '.join(missing)}")
-    if settings.tes_token and (settings.tes_user or settings.tes_password):
-        raise CrankError("give either --crank-tes-token or --crank-tes-user/--crank-tes-password, not both")
+    given = [name for name, value in (
+        ("--crank-tes-token", settings.tes_token),
+        ("--crank-tes-token-command", settings.tes_token_command),
+        ("--crank-tes-user/--crank-tes-password", settings.tes_user or settings.tes_password),
+    ) if value]
+    if len(given) > 1:
+        raise CrankError(f"give only one of {', '.join(given)}: they are different credentials")
+    if settings.tes_token_command is not None and not settings.tes_token_command.strip():
+        raise CrankError("--crank-tes-token-command is empty; give a command that prints a token")
     if settings.tes_password and not settings.tes_user:
         raise CrankError("--crank-tes-password needs --crank-tes-user")
 
@@ -199,16 +216,24 @@ def tes_backend(settings: ExecutorSettings, run_id: str, workdir: str, report=No
         user=settings.tes_user,
         password=settings.tes_password,
         token=settings.tes_token,
+        token_command=settings.tes_token_command,
         storage_endpoint=settings.storage_endpoint,
     )
     return open_tes_backend(run_id, workdir, options, report=report)
+
+
+TOKEN_COMMAND = "--crank-tes-token-command / SNAKEMAKE_CRANK_TES_TOKEN_COMMAND"
 
 
 def tes_hints(options):
     """How the user sets the TES URL and the credentials, for the HTTP session's messages."""
     from .backends.tes.http import Hints
 
-    if options.token:
+    if options.token_command:
+        credentials = (
+            f"the token {TOKEN_COMMAND} printed (the command ran again after the first 401)"
+        )
+    elif options.token:
         credentials = "--crank-tes-token / SNAKEMAKE_CRANK_TES_TOKEN"
     elif options.user or urlsplit(options.url).username:
         credentials = (
@@ -226,13 +251,19 @@ def open_tes_backend(run_id: str, workdir: str, options, session=None, report=No
     from .backends.tes.api import TesApi
     from .backends.tes.backend import TesBackend
     from .backends.tes.http import Session, Throttled
+    from .backends.tes.token import TokenCommand, first_token
     from .staging.digest import DigestCache
     from .staging.stage import Stager
     from .staging.store import Store
 
     report = report or (lambda line: None)
+    tokens = None
+    if options.token_command and session is None:
+        tokens = TokenCommand(options.token_command, option=TOKEN_COMMAND, report=report)
+        first_token(tokens)  # a command that gives no token stops the run before anything
     http = session or Session(
-        options.url, options.user, options.password, options.token, hints=tes_hints(options)
+        options.url, options.user, options.password, options.token, hints=tes_hints(options),
+        tokens=tokens,
     )
     api = TesApi(http, report)
     try:

@@ -17,6 +17,9 @@ time:
 - ``"drop_tag_filter"``: forward without the query's tag parameters (``tag_key``,
   ``tag_value``, ``tags[...]``), as a TES 1.0 server or a gateway that drops them.
 
+``authorize(header)``, when set, is a gateway's check of each request's ``Authorization``
+header (None when absent): a request it refuses is answered 401 (recorded as ``"error401"``).
+
 Local only (a Unix socket in a test's temporary directory, or 127.0.0.1) and bounded: every
 socket has a timeout, every thread is a daemon, ``stop()`` closes everything.
 """
@@ -78,6 +81,14 @@ def _without_tag_filter(head: bytes) -> bytes:
     return f"{method} {target} {version}".encode("latin-1") + b"\r\n" + rest
 
 
+def _authorization(head: bytes) -> Optional[str]:
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"authorization":
+            return value.strip().decode("latin-1")
+    return None
+
+
 class FaultProxy:
     def __init__(self, listen: Address, upstream: Address, hang_s: float = 120.0,
                  retry_after_s: int = 1):
@@ -87,6 +98,7 @@ class FaultProxy:
         self.hang_s = hang_s
         self.retry_after_s = retry_after_s
         self.rule: Rule = lambda method, path: "pass"
+        self.authorize: Optional[Callable[[Optional[str]], bool]] = None
         self.seen: List[Tuple[str, str, str]] = []  # (method, path, action)
         self._lock = threading.Lock()
         self._stopped = threading.Event()
@@ -167,6 +179,8 @@ class FaultProxy:
             path = re.sub(r"^/v[0-9.]+", "", path.split("?", 1)[0])
             with self._lock:
                 action = self.rule(method, path)
+                if action == "pass" and self.authorize and not self.authorize(_authorization(head)):
+                    action = "error401"
                 self.seen.append((method, path, action))
             if action == "refuse":
                 return

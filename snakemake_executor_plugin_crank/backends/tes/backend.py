@@ -75,6 +75,7 @@ class TesOptions:
     user: Optional[str] = None
     password: Optional[str] = None
     token: Optional[str] = None
+    token_command: Optional[str] = None  # prints a token; run again when it runs out
     storage_endpoint: Optional[str] = None
     # concurrent stage-and-create jobs (each stages with the stager's own upload pool)
     submit_workers: int = 4

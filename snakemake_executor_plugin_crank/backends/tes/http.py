@@ -121,7 +121,10 @@ class Session:
         backoff: float = 0.5,
         what: str = "the TES server",
         hints: Hints = Hints(),
+        tokens=None,
     ):
+        """``tokens``: a source of bearer tokens that change (``token.TokenCommand``): each
+        request sends its current token, and a 401 to it is asked again once with a new one."""
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise CrankError(
@@ -157,6 +160,7 @@ class Session:
         self.auth_hint = hints.credentials
         self.once.headers.update(self.session.headers)
         self.once.auth = self.session.auth
+        self.tokens = tokens
         self._secrets = [s for s in (token, password) if s]
         self._lock = threading.Lock()
         self.counts: dict = {}
@@ -168,7 +172,7 @@ class Session:
             self.counts[kind] = self.counts.get(kind, 0) + 1
 
     def _clean(self, text: str) -> str:
-        for secret in self._secrets:
+        for secret in self._secrets + (self.tokens.secrets() if self.tokens else []):
             text = text.replace(secret, "***")
         return text
 
@@ -190,19 +194,12 @@ class Session:
             raise Throttled(f"{why}; {left:.0f} s left, nothing sent", left)
         self.count(kind)
         url = self.base + path
-        try:
-            session = self.session if retry_reads else self.once
-            response = session.request(
-                method, url, params=params,
-                data=None if body is None else json.dumps(body),
-                headers={"Content-Type": "application/json"} if body is not None else None,
-                timeout=(CONNECT_TIMEOUT, timeout),
-            )
-        except requests.RequestException as e:
-            raise BackendUnavailable(
-                f"{self.what} at {self.base} did not answer ({self._clean(_reason(e, timeout))})"
-                + (", after retries" if retry_reads else "")
-            ) from None
+        token = self.tokens.current() if self.tokens else None
+        response = self._send(method, url, params, body, timeout, retry_reads, token)
+        if response.status_code == 401 and token is not None:
+            # an expired token: nothing was done, so the request is sent again, once
+            response = self._send(method, url, params, body, timeout, retry_reads,
+                                  self.tokens.rejected(token))
         status = response.status_code
         if status in allow:
             return None
@@ -243,6 +240,25 @@ class Session:
                 f"{self.what} at {self.base} answered {method} {path} with something other than "
                 f"JSON ({kind}: {_detail(response, self._clean)[2:82]!r}): not a TES server, or "
                 "a proxy in between wants a sign-in"
+            ) from None
+
+    def _send(self, method: str, url: str, params, body, timeout: float, retry_reads: bool,
+              token: Optional[str]) -> requests.Response:
+        headers = {"Content-Type": "application/json"} if body is not None else {}
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        try:
+            session = self.session if retry_reads else self.once
+            return session.request(
+                method, url, params=params,
+                data=None if body is None else json.dumps(body),
+                headers=headers or None,
+                timeout=(CONNECT_TIMEOUT, timeout),
+            )
+        except requests.RequestException as e:
+            raise BackendUnavailable(
+                f"{self.what} at {self.base} did not answer ({self._clean(_reason(e, timeout))})"
+                + (", after retries" if retry_reads else "")
             ) from None
 
     def close(self) -> None:
