@@ -6,6 +6,7 @@ import base64
 import hashlib
 import hmac
 import json
+import re
 import shlex
 import subprocess
 import sys
@@ -197,3 +198,19 @@ def test_a_command_without_a_token_is_one_line_without_it(command, message):
 def test_a_command_that_hangs_is_one_line():
     with pytest.raises(TokenCommandFailed, match=r"^--opt printed no token within 1 s$"):
         TokenCommand("sleep 30", option="--opt", timeout=1).current()
+
+
+@pytest.mark.parametrize("given,message", [
+    ({"tes_token": "t", "tes_token_command": "echo t"},
+     "give only one of --crank-tes-token, --crank-tes-token-command: they are different credentials"),
+    ({"tes_token_command": "echo t", "tes_user": "u", "tes_password": "p"},
+     "give only one of --crank-tes-token-command, --crank-tes-user/--crank-tes-password"),
+    ({"tes_token_command": "  "}, "--crank-tes-token-command is empty; give a command that prints a token"),
+])
+def test_one_kind_of_credentials_is_checked_before_anything_runs(given, message):
+    from snakemake_executor_plugin_crank.errors import CrankError
+    from snakemake_executor_plugin_crank.settings import ExecutorSettings, check
+
+    settings = ExecutorSettings(backend="tes", tes_url="http://127.0.0.1:1", storage_prefix="s3://b/p", **given)
+    with pytest.raises(CrankError, match="^" + re.escape(message)):
+        check(settings)
