@@ -330,6 +330,8 @@ class Funnel:
     dropped where iptables exists."""
 
     name = "funnel"
+    what = "Funnel"
+    env_file: Optional[str] = "tes.env"  # for shells and benchmarks
     http_port, rpc_port = FUNNEL_HTTP_PORT, FUNNEL_RPC_PORT
 
     def __init__(self, state: Path = STATE):
@@ -345,9 +347,6 @@ class Funnel:
             return True
         except OSError:
             return False
-
-    what = "Funnel"
-    env_file: Optional[str] = "tes.env"  # for shells and benchmarks
 
     def ensure(self, s3_env: dict[str, str]) -> bool:
         """Make Funnel answer; True when this call started it. Unavailable without a binary."""
@@ -473,6 +472,7 @@ class Slurm:
         busy = [p for p in (SLURMCTLD_PORT, SLURMD_PORT) if port_open(p)]
         if busy:
             raise ServiceError(f"Slurm: ports {busy} on 127.0.0.1 are taken by another program")
+        firewall([SLURMCTLD_PORT, SLURMD_PORT])  # they listen on every interface
         # munged refuses to run as root without --force; it is a test cluster's own daemon
         self.munged.start_until([
             binaries["munged"], "--foreground", "--force", f"--socket={self.munge_socket}",
@@ -681,7 +681,7 @@ Swift:
 def firewall(ports: list[int]) -> None:
     """Drop traffic to these ports that does not come from loopback (idempotent)."""
     if not shutil.which("iptables"):
-        log("Funnel: no iptables; it listens on all interfaces")
+        log(f"no iptables: ports {ports} stay open on every interface")
         return
     for port in ports:
         rule = ["INPUT", "-p", "tcp", "--dport", str(port), "!", "-i", "lo", "-j", "DROP"]
