@@ -3,11 +3,15 @@ no engine, no server."""
 
 import dataclasses
 import os
+import threading
+
+import pytest
 
 from snakemake_executor_plugin_crank.backends import adoption
 from snakemake_executor_plugin_crank.backends.adoption import (
     Orphan, Orphans, key_of, products_id, stat_identity,
 )
+from snakemake_executor_plugin_crank.errors import CrankError
 from snakemake_executor_plugin_crank.staging.digest import sha256_file
 from snakemake_executor_plugin_crank.task import Input, Kind, Output, Resources, TaskSpec
 
@@ -93,3 +97,44 @@ def test_the_pool_gives_up_the_tasks_writing_the_same_files(tmp_path):
     assert [o.ref for o in pool.writing(products_id(t))] == ["edited"]
     assert [o.ref for o in pool.take_all()] == ["x"]
     assert not pool
+
+
+def test_new_content_behind_an_unchanged_link_counts(tmp_path):
+    """A rerun after the user rewrote what an input links to does new work, on both backends."""
+    (tmp_path / "data").mkdir()
+    real = tmp_path / "data" / "real.txt"
+    real.write_text("old\n")
+    os.symlink("data/real.txt", tmp_path / "link.txt")
+    t = task(tmp_path, inputs=(Input(str(tmp_path / "link.txt")),))
+    keys = key_of(t, stat_identity), key_of(t, sha256_file)
+    real.write_text("new\n")
+    assert key_of(t, stat_identity) != keys[0]
+    assert key_of(t, sha256_file) != keys[1]
+
+
+def test_a_rewrite_that_keeps_size_and_mtime_counts_on_docker(tmp_path):
+    """``cp -p`` of other bytes of the same size leaves size and mtime as they were."""
+    t = task(tmp_path)
+    st = os.stat(tmp_path / "in.txt")
+    before = key_of(t, stat_identity)
+    (tmp_path / "in.txt").write_text("z")
+    os.utime(tmp_path / "in.txt", ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert key_of(t, stat_identity) != before
+
+
+def test_a_fifo_in_a_directory_input_is_never_opened(tmp_path):
+    """Opening a FIFO blocks until someone writes to it: the key counts it by its kind, and
+    reading one where a file was expected fails at once."""
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "a.txt").write_text("a")
+    os.mkfifo(d / "progress.fifo")
+    os.symlink("progress.fifo", d / "to-fifo")
+    t = task(tmp_path, inputs=(Input(str(d), Kind.DIRECTORY),))
+    done = []
+    worker = threading.Thread(target=lambda: done.append(key_of(t, sha256_file)), daemon=True)
+    worker.start()
+    worker.join(timeout=30)
+    assert done, "the key's computation blocked on the FIFO"
+    with pytest.raises(CrankError, match="not a regular file"):
+        sha256_file(str(d / "progress.fifo"))

@@ -4,7 +4,10 @@ for, and the pool of a dead run's tasks that jobs of this run may claim.
 A task's key is a digest of everything that decides what it produces: its label (rule or
 group), image, command, environment, resources, the paths of its inputs and products, the
 workflow's source files it depends on, and the inputs' content as the backend identifies it (``identify``:
-content digests on TES, size and modification time on Docker). Run-specific parts (job id,
+content digests on TES; on Docker what a rewrite cannot keep equal: size, times, inode). A link
+counts by its text and by what it points to, so that new content behind an unchanged link is new
+work. A FIFO, socket or device counts by its kind only: it is never opened (opening a FIFO
+blocks until someone writes to it). Run-specific parts (job id,
 attempt, task name, log directory) are left out: a rerun numbers its jobs anew.
 
 Imports nothing of crank's but ``task``.
@@ -16,6 +19,7 @@ import functools
 import hashlib
 import json
 import os
+import stat
 import threading
 import time
 from dataclasses import dataclass
@@ -28,9 +32,11 @@ Identify = Callable[[str], str]
 
 
 def stat_identity(path: str) -> str:
-    """Size and modification time (Docker: the task reads the file itself, in place)."""
-    st = os.lstat(path)
-    return f"{st.st_size}:{st.st_mtime_ns}"
+    """What a rewrite of the file cannot keep equal (Docker: the task reads the file itself,
+    in place): ``cp -p`` keeps size and mtime but not the ctime, an editor's save-by-rename not
+    the inode."""
+    st = os.stat(path)
+    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}:{st.st_dev}"
 
 
 def key_of(task: TaskSpec, identify: Identify) -> str:
@@ -61,25 +67,38 @@ def _content(i: Input, identify: Identify):
 
 
 def _tree(path: str, identify: Identify) -> List:
-    """What a file or directory holds: for a directory, every entry below it (links as
-    their text, files as ``identify`` says)."""
+    """What a file or directory holds: for a directory, every entry below it (see the module
+    text for links and special files)."""
     if os.path.islink(path) and not os.path.isdir(path):
-        return [path, "link", os.readlink(path)]
+        return [path, "link", os.readlink(path), _file(path, identify)]
     if not os.path.isdir(path):
-        return [path, identify(path)]
+        return [path, _file(path, identify)]
     entries: List = []
     for root, dirs, files in os.walk(path, followlinks=True):
         dirs.sort()
         for name in sorted(files) + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
             full = os.path.join(root, name)
+            entry: List = [os.path.relpath(full, path)]
             if os.path.islink(full):
-                entries.append([os.path.relpath(full, path), "link", os.readlink(full)])
-            else:
-                entries.append([os.path.relpath(full, path), identify(full)])
+                entry += ["link", os.readlink(full)]
+            entries.append(entry + [_file(full, identify)])
         dirs[:] = [d for d in dirs if not os.path.islink(os.path.join(root, d))]
         if not dirs and not files:
             entries.append([os.path.relpath(root, path), "dir"])
     return [path, "tree", entries]
+
+
+def _file(path: str, identify: Identify) -> Optional[str]:
+    """What the file at ``path`` (links followed) holds: its identity when it is a regular
+    file, else its kind (a directory a link points to counts by its link text alone, as the
+    walk does not enter it)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None  # a dangling link
+    if stat.S_ISREG(mode):
+        return identify(path)
+    return "dir" if stat.S_ISDIR(mode) else f"special:{stat.S_IFMT(mode):o}"
 
 
 def _sources_read(task: TaskSpec) -> Tuple[str, ...]:

@@ -14,8 +14,10 @@ STORED_TRUST_NS only.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import stat
 import sqlite3
 import threading
 import time
@@ -76,13 +78,24 @@ def recently_changed(identity: Identity) -> bool:
     return time.time_ns() - max(identity[1], identity[4]) < RACY_NS
 
 
+def _open_regular(path: str):
+    """``path`` opened for reading, unbuffered, if it is a regular file; OSError otherwise.
+    Opened without blocking: a FIFO put where a file was would block open() until someone
+    writes to it."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file (a FIFO, socket or device is not read)")
+    return open(fd, "rb", buffering=0)
+
+
 def _hash_with_stat(path: str, stop: Callable[[], bool] | None = None) -> tuple[str, os.stat_result]:
     """Hash a file and return the stat it was hashed under. The stat is taken on the open file
     before and after reading: a file written to meanwhile is refused instead of hashed wrong.
     ``stop`` is asked between blocks (see check)."""
     h = hashlib.sha256()
     try:
-        with open(path, "rb", buffering=0) as f:
+        with _open_regular(path) as f:
             before = os.fstat(f.fileno())
             # a buffer no larger than the file: zeroing a whole block for each small file of
             # a cohort cost more CPU than hashing it
@@ -210,7 +223,7 @@ class DigestCache:
         is cached as by digest_with_identity."""
         real = os.path.realpath(path)
         try:
-            with open(real, "rb", buffering=0) as f:
+            with _open_regular(real) as f:
                 before = os.fstat(f.fileno())
                 if before.st_size > limit:
                     return None

@@ -25,6 +25,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import docker.errors
 
 from ...task import State, TaskResult, TaskSpec
+from ..logs import open_job_file
 from . import engine, scratch
 from .engine import engine_errors
 
@@ -64,7 +65,8 @@ class LeftExec:
     def exit_code(self) -> Optional[int]:
         """The code the wrapper wrote, once the task ended; None before."""
         try:
-            with open(os.path.join(self.logs, self.name + ".rc")) as f:
+            # never blocking: the job could have made its own .rc a FIFO
+            with os.fdopen(open_job_file(os.path.join(self.logs, self.name + ".rc"))) as f:
                 text = f.read()
         except OSError:
             return None
