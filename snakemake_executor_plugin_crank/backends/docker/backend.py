@@ -9,7 +9,7 @@ import os
 from typing import Callable, Collection, List, Mapping, Optional, Sequence, Tuple
 
 from ...task import Adopted, Capacity, State, TaskResult, TaskSpec, script_fits_argv
-from ..adoption import Orphan, Orphans, key_of, products_id, stat_identity
+from ..adoption import Orphan, Orphans, products_id
 from . import adopted, cold, engine, scratch
 from .adopted import AdoptedExecs
 from .cold import ColdRunner
@@ -28,7 +28,7 @@ class DockerBackend:
         self.options = options
         self.client, self._capacity = engine.connect(options)
         self.api = self.client.api
-        images = Images(self.api, options.pull, report or (lambda line: None),
+        self.images = images = Images(self.api, options.pull, report or (lambda line: None),
                         options.hints.tolerance)
         self.cold = ColdRunner(self.api, run_id, workdir, options, images)
         self.warm: Optional[WarmPool] = None
@@ -103,7 +103,7 @@ class DockerBackend:
     def adopt(self, task: TaskSpec) -> Optional[Adopted]:
         if not self.orphans:
             return None
-        orphan = self.orphans.claim(key_of(task, stat_identity))
+        orphan = self.orphans.claim(self.images.key(task))
         if orphan is None:
             self._drop(self.orphans.writing(products_id(task)))
             return None

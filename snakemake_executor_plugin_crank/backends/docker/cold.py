@@ -16,7 +16,7 @@ from ...errors import BackendUnavailable, CrankError
 from ...task import State, TaskResult, TaskSpec, file_argv, script_fits_argv
 from .. import logs
 from ..stamps import parse
-from ..adoption import key_of, products_id, stat_identity
+from ..adoption import products_id
 from . import engine
 from .engine import (LABEL_KEY, LABEL_PRODUCTS, LABEL_RUN, LABEL_WORKDIR, DockerOptions,
                      Images, engine_errors, short)
@@ -119,7 +119,7 @@ class ColdRunner:
             user=f"{os.getuid()}:{os.getgid()}",
             environment=dict(task.env),
             labels={**engine.labels(self.run_id, task.job_id, self.workdir),
-                    LABEL_KEY: key_of(task, stat_identity), LABEL_PRODUCTS: products_id(task)},
+                    LABEL_KEY: self.images.key(task), LABEL_PRODUCTS: products_id(task)},
             name=name,
             host_config=self.api.create_host_config(**host_config),
         )

@@ -9,6 +9,7 @@ outside it read-only at theirs, so the command sees the host's paths.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -20,6 +21,7 @@ import requests
 
 from ...errors import BackendUnavailable, CrankError, ImageUnavailable
 from ...task import Capacity, TaskSpec
+from ..adoption import key_of, stat_identity
 from ..stamps import seconds_between
 
 LABEL_RUN = "crank.run"
@@ -191,6 +193,21 @@ class Images:
         self.tolerance_hint = tolerance_hint
         self.present: set = set()
         self.pull_failures: set = set()  # images whose failed pull was reported
+        self.ids: Dict[str, str] = {}  # reference -> the engine's image ID
+
+    def key(self, task: TaskSpec) -> str:
+        """The task's adoption key (adoption.key_of), its image counted by the ID the engine
+        has for it: a tag rebuilt between a run and its rerun is other work. An image the
+        engine does not have counts by its reference (a dead run's task cannot have used it)."""
+        return key_of(dataclasses.replace(task, image=self._image_id(task.image)), stat_identity)
+
+    def _image_id(self, image: str) -> str:
+        if image not in self.ids:
+            try:
+                self.ids[image] = self.api.inspect_image(image)["Id"]
+            except docker.errors.DockerException:
+                return image
+        return self.ids[image]
 
     def ensure(self, image: str) -> None:
         if image in self.present:
@@ -217,6 +234,7 @@ class Images:
         except docker.errors.DockerException as e:
             raise ImageUnavailable(f"could not pull image {image!r} ({short(e)})") from None
         self.present.add(image)
+        self.ids.pop(image, None)  # the pull may have brought another image under the tag
 
     def _pull_failed(self, image: str, error: docker.errors.APIError) -> CrankError:
         """What a refused pull means: a bad reference or an image the registry does not

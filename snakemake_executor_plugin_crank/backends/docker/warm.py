@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 from ...errors import BackendUnavailable, CrankError
 from ...task import State, TaskResult, TaskSpec
-from ..adoption import key_of, products_id, stat_identity
+from ..adoption import products_id
 from . import adopted, engine, scratch
 from .engine import DockerOptions, Images, engine_errors
 from .events import Callbacks, Watcher
@@ -336,7 +336,7 @@ class WarmPool:
             exec_id = self.containers.create_exec(runner, job.task)
             # before it starts: a run that dies from now on leaves what a later one adopts
             adopted.write_record(runner.host_dir, {
-                "key": key_of(job.task, stat_identity), "products": products_id(job.task),
+                "key": self.images.key(job.task), "products": products_id(job.task),
                 "name": job.task.name, "exec": exec_id, "runner": runner.id, "started": time.time(),
             })
             with self.lock:
