@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BUSYBOX, tasks_of, wait_for
+from conftest import BASH, BUSYBOX, tasks_of, wait_for
 
 # long: 40 s; quick ends while no crank runs; bad fails meanwhile; edited is changed
 # between the runs (its new version is short); timed outlives its 1 min wall time
@@ -225,3 +225,51 @@ def test_a_detached_run_is_adopted_by_the_next(crank, tmp_path):
     detach_then_adopt(crank, workdir, lambda: crank.running(workdir))
     [task] = tasks_of(crank.tes, workdir)  # the same task, adopted: no second one
     assert task["state"] == "COMPLETE"
+
+
+STALE = """
+rule copy:
+    input: "in.txt"
+    output: "out.txt"
+    {container}
+    shell: "cat {{input}} > {{output}}; echo started > started; sleep 8"
+"""
+
+
+def test_what_changed_behind_a_link_or_under_a_tag_is_not_adopted(crank, tmp_path, docker_api):
+    """Killed while it runs; then the content behind the input's link is rewritten (and on
+    Docker the rule's image tag moved to another image): the rerun does the work anew, as
+    the local executor would, and the old task is canceled."""
+    workdir = tmp_path / uuid.uuid4().hex / "wf"
+    (workdir / "data").mkdir(parents=True)
+    (workdir / "data" / "real.txt").write_text("old\n")
+    (workdir / "in.txt").symlink_to("data/real.txt")
+    docker = crank.backend == "docker"
+    tag = f"crank-test/retag-{uuid.uuid4().hex[:12]}:1"
+    if docker:
+        docker_api.tag(BUSYBOX, tag)
+    (workdir / "Snakefile").write_text(STALE.format(container=f'container: "{tag}"' if docker else ""))
+    try:
+        first = crank.start(workdir)
+        try:
+            wait_for(lambda: (workdir / "started").exists() if docker else crank.running(workdir), 90,
+                     "the job to run")
+        finally:
+            kill_hard(first)
+        assert crank.run(workdir, "--unlock").returncode == 0
+        (workdir / "data" / "real.txt").write_text("new\n")
+        if docker:
+            bash = docker_api.inspect_image(BASH)["Id"]
+            docker_api.tag(bash, tag)  # the same tag, another image
+        done = crank.run(workdir, "--rerun-incomplete", timeout=180)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "adopts the" not in done.stderr, done.stderr[-3000:]
+        assert (workdir / "out.txt").read_text() == "new\n"
+        if docker:
+            assert crank.live(workdir) == []
+        else:
+            assert sorted(t["state"] for t in tasks_of(crank.tes, workdir)) in (
+                ["CANCELED", "COMPLETE"], ["CANCELING", "COMPLETE"])
+    finally:
+        if docker:
+            docker_api.remove_image(tag, force=True)

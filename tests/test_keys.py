@@ -42,6 +42,7 @@ def test_what_decides_the_work_counts(tmp_path):
         {"inputs": (Input(str(tmp_path / "in.txt"), Kind.FILE, "s3://b/in.txt"),)},
     ):
         assert key_of(task(tmp_path, **change), stat_identity) != first, change
+    assert key_of(task(tmp_path), stat_identity, "s3://other/prefix") != first
 
 
 def test_input_content_counts_as_the_backend_identifies_it(tmp_path):

@@ -39,10 +39,13 @@ def stat_identity(path: str) -> str:
     return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}:{st.st_dev}"
 
 
-def key_of(task: TaskSpec, identify: Identify) -> str:
-    """The task's adoption key (see the module text)."""
+def key_of(task: TaskSpec, identify: Identify, store: str = "") -> str:
+    """The task's adoption key (see the module text); ``store``: where the task leaves its
+    products for the client to fetch (TES), so that a rerun with another storage prefix does
+    not take a task whose results it would look for elsewhere."""
     r = task.resources
     work = {
+        "store": store,
         "label": task.label,
         "image": task.image,
         "script": task.script,

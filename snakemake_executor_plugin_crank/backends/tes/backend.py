@@ -313,7 +313,7 @@ class TesBackend:
                 self._cancel_quietly(other.ref[0])
 
     def _key(self, task: TaskSpec) -> str:
-        return key_of(task, self.stager.cache.digest)
+        return key_of(task, self.stager.cache.digest, self.stager.store.location)
 
     def _monitor_of(self, sub: _Submission) -> Monitor:
         with self._lock:
