@@ -3,10 +3,18 @@
 Snakemake lets two runs share a workdir when their outputs differ, so what start-up
 removes as orphaned must be what a *dead* run left. Each run keeps a file
 ``.snakemake/crank/runs/<run id>`` while it runs, naming its process: pid, host name and
-the process's start time (a pid reused by another process has another start time). A run
-file written on another host is taken as alive: its process cannot be checked from here.
-A run whose process is gone but whose file is still there ended without cleaning up
-(killed, or detached): a later run may adopt its tasks, then removes its file.
+the process's start time (a pid reused by another process has another start time).
+
+A run on another host (another node of a shared filesystem, or Snakemake in a container,
+whose host name is new each time) cannot be checked from here: its liveness is a lease. A
+live run touches its file every RENEW_S; a file of another host untouched for LEASE_S is a
+dead run's. "Untouched" is judged by the filesystem's clock, not by ours: the file's mtime
+is compared with that of a file touched here just before, so that only a skew between the
+hosts writing (never between their clocks and ours) beyond the lease could mislead.
+
+A run whose process is gone, or whose lease lapsed, but whose file is still there ended
+without cleaning up (killed, or detached): a later run may adopt its tasks, then removes its
+file.
 
 Imports nothing of crank's, nor Snakemake.
 """
@@ -17,9 +25,20 @@ import contextlib
 import json
 import os
 import socket
+import threading
+import time
 from typing import Any, Mapping, Optional, Set, Tuple
 
 RUNS_DIR = os.path.join(".snakemake", "crank", "runs")
+# how often a live run touches its file, and how long another host's file may stay untouched
+# before its run counts as dead (docs/reliability.md)
+RENEW_S = 30
+LEASE_S = 120
+# touched by each survey: the filesystem's "now" (a dot: never read as a run)
+CLOCK = ".clock"
+
+# this process's run files -> what stops their renewal
+_leases: dict = {}
 
 
 def record(workdir: str, run_id: str) -> str:
@@ -37,10 +56,21 @@ def record(workdir: str, run_id: str) -> str:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(partial)
+    stop = _leases[path] = threading.Event()
+    threading.Thread(target=_renew, args=(path, stop), daemon=True, name="crank-run-lease").start()
     return path
 
 
+def _renew(path: str, stop: threading.Event) -> None:
+    while not stop.wait(RENEW_S):
+        with contextlib.suppress(OSError):
+            os.utime(path)
+
+
 def forget(path: str) -> None:
+    """Remove a run file (this run's at its end, or a dead run's), ending its renewal."""
+    if (stop := _leases.pop(path, None)) is not None:
+        stop.set()
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
 
@@ -56,11 +86,13 @@ def survey(workdir: str) -> Tuple[Set[str], Set[str]]:
     except FileNotFoundError:
         return set(), set()
     live, dead = set(), set()
+    now = _filesystem_now(directory)
     for run_id in names:
         path = os.path.join(directory, run_id)
         try:
             with open(path) as f:
                 owner = json.load(f)
+                renewed = os.fstat(f.fileno()).st_mtime
         except FileNotFoundError:
             continue  # ended meanwhile
         except ValueError:
@@ -70,7 +102,7 @@ def survey(workdir: str) -> Tuple[Set[str], Set[str]]:
             continue
         if not isinstance(owner, dict):
             forget(path)
-        elif alive(owner):
+        elif alive(owner, now - renewed < LEASE_S):
             live.add(run_id)
         else:
             dead.add(run_id)
@@ -85,10 +117,22 @@ def forget_run(workdir: str, run_id: str) -> None:
     forget(os.path.join(workdir, RUNS_DIR, run_id))
 
 
-def alive(owner: Mapping[str, Any]) -> bool:
-    """Whether the process a run file names still runs."""
+def _filesystem_now(directory: str) -> float:
+    """The time as the filesystem holding the run files sets it (see the module text)."""
+    clock = os.path.join(directory, CLOCK)
+    try:
+        with open(clock, "a"):
+            os.utime(clock)
+        return os.stat(clock).st_mtime
+    except OSError:  # a directory we cannot write to: our clock is all there is
+        return time.time()
+
+
+def alive(owner: Mapping[str, Any], leased: bool) -> bool:
+    """Whether the run a run file names still runs: its process, on this host; elsewhere,
+    whether its lease holds (``leased``)."""
     if owner.get("host") != socket.gethostname():
-        return True
+        return leased
     pid = owner.get("pid")
     if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
         return False

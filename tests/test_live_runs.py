@@ -3,8 +3,10 @@ run's start-up leaves the first run's containers (Docker) and tasks (TES) alone;
 dead run left is still removed (docs/reliability.md, promise 9)."""
 
 import json
+import os
 import socket
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
@@ -145,14 +147,58 @@ def test_a_run_file_names_a_live_run_only_while_its_process_runs(tmp_path):
     # the same pid, started at another time: the pid was reused, that run is dead
     (directory / "reused").write_text(json.dumps({**owner, "started": owner["started"] + 1}))
     (directory / "elsewhere").write_text(json.dumps({**owner, "host": "another-host"}))
+    # another host's run whose lease lapsed: dead, whatever its host (a container's new name)
+    (directory / "lapsed").write_text(json.dumps({**owner, "host": "another-host"}))
+    lapsed = time.time() - runs.LEASE_S - 60
+    os.utime(directory / "lapsed", (lapsed, lapsed))
     (directory / "garbage").write_text("{")
     dead = subprocess.Popen(["true"])
     dead.wait()
     (directory / "dead").write_text(json.dumps({**owner, "pid": dead.pid}))
-    assert runs.survey(str(tmp_path)) == ({"mine", "elsewhere"}, {"reused", "dead"})
+    assert runs.survey(str(tmp_path)) == ({"mine", "elsewhere"}, {"reused", "dead", "lapsed"})
     # a dead run's file stays for the run that adopts its tasks; garbage goes
-    assert sorted(p.name for p in directory.iterdir()) == ["dead", "elsewhere", "mine", "reused"]
+    assert sorted(p.name for p in directory.iterdir() if not p.name.startswith(".")) == [
+        "dead", "elsewhere", "lapsed", "mine", "reused"]
     runs.forget_run(str(tmp_path), "dead")
     runs.forget_run(str(tmp_path), "reused")
+    runs.forget_run(str(tmp_path), "lapsed")
     runs.forget(path)
     assert runs.live_runs(str(tmp_path)) == {"elsewhere"}
+
+
+def test_a_live_run_renews_its_lease(tmp_path, monkeypatch):
+    monkeypatch.setattr(runs, "RENEW_S", 0.05)
+    path = runs.record(str(tmp_path), "mine")
+    try:
+        long_ago = time.time() - 3600
+        os.utime(path, (long_ago, long_ago))
+        wait_for(lambda: os.stat(path).st_mtime > long_ago + 3000, 10, "the lease to be renewed")
+    finally:
+        runs.forget(path)
+    assert not os.path.exists(path)
+
+
+def test_a_killed_run_of_another_host_is_dead_once_its_lease_lapsed(crank, docker_api, tmp_path):
+    """Snakemake in a container has a new host name each time: the rerun cannot check the
+    killed run's process, but its lease lapsed, so it adopts the task (no second writer of
+    a.txt) and removes the dead run's file."""
+    workdir = workflow(tmp_path)
+    first, run_a, running = start_run_a(crank, workdir)
+    first.kill()
+    first.wait()
+    path = workdir / runs.RUNS_DIR / run_a
+    path.write_text(json.dumps({**json.loads(path.read_text()), "host": "a-container-gone"}))
+    lapsed = time.time() - runs.LEASE_S - 60
+    os.utime(path, (lapsed, lapsed))
+    second = crank.start(workdir, "a.txt", "--rerun-incomplete")
+    try:
+        wait_for(lambda: len(run_files(workdir)) == 2, 60, "the rerun's file")
+        let_a_finish(crank, docker_api, running, workdir)
+        stderr = finish(second)
+    finally:
+        second.kill()
+    assert "adopts the" in stderr, stderr[-3000:]
+    assert (workdir / "a.txt").read_text() == "a\n"
+    if crank.backend == "tes":
+        assert len(tasks_of(crank.tes, workdir)) == 1
+    assert run_files(workdir) == []
