@@ -22,11 +22,13 @@ Imports nothing of crank's, nor Snakemake.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import socket
 import threading
 import time
+import uuid
 from typing import Any, Mapping, Optional, Set, Tuple
 
 RUNS_DIR = os.path.join(".snakemake", "crank", "runs")
@@ -36,6 +38,9 @@ RENEW_S = 30
 LEASE_S = 120
 # touched by each survey: the filesystem's "now" (a dot: never read as a run)
 CLOCK = ".clock"
+
+# a random id made once per workdir: see origin
+ORIGIN = os.path.join(".snakemake", "crank", "origin")
 
 # this process's run files -> what stops their renewal
 _leases: dict = {}
@@ -65,6 +70,30 @@ def _renew(path: str, stop: threading.Event) -> None:
     while not stop.wait(RENEW_S):
         with contextlib.suppress(OSError):
             os.utime(path)
+
+
+@functools.lru_cache(maxsize=16)
+def origin(workdir: str) -> str:
+    """What tells this workdir from another one at the same path: a random id made by the
+    first run in it. Every host that sees the workdir on a shared filesystem reads the same
+    id; two machines (cloud VMs, CI runners) with their own ``/home/ubuntu/proj`` make two.
+    Tasks and containers carry it, and a run leaves those of another origin alone."""
+    path = os.path.join(workdir, ORIGIN)
+    with contextlib.suppress(FileNotFoundError):
+        with open(path) as f:
+            return f.read().strip()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    partial = f"{path}.{uuid.uuid4().hex}.partial"
+    with open(partial, "w") as f:
+        f.write(uuid.uuid4().hex + "\n")
+    try:
+        os.link(partial, path)  # whole or not at all; the first of two runs racing wins
+    except FileExistsError:
+        pass
+    finally:
+        os.unlink(partial)
+    with open(path) as f:
+        return f.read().strip()
 
 
 def forget(path: str) -> None:

@@ -2,6 +2,7 @@
 run's start-up leaves the first run's containers (Docker) and tasks (TES) alone; what a
 dead run left is still removed (docs/reliability.md, promise 9)."""
 
+import contextlib
 import json
 import os
 import socket
@@ -10,9 +11,12 @@ import time
 import uuid
 from pathlib import Path
 
+import docker.errors
+import pytest
+
 from snakemake_executor_plugin_crank import runs
 
-from conftest import tasks_of, wait_for
+from conftest import BUSYBOX, containers_of, snakemake, tasks_of, wait_for
 
 # rule a runs until the test creates "go" in the workdir (at most two minutes)
 SNAKEFILE = """
@@ -202,3 +206,27 @@ def test_a_killed_run_of_another_host_is_dead_once_its_lease_lapsed(crank, docke
     if crank.backend == "tes":
         assert len(tasks_of(crank.tes, workdir)) == 1
     assert run_files(workdir) == []
+
+
+@pytest.mark.docker
+def test_a_container_of_another_directory_at_the_same_path_is_left_alone(docker_api, tmp_path):
+    """A shared engine, two machines running in the same path: the other one's container
+    survives this run's start, with one line; a crashed run's of this directory does not."""
+    workdir = workflow(tmp_path)
+    labels = {"crank.workdir": str(workdir), "crank.run": "crashed", "crank.job": "1"}
+    made = [docker_api.create_container(BUSYBOX, ["sleep", "600"], labels={**labels, **extra})["Id"]
+            for extra in ({}, {"crank.origin": "another-machine"})]
+    for container in made:
+        docker_api.start(container)
+    ours, theirs = made
+    try:
+        done = snakemake(workdir, "b.txt")
+        assert done.returncode == 0, done.stderr[-3000:]
+        said = [line for line in done.stderr.splitlines() if "come from another directory at this path" in line]
+        assert len(said) == 1 and "1 container(s)" in said[0], done.stderr[-3000:]
+        assert docker_api.inspect_container(theirs)["State"]["Running"]
+        assert [c["Id"] for c in containers_of(docker_api, workdir)] == [theirs]
+    finally:
+        for container in made:
+            with contextlib.suppress(docker.errors.NotFound):
+                docker_api.remove_container(container, force=True)

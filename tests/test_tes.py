@@ -17,10 +17,11 @@ from snakemake.common.tests import TestWorkflowsLocalStorageBase
 from snakemake.settings import types as settings
 from tes import Task as TesTask
 
-from snakemake_executor_plugin_crank import ExecutorSettings
+from snakemake_executor_plugin_crank import ExecutorSettings, runs
 from snakemake_executor_plugin_crank.backends.tes import layout
 from snakemake_executor_plugin_crank.backends.tes.backend import (
     STATES,
+    TAG_ORIGIN,
     TAG_RUN,
     TAG_WORKDIR,
     TesOptions,
@@ -176,6 +177,9 @@ def test_tasks_of_a_crashed_run_are_canceled_at_start(tes, tmp_path):
     other = requests.post(f"{tes.url}/v1/tasks", json={
         **body, "tags": {TAG_RUN: "crashed", TAG_WORKDIR: workdir_tag(str(tmp_path / "other"))}},
         timeout=30).json()["id"]
+    # another machine's workdir at the same path (a CI runner, a cloud VM)
+    elsewhere = requests.post(f"{tes.url}/v1/tasks", json={
+        **body, "tags": {**body["tags"], TAG_ORIGIN: "another-machine"}}, timeout=30).json()["id"]
     try:
         done = tes_run(tes, workdir, "greedy", "--max-threads", "1")
         assert done.returncode == 0, done.stderr
@@ -185,8 +189,14 @@ def test_tasks_of_a_crashed_run_are_canceled_at_start(tes, tmp_path):
 
         assert state(orphan) in ("CANCELED", "CANCELING")
         assert state(other) in NON_TERMINAL  # another workdir's run is left alone
+        assert state(elsewhere) in NON_TERMINAL
+        said = [line for line in done.stderr.splitlines() if "come from another directory at this path" in line]
+        assert len(said) == 1 and "1 task(s)" in said[0], done.stderr[-3000:]
+        [mine] = [t for t in tasks_of(tes, workdir) if t["id"] not in (orphan, elsewhere)]
+        assert mine["tags"][TAG_ORIGIN] == runs.origin(str(workdir))
     finally:
-        requests.post(f"{tes.url}/v1/tasks/{other}:cancel", timeout=30)
+        for task_id in (other, elsewhere):
+            requests.post(f"{tes.url}/v1/tasks/{task_id}:cancel", timeout=30)
 
 
 # ---------------------------------------------------------------- faults (docs/reliability.md)

@@ -28,8 +28,8 @@ class DockerBackend:
         self.options = options
         self.client, self._capacity = engine.connect(options)
         self.api = self.client.api
-        self.images = images = Images(self.api, options.pull, report or (lambda line: None),
-                        options.hints.tolerance)
+        self.report = report or (lambda line: None)
+        self.images = images = Images(self.api, options.pull, self.report, options.hints.tolerance)
         self.cold = ColdRunner(self.api, run_id, workdir, options, images)
         self.warm: Optional[WarmPool] = None
         if options.warm:
@@ -63,6 +63,11 @@ class DockerBackend:
         other containers and runners' directories of runs that are gone."""
         keep = {self.run_id, *live_runs}
         rows = engine.containers(self.api, LABEL_WORKDIR, self.workdir)
+        others = [row for row in rows if engine.foreign(row, self.workdir)]
+        if others:
+            self.report(f"{len(others)} container(s) on the Docker engine come from another directory "
+                        "at this path (another machine or user); left alone")
+            rows = [row for row in rows if row not in others]
         present = {row["Id"] for row in rows}
         found: List[Orphan] = []
         spared = set()

@@ -19,6 +19,7 @@ import docker.errors
 import docker.types
 import requests
 
+from ... import runs
 from ...errors import BackendUnavailable, CrankError, ImageUnavailable
 from ...task import Capacity, TaskSpec
 from ..adoption import key_of, stat_identity
@@ -27,6 +28,7 @@ from ..stamps import seconds_between
 LABEL_RUN = "crank.run"
 LABEL_JOB = "crank.job"
 LABEL_WORKDIR = "crank.workdir"
+LABEL_ORIGIN = "crank.origin"  # runs.origin: tells apart two workdirs at the same path
 # a task's container: what it does (adoption.key_of) and which files it writes
 LABEL_KEY = "crank.key"
 LABEL_PRODUCTS = "crank.products"
@@ -140,7 +142,14 @@ def short(error: Exception) -> str:
 
 def labels(run_id: str, job_id: str, workdir: str) -> Dict[str, str]:
     """The labels every container of a run carries (orphan removal lists by them)."""
-    return {LABEL_RUN: run_id, LABEL_JOB: job_id, LABEL_WORKDIR: workdir}
+    return {LABEL_RUN: run_id, LABEL_JOB: job_id, LABEL_WORKDIR: workdir, LABEL_ORIGIN: runs.origin(workdir)}
+
+
+def foreign(row: Mapping[str, Any], workdir: str) -> bool:
+    """A container of another directory at the workdir's path (another machine or user on a
+    shared engine, see runs.origin); one made by an older crank carries no origin: ours."""
+    theirs = (row.get("Labels") or {}).get(LABEL_ORIGIN)
+    return theirs is not None and theirs != runs.origin(workdir)
 
 
 def containers(api, label: str, value: str) -> List[Mapping[str, Any]]:

@@ -22,6 +22,7 @@ from typing import Any, Callable, Collection, Dict, List, Mapping, Optional, Seq
 
 import tes
 
+from ... import runs
 from ...errors import BackendUnavailable, CrankError
 from ...staging.digest import sha256_file
 from ...staging import tree
@@ -38,6 +39,7 @@ TAG_RUN = "crank-run"
 TAG_JOB = "crank-job"
 TAG_RULE = "crank-rule"
 TAG_WORKDIR = "crank-workdir"
+TAG_ORIGIN = "crank-origin"  # runs.origin: tells apart two workdirs at the same path
 TAG_SUBMISSION = "crank-submission"
 # what the task does (adoption.key_of) and which files it writes: a later run adopts it
 TAG_KEY = "crank-key"
@@ -236,7 +238,8 @@ class TesBackend:
         self._sources_lock = threading.Lock()
         self._source_sets: Dict[Tuple[str, ...], Tuple[str, str]] = {}
         self._closing = False
-        self.tags = {TAG_RUN: run_id, TAG_WORKDIR: workdir_tag(self.workdir)}
+        self.tags = {TAG_RUN: run_id, TAG_WORKDIR: workdir_tag(self.workdir),
+                     TAG_ORIGIN: runs.origin(self.workdir)}
         # one per run whose tasks this run follows: its own, and those it adopted from
         self.monitors: Dict[str, Monitor] = {run_id: Monitor(api, TAG_RUN, run_id)}
         self.orphans: Orphans[Tuple[str, str]] = Orphans()  # (task id, submission tag)
@@ -252,11 +255,14 @@ class TesBackend:
         """Keep the dead runs' tasks that can be adopted (running, or ended by themselves
         while nobody watched); cancel the other non-terminal tasks of runs that are gone."""
         keep = {self.run_id, *live_runs}
-        stale, found = [], []
+        stale, found, others = [], [], 0
         for t in self.api.list_tasks(TAG_WORKDIR, self.tags[TAG_WORKDIR], view="BASIC"):
             tags = t.tags or {}
             run = tags.get(TAG_RUN)
             if run in keep:
+                continue
+            if tags.get(TAG_ORIGIN, self.tags[TAG_ORIGIN]) != self.tags[TAG_ORIGIN]:
+                others += t.state in NON_TERMINAL  # tasks of older cranks carry none: ours
                 continue
             adoptable = t.state in NON_TERMINAL or t.state in ADOPTABLE_ENDS
             if run in dead_runs and adoptable and tags.get(TAG_KEY) and ":" in tags.get(TAG_SUBMISSION, ""):
@@ -265,6 +271,9 @@ class TesBackend:
                                     started=executor_start(t)))
             elif t.state in NON_TERMINAL:
                 stale.append(t.id)
+        if others:
+            self.report(f"{others} task(s) on the TES server come from another directory at this "
+                        "path (another machine or user); left alone")
         for task_id in stale:
             self.api.cancel_task(task_id)
         self.orphans = Orphans(self._uncollected(found))
