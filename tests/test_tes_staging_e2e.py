@@ -149,3 +149,30 @@ def test_ctrl_c_does_not_wait_for_an_upload(aws_env, tmp_path):
     assert live_tasks(aws_env, workdir) == []
     assert not (workdir / "n.txt").exists()
     (workdir / "big.bin").unlink()
+
+
+def test_objects_the_store_lost_cost_one_resubmission_not_a_retry(aws_env, tmp_path):
+    """A lifecycle rule (here: a delete) removed the input's object and the sources archive
+    that the digest database trusts for days: the next run's task cannot fetch them; crank
+    sends them again and submits the task once more, with --retries 0."""
+    workdir = new_workdir(tmp_path, 'rule copy:\n    input: "in.txt"\n    output: "out.txt"\n'
+                                    '    shell: "cat {input} > {output}"\n')
+    (workdir / "in.txt").write_text("kept\n")
+    os.utime(workdir / "in.txt", (OLD, OLD))
+    changed = (workdir / "in.txt").stat().st_ctime_ns
+    # settled: the digest database keeps it
+    wait_for(lambda: time.time_ns() - changed > 2_000_000_000, 10, "the input to settle")
+    first = tes_run(aws_env, workdir)
+    assert first.returncode == 0, first.stderr[-3000:]
+    store = Store.from_url(aws_env.prefix(workdir.parent.name), aws_env.s3.endpoint)
+    digest = hashlib.sha256(b"kept\n").hexdigest()
+    lost = [file_key(digest)] + [key for key, _ in store.list("sources/")]
+    for key in lost:
+        store.delete(key)
+    assert store.head(file_key(digest)) is None
+    again = tes_run(aws_env, workdir, "-F", "--retries", "0")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (workdir / "out.txt").read_text() == "kept\n"
+    said = [line for line in again.stderr.splitlines() if "could not fetch its inputs" in line]
+    assert len(said) == 1, again.stderr[-3000:]
+    assert store.head(file_key(digest)) is not None

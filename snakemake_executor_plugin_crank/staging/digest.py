@@ -39,8 +39,8 @@ TABLE = "digests_v2"
 # table of its own: the digest tables keep their meaning, and an older crank never reads it.
 STORED = "stored_v1"
 # How long such an entry is trusted without asking the store again. Objects removed within this
-# time (by hand; lifecycle rules usually keep objects for weeks) cost a job its first attempt:
-# the task fails with SYSTEM_ERROR, the backend forgets its inputs and the retry sends them.
+# time (by hand, by a lifecycle rule) fail the task that needs them in SYSTEM_ERROR; the TES
+# backend forgets its inputs and submits it once more, which sends them again.
 STORED_TRUST_NS = 7 * 24 * 3600 * 1_000_000_000
 
 # (size, mtime_ns, inode, device, ctime_ns)

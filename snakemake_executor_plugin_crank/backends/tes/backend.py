@@ -204,6 +204,7 @@ class _Submission:
     canceled: bool = False
     last_state: Optional[str] = None
     digests: Tuple[str, ...] = ()  # of its inputs
+    resubmitted: bool = False  # once, after a SYSTEM_ERROR before its command started
 
 
 class TesBackend:
@@ -444,12 +445,37 @@ class TesBackend:
                 states[h] = State.QUEUED if not (sub.future and sub.future.done()) else State.CANCELED
             elif sub.tes_id in listed:
                 sub.last_state = listed[sub.tes_id]
-                states[h] = STATES.get(sub.last_state, State.QUEUED)
+                lost_inputs = sub.last_state == "SYSTEM_ERROR" and self._resubmit_without_inputs(sub)
+                states[h] = State.QUEUED if lost_inputs else STATES.get(sub.last_state, State.QUEUED)
             elif self._monitor_of(sub).young(sub.tes_id):
                 states[h] = State.QUEUED
             else:
                 states[h] = State.LOST
         return states
+
+    def _resubmit_without_inputs(self, sub: _Submission) -> bool:
+        """A task that ended in SYSTEM_ERROR before its command started could not fetch its
+        inputs: an object this run, or the digest database, took to be in the store may have
+        been removed (a lifecycle rule, a colleague's clean-up). Once per job attempt, and
+        without charging Snakemake's --retries: look the inputs and the sources up again,
+        send what is missing, and submit anew. Whether it was submitted again."""
+        if sub.resubmitted or sub.canceled or self._closing or sub.run != self.run_id:
+            return False  # an adopted task's failure is reported as it came
+        try:
+            if executor_start(self.api.get_task(sub.tes_id, view="BASIC")) is not None:
+                return False  # the command ran: a failure of its own
+        except HttpError:
+            return False
+        self.stager.forget(sub.digests)
+        with self._sources_lock:
+            self._source_sets.clear()
+        self.report(f"{sub.task.label}: task {sub.tes_id} could not fetch its inputs (SYSTEM_ERROR); "
+                    "sending them again and submitting it once more")
+        self._monitor_of(sub).remove(sub.tes_id)
+        sub.resubmitted, sub.tes_id, sub.last_state = True, None, None
+        sub.tag += "-again"  # a lookup after a lost create answer must not find the failed one
+        sub.future = self._pool.submit(self._stage_and_create, sub)
+        return True
 
     def _lose_sight(self, subs: Sequence[_Submission], error: HttpError) -> None:
         """Fail the created tasks with the server's refusal, once; cancel them if it lets."""
