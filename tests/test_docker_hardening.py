@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from snakemake_executor_plugin_crank.backends import logs
+from snakemake_executor_plugin_crank.backends.docker.adopted import LeftExec
 from snakemake_executor_plugin_crank.task import TaskSpec
 
 from conftest import snakemake, wait_for
@@ -347,3 +348,17 @@ def test_a_long_script_is_never_written_through_a_symlink_a_job_planted(docker_a
     finally:
         backend.close()
     assert victim.read_text() == "untouched\n"
+
+
+def test_an_exit_code_file_a_job_made_a_fifo_does_not_hang_the_next_start(tmp_path):
+    """The log scratch is the job's to write: its own ``.rc`` made a FIFO once left the rerun
+    that looks at what the dead run left stuck before the DAG was built."""
+    (tmp_path / "logs").mkdir()
+    os.mkfifo(tmp_path / "logs" / "a-1-1.rc")
+    left = LeftExec(key="k", products="p", name="a-1-1", exec_id="e", runner="r",
+                    host_dir=str(tmp_path), started=0.0)
+    codes = []
+    reader = threading.Thread(target=lambda: codes.append(left.exit_code()), daemon=True)
+    reader.start()
+    reader.join(timeout=30)
+    assert codes == [None]
