@@ -36,8 +36,6 @@ RUNS_DIR = os.path.join(".snakemake", "crank", "runs")
 # before its run counts as dead (docs/reliability.md)
 RENEW_S = 30
 LEASE_S = 120
-# touched by each survey: the filesystem's "now" (a dot: never read as a run)
-CLOCK = ".clock"
 
 # a random id made once per workdir: see origin
 ORIGIN = os.path.join(".snakemake", "crank", "origin")
@@ -147,12 +145,16 @@ def forget_run(workdir: str, run_id: str) -> None:
 
 
 def _filesystem_now(directory: str) -> float:
-    """The time as the filesystem holding the run files sets it (see the module text)."""
-    clock = os.path.join(directory, CLOCK)
+    """The time as the filesystem holding the run files sets it (see the module text): that
+    of a file made there and removed at once."""
+    clock = os.path.join(directory, f".clock-{uuid.uuid4().hex}")
     try:
-        with open(clock, "a"):
-            os.utime(clock)
-        return os.stat(clock).st_mtime
+        with open(clock, "x"):
+            pass
+        try:
+            return os.stat(clock).st_mtime
+        finally:
+            os.unlink(clock)
     except OSError:  # a directory we cannot write to: our clock is all there is
         return time.time()
 
