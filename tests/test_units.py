@@ -283,3 +283,45 @@ def test_a_tes_answer_that_says_nothing_was_done_is_asked_again(status, transien
         assert isinstance(caught.value, BackendUnavailable) is transient
     finally:
         server.shutdown()
+
+
+def test_a_gateway_that_answers_the_first_page_for_ever_ends_the_listing():
+    """A gateway that drops query strings, in front of a server holding more than one page:
+    every request gets page 1 and a next_page_token. The listing ends at the second answer
+    with one line naming the server, instead of paging for ever."""
+    import http.server
+    import json
+    import threading
+
+    from snakemake_executor_plugin_crank.backends.tes.api import TesApi
+    from snakemake_executor_plugin_crank.backends.tes.http import Session
+    from snakemake_executor_plugin_crank.errors import CrankError
+
+    asked = []
+
+    class FirstPage(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            asked.append(self.path)
+            body = json.dumps({"tasks": [{"id": "t1", "state": "RUNNING", "tags": {"k": "v"}}],
+                               "next_page_token": "page-2"}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FirstPage)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        api = TesApi(Session(base, retries=0), report=lambda line: None)
+        for view in ("MINIMAL", "BASIC"):
+            asked.clear()
+            with pytest.raises(CrankError, match="answers GET /v1/tasks with a page it sent before") as caught:
+                api.list_tasks("k", "v", view=view)
+            assert base in str(caught.value) and len(asked) == 2
+    finally:
+        server.shutdown()

@@ -104,6 +104,8 @@ class TesApi:
         py-tes's own ``list_tasks`` sends no tag filter, hence this request."""
         found: List[tes.Task] = []
         token = None
+        tokens_seen: set = set()
+        ids_seen: set = set()
         while True:
             params = {"tag_key": tag_key, "tag_value": tag_value, "view": view, "page_size": PAGE_SIZE}
             if state:
@@ -115,6 +117,16 @@ class TesApi:
             if view == "MINIMAL":
                 answer = minimal(answer)
             page = self._parse(answer or {}, tes.ListTasksResponse, "GET /v1/tasks", "a task list")
+            ids = {t.id for t in page.tasks or []}
+            if page.tasks and (page.next_page_token in tokens_seen or ids <= ids_seen):
+                # a gateway that drops the query string answers the first page for ever; a
+                # listing cut short would make crank cancel or adopt on half the truth
+                raise CrankError(
+                    f"the TES server at {self.http.base} answers GET /v1/tasks with a page it sent "
+                    "before (does a gateway in front of it drop the query string?); crank cannot "
+                    "list its tasks: fix the gateway or point --crank-tes-url at the server")
+            tokens_seen.add(page.next_page_token)
+            ids_seen |= ids
             found.extend(page.tasks or [])
             token = page.next_page_token
             if not token or not page.tasks:

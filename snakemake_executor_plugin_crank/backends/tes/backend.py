@@ -430,8 +430,11 @@ class TesBackend:
             try:
                 for monitor in list(self.monitors.values()):
                     listed.update(monitor.round())
-            except HttpError as e:
-                # final (credentials refused, wrong URL): these tasks cannot be followed
+            except BackendUnavailable:
+                raise
+            except CrankError as e:
+                # final (credentials refused, wrong URL, a listing that pages for ever): these
+                # tasks cannot be followed
                 self._lose_sight(subs, e)
         states: Dict[str, State] = {}
         for h in handles:
@@ -477,7 +480,7 @@ class TesBackend:
         sub.future = self._pool.submit(self._stage_and_create, sub)
         return True
 
-    def _lose_sight(self, subs: Sequence[_Submission], error: HttpError) -> None:
+    def _lose_sight(self, subs: Sequence[_Submission], error: CrankError) -> None:
         """Fail the created tasks with the server's refusal, once; cancel them if it lets."""
         for sub in subs:
             if sub.tes_id and sub.error is None:
