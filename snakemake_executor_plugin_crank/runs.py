@@ -9,7 +9,7 @@ A run on another host (another node of a shared filesystem, or Snakemake in a co
 whose host name is new each time) cannot be checked from here: its liveness is a lease. A
 live run touches its file every RENEW_S; a file of another host untouched for LEASE_S is a
 dead run's. "Untouched" is judged by the filesystem's clock, not by ours: the file's mtime
-is compared with that of a file touched here just before, so that only a skew between the
+is compared with that of a file made there just before, so that only a skew between the
 hosts writing (never between their clocks and ours) beyond the lease could mislead.
 
 A run whose process is gone, or whose lease lapsed, but whose file is still there ended
