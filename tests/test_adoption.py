@@ -3,6 +3,7 @@ while its jobs run leaves its tasks running; the next run adopts every task that
 work one of its jobs asks for (no new task or container), reports it as if it had
 submitted it, and cancels the rest. Counted on the engine and on the TES server."""
 
+import os
 import signal
 import subprocess
 import threading
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BASH, BUSYBOX, tasks_of, wait_for
+from conftest import BASH, BUSYBOX, OnTes, tasks_of, wait_for
 
 # long: 40 s; quick ends while no crank runs; bad fails meanwhile; edited is changed
 # between the runs (its new version is short); timed outlives its 1 min wall time
@@ -229,7 +230,7 @@ def test_a_detached_run_is_adopted_by_the_next(crank, tmp_path):
 
 STALE = """
 rule copy:
-    input: "in.txt"
+    input: "in.txt", "plain.txt"
     output: "out.txt"
     {container}
     shell: "cat {{input}} > {{output}}; echo started > started; sleep 8"
@@ -237,12 +238,14 @@ rule copy:
 
 
 def test_what_changed_behind_a_link_or_under_a_tag_is_not_adopted(crank, tmp_path, docker_api):
-    """Killed while it runs; then the content behind the input's link is rewritten (and on
-    Docker the rule's image tag moved to another image): the rerun does the work anew, as
-    the local executor would, and the old task is canceled."""
+    """Killed while it runs; then the content behind the input's link is rewritten, another
+    input rewritten keeping its size and mtime (``cp -p``), and on Docker the rule's image tag
+    moved to another image: the rerun does the work anew, as the local executor would, and
+    the old task is canceled."""
     workdir = tmp_path / uuid.uuid4().hex / "wf"
     (workdir / "data").mkdir(parents=True)
     (workdir / "data" / "real.txt").write_text("old\n")
+    (workdir / "plain.txt").write_text("AAAA\n")
     (workdir / "in.txt").symlink_to("data/real.txt")
     docker = crank.backend == "docker"
     tag = f"crank-test/retag-{uuid.uuid4().hex[:12]}:1"
@@ -258,13 +261,16 @@ def test_what_changed_behind_a_link_or_under_a_tag_is_not_adopted(crank, tmp_pat
             kill_hard(first)
         assert crank.run(workdir, "--unlock").returncode == 0
         (workdir / "data" / "real.txt").write_text("new\n")
+        kept = (workdir / "plain.txt").stat()
+        (workdir / "plain.txt").write_text("BBBB\n")
+        os.utime(workdir / "plain.txt", ns=(kept.st_atime_ns, kept.st_mtime_ns))
         if docker:
             bash = docker_api.inspect_image(BASH)["Id"]
             docker_api.tag(bash, tag)  # the same tag, another image
         done = crank.run(workdir, "--rerun-incomplete", timeout=180)
         assert done.returncode == 0, done.stderr[-3000:]
         assert "adopts the" not in done.stderr, done.stderr[-3000:]
-        assert (workdir / "out.txt").read_text() == "new\n"
+        assert (workdir / "out.txt").read_text() == "new\nBBBB\n"
         if docker:
             assert crank.live(workdir) == []
         else:
@@ -273,3 +279,28 @@ def test_what_changed_behind_a_link_or_under_a_tag_is_not_adopted(crank, tmp_pat
     finally:
         if docker:
             docker_api.remove_image(tag, force=True)
+
+
+@pytest.mark.tes
+def test_a_rerun_with_another_storage_prefix_does_the_work_anew(tes, tmp_path):
+    """The killed run's task leaves its results under its own prefix: a rerun told another
+    one runs the job again rather than adopt a task whose results it would look for
+    elsewhere (once: "exit code 0; the task came back without its exit code")."""
+    workdir = tmp_path / uuid.uuid4().hex / "wf"
+    workdir.mkdir(parents=True)
+    (workdir / "in.txt").write_text("in\n")
+    (workdir / "plain.txt").write_text("plain\n")
+    (workdir / "Snakefile").write_text(STALE.format(container=""))
+    crank = OnTes(tes)
+    first = crank.start(workdir)
+    try:
+        wait_for(lambda: crank.running(workdir), 90, "the task to run")
+    finally:
+        kill_hard(first)
+    assert crank.run(workdir, "--unlock").returncode == 0
+    elsewhere = tes.prefix(f"{workdir.parent.name}-moved")
+    done = crank.run(workdir, "--rerun-incomplete", "--crank-storage-prefix", elsewhere, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "adopts the" not in done.stderr, done.stderr[-3000:]
+    assert (workdir / "out.txt").read_text() == "in\nplain\n"
+    assert sorted(t["state"] for t in tasks_of(tes, workdir)) in (["CANCELED", "COMPLETE"], ["CANCELING", "COMPLETE"])
