@@ -1,10 +1,19 @@
 """What a TES status round costs when the server holds many tasks of earlier runs (issue 20:
 requests and bytes per round follow the run's active tasks, whatever else the server's
-database holds; measured with 50,000 earlier tasks).
+database holds; measured with 50,000 earlier tasks); with ``--startup``, what a run's start
+costs when its workdir has a long history (issue 34).
 
     python3 tests/services.py start   # SeaweedFS (Funnel's store); needs `funnel` on PATH
     set -a; . ~/.cache/crank-test/s3.env; set +a
     nice -n 19 python3 bench/tes_history.py [--earlier 50000] [--jobs 300]
+    nice -n 19 python3 bench/tes_history.py --startup [--earlier 10000]
+
+``--startup``: a Funnel of its own with ``Compute: noop`` holds, for one workdir, 5 tasks of
+a dead run still queued and E ended tasks of earlier runs of that workdir (a run of 1,000
+each, created and canceled). crank's start (``gather_orphans``: a list per active state, and
+per dead run a list per adoptable end) is measured against one list of the workdir's every
+task (what a start did before), each with an empty history and with E tasks: wall time,
+crank's CPU and Python's peak memory (medians of 3).
 
 It starts a Funnel of its own (loopback, free ports, a database in a temporary directory)
 and runs the same workflow of N no-op jobs through crank twice, each as one whole `snakemake`
@@ -120,15 +129,106 @@ def list_and_get_ms(url: str, repeat: int = 8) -> tuple:
     return statistics.median(lists) * 1000, statistics.median(gets) * 1000 if gets else float("nan")
 
 
+def workdir_history(url: str, workdir: str, n: int, runs: tuple, threads: int = 8) -> None:
+    """``n`` ended tasks of the workdir's earlier runs (1,000 a run, created and canceled),
+    and 5 tasks a dead run left queued (``runs``: (dead run, its origin))."""
+    from snakemake_executor_plugin_crank.backends.tes.backend import (
+        TAG_KEY, TAG_ORIGIN, TAG_RUN, TAG_SUBMISSION, TAG_WORKDIR, workdir_tag)
+
+    dead, origin = runs
+    session = requests.Session()
+
+    def create(i: int, run: str) -> str:
+        tags = {TAG_WORKDIR: workdir_tag(workdir), TAG_RUN: run, TAG_ORIGIN: origin,
+                TAG_SUBMISSION: f"{run}:{i}-1", TAG_KEY: f"key-{run}-{i}"}
+        body = {"name": f"{run}-{i}", "tags": tags, "executors": [{"image": IMAGE, "command": ["true"]}]}
+        answer = session.post(f"{url}/v1/tasks", json=body, timeout=60)
+        answer.raise_for_status()
+        return answer.json()["id"]
+
+    with ThreadPoolExecutor(threads) as pool:
+        ended = list(pool.map(lambda i: create(i, f"earlier-{i // 1000}"), range(n)))
+        list(pool.map(lambda t: session.post(f"{url}/v1/tasks/{t}:cancel", timeout=60).raise_for_status(), ended))
+        list(pool.map(lambda i: create(i, dead), range(5)))
+
+
+def measure_start(url: str, workdir: str, dead: str, prefix: str, repeat: int = 3) -> dict:
+    """crank's start against one list of every task of the workdir: medians of wall, CPU
+    and peak Python memory."""
+    import tracemalloc
+
+    from snakemake_executor_plugin_crank.backends.tes.backend import TAG_WORKDIR, TesOptions, workdir_tag
+    from snakemake_executor_plugin_crank.settings import open_tes_backend
+
+    results = {}
+    for name in ("crank", "whole history"):
+        samples = []
+        for _ in range(repeat):
+            backend = open_tes_backend(f"bench-{time.monotonic_ns()}", workdir,
+                                       TesOptions(url=url, storage_prefix=prefix))
+            try:
+                tracemalloc.start()
+                wall, cpu = time.perf_counter(), time.process_time()
+                if name == "crank":
+                    backend.gather_orphans(set(), {dead})
+                    backend.orphans.take_all()
+                else:
+                    backend.api.list_tasks(TAG_WORKDIR, workdir_tag(workdir), view="BASIC")
+                wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+                peak = tracemalloc.get_traced_memory()[1]
+                tracemalloc.stop()
+                samples.append((wall, cpu, peak))
+            finally:
+                backend.close()
+        results[name] = tuple(statistics.median(x[i] for x in samples) for i in range(3))
+    return results
+
+
+def startup(args, s3_env: dict) -> None:
+    from snakemake_executor_plugin_crank import runs
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="crank-startup-") as tmp:
+        funnel = OwnFunnel(Path(tmp), s3_env)
+        workdir = str(Path(tmp) / "wf")
+        os.makedirs(workdir)
+        dead = "dead-run"
+        try:
+            funnel.start("noop")
+            for earlier in (0, args.earlier):
+                if earlier:
+                    workdir_history(funnel.url, workdir, earlier, (dead, runs.origin(workdir)))
+                held = scale.server_tasks(funnel.url)
+                rows.append((held, measure_start(funnel.url, workdir, dead, args.prefix)))
+                print(f"measured with {held} tasks on the server", flush=True)
+        finally:
+            funnel.stop()
+    print("\n| tasks of the workdir | start | wall | crank CPU | peak Python memory |")
+    print("| --- | --- | --- | --- | --- |")
+    for held, result in rows:
+        for name, (wall, cpu, peak) in result.items():
+            print(f"| {held} | {name} | {wall * 1000:.0f} ms | {cpu * 1000:.0f} ms | {peak / 2**20:.1f} MiB |")
+    held, last = rows[-1]
+    (w, c, p), (w0, c0, p0) = last["crank"], last["whole history"]
+    print(f"\nwith {held} tasks, the whole history against crank's start: wall {w0 / w:.1f}x, "
+          f"CPU {c0 / c:.1f}x, peak memory {p0 / p:.1f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--earlier", type=int, default=50000, help="tasks of earlier runs")
+    parser.add_argument("--earlier", type=int, default=None,
+                        help="tasks of earlier runs (50,000; 10,000 with --startup)")
     parser.add_argument("--jobs", type=int, default=300, help="jobs of the measured workflow")
+    parser.add_argument("--startup", action="store_true", help="measure a run's start instead")
     parser.add_argument("--prefix", default=f"s3://{os.environ.get('CRANK_TEST_BUCKET', 'crank-test')}/history")
     args = parser.parse_args()
     s3_env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
     if "AWS_ENDPOINT_URL" not in s3_env:
         sys.exit("set the S3 variables first: set -a; . ~/.cache/crank-test/s3.env; set +a")
+    if args.startup:
+        args.earlier = 10000 if args.earlier is None else args.earlier
+        return startup(args, s3_env)
+    args.earlier = 50000 if args.earlier is None else args.earlier
     run_args = SimpleNamespace(profile_dir=None, snakemake_args=[], prefix=args.prefix, timeout=None)
     rows = []
     with tempfile.TemporaryDirectory(prefix="crank-history-") as tmp:

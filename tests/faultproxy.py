@@ -15,7 +15,10 @@ time:
   without forwarding; ``"error401"``: answer 401; ``"html200"``: answer 200 with an HTML
   page (a proxy's login or error page);
 - ``"drop_tag_filter"``: forward without the query's tag parameters (``tag_key``,
-  ``tag_value``, ``tags[...]``), as a TES 1.0 server or a gateway that drops them.
+  ``tag_value``, ``tags[...]``), as a TES 1.0 server or a gateway that drops them;
+  ``"drop_filters"``: without the ``state`` parameter too;
+- ``"refuse_filters"``: a request whose query carries a tag or state parameter is answered
+  400 (recorded as ``"error400"``), as a strict TES 1.0 server; others are forwarded.
 
 ``authorize(header)``, when set, is a gateway's check of each request's ``Authorization``
 header (None when absent): a request it refuses is answered 401 (recorded as ``"error401"``).
@@ -63,20 +66,22 @@ CANNED = {
                  b'{"message":"slow down"}'),
     "error503": (b"503 Service Unavailable", JSON + b"Retry-After: {retry_after}\r\n",
                  b'{"message":"busy"}'),
+    "error400": (b"400 Bad Request", JSON, b'{"message":"unknown query parameter"}'),
     "error401": (b"401 Unauthorized", JSON, b'{"message":"token expired"}'),
     "html200": (b"200 OK", b"Content-Type: text/html\r\n",
                 b"<html><body><h1>Please sign in</h1></body></html>\n"),
 }
 TAG_PARAMETER = re.compile(r"^(tag_key|tag_value|tags\[.*\])$")
+FILTER_PARAMETER = re.compile(r"^(tag_key|tag_value|tags\[.*\]|state)$")
 
 
-def _without_tag_filter(head: bytes) -> bytes:
-    """The request head with the tag parameters removed from its query."""
+def _without(head: bytes, parameter: "re.Pattern") -> bytes:
+    """The request head with the query parameters whose name matches removed."""
     line, _, rest = head.partition(b"\r\n")
     method, target, version = line.decode("latin-1").split(" ", 2)
     path, _, query = target.partition("?")
     kept = [p for p in query.split("&")
-            if p and not TAG_PARAMETER.match(unquote(p.partition("=")[0]))]
+            if p and not parameter.match(unquote(p.partition("=")[0]))]
     target = path + ("?" + "&".join(kept) if kept else "")
     return f"{method} {target} {version}".encode("latin-1") + b"\r\n" + rest
 
@@ -179,6 +184,8 @@ class FaultProxy:
             path = re.sub(r"^/v[0-9.]+", "", path.split("?", 1)[0])
             with self._lock:
                 action = self.rule(method, path)
+                if action == "refuse_filters":
+                    action = "error400" if _without(head, FILTER_PARAMETER) != head else "pass"
                 if action == "pass" and self.authorize and not self.authorize(_authorization(head)):
                     action = "error401"
                 self.seen.append((method, path, action))
@@ -196,7 +203,9 @@ class FaultProxy:
                 )
                 return
             if action == "drop_tag_filter":
-                head = _without_tag_filter(head)
+                head = _without(head, TAG_PARAMETER)
+            elif action == "drop_filters":
+                head = _without(head, FILTER_PARAMETER)
             self._forward(conn, head, lose_answer=action == "lose_answer")
         except OSError:
             pass

@@ -16,6 +16,7 @@ import pytest
 import requests
 
 from snakemake_executor_plugin_crank.backends.tes.backend import (
+    TAG_ORIGIN,
     TAG_RUN,
     TAG_SUBMISSION,
     TAG_WORKDIR,
@@ -178,6 +179,69 @@ def test_a_server_that_ignores_tag_filters_never_costs_another_users_task(aws_en
         assert len(said) == 1, said
     finally:
         for task_id in (other, orphan):
+            requests.post(f"{aws_env.url}/v1/tasks/{task_id}:cancel", timeout=30)
+
+
+OLDER_SERVER_SNAKEFILE = """
+rule all:
+    input: "joined.txt", "tree"
+
+rule long:
+    output: "long.txt"
+    shell: "sleep 15; echo long > {output}"
+
+rule tree:
+    input: "in.txt"
+    output: directory("tree")
+    shell: "mkdir -p {output}/sub; cp {input} {output}/sub/copy; ln -s sub/copy {output}/link"
+
+rule joined:
+    input: "in.txt", "long.txt"
+    output: "joined.txt"
+    shell: "cat {input} > {output}"
+"""
+
+
+@pytest.mark.parametrize("filters", ["refuse_filters", "drop_filters"])
+def test_a_tes_1_0_server_runs_the_workflow_and_touches_only_its_own_tasks(aws_env, tmp_path, filters):
+    """Funnel behind a proxy that answers 400 to ListTasks' tag and state filters (a strict
+    TES 1.0 server) or drops them (a server that ignores them): a run killed while its task
+    runs is adopted by the rerun, a dead run's task is canceled, another user's task and a
+    task from the same path on another machine run on, the files are the local executor's,
+    and each run says once that the server is older."""
+    on_tes, local = twin(tmp_path, OLDER_SERVER_SNAKEFILE, {"in.txt": "in\n"})
+    reference = local_run(local)
+    assert reference.returncode == 0, reference.stderr
+    mine = {TAG_WORKDIR: workdir_tag(str(on_tes))}
+    other = user_task(aws_env, {"owner": "somebody else"})
+    elsewhere = user_task(aws_env, {**mine, TAG_RUN: "theirs", TAG_ORIGIN: "another machine"})
+    crashed = user_task(aws_env, {**mine, TAG_RUN: "crashed"})
+    try:
+        wait_for(lambda: {state_of(aws_env, t) for t in (other, elsewhere, crashed)} == {"RUNNING"},
+                 timeout=90, what="the other tasks running")
+        with proxy_to(aws_env) as proxy:
+            proxy.set_rule(lambda method, path: filters if (method, path) == ("GET", "/tasks") else "pass")
+            first = tes_start(aws_env, on_tes, "--crank-tes-url", proxy.url)
+            try:
+                wait_for(lambda: any((t.get("tags") or {}).get(TAG_RUN) not in ("theirs", "crashed")
+                                     for t in running_tasks(aws_env, on_tes)), 90, "the long task running")
+            finally:
+                first.kill()  # SIGKILL: no clean-up at all
+                first.wait()
+            assert tes_run(aws_env, on_tes, "--unlock").returncode == 0
+            done = tes_run(aws_env, on_tes, "--rerun-incomplete", "--crank-tes-url", proxy.url)
+            seen = len(proxy.actions("error400" if filters == "refuse_filters" else filters))
+        assert done.returncode == 0, done.stderr[-3000:]
+        adopted = [line for line in done.stderr.splitlines() if "adopts the" in line]
+        assert any("rule long" in line for line in adopted), done.stderr[-3000:]
+        assert user_files(on_tes) == user_files(local)
+        assert seen >= 2  # start-up and the run's end at least
+        said = [line for line in done.stderr.splitlines() if "as a TES 1.0 server does" in line]
+        assert len(said) == 1, said
+        assert state_of(aws_env, other) == "RUNNING" and state_of(aws_env, elsewhere) == "RUNNING"
+        assert state_of(aws_env, crashed) in ("CANCELED", "CANCELING")
+    finally:
+        for task_id in (other, elsewhere, crashed):
             requests.post(f"{aws_env.url}/v1/tasks/{task_id}:cancel", timeout=30)
 
 

@@ -9,6 +9,7 @@ import pytest
 from tes import Task
 
 from snakemake_executor_plugin_crank.backends.tes import monitor as monitor_module
+from snakemake_executor_plugin_crank.backends.tes.api import TesApi
 from snakemake_executor_plugin_crank.backends.tes.http import HttpError
 from snakemake_executor_plugin_crank.backends.tes.monitor import (
     FEW,
@@ -22,20 +23,23 @@ TAG = ("crank-run", "run-1")
 
 
 class Server:
-    """A task table; ``honours_state``: False for a server that ignores the state filter.
-    Each request takes ``list_s`` or ``get_s`` seconds on a clock of the thread that sent it
-    (``clock``), so what the Monitor measures does not depend on this machine."""
+    """A task table behind TES's two reads, answering as the HTTP session a TesApi sends
+    them through. ``filters`` of ListTasks: "honours" them (Funnel), "ignores state",
+    "ignores" both tag and state, or "refuses" them (400; TES 1.0 servers). Each request
+    takes ``list_s`` or ``get_s`` seconds on a clock of the thread that sent it (``clock``),
+    so what the Monitor measures does not depend on this machine."""
 
-    def __init__(self, honours_state: bool = True, list_s: float = 0.001, get_s: float = 0.01):
-        self.list_s, self.get_s = list_s, get_s
+    base = "http://tes.example"
+
+    def __init__(self, filters: str = "honours", list_s: float = 0.001, get_s: float = 0.01):
+        self.filters, self.list_s, self.get_s = filters, list_s, get_s
         self._time = threading.local()
         self.states: Dict[str, str] = {}
         self.tags: Dict[str, str] = {}
-        self.honours_state = honours_state
+        self.refuse_gets: Optional[int] = None  # the status every GetTask is answered with
         self.requests: List[tuple] = []
         self.tasks_sent = 0
         self.reported: List[str] = []
-        self.http = type("Http", (), {"base": "http://tes.example"})()
 
     def clock(self) -> float:
         return getattr(self._time, "now", 0.0)
@@ -47,30 +51,35 @@ class Server:
         self.states[task_id] = state
         self.tags[task_id] = run
 
-    # the TesApi methods a Monitor uses
-    def list_tasks(self, tag_key: str, tag_value: str, view: str = "MINIMAL", bounded: bool = False,
-                   state: Optional[str] = None) -> List[Task]:
-        self.requests.append(("list", state))
-        self._spend(self.list_s)
-        found = [Task(id=i, state=s) for i, s in self.states.items() if self.tags[i] == tag_value
-                 and (state is None or not self.honours_state or s == state)]
-        self.tasks_sent += len(found)
-        return found
+    def api(self) -> TesApi:
+        return TesApi(self, self.reported.append)
 
-    def get_task(self, task_id: str, view: str = "FULL") -> Task:
+    def request(self, method: str, path: str, kind: str, params=None, **kwargs):
+        params = params or {}
+        if path == "/v1/tasks":
+            self.requests.append(("list", params.get("state")))
+            self._spend(self.list_s)
+            if self.filters == "refuses" and {"tag_key", "tag_value", "state"} & params.keys():
+                raise HttpError("the TES server refused GET /v1/tasks: HTTP 400: unknown field state", 400)
+            tag = params.get("tag_value") if self.filters in ("honours", "ignores state") else None
+            state = params.get("state") if self.filters == "honours" else None
+            found = [{"id": i, "state": s, "tags": {TAG[0]: self.tags[i]}} for i, s in self.states.items()
+                     if tag in (None, self.tags[i]) and state in (None, s)]
+            self.tasks_sent += len(found)
+            return {"tasks": found}
+        task_id = path.rsplit("/", 1)[1]
         self.requests.append(("get", task_id))
         self._spend(self.get_s)
+        if self.refuse_gets:
+            raise HttpError(f"{self.refuse_gets} from the TES server", self.refuse_gets)
         if task_id not in self.states:
             raise HttpError("404 from the TES server", 404)
         self.tasks_sent += 1
-        return Task(id=task_id, state=self.states[task_id])
-
-    def report(self, line: str) -> None:
-        self.reported.append(line)
+        return {"id": task_id, "state": self.states[task_id]}
 
 
 def watching(server: Server, ids) -> Monitor:
-    monitor = Monitor(server, *TAG, clock=server.clock)
+    monitor = Monitor(server.api(), *TAG, clock=server.clock)
     for task_id in ids:
         monitor.add(task_id)
     return monitor
@@ -139,14 +148,18 @@ def test_few_watched_tasks_are_asked_by_id():
     assert server.requests == [("get", "mine")]
 
 
-def test_a_server_that_ignores_the_state_filter_still_gets_every_state_right():
-    server = Server(honours_state=False)
+@pytest.mark.parametrize("filters", ["ignores state", "ignores"])
+def test_a_server_that_ignores_the_state_filter_still_gets_every_state_right(filters):
+    server = Server(filters)
     for i in range(30):
         server.add(f"t{i}", "COMPLETE" if i < 10 else "RUNNING")
+    server.add("other", "RUNNING", run="run-0")
     monitor = watching(server, [f"t{i}" for i in range(30)])
     expected = {f"t{i}": "COMPLETE" if i < 10 else "RUNNING" for i in range(30)}
     assert monitor.round() == expected
-    assert server.requests == [("list", LISTED_STATES[0])]  # that list held every state
+    # that list held every state: what it did not show running is asked by id
+    assert server.requests[0] == ("list", LISTED_STATES[0])
+    assert sorted(server.requests[1:]) == sorted(("get", f"t{i}") for i in range(10))
     assert len(server.reported) == 1 and "ignores the state filter" in server.reported[0]
     server.requests.clear()
     assert monitor.round() == expected
@@ -158,11 +171,7 @@ def test_a_refusal_of_a_lookup_fails_the_round():
     server = Server()
     server.add("t0", "RUNNING")
     monitor = watching(server, ["t0"])
-
-    def refused(task_id, view="FULL"):
-        raise HttpError("401 from the TES server", 401)
-
-    server.get_task = refused
+    server.refuse_gets = 401
     with pytest.raises(HttpError):
         monitor.round()
 
@@ -170,7 +179,7 @@ def test_a_refusal_of_a_lookup_fails_the_round():
 def test_nothing_watched_asks_nothing():
     server = Server()
     server.add("t0", "RUNNING")
-    assert Monitor(server, *TAG).round() == {}
+    assert Monitor(server.api(), *TAG).round() == {}
     assert server.requests == []
 
 
@@ -203,48 +212,38 @@ def test_a_server_whose_lists_cost_more_than_lookups_is_asked_by_id():
 
 def test_a_server_that_refuses_the_filters_is_asked_by_id():
     """A strict TES 1.0 server answers 400 to the state and tag filters: the round still
-    gets every state, by id, and says so once."""
-    server = Server()
+    gets every state, from one list of the whole server and then by id, and says so once."""
+    server = Server("refuses")
     for i in range(20):
         server.add(f"t{i}", "RUNNING")
     monitor = watching(server, server.states)
-
-    def refused(*args, **kwargs):
-        server.requests.append(("list", None))
-        raise HttpError("the TES server refused GET /v1/tasks: HTTP 400: unknown field state", 400)
-
-    server.list_tasks = refused
     for _ in range(2):
         assert monitor.round() == {f"t{i}": "RUNNING" for i in range(20)}
-    assert server.requests.count(("list", None)) == 1
-    assert len(server.reported) == 1 and "refuses a filtered ListTasks" in server.reported[0]
+    assert [r for r in server.requests if r[0] == "list"] == [("list", "RUNNING"), ("list", None)]
+    assert len(server.reported) == 1 and "refuses the filters of ListTasks" in server.reported[0]
 
 
-@pytest.mark.parametrize("server_kind", ["honours", "ignores", "refuses"])
-def test_a_runs_end_lists_what_is_still_active_not_what_it_finished(server_kind):
+@pytest.mark.parametrize("filters", ["honours", "ignores state", "ignores", "refuses"])
+def test_a_runs_end_lists_what_is_still_active_not_what_it_finished(filters):
     """What the backend cancels at the end of a run (backend.still_active): the run's
     waiting and running tasks, from lists that carry only those when the server honours the
-    state filter; from the whole run when it ignores or refuses (400) the filter."""
+    state filter; from one list of the whole run, or of the whole server, when it ignores or
+    refuses (400) the filters; never another run's task."""
     from snakemake_executor_plugin_crank.backends.tes.backend import still_active
 
-    server = Server(honours_state=server_kind != "ignores")
+    server = Server(filters)
     for i in range(1000):
         server.add(f"done{i}", "COMPLETE")
     for state in ("RUNNING", "QUEUED", "INITIALIZING", "PAUSED"):
         server.add(f"{state.lower()}1", state)
     server.add("other", "RUNNING", run="run-2")
-    if server_kind == "refuses":
-        listed = server.list_tasks
-
-        def list_tasks(*args, state=None, **kwargs):
-            if state is not None:
-                raise HttpError("the TES server refused GET /v1/tasks: HTTP 400: unknown field state", 400)
-            return listed(*args, **kwargs)
-
-        server.list_tasks = list_tasks
-    active = {t.id for t in still_active(server, TAG[1]) if t.state not in ("COMPLETE",)}
+    active = {t.id for t in still_active(server.api(), TAG[1])}
     assert active == {"running1", "queued1", "initializing1", "paused1"}
-    if server_kind == "honours":
-        assert server.tasks_sent == 4 and len(server.requests) == 4
+    lists = [r for r in server.requests if r[0] == "list"]
+    if filters == "honours":
+        assert server.tasks_sent == 4 and len(lists) == 4
+    elif filters == "ignores state":
+        assert server.tasks_sent == 1004 and len(lists) == 1
     else:
-        assert server.tasks_sent == 1004
+        assert server.tasks_sent == 1005 and len(lists) == (1 if filters == "ignores" else 2)
+    assert len(server.reported) == (filters != "honours")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 import time
-from typing import Any, Callable, List, Mapping, Optional, Type, TypeVar
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Type, TypeVar
 
 import attr
 import tes
@@ -75,12 +75,17 @@ Model = TypeVar("Model")
 
 
 class TesApi:
-    """``report(line)`` is told, once, that the server ignores the tag filter."""
+    """``report(line)`` is told, once, that the server refuses or ignores the filters of
+    ListTasks."""
 
     def __init__(self, http: Session, report: Callable[[str], None]):
         self.http = http
         self.report = report
-        self._filter_ignored = False  # said once per run
+        # the server refuses or ignores ListTasks' filters: a listing may hold every task
+        # on the server, and a status round asks for each task by id
+        self.filters_unreliable = False
+        self._filters_refused = False  # 400: listings are sent without them
+        self._said_older = False
 
     def service_info(self) -> Mapping[str, Any]:
         """The server's description; raises BackendUnavailable (Throttled too) for the caller
@@ -92,24 +97,72 @@ class TesApi:
 
     def list_tasks(
         self, tag_key: str, tag_value: str, view: str = "MINIMAL", bounded: bool = False,
-        state: Optional[str] = None,
+        states: Sequence[str] = (),
     ) -> List[tes.Task]:
-        """Every task with the tag (and in ``state``, TES 1.1's filter, which a server may
-        ignore too), following page tokens until the server has no more.
-        ``bounded``: one attempt with a bounded wait (see BOUNDED).
+        """Every task with the tag and, when ``states`` are given, in one of them: one
+        filtered listing per state (TES 1.1's filters), following page tokens.
+        ``bounded``: one attempt per request with a bounded wait (see BOUNDED).
 
-        The server's filter is not trusted (TES 1.0 has none; a proxy may drop the query):
-        with a view that carries tags (BASIC, FULL) only the tasks whose tag is checked here
-        are returned. MINIMAL carries none: use it only to look up ids crank made itself.
-        py-tes's own ``list_tasks`` sends no tag filter, hence this request."""
+        The server's filters are not trusted: a TES 1.0 server refuses them (400) or ignores
+        them, and so does a proxy that drops the query. Then one listing of every task on the
+        server stands for all the states, and the tag and state of each task are checked
+        here (``older`` says so once). MINIMAL carries no tags: use it only to look up ids
+        crank made itself. py-tes's own ``list_tasks`` sends no tag filter, hence this
+        request."""
+        found: Dict[str, tes.Task] = {}
+        for state in states or (None,):
+            tasks, every_state = self._listing(tag_key, tag_value, view, bounded, state)
+            found.update((t.id, t) for t in tasks)
+            if every_state:
+                break
+        listed = [t for t in found.values() if not states or (t.state or "UNKNOWN") in states]
+        if view == "MINIMAL":
+            return listed
+        mine = [t for t in listed if (t.tags or {}).get(tag_key) == tag_value]
+        if len(mine) < len(listed):
+            self.older("ignores the tag filter of ListTasks")
+        return mine
+
+    def older(self, how: str) -> None:
+        """The server refuses or ignores ListTasks' filters, as ``how`` says: said once per
+        run; from then on ``filters_unreliable``."""
+        self.filters_unreliable = True
+        if not self._said_older:
+            self._said_older = True
+            self.report(
+                f"the TES server at {self.http.base} {how}, as a TES 1.0 server does (or a proxy "
+                "that drops query parameters): crank checks every task's tags itself, touches "
+                "only its own, and asks for its running tasks by id")
+
+    def _listing(self, tag_key: str, tag_value: str, view: str, bounded: bool,
+                 state: Optional[str]) -> Tuple[List[tes.Task], bool]:
+        """(the tasks one listing found, whether they stand for every state)."""
+        if not self._filters_refused:
+            params = {"tag_key": tag_key, "tag_value": tag_value}
+            if state:
+                params["state"] = state
+            try:
+                tasks = self._pages(params, view, bounded)
+            except HttpError as e:
+                if e.status != 400:
+                    raise
+                self._filters_refused = True
+                self.older(f"refuses the filters of ListTasks (HTTP {e.status})")
+            else:
+                ignored = state is not None and any((t.state or "UNKNOWN") != state for t in tasks)
+                if ignored:
+                    self.older("ignores the state filter of ListTasks")
+                return tasks, state is None or ignored
+        return self._pages({}, view, bounded), True
+
+    def _pages(self, filters: Mapping[str, str], view: str, bounded: bool) -> List[tes.Task]:
+        """Every page of one listing."""
         found: List[tes.Task] = []
         token = None
         tokens_seen: set = set()
         ids_seen: set = set()
         while True:
-            params = {"tag_key": tag_key, "tag_value": tag_value, "view": view, "page_size": PAGE_SIZE}
-            if state:
-                params["state"] = state
+            params = {**filters, "view": view, "page_size": PAGE_SIZE}
             if token:
                 params["page_token"] = token
             answer = self.http.request("GET", "/v1/tasks", "list", params=params, **(
@@ -130,19 +183,7 @@ class TesApi:
             found.extend(page.tasks or [])
             token = page.next_page_token
             if not token or not page.tasks:
-                break
-        if view == "MINIMAL":
-            return found
-        mine = [t for t in found if (t.tags or {}).get(tag_key) == tag_value]
-        if len(mine) < len(found) and not self._filter_ignored:
-            self._filter_ignored = True
-            self.report(
-                f"the TES server at {self.http.base} ignores the tag filter of ListTasks (a TES "
-                "1.0 server, or a proxy that drops query parameters): crank checks every task's "
-                "tags itself and touches only its own, but each status round lists every task "
-                "on the server"
-            )
-        return mine
+                return found
 
     def get_task(self, task_id: str, view: str = "FULL") -> tes.Task:
         """The task in ``view``; a MINIMAL answer is cut to id and state. Kind of request:

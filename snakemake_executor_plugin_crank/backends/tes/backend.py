@@ -175,20 +175,8 @@ def still_active(api: TesApi, run_id: str) -> List[tes.Task]:
     """The run's tasks that may still wait or run, whatever its process knows of them (a
     create whose answer was lost, a cancel dropped at shutdown): one list per active state,
     so the end of a run costs what is still active, not a list of every task it finished
-    (45 MiB at 10,000 tasks). A server that refuses the state filter (400) is asked for the
-    whole run; one that ignores it answers with the whole run at once."""
-    found: Dict[str, tes.Task] = {}
-    for state in CLOSE_STATES:
-        try:
-            tasks = api.list_tasks(TAG_RUN, run_id, view="BASIC", bounded=True, state=state)
-        except HttpError as e:
-            if e.status != 400:
-                raise
-            return api.list_tasks(TAG_RUN, run_id, view="BASIC", bounded=True)
-        found.update((t.id, t) for t in tasks)
-        if any(t.state != state for t in tasks):
-            break  # the filter was ignored: this list is the whole run
-    return list(found.values())
+    (45 MiB at 10,000 tasks)."""
+    return api.list_tasks(TAG_RUN, run_id, view="BASIC", bounded=True, states=CLOSE_STATES)
 
 
 @dataclass(eq=False)
@@ -257,7 +245,7 @@ class TesBackend:
         while nobody watched); cancel the other non-terminal tasks of runs that are gone."""
         keep = {self.run_id, *live_runs}
         stale, found, others = [], [], 0
-        for t in self.api.list_tasks(TAG_WORKDIR, self.tags[TAG_WORKDIR], view="BASIC"):
+        for t in self._left_behind(dead_runs):
             tags = t.tags or {}
             run = tags.get(TAG_RUN)
             if run in keep:
@@ -265,8 +253,7 @@ class TesBackend:
             if tags.get(TAG_ORIGIN, self.tags[TAG_ORIGIN]) != self.tags[TAG_ORIGIN]:
                 others += t.state in NON_TERMINAL  # tasks of older cranks carry none: ours
                 continue
-            adoptable = t.state in NON_TERMINAL or t.state in ADOPTABLE_ENDS
-            if run in dead_runs and adoptable and tags.get(TAG_KEY) and ":" in tags.get(TAG_SUBMISSION, ""):
+            if run in dead_runs and tags.get(TAG_KEY) and ":" in tags.get(TAG_SUBMISSION, ""):
                 found.append(Orphan(tags[TAG_KEY], tags.get(TAG_PRODUCTS, ""),
                                     (t.id, tags[TAG_SUBMISSION]), finished=t.state not in NON_TERMINAL,
                                     started=executor_start(t)))
@@ -279,6 +266,23 @@ class TesBackend:
             self.api.cancel_task(task_id)
         self.orphans = Orphans(self._uncollected(found))
         return len(stale), len(self.orphans)
+
+    def _left_behind(self, dead_runs: Collection[str]) -> List[tes.Task]:
+        """The workdir's tasks that may still wait or run (one list per active state), and
+        the dead runs' tasks that ended by themselves (one list per dead run and end): what
+        a start costs follows what is active and what dead runs left, not the workdir's
+        history. A server whose filters do not work lists everything it holds at once."""
+        workdir = self.tags[TAG_WORKDIR]
+        tasks = self.api.list_tasks(TAG_WORKDIR, workdir, view="BASIC", states=CLOSE_STATES)
+        if not dead_runs:
+            return tasks
+        if self.api.filters_unreliable:
+            ended = self.api.list_tasks(TAG_WORKDIR, workdir, view="BASIC", states=ADOPTABLE_ENDS)
+            tasks += [t for t in ended if (t.tags or {}).get(TAG_RUN) in dead_runs]
+        else:
+            for run in dead_runs:
+                tasks += self.api.list_tasks(TAG_RUN, run, view="BASIC", states=ADOPTABLE_ENDS)
+        return list({t.id: t for t in tasks}.values())  # one that ended between two lists: once
 
     def _uncollected(self, found: List[Orphan]) -> List[Orphan]:
         """Without the ended tasks their run collected and released: their products are

@@ -11,9 +11,8 @@ Both cost what the watched tasks cost; which is faster depends on the server: ev
 list makes Funnel walk its whole task table (BoltDB, every task of every earlier run), while
 a GetTask is one lookup. So a round asks by id with FEW or fewer watched tasks, and otherwise
 takes whichever the latest measured request times say is faster, listing again every
-REMEASURE_ROUNDS rounds to follow a table that changed. A server that ignores the state
-filter lists ended tasks too: their states are right all the same, and from then on crank
-asks for each watched task by id; so it does after a server refused the filters (400)."""
+REMEASURE_ROUNDS rounds to follow a table that changed. Once the server was found to refuse
+or ignore the filters (``TesApi.filters_unreliable``), crank asks for each watched task by id."""
 
 from __future__ import annotations
 
@@ -50,7 +49,6 @@ class Monitor:
         self._clock = clock
         self._lock = threading.Lock()
         self._created: Dict[str, float] = {}  # task id -> when it was created (monotonic)
-        self._by_id = False  # the server ignores or refuses the filters: every task by GetTask
         # by kind of request ("list", "get"): its mean seconds in the latest round that made
         # such requests, and this round's times so far
         self._mean_s: Dict[str, Optional[float]] = {"list": None, "get": None}
@@ -77,7 +75,7 @@ class Monitor:
         try:
             states = self._listed(watched) if self._lists_faster(len(watched)) else {}
             ask = watched - states.keys()
-            if not ask and states and self._mean_s["get"] is None and not self._by_id:
+            if not ask and states and self._mean_s["get"] is None and not self.api.filters_unreliable:
                 ask = {min(states)}  # once: what a GetTask costs, to compare
             states.update(self._looked_up(ask))
         finally:
@@ -91,7 +89,7 @@ class Monitor:
 
     def _lists_faster(self, watched: int) -> bool:
         """Whether this round lists (see the module's docstring)."""
-        if watched <= FEW or self._by_id:
+        if watched <= FEW or self.api.filters_unreliable:
             return False
         with self._lock:
             list_s, get_s = self._mean_s["list"], self._mean_s["get"]
@@ -116,25 +114,11 @@ class Monitor:
     def _listed(self, watched: Set[str]) -> Dict[str, str]:
         found: Dict[str, str] = {}
         for state in LISTED_STATES:
-            try:
-                tasks = self._timed("list", lambda: self.api.list_tasks(*self.tag, bounded=True, state=state))
-            except HttpError as e:
-                if e.status != 400:
-                    raise
-                # a strict TES 1.0 server refuses the filters it does not know
-                self._by_id = True
-                self.api.report(
-                    f"the TES server at {self.api.http.base} refuses a filtered ListTasks "
-                    f"({e}): crank asks for each running task by id")
-                break
+            tasks = self._timed("list", lambda: self.api.list_tasks(
+                *self.tag, bounded=True, states=(state,)))
             found.update((t.id, t.state or "UNKNOWN") for t in tasks if t.id in watched)
-            if any((t.state or "UNKNOWN") != state for t in tasks):
-                # this list holds the run's tasks in every state: complete on its own
-                self._by_id = True
-                self.api.report(
-                    f"the TES server at {self.api.http.base} ignores the state filter of "
-                    "ListTasks (a TES 1.0 server): crank asks for each running task by id")
-                break
+            if self.api.filters_unreliable:
+                break  # what the lists missed is asked by id, and so is every task from now on
         return found
 
     def _looked_up(self, ids: Iterable[str]) -> Dict[str, str]:
