@@ -380,6 +380,8 @@ class Executor(RemoteExecutor):
 
     def cancel_jobs(self, active_jobs: List[SubmittedJobInfo]):
         self._canceling = True
+        # Snakemake's status thread may be inside a download, and shutdown waits for it
+        self.backend.interrupt()
         if self.settings.detach:
             # also a task submitted while Ctrl-C came, before Snakemake listed its job
             self._detached = True

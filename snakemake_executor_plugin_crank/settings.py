@@ -172,6 +172,15 @@ class ExecutorSettings(ExecutorSettingsBase):
             "env_var": True,
         },
     )
+    storage_stall: float = field(
+        default=300.0,
+        metadata={
+            "help": "Seconds an input upload may hand the store no part (8 MiB) before it is "
+            "dropped and sent again; once it has stalled for --crank-backend-tolerance, its "
+            "job fails. Raise it on links slower than about 2 Mbit/s.",
+            "env_var": True,
+        },
+    )
 
 
 def check(settings: ExecutorSettings) -> None:
@@ -184,6 +193,9 @@ def check(settings: ExecutorSettings) -> None:
         )
     if settings.backend != "tes":
         return
+    if not settings.storage_stall > 0:
+        raise CrankError(
+            f"--crank-storage-stall {settings.storage_stall!r} must be a number of seconds > 0")
     missing = [
         name for name, value in (
             ("--crank-tes-url", settings.tes_url), ("--crank-storage-prefix", settings.storage_prefix)
@@ -218,6 +230,8 @@ def tes_backend(settings: ExecutorSettings, run_id: str, workdir: str, report=No
         token=settings.tes_token,
         token_command=settings.tes_token_command,
         storage_endpoint=settings.storage_endpoint,
+        storage_stall_s=settings.storage_stall,
+        tolerance_s=settings.backend_tolerance,
     )
     return open_tes_backend(run_id, workdir, options, report=report)
 
@@ -284,6 +298,7 @@ def open_tes_backend(run_id: str, workdir: str, options, session=None, report=No
     state_dir = os.path.join(os.path.abspath(workdir), ".snakemake", "crank")
     os.makedirs(state_dir, exist_ok=True)
     cache = DigestCache(os.path.join(state_dir, "digests.sqlite"))
+    store.stall_s, store.tolerance_s = options.storage_stall_s, options.tolerance_s
     stager = Stager(store, cache, workers=options.upload_workers, progress=report)
     # downloads get a store client and pool of their own: a status round never waits behind uploads
     fetcher = Stager(

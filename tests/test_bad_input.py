@@ -94,6 +94,8 @@ CASES = [
      "resource gpu=-1", "whole number"),
     ("tolerance-nan", ["plain", "--crank-backend-tolerance", "nan"],
      "--crank-backend-tolerance nan", "seconds"),
+    ("stall-zero", ["plain", "--crank-backend", "tes", "--crank-storage-stall", "0"],
+     "--crank-storage-stall 0.0", "seconds > 0"),
     ("output-under-proc", ["placed", "--config", "target=/proc/crank-test/x.txt"],
      "cannot create the directory '/proc/crank-test'", "writable"),
     ("output-readonly-fs", ["placed", "--config", "target=/sys/crank-test/x.txt"],

@@ -5,6 +5,7 @@ front of it) that throttles, refuses the credentials or answers with a web page.
 and SeaweedFS from tests/services.py; faults through tests/faultproxy.py on loopback ports."""
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -12,8 +13,10 @@ import time
 import uuid
 from pathlib import Path
 
+import obstore
 import pytest
 import requests
+from obstore.store import from_url as obstore_from_url
 
 from snakemake_executor_plugin_crank.backends.tes.backend import (
     TAG_ORIGIN,
@@ -416,3 +419,83 @@ def test_a_web_page_instead_of_the_status_list_is_one_line(aws_env, tmp_path):
     assert "with something other than JSON (text/html: '<html><body><h1>Please sign in" in stderr, stderr[-3000:]
     assert "Traceback" not in stderr
     assert not (workdir / "slow.txt").exists()
+
+
+# ---------------------------------------------------------------- a store that stops reading
+
+
+def store_proxy(tes) -> FaultProxy:
+    """The fault proxy on a free loopback port in front of SeaweedFS."""
+    host, port = tes.s3.endpoint.rsplit("//", 1)[1].split(":")
+    return FaultProxy(("127.0.0.1", 0), (host, int(port.rstrip("/"))))
+
+
+def hang_inputs(method: str, path: str) -> str:
+    """An S3 server that takes the head of an input's PUT and never reads its body."""
+    return "hang" if method == "PUT" and "/cas/" in path else "pass"
+
+
+def hang_products(method: str, path: str) -> str:
+    """One that never answers a download of a task's products."""
+    return "hang" if method == "GET" and "/runs/" in path else "pass"
+
+
+def input_workflow(tmp_path: Path) -> Path:
+    workdir = tmp_path / uuid.uuid4().hex / "wf"
+    workdir.mkdir(parents=True)
+    (workdir / "big.bin").write_bytes(os.urandom(20 << 20))  # more than socket buffers hold
+    (workdir / "Snakefile").write_text(
+        'rule count:\n    input: "big.bin"\n    output: "count.txt"\n'
+        '    shell: "wc -c < {input} > {output}"\n')
+    return workdir
+
+
+def test_an_upload_the_store_stops_reading_fails_its_job_in_one_line(aws_env, tmp_path):
+    """The store takes an input's PUT and never reads it: the upload is dropped after
+    --crank-storage-stall, sent again within the tolerance, and then the job fails with one
+    line naming the store; nothing appears under the input's key and no task is made."""
+    workdir = input_workflow(tmp_path)
+    with store_proxy(aws_env) as proxy:
+        proxy.set_rule(hang_inputs)
+        where = proxy.url
+        started = time.monotonic()
+        done = tes_run(aws_env, workdir, "--crank-storage-endpoint", proxy.url,
+                       "--crank-storage-stall", "2", "--crank-backend-tolerance", "4", timeout=120)
+        seconds = time.monotonic() - started
+        hung = len(proxy.actions("hang"))
+    assert done.returncode != 0
+    lines = [line for line in done.stderr.splitlines() if "took no part of the upload" in line]
+    assert lines and f"the store at {where}" in lines[0], done.stderr[-3000:]
+    assert "Traceback" not in done.stderr, done.stderr[-5000:]
+    assert hung >= 2  # sent again after the first stall
+    assert seconds < 60, seconds  # bounded by the stall and the tolerance, not by a timeout
+    assert tasks_of(aws_env, workdir) == []
+    assert not (workdir / "count.txt").exists()
+    store = obstore_from_url(aws_env.prefix(workdir.parent.name), client_options={"allow_http": True})
+    assert [m["path"] for batch in obstore.list(store) for m in batch] == []
+
+
+@pytest.mark.parametrize("hang", [hang_inputs, hang_products], ids=["upload", "download"])
+def test_ctrl_c_does_not_wait_for_a_store_that_stopped_answering(aws_env, tmp_path, hang):
+    """Ctrl-C while an input upload or a product download hangs on the store: the run ends
+    within seconds (the request is dropped, not awaited), the task is canceled, and no file
+    appears under a final name."""
+    workdir = input_workflow(tmp_path)
+    with store_proxy(aws_env) as proxy:
+        proxy.set_rule(hang)
+        proc = tes_start(aws_env, workdir, "--crank-storage-endpoint", proxy.url)
+        try:
+            wait_for(lambda: proxy.actions("hang"), timeout=120, what="a request to the store hanging")
+            interrupted = time.monotonic()
+            proc.send_signal(signal.SIGINT)
+            _, stderr = proc.communicate(timeout=60)
+            seconds = time.monotonic() - interrupted
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                print(proc.communicate()[1][-5000:])
+    assert seconds < 5, f"Ctrl-C took {seconds:.1f} s: {stderr[-3000:]}"
+    assert proc.returncode != 0
+    assert live_tasks(aws_env, workdir) == []
+    assert not (workdir / "count.txt").exists()
+    assert [p.name for p in workdir.iterdir() if p.name.endswith(".part")] == []

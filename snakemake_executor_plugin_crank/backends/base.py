@@ -49,6 +49,10 @@ class Backend(Protocol):
     def cancel(self, handles: Sequence[str]) -> None:
         """Stop the tasks and free what the backend holds for them."""
 
+    def interrupt(self) -> None:
+        """The run is ending (Ctrl-C): drop what moves data now (uploads, downloads, image
+        pulls) rather than wait for it; what it was for fails. ``close`` follows."""
+
     def close(self, detach: bool = False) -> None:
         """Cancel whatever this run still has on the backend (its own tasks and those it
         adopted); with ``detach``, leave every task running for a later run to adopt."""

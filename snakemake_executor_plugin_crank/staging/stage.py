@@ -207,9 +207,11 @@ class Stager:
 
     def stop(self) -> None:
         """End every stage() call soon, now and later, with digest.Stopped: hashing stops within
-        a block, an upload before its next part (abandoned: nothing appears under its key).
-        For a run that is ending (Ctrl-C), which should not wait for gigabytes to upload."""
+        a block, uploads and downloads in flight at once (abandoned: nothing appears under
+        their keys or final names). For a run that is ending (Ctrl-C), which should not wait
+        for gigabytes to move or for a store that stopped answering."""
         self._stopping.set()
+        self.store.abandon()
 
     def _cached(self, path: str) -> tuple[str, Identity] | None:
         """``path``'s cached digest and identity; None also when it cannot be read now (its

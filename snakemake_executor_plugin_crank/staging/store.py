@@ -9,15 +9,12 @@ Errors become one line (CrankError), transient ones after obstore's retries Back
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import hashlib
 import ipaddress
 import os
-import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from datetime import timedelta
 from urllib.parse import urlsplit
 
@@ -25,8 +22,10 @@ import obstore
 from obstore.exceptions import BaseError
 from obstore.store import from_url as obstore_from_url
 
-from ..errors import CrankError
+from ..errors import BackendUnavailable, CrankError
 from .digest import Identity, check, file_identity, recently_changed
+from .memory import MemoryBudget, limit_heap_growth
+from .transfers import Progress, Stalled, Transfers
 from .store_errors import explain, first_line
 
 # Scheme of a storage prefix -> the kind of store obstore builds for it.
@@ -63,6 +62,13 @@ CLIENT = {"connect_timeout": "5s", "read_timeout": "60s", "timeout": "10m"}
 # A download of a large object is one request: its overall timeout is generous, and a stalled
 # connection is caught by the read timeout instead.
 DOWNLOAD_CLIENT = {**CLIENT, "timeout": "6h"}
+# Uploads and downloads run through transfers.Transfers, so that Ctrl-C need not wait for them.
+# An upload whose parts stop moving is dropped after STALL_S: the memory budget keeps at most
+# MEMORY_PARTS parts (64 MiB) of all uploads in flight, so a link above 64 MiB / 300 s
+# (about 1.8 Mbit/s) always moves a part within it. A download has no such limit: its read
+# timeout catches a connection on which no byte moves.
+STALL_S = 300.0
+STALL_TOLERANCE_S = 120.0
 # check() runs before any job: an unreachable store should be reported within seconds.
 PROBE_RETRY = {
     "max_retries": 2,
@@ -71,26 +77,6 @@ PROBE_RETRY = {
 }
 PROBE_CLIENT = {"connect_timeout": "3s", "timeout": "15s"}
 PROBE_PREFIX = "crank-probe"
-
-
-_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
-_heap_limited = False
-
-
-def _limit_heap_growth() -> None:
-    """Serve large buffers (the upload parts) with mmap, so each one goes back to the system
-    when freed. By default glibc raises its mmap threshold to the size of the largest block
-    freed, after which 8 MiB parts come from the per-thread heaps and stay there: measured
-    +516 MB peak RSS while staging 5 GiB with 8 workers, +80 MB with the threshold fixed."""
-    global _heap_limited
-    if _heap_limited:
-        return
-    _heap_limited = True
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
-    except (OSError, AttributeError):
-        pass  # not glibc: its allocator has its own policy
 
 
 class ContentChanged(CrankError):
@@ -113,26 +99,6 @@ def is_loopback(endpoint: str) -> bool:
         return False
 
 
-class _MemoryBudget:
-    """Counting semaphore over upload buffers; an upload takes all the parts it needs at once."""
-
-    def __init__(self, parts: int):
-        self._free = parts
-        self._cond = threading.Condition()
-
-    @contextmanager
-    def take(self, parts: int):
-        with self._cond:
-            self._cond.wait_for(lambda: self._free >= parts)
-            self._free -= parts
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._free += parts
-                self._cond.notify_all()
-
-
 class Store:
     """Objects under one prefix URL, e.g. ``s3://bucket/some/prefix`` or ``file:///shared/dir``."""
 
@@ -141,10 +107,20 @@ class Store:
         self.kind = kind
         self.endpoint = endpoint
         self._options = options
-        _limit_heap_growth()
+        limit_heap_growth()
         self._store = self._build(RETRY, CLIENT)
         self._downloads = self._build(RETRY, DOWNLOAD_CLIENT)
-        self._budget = _MemoryBudget(MEMORY_PARTS)
+        self._budget = MemoryBudget(MEMORY_PARTS)
+        self._transfers = Transfers()
+        # an upload that hands over no part (or whole object) for stall_s is dropped and
+        # tried again, until it has stalled for tolerance_s since it first did
+        self.stall_s = STALL_S
+        self.tolerance_s = STALL_TOLERANCE_S
+
+    def abandon(self) -> None:
+        """Drop every upload and download in flight, now and later (digest.Stopped): for a
+        run that is ending, which should not wait for a store that does not answer."""
+        self._transfers.abandon()
 
     @classmethod
     def from_url(cls, prefix: str, endpoint: str | None = None) -> Store:
@@ -247,6 +223,22 @@ class Store:
         costs nothing; it is hashed again on the way only when it was modified too recently for
         its stat to tell (or without ``identity``). ``on_bytes(n)`` reports progress. ``stop``
         is asked before each part (see digest.check): the upload is then abandoned."""
+        first_stall = None
+        tries = 0
+        while True:
+            tries += 1
+            try:
+                return self._put_file_once(path, key, sha256, on_bytes, identity, stop)
+            except Stalled:
+                now = time.monotonic()
+                first_stall = first_stall or now
+                if now - first_stall >= self.tolerance_s:
+                    raise BackendUnavailable(
+                        f"{self._where()} took no part of the upload of {self.url(key)} for "
+                        f"{self.stall_s:.0f} s, {tries} times: is it full or overloaded? "
+                        "(--crank-storage-stall sets the wait)") from None
+
+    def _put_file_once(self, path, key, sha256, on_bytes, identity, stop) -> None:
         try:
             size = os.stat(path).st_size
             if size <= PART_SIZE:
@@ -256,27 +248,37 @@ class Store:
                     if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
                         raise ContentChanged(path)
                     check(stop)
-                    obstore.put(self._store, key, data, use_multipart=False)
+                    self._transfers.run(lambda progress: obstore.put_async(
+                        self._store, key, data, use_multipart=False), self.stall_s)
                 if on_bytes:
                     on_bytes(len(data))
             else:
+                chunks = _chunks(path, sha256, identity, on_bytes, stop)
                 # the parts in flight, plus the one being read and the one obstore buffers
                 with self._budget.take(PART_CONCURRENCY + 2):
-                    obstore.put(
-                        self._store, key, _chunks(path, sha256, identity, on_bytes, stop),
+                    self._transfers.run(lambda progress: obstore.put_async(
+                        self._store, key, _pulled(chunks, progress),
                         chunk_size=PART_SIZE, max_concurrency=PART_CONCURRENCY,
-                    )
-        except CrankError:
+                    ), self.stall_s)
+        except (CrankError, Stalled):
             raise
         except (BaseError, OSError) as e:
             if isinstance(e, OSError) and not isinstance(e, BaseError) and getattr(e, "filename", None) == path:
                 raise CrankError(f"cannot read {path}: {e.strerror or e}") from None
             raise self._error(e, "uploading", key) from None
 
+    def _where(self) -> str:
+        return f"the store at {self.endpoint}" if self.endpoint else f"the store {self.prefix}"
+
     def put_bytes(self, data: bytes, key: str) -> None:
         """Upload a small object (e.g. a manifest) in one atomic PUT."""
         try:
-            obstore.put(self._store, key, data, use_multipart=False)
+            self._transfers.run(lambda progress: obstore.put_async(
+                self._store, key, data, use_multipart=False), self.stall_s)
+        except Stalled:
+            raise BackendUnavailable(
+                f"{self._where()} took no part of the upload of {self.url(key)} for "
+                f"{self.stall_s:.0f} s: is it full or overloaded?") from None
         except (BaseError, OSError) as e:
             raise self._error(e, "uploading", key) from None
 
@@ -290,14 +292,16 @@ class Store:
         directory, name = os.path.split(os.path.abspath(dest))
         tmp = os.path.join(directory, f".{name}.crank-{uuid.uuid4().hex[:12]}.part")
         try:
-            result = obstore.get(self._downloads, key)
+            result = self._transfers.run(lambda progress: obstore.get_async(self._downloads, key))
             expected = int(result.meta["size"]) if size is None else size
             if size is not None and int(result.meta["size"]) != size:
                 raise CrankError(f"{self.url(key)}: has {result.meta['size']} bytes, expected {size}")
             h = hashlib.sha256() if sha256 or digest else None
             written = 0
+            stream = result.stream(min_chunk_size=DOWNLOAD_CHUNK)
             with open(tmp, "wb") as f:
-                for chunk in result.stream(min_chunk_size=DOWNLOAD_CHUNK):
+                # each chunk is awaited on its own, so that an abandoned download ends at once
+                while (chunk := self._transfers.run(lambda progress: _next(stream))) is not None:
                     f.write(chunk)
                     if h:
                         h.update(chunk)
@@ -401,6 +405,21 @@ def _chunks(
             if on_bytes:
                 on_bytes(len(chunk))
             chunk = following
+
+
+def _pulled(chunks: Iterator[bytes], progress: Progress) -> Iterator[bytes]:
+    """``chunks``, each pull counted as progress: obstore pulls the next part once one in
+    flight is sent."""
+    for chunk in chunks:
+        progress.moved()
+        yield chunk
+
+
+async def _next(stream):
+    try:
+        return await stream.__anext__()
+    except StopAsyncIteration:
+        return None
 
 
 def _remove(path: str) -> None:

@@ -79,6 +79,10 @@ class TesOptions:
     token: Optional[str] = None
     token_command: Optional[str] = None  # prints a token; run again when it runs out
     storage_endpoint: Optional[str] = None
+    # an upload that hands over no part for this long is dropped and sent again, until it
+    # has stalled for tolerance_s (the backend tolerance)
+    storage_stall_s: float = 300.0
+    tolerance_s: float = 120.0
     # concurrent stage-and-create jobs (each stages with the stager's own upload pool)
     submit_workers: int = 4
     upload_workers: int = 8
@@ -558,12 +562,16 @@ class TesBackend:
             if sub.tes_id and (sub.last_state is None or sub.last_state in NON_TERMINAL):
                 self.api.cancel_task(sub.tes_id)
 
-    def close(self, detach: bool = False) -> None:
+    def interrupt(self) -> None:
         self._closing = True
+        self.stager.stop()  # inputs still uploading are abandoned, not awaited
+        self.fetcher.stop()  # and so are products still downloading
+
+    def close(self, detach: bool = False) -> None:
         try:
             for sub in list(self._subs.values()):
                 sub.canceled = True
-            self.stager.stop()  # inputs still uploading are abandoned, not awaited
+            self.interrupt()
             self._pool.shutdown(wait=True, cancel_futures=True)
             if not detach:
                 for t in still_active(self.api, self.run_id):
