@@ -159,6 +159,7 @@ class Executor(RemoteExecutor):
             # an adopted task may be writing its outputs: they stay
             record.backups = outputs.prepare(job, tasks, self.workflow.async_run,
                                              keep_outputs=adopted is not None)
+            record.places.update(outputs.benchmark_places(tasks))
             later = record.later(groups.later_tasks(job, tasks, self.context))
             record.chain = self.runner.start(record.track(tasks), later, adopted=adopted)
         except ImageUnavailable as e:
@@ -288,11 +289,13 @@ class Executor(RemoteExecutor):
             # outputs the backend stored itself have no local copy to check
             stored = {o.path for t in tasks for o in t.outputs if o.url}
             problem = (
-                await outputs.finish(job, tasks, record.seconds, in_storage=stored)
+                await outputs.finish(job, tasks, record.seconds, record.places, in_storage=stored)
                 or await self._store(job, stored)
             )
             if problem:
                 return problem
+            outputs.forget(record.backups)
+            record.backups = []
         return await self._to_cache(job)
 
     def _retrieve(self, job) -> None:
@@ -376,7 +379,7 @@ class Executor(RemoteExecutor):
         super().handle_job_error(job)
         record = self._to_restore.pop(job, None)
         if record is not None:
-            outputs.restore(job, record.backups)
+            outputs.restore(record.backups, self.logger.warning)
 
     def cancel_jobs(self, active_jobs: List[SubmittedJobInfo]):
         self._canceling = True

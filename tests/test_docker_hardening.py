@@ -362,3 +362,64 @@ def test_an_exit_code_file_a_job_made_a_fifo_does_not_hang_the_next_start(tmp_pa
     reader.start()
     reader.join(timeout=30)
     assert codes == [None]
+
+
+# ---------------------------------------------------------------- issue 30 item 6: outputs
+
+
+TURNED_INTO_LINKS = """
+rule all:
+    input: "bench-done.txt", "state/log.txt"
+
+rule benched:
+    output: "bench-done.txt"
+    benchmark: "bench/b.tsv"
+    shell: "rm -rf bench; ln -s {config[home]} bench; echo ok > {output}"
+
+rule grow:
+    output: update("state/log.txt")
+    shell: "rm -rf state; ln -s {config[home]} state; exit 1"
+"""
+
+
+def test_a_job_cannot_make_crank_write_its_benchmark_or_update_backup_elsewhere(tmp_path):
+    """A job turns the directory of its benchmark file, and that of its update() output, into
+    links to the user's home: crank writes neither the benchmark nor the kept update() content
+    there. The first job fails with one line naming its benchmark file; the second fails as
+    it asked, and crank says where the old content is kept."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "precious.txt").write_text("untouched\n")
+    workdir = workflow(tmp_path / "wd", TURNED_INTO_LINKS)
+    (workdir / "bench").mkdir()
+    (workdir / "state").mkdir()
+    (workdir / "state" / "log.txt").write_text("old\n")
+    done = snakemake(workdir, "--keep-going", "--forcerun", "grow", "--config", f"home={home}")
+    assert done.returncode != 0
+    assert sorted(p.name for p in home.iterdir()) == ["precious.txt"], list(home.iterdir())
+    assert (home / "precious.txt").read_text() == "untouched\n"
+    assert "cannot write its benchmark file bench/b.tsv" in done.stderr, done.stderr[-3000:]
+    lines = [line for line in done.stderr.splitlines() if "cannot put back the update() output" in line]
+    assert lines and "did the job make it a link?" in lines[0], done.stderr[-3000:]
+    kept = lines[0].rsplit("its old content is in ", 1)[1]
+    assert Path(kept).read_text() == "old\n"
+    assert "Traceback" not in done.stderr
+
+
+def test_an_update_output_is_put_back_after_a_failure_and_its_links_stay_links(tmp_path):
+    """The local executor's update() semantics, with a link among the kept output's entries:
+    the failed job's changes are undone, the link comes back as the link."""
+    workdir = workflow(tmp_path / "wd", """
+rule grow:
+    output: update(directory("state"))
+    shell: "echo more >> {output}/kept; rm {output}/link; echo new > {output}/added; exit 1"
+""")
+    (workdir / "state").mkdir()
+    (workdir / "state" / "kept").write_text("kept\n")
+    os.symlink("kept", workdir / "state" / "link")
+    done = snakemake(workdir, "--forcerun", "grow")
+    assert done.returncode != 0
+    assert sorted(p.name for p in (workdir / "state").iterdir()) == ["kept", "link"]
+    assert (workdir / "state" / "kept").read_text() == "kept\n"
+    assert os.readlink(workdir / "state" / "link") == "kept"
+    assert list((workdir / ".snakemake" / "crank" / "backups").iterdir()) == []

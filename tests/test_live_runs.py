@@ -68,6 +68,14 @@ def long_script(workdir: Path, run_id: str) -> Path:
     return path
 
 
+def half_download(workdir: Path, run_id: str) -> Path:
+    """A product the run was downloading on TES when it died, as it would leave it."""
+    path = workdir / ".snakemake" / "crank" / "tmp" / run_id / "0-1" / ".a.txt.crank-0123.part"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("a")
+    return path
+
+
 def identity(found: dict) -> str:
     """A container's or a task's id."""
     return found.get("Id") or found["id"]
@@ -101,12 +109,12 @@ def test_a_second_run_in_the_workdir_leaves_the_first_running(crank, docker_api,
     workdir = workflow(tmp_path)
     first, run_a, running = start_run_a(crank, workdir)
     try:
-        script = long_script(workdir, run_a)
+        script, partial = long_script(workdir, run_a), half_download(workdir, run_a)
         second = crank.run(workdir, "b.txt")
         assert second.returncode == 0, second.stderr[-3000:]
         assert "left by an earlier run" not in second.stderr
         assert [identity(r) for r in crank.running(workdir)] == [identity(running)]
-        assert script.exists()
+        assert script.exists() and partial.exists()
         let_a_finish(crank, docker_api, running, workdir)
         finish(first)
     finally:
@@ -125,7 +133,7 @@ def test_what_a_killed_run_left_is_removed(crank, tmp_path):
     first.wait()
     if crank.backend == "tes":
         assert running["tags"]["crank-run"] == run_a
-    script = long_script(workdir, run_a)
+    script, partial = long_script(workdir, run_a), half_download(workdir, run_a)
     second = crank.run(workdir, "b.txt")
     assert second.returncode == 0, second.stderr[-3000:]
     what = "container" if crank.backend == "docker" else "task"
@@ -137,6 +145,7 @@ def test_what_a_killed_run_left_is_removed(crank, tmp_path):
     else:
         states = {t["id"]: t["state"] for t in tasks_of(crank.tes, workdir)}
         assert states[running["id"]] in ("CANCELED", "CANCELING")
+        assert not partial.parent.parent.exists()
     assert run_files(workdir) == []
 
 

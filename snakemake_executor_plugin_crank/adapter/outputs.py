@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import os
 import shutil
-from pathlib import Path
-from typing import Any, Callable, Collection, Iterable, List, Mapping, Optional, Sequence
+import tempfile
+from typing import Any, Callable, Collection, Dict, Iterable, List, Mapping, Optional, Sequence
 
 from snakemake.io import is_flagged
 
 from ..errors import CrankError
 from ..task import TaskSpec
+from . import guarded
 from .jobs import single_jobs
 
 
@@ -30,20 +31,25 @@ def ran_directly(tasks: Sequence[TaskSpec]) -> bool:
 
 
 def prepare(job: Any, tasks: Sequence[TaskSpec], async_run: Callable,
-            keep_outputs: bool = False) -> List[str]:
+            keep_outputs: bool = False) -> List[guarded.Kept]:
     """``tasks``: those that start now (a group's later jobs get their directories from
-    ``make_parents`` when they start). Returns the update() outputs backed up (restore
-    them if the job fails). ``keep_outputs``: the job's task was adopted from a dead run
+    ``make_parents`` when they start). Returns the update() outputs kept (put back if the
+    job fails, ``restore``). ``keep_outputs``: the job's task was adopted from a dead run
     and may be writing them."""
     backed_up = []
     if ran_directly(tasks):
-        # as Job.prepare: an update() output is kept, with a backup for a failure
+        # as Job.prepare: an update() output stays, with a copy kept for a failure
         for single in single_jobs(job):
-            persistence = single.dag.workflow.persistence
             for f in single.output:
-                if is_flagged(f, "update") and os.path.exists(f):
-                    persistence.backup_output(Path(f))
-                    backed_up.append(str(f))
+                if is_flagged(f, "update") and os.path.lexists(f):
+                    try:
+                        backed_up.append(guarded.keep(str(f), tasks[0].workdir))
+                    except (OSError, shutil.Error) as e:
+                        for kept in backed_up:
+                            guarded.drop(kept)
+                        raise CrankError(
+                            f"rule {job.rule.name}: cannot keep a copy of the update() output "
+                            f"{str(f)!r} ({getattr(e, 'strerror', None) or e})") from None
     if keep_outputs:
         make_parents(tasks)
         return backed_up
@@ -57,6 +63,11 @@ def prepare(job: Any, tasks: Sequence[TaskSpec], async_run: Callable,
         ) from None
     make_parents(tasks)
     return backed_up
+
+
+def benchmark_places(tasks: Sequence[TaskSpec]) -> Dict[str, guarded.Place]:
+    """Where the tasks' benchmark files go, noted before they run (see guarded)."""
+    return {b: guarded.note(b) for t in tasks if t.benchmarks_by_crank for b in t.benchmarks}
 
 
 def make_parents(tasks: Sequence[TaskSpec]) -> Sequence[TaskSpec]:
@@ -76,9 +87,11 @@ def make_parents(tasks: Sequence[TaskSpec]) -> Sequence[TaskSpec]:
     return tasks
 
 
-def write_benchmark(job: Any, seconds: Sequence[Optional[float]], extended: bool) -> None:
+def write_benchmark(job: Any, seconds: Sequence[Optional[float]], extended: bool,
+                    places: Mapping[str, guarded.Place]) -> None:
     """The benchmark file in Snakemake's format: one record per repeat, with its running
-    time (the other columns, measured by Snakemake around a local process, are NA)."""
+    time (the other columns, measured by Snakemake around a local process, are NA);
+    written where ``places`` noted it before the job (see guarded), never through a link."""
     from snakemake.benchmark import BenchmarkRecord, write_benchmark_records
 
     records = []
@@ -94,11 +107,18 @@ def write_benchmark(job: Any, seconds: Sequence[Optional[float]], extended: bool
         record.input = job.input
         record.threads = job.threads
         records.append(record)
-    write_benchmark_records(records, str(job.benchmark), extended)
+    path = os.path.abspath(str(job.benchmark))
+    with tempfile.TemporaryDirectory(prefix="crank-benchmark-") as private:
+        formatted = os.path.join(private, "benchmark")
+        write_benchmark_records(records, formatted, extended)
+        with open(formatted, "rb") as f:
+            data = f.read()
+    guarded.write(places.get(path) or guarded.note(path), data)
 
 
 async def finish(job: Any, tasks: Sequence[TaskSpec],
                  seconds: Mapping[str, Optional[float]],
+                 places: Mapping[str, guarded.Place],
                  in_storage: Collection[str] = ()) -> Optional[str]:
     """After the tasks of a job that ran directly succeeded: Snakemake's own steps after
     a job (``Job.postprocess`` with a shared filesystem). Returns why the job fails
@@ -129,8 +149,12 @@ async def finish(job: Any, tasks: Sequence[TaskSpec],
     for single in single_jobs(job):
         own = [t for t in tasks if t.job_id == str(single.jobid)]
         if single.benchmark and own:
-            write_benchmark(single, [seconds.get(t.name) for t in own],
-                            workflow.output_settings.benchmark_extended)
+            try:
+                write_benchmark(single, [seconds.get(t.name) for t in own],
+                                workflow.output_settings.benchmark_extended, places)
+            except OSError as e:
+                return (f"rule {single.rule.name} (job {single.jobid}): cannot write its "
+                        f"benchmark file {single.benchmark} ({e.strerror or e})")
         try:
             await _postprocess(single, ignore, workflow, grouped=job.is_group())
         except Exception as e:  # Snakemake's own message for the failed check
@@ -141,9 +165,6 @@ async def finish(job: Any, tasks: Sequence[TaskSpec],
 
 async def _postprocess(job: Any, ignore: Any, workflow: Any, grouped: bool) -> None:
     dag = job.dag
-    for f in job.output:
-        if is_flagged(f, "update"):
-            workflow.persistence.cleanup_backup(Path(f))
     dag.handle_touch(job)
     await dag.handle_log(job)
     await dag.check_and_touch_output(
@@ -237,9 +258,18 @@ def remove_temp(files: Iterable[Any], info: Callable[[str], None],
         info(f"Removing temporary output {path}.")
 
 
-def restore(job: Any, backed_up: Sequence[str]) -> None:
+def restore(backed_up: Sequence[guarded.Kept], warn: Callable[[str], None]) -> None:
     """After a failed job (and Snakemake's removal of its outputs): update() outputs
     back as they were, as Snakemake does locally."""
-    persistence = job.dag.workflow.persistence
-    for path in backed_up:
-        persistence.restore_output(Path(path))
+    for kept in backed_up:
+        try:
+            guarded.put_back(kept)
+        except (OSError, CrankError) as e:
+            warn(f"crank: cannot put back the update() output {kept.place.path} "
+                 f"({getattr(e, 'strerror', None) or e}); its old content is in {kept.copy}")
+
+
+def forget(backed_up: Sequence[guarded.Kept]) -> None:
+    """After a job that succeeded: the kept copies go."""
+    for kept in backed_up:
+        guarded.drop(kept)

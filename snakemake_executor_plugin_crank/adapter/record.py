@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence,
 
 from ..errors import CrankError
 from ..task import TaskResult, TaskSpec
-from . import outputs
+from . import guarded, outputs
 
 if TYPE_CHECKING:
     from ..runner import Chain
@@ -28,8 +28,10 @@ class JobRecord:
     warn: Callable[[str], None] = lambda line: None
     # the job's tasks on the runner, once started
     chain: Optional["Chain"] = None
-    # update() outputs backed up before a job that runs directly (restored if it fails)
-    backups: List[str] = field(default_factory=list)
+    # update() outputs kept before a job that runs directly (put back if it fails)
+    backups: List[guarded.Kept] = field(default_factory=list)
+    # where its benchmark files go, noted before its tasks run
+    places: Dict[str, guarded.Place] = field(default_factory=dict)
     # running time of each task that ran directly, for its job's benchmark file
     seconds: Dict[str, Optional[float]] = field(default_factory=dict)
     # a group run job after job: the jobs finished so far, and the one now running
@@ -57,7 +59,9 @@ class JobRecord:
                 f"rule {member.rule.name} (job {member.jobid}) ended without its output "
                 f"{', '.join(missing)}; the rest of group {self.job.groupid} does not run"
             )
-        return list(self.track(outputs.make_parents(build())))
+        tasks = list(self.track(outputs.make_parents(build())))
+        self.places.update(outputs.benchmark_places(tasks))
+        return tasks
 
     def member_finished(self) -> None:
         """The tasks of the running job of a group have succeeded: its ``touch()``

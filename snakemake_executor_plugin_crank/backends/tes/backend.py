@@ -11,6 +11,7 @@ creating run in a small thread pool, so ``submit`` returns at once.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import os
@@ -236,6 +237,7 @@ class TesBackend:
         # one per run whose tasks this run follows: its own, and those it adopted from
         self.monitors: Dict[str, Monitor] = {run_id: Monitor(api, TAG_RUN, run_id)}
         self.orphans: Orphans[Tuple[str, str]] = Orphans()  # (task id, submission tag)
+        self._dead_tmp: List[str] = []
 
     @property
     def monitor(self) -> Monitor:
@@ -269,6 +271,11 @@ class TesBackend:
         for task_id in stale:
             self.api.cancel_task(task_id)
         self.orphans = Orphans(self._uncollected(found))
+        # what runs that are gone left half downloaded: removed when this run ends
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(os.path.dirname(self.collector.tmp_root)):
+                if entry.name not in keep and entry.is_dir(follow_symlinks=False):
+                    self._dead_tmp.append(entry.path)
         return len(stale), len(self.orphans)
 
     def _left_behind(self, dead_runs: Collection[str]) -> List[tes.Task]:
@@ -588,4 +595,5 @@ class TesBackend:
             if self.stager.stats.files:
                 self.report(self.stager.summary())
             self.http.close()
-            shutil.rmtree(self.collector.tmp_root, ignore_errors=True)
+            for path in (self.collector.tmp_root, *self._dead_tmp):
+                shutil.rmtree(path, ignore_errors=True)

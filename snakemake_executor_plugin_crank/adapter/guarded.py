@@ -1,0 +1,101 @@
+"""Writing where a job may have made links: the benchmark files crank writes and the
+update() outputs it keeps and puts back, under a workdir every task can change.
+
+A directory's real path is noted before the job runs (``note``); after the job, crank
+writes there only while it leads to the same place, so a directory the job turned into a
+link (to the user's home, say) is refused, while a user's own symlinked directory keeps
+working. The file itself is replaced by rename, never written through a link or a hard
+link, and never appears half-written. A kept update() output is copied as it is (a link as
+the link, never what it leads to; a FIFO is refused, not waited on) into a fresh directory
+under ``.snakemake/crank/backups``, reached through no link below the workdir."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass
+
+from ..backends.logs import open_dir
+from ..staging.install import install
+
+BACKUPS = (".snakemake", "crank", "backups")
+
+
+@dataclass(frozen=True)
+class Place:
+    path: str
+    parent: str  # the real path of its directory before the job
+
+
+@dataclass(frozen=True)
+class Kept:
+    place: Place
+    copy: str
+
+
+def note(path: str) -> Place:
+    path = os.path.abspath(path)
+    return Place(path, os.path.realpath(os.path.dirname(path)))
+
+
+def write(place: Place, data: bytes) -> None:
+    """``data`` as the file at ``place``; OSError when its directory leads elsewhere now."""
+    fd = _open_parent(place)
+    name = os.path.basename(place.path)
+    tmp = f".{name}.crank-{uuid.uuid4().hex[:12]}"
+    try:
+        out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                      0o666, dir_fd=fd)
+        with os.fdopen(out, "wb") as f:
+            f.write(data)
+        os.replace(tmp, name, src_dir_fd=fd, dst_dir_fd=fd)
+    except BaseException:
+        try:
+            os.unlink(tmp, dir_fd=fd)
+        except OSError:
+            pass
+        raise
+    finally:
+        os.close(fd)
+
+
+def keep(path: str, workdir: str) -> Kept:
+    """A copy of the update() output at ``path``; OSError when it cannot be made."""
+    root = os.path.join(workdir, *BACKUPS)
+    os.close(open_dir(root, workdir))
+    copy = os.path.join(tempfile.mkdtemp(dir=root), "kept")
+    try:
+        if os.path.islink(path):
+            os.symlink(os.readlink(path), copy)
+        elif os.path.isdir(path):
+            shutil.copytree(path, copy, symlinks=True)
+        else:
+            shutil.copy2(path, copy)
+    except BaseException:
+        drop(Kept(note(path), copy))
+        raise
+    return Kept(note(path), copy)
+
+
+def put_back(kept: Kept) -> None:
+    """The kept copy at its path again, replacing what the failed job left; OSError (or
+    CrankError) when its directory leads elsewhere now, the copy then stays."""
+    os.close(_open_parent(kept.place))
+    install(kept.copy, kept.place.path)
+    drop(kept)
+
+
+def drop(kept: Kept) -> None:
+    shutil.rmtree(os.path.dirname(kept.copy), ignore_errors=True)
+
+
+def _open_parent(place: Place) -> int:
+    directory = os.path.dirname(place.path)
+    now = os.path.realpath(directory)
+    if now != place.parent:
+        raise OSError(errno.ELOOP, f"{directory} leads to {now} now, not to {place.parent} as "
+                      "before the job (did the job make it a link?); crank does not write there")
+    return os.open(now, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
