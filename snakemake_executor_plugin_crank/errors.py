@@ -14,6 +14,11 @@ class BackendUnavailable(CrankError):
     error: what met it may be tried again later."""
 
 
+class NotYet(Exception):
+    """The task cannot start yet (its image is being pulled): ask again at the next round.
+    Not a failure: the runner's tolerance clock does not run for it."""
+
+
 class ImageUnavailable(CrankError):
     """The task's image cannot be had; the adapter says where the image came from."""
 

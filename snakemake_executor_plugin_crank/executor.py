@@ -163,9 +163,7 @@ class Executor(RemoteExecutor):
             later = record.later(groups.later_tasks(job, tasks, self.context))
             record.chain = self.runner.start(record.track(tasks), later, adopted=adopted)
         except ImageUnavailable as e:
-            source = jobs.image_source(job, self.context)
-            default = self.context.default_image
-            self._report_error(info, image_message(e, source, self.settings, default))
+            self._report_error(info, self._image_message(job, e))
             return
         except CrankError as e:
             self._report_error(info, str(e))
@@ -270,12 +268,19 @@ class Executor(RemoteExecutor):
                 await self._failed_logs(info.job, chain.tasks)
                 if outputs.ran_directly(chain.tasks):
                     await self._store_logs(info.job)
-                self._report_error(info, problem or outcome.message, outcome.log_files)
+                message = outcome.message
+                if isinstance(outcome.error, ImageUnavailable):  # a pull that failed later
+                    message = self._image_message(info.job, outcome.error)
+                self._report_error(info, problem or message, outcome.log_files)
             self._release(chain)
         still = [c for c in chains if c not in ended]
         self.next_seconds_between_status_checks = Runner.next_interval(
             still, self.runner.clock(), ceiling
         )
+
+    def _image_message(self, job, error: ImageUnavailable) -> str:
+        source = jobs.image_source(job, self.context)
+        return image_message(error, source, self.settings, self.context.default_image)
 
     async def _after_success(self, record: JobRecord) -> Optional[str]:
         """What follows the success of a job's tasks; why the job fails, or None."""

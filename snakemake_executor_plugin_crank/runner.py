@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from .backends.base import Backend
-from .errors import BackendUnavailable, CrankError, failure_message
+from .errors import BackendUnavailable, CrankError, NotYet, failure_message
 from .task import Adopted, State, TaskResult, TaskSpec
 
 
@@ -65,6 +65,7 @@ class Outcome:
     ok: bool
     message: str = ""
     log_files: Tuple[str, ...] = ()
+    error: Optional[CrankError] = None  # what the backend raised, when that ended the chain
 
 
 class Runner:
@@ -100,6 +101,8 @@ class Runner:
             return chain
         try:
             chain.handle = self.backend.submit(chain.current)
+        except NotYet:
+            pass  # submitted again at the next rounds
         except BackendUnavailable:
             chain.trouble_since = self.clock()
         return chain
@@ -122,6 +125,8 @@ class Runner:
             try:
                 outcome = self._advance(chain, states.get(chain.handle), now)
                 chain.trouble_since = None
+            except NotYet:
+                continue  # neither progress nor trouble
             except BackendUnavailable as e:
                 if chain.trouble_since is None:
                     chain.trouble_since = now
@@ -130,7 +135,7 @@ class Runner:
                 over = f"{self._wall_time(chain.current)}; " if chain.timed_out else ""
                 outcome = self._failed(chain, f"{chain.current.label}: {over}the backend failed ({e})")
             except CrankError as e:
-                outcome = self._failed(chain, str(e))
+                outcome = self._failed(chain, str(e), e)
             except OSError as e:
                 # e.g. a benchmark file that cannot be written: the job fails, the round goes on
                 outcome = self._failed(chain, f"{chain.current.label}: {e}")
@@ -221,8 +226,8 @@ class Runner:
         chain.handle = self.backend.submit(chain.current)
         return None
 
-    def _failed(self, chain: Chain, message: str) -> Outcome:
-        return Outcome(False, message, tuple(chain.log_files))
+    def _failed(self, chain: Chain, message: str, error: Optional[CrankError] = None) -> Outcome:
+        return Outcome(False, message, tuple(chain.log_files), error)
 
     def release(self, chain: Chain) -> None:
         """Free what the backend holds for the chain, once its outcome is reported."""

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -423,3 +424,102 @@ rule grow:
     assert (workdir / "state" / "kept").read_text() == "kept\n"
     assert os.readlink(workdir / "state" / "link") == "kept"
     assert list((workdir / ".snakemake" / "crank" / "backups").iterdir()) == []
+
+
+# ---------------------------------------------------------------- issue 30 item 5: pulls
+
+
+class SilentRegistry:
+    """A registry on loopback that accepts connections and never answers; knows which of
+    them the engine still holds open."""
+
+    def __init__(self):
+        import socket
+
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.server.settimeout(0.2)
+        self.port = self.server.getsockname()[1]
+        self.open = 0
+        self.accepted = 0
+        self.stopped = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while not self.stopped.is_set():
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                continue
+            self.accepted += 1
+            self.open += 1
+            threading.Thread(target=self._hold, args=(conn,), daemon=True).start()
+
+    def _hold(self, conn):
+        conn.settimeout(0.5)
+        try:
+            while not self.stopped.is_set():
+                try:
+                    if not conn.recv(65536):
+                        break  # the engine gave up
+                except TimeoutError:
+                    continue
+        except OSError:
+            pass
+        finally:
+            self.open -= 1
+            conn.close()
+
+    def stop(self):
+        self.stopped.set()
+        self.server.close()
+
+
+PULL_HANGS = """
+rule all:
+    input: "stuck.txt", "quick.txt"
+
+rule stuck:
+    output: "stuck.txt"
+    priority: 10
+    container: config["image"]
+    shell: "echo stuck > {output}"
+
+rule quick:
+    output: "quick.txt"
+    shell: "echo quick > {output}"
+"""
+
+
+def test_a_registry_that_never_answers_holds_no_other_job_nor_ctrl_c(docker_api, tmp_path):
+    """The first job's image comes from a registry that accepts and never answers: the
+    other job runs and finishes while the engine still waits on the registry (the pull is
+    off Snakemake's scheduler thread), and Ctrl-C ends the run within 5 s."""
+    registry = SilentRegistry()
+    image = f"127.0.0.1:{registry.port}/crank-silent:1"
+    workdir = workflow(tmp_path / "wd", PULL_HANGS)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "snakemake", "--executor", "crank", "--jobs", "2",
+             "--seconds-between-status-checks", "1", "--crank-default-image", "crank-test/busybox:1",
+             "--config", f"image={image}"],
+            cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        try:
+            wait_for(lambda: (workdir / "quick.txt").exists(), 60, "the other job's output")
+            assert registry.accepted and registry.open, "the engine was not waiting on the registry"
+            assert proc.poll() is None
+            interrupted = time.monotonic()
+            proc.send_signal(signal.SIGINT)
+            _, stderr = proc.communicate(timeout=60)
+            seconds = time.monotonic() - interrupted
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    finally:
+        registry.stop()
+    assert (workdir / "quick.txt").read_text() == "quick\n"
+    assert seconds < 5, f"Ctrl-C took {seconds:.1f} s: {stderr[-3000:]}"
+    assert not (workdir / "stuck.txt").exists()
+    assert "Traceback" not in stderr, stderr[-5000:]

@@ -30,7 +30,8 @@ class Backend(Protocol):
         """Cancel the kept tasks nothing adopted; return how many."""
 
     def submit(self, task: TaskSpec) -> str:
-        """Start the task; return its handle."""
+        """Start the task; return its handle. Raises NotYet while what the task needs is
+        being made ready (its image pulled) without holding the caller."""
 
     def poll(self, handles: Sequence[str]) -> Mapping[str, State]:
         """The state of every handle, in one request to the backend."""

@@ -179,7 +179,7 @@ class DockerBackend:
         self.cold.cancel(cold)
 
     def interrupt(self) -> None:
-        pass  # its requests to the engine are bounded; nothing moves data for long
+        pass  # image pulls run on daemon threads (engine.Images): nothing waits for them
 
     def close(self, detach: bool = False) -> None:
         if self.warm is not None:

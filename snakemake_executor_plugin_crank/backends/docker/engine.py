@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import threading
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -20,7 +22,7 @@ import docker.types
 import requests
 
 from ... import runs
-from ...errors import BackendUnavailable, CrankError, ImageUnavailable
+from ...errors import BackendUnavailable, CrankError, ImageUnavailable, NotYet
 from ...task import Capacity, TaskSpec
 from ..adoption import key_of, stat_identity
 from ..stamps import seconds_between
@@ -193,7 +195,11 @@ def missing_network(network: str, hints: Hints) -> str:
 
 class Images:
     """Makes sure a task's image is on the engine (looked up once, pulled as the options
-    say); refusals are explained, a registry out of reach is said once per image."""
+    say); refusals are explained, a registry out of reach is said once per image.
+
+    A pull runs on a thread of its own, never on the caller's (Snakemake's scheduler, or
+    its status loop): until it ends, ``ensure`` raises NotYet and the runner asks again at
+    its next round. The thread is a daemon, so Ctrl-C never waits for a registry."""
 
     def __init__(self, api, pull: str, report: Callable[[str], None], tolerance_hint: str):
         self.api = api
@@ -203,6 +209,8 @@ class Images:
         self.present: set = set()
         self.pull_failures: set = set()  # images whose failed pull was reported
         self.ids: Dict[str, str] = {}  # reference -> the engine's image ID
+        self._lock = threading.Lock()
+        self._pulls: Dict[str, Future] = {}  # image -> its pull, until ensure saw it end
 
     def key(self, task: TaskSpec) -> str:
         """The task's adoption key (adoption.key_of), its image counted by the ID the engine
@@ -219,21 +227,45 @@ class Images:
         return self.ids[image]
 
     def ensure(self, image: str) -> None:
-        if image in self.present:
-            return
-        if self.pull != "always":
-            try:
-                with engine_errors("looking up an image"):
-                    self.api.inspect_image(image)
-                self.present.add(image)
+        """Return once the image is on the engine; raise NotYet while it is pulled, and
+        what the pull met once it failed (the next call pulls again)."""
+        with self._lock:
+            if image in self.present:
                 return
-            except docker.errors.ImageNotFound:
-                if self.pull == "never":
-                    raise ImageUnavailable(
-                        f"image {image!r} is not on the Docker engine and pulling is off"
-                    ) from None
-            except docker.errors.APIError as e:
-                raise _invalid_image(image, e) from None
+            pulling = self._pulls.get(image)
+        if pulling is None:
+            if self.pull != "always" and self._on_engine(image):
+                with self._lock:
+                    self.present.add(image)
+                return
+            with self._lock:
+                if image not in self._pulls:
+                    self._pulls[image] = _in_background(self._pull, image)
+            raise NotYet(f"pulling image {image!r}")
+        if not pulling.done():
+            raise NotYet(f"pulling image {image!r}")
+        with self._lock:
+            self._pulls.pop(image, None)
+        pulling.result()  # what the pull raised
+        with self._lock:
+            self.present.add(image)
+            self.ids.pop(image, None)  # the pull may have brought another image under the tag
+
+    def _on_engine(self, image: str) -> bool:
+        try:
+            with engine_errors("looking up an image"):
+                self.api.inspect_image(image)
+            return True
+        except docker.errors.ImageNotFound:
+            if self.pull == "never":
+                raise ImageUnavailable(
+                    f"image {image!r} is not on the Docker engine and pulling is off"
+                ) from None
+            return False
+        except docker.errors.APIError as e:
+            raise _invalid_image(image, e) from None
+
+    def _pull(self, image: str) -> None:
         try:
             with engine_errors("pulling an image"):
                 try:
@@ -242,8 +274,6 @@ class Images:
                     raise self._pull_failed(image, e) from None
         except docker.errors.DockerException as e:
             raise ImageUnavailable(f"could not pull image {image!r} ({short(e)})") from None
-        self.present.add(image)
-        self.ids.pop(image, None)  # the pull may have brought another image under the tag
 
     def _pull_failed(self, image: str, error: docker.errors.APIError) -> CrankError:
         """What a refused pull means: a bad reference or an image the registry does not
@@ -258,6 +288,22 @@ class Images:
             self.pull_failures.add(image)
             self.report(f"{failed}; trying again until {self.tolerance_hint} runs out")
         return BackendUnavailable(failed)
+
+
+def _in_background(work: Callable[[str], None], image: str) -> Future:
+    """``work(image)`` on a daemon thread of its own; its end in the returned future."""
+    future: Future = Future()
+
+    def run() -> None:
+        try:
+            work(image)
+        except BaseException as e:  # noqa: BLE001 - handed to whoever asks the future
+            future.set_exception(e)
+        else:
+            future.set_result(None)
+
+    threading.Thread(target=run, name="crank-pull", daemon=True).start()
+    return future
 
 
 def _invalid_image(image: str, error: Exception) -> ImageUnavailable:
