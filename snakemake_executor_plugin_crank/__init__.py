@@ -1,4 +1,5 @@
-"""crank: every Snakemake job becomes a container task on a Docker engine."""
+"""crank: every Snakemake job becomes a container task, on a Docker engine or on a GA4GH TES
+server."""
 
 from snakemake_interface_executor_plugins.settings import CommonSettings
 
