@@ -3,6 +3,7 @@ tests/services.py starts (skipped, with one line saying why, where there is no F
 
 import hashlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -197,6 +198,17 @@ def test_tasks_of_a_crashed_run_are_canceled_at_start(tes, tmp_path):
     finally:
         for task_id in (other, elsewhere):
             requests.post(f"{tes.url}/v1/tasks/{task_id}:cancel", timeout=30)
+
+
+def test_the_run_says_what_waits_and_runs_on_the_server(tes, tmp_path):
+    """A queue view in the log: one line when the run's tasks change state, at most every
+    30 s (a 4 s job: one line), naming the server."""
+    workdir = slow_workflow(tmp_path, 4)
+    done = tes_run(tes, workdir)
+    assert done.returncode == 0, done.stderr[-3000:]
+    pattern = re.compile(r"crank: 1 (queued|initializing|running) on " + re.escape(tes.url) + "$")
+    said = [line for line in done.stderr.splitlines() if pattern.search(line)]
+    assert len(said) == 1, done.stderr[-3000:]
 
 
 # ---------------------------------------------------------------- faults (docs/reliability.md)

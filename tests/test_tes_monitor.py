@@ -247,3 +247,24 @@ def test_a_runs_end_lists_what_is_still_active_not_what_it_finished(filters):
     else:
         assert server.tasks_sent == 1005 and len(lists) == (1 if filters == "ignores" else 2)
     assert len(server.reported) == (filters != "honours")
+
+def test_the_queue_view_says_what_waits_and_runs_when_it_changes_at_most_every_30_s():
+    from snakemake_executor_plugin_crank.backends.tes.queue_view import INTERVAL_S, QueueView
+
+    now = [0.0]
+    said = []
+    view = QueueView("http://tes.example", said.append, clock=lambda: now[0])
+    view.update([])  # nothing submitted yet: silent
+    view.update(["QUEUED"] * 40 + ["INITIALIZING"] * 12 + ["RUNNING"] * 96 + ["COMPLETE"] * 7)
+    assert said == ["40 queued, 12 initializing, 96 running on http://tes.example"]
+    view.update(["QUEUED"] * 40 + ["INITIALIZING"] * 12 + ["RUNNING"] * 96)
+    now[0] += 5
+    view.update(["RUNNING"] * 148)  # changed, but too soon
+    assert len(said) == 1
+    now[0] += INTERVAL_S
+    view.update(["RUNNING"] * 148)
+    assert said[-1] == "148 running on http://tes.example"
+    now[0] += INTERVAL_S
+    view.update(["RUNNING"] * 148)  # unchanged: silent
+    view.update(["COMPLETE"] * 148)  # nothing waits or runs: silent
+    assert len(said) == 2

@@ -34,6 +34,7 @@ from . import layout, script, sources
 from .api import TesApi
 from .http import HttpError
 from .monitor import LISTED_STATES, Monitor
+from .queue_view import QueueView
 from .results import Collector
 
 TAG_RUN = "crank-run"
@@ -238,6 +239,7 @@ class TesBackend:
         self.monitors: Dict[str, Monitor] = {run_id: Monitor(api, TAG_RUN, run_id)}
         self.orphans: Orphans[Tuple[str, str]] = Orphans()  # (task id, submission tag)
         self._dead_tmp: List[str] = []
+        self.queue_view = QueueView(self.http.base, self.report)
 
     @property
     def monitor(self) -> Monitor:
@@ -469,6 +471,7 @@ class TesBackend:
                 states[h] = State.QUEUED
             else:
                 states[h] = State.LOST
+        self.queue_view.update(s.last_state for s in subs if s.tes_id and s.last_state)
         return states
 
     def _resubmit_without_inputs(self, sub: _Submission) -> bool:
