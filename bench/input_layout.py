@@ -41,7 +41,8 @@ from tes.utils import unmarshal
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from snakemake_executor_plugin_crank.backends.tes import layout  # noqa: E402
-from snakemake_executor_plugin_crank.backends.tes.backend import TesOptions, task_body, to_tes_task  # noqa: E402
+from snakemake_executor_plugin_crank.backends.tes.backend import TesOptions  # noqa: E402
+from snakemake_executor_plugin_crank.backends.tes.tasks import task_body, to_tes_task  # noqa: E402
 from snakemake_executor_plugin_crank.settings import open_tes_backend  # noqa: E402
 from snakemake_executor_plugin_crank.staging import tree  # noqa: E402
 from snakemake_executor_plugin_crank.staging.digest import DigestCache  # noqa: E402

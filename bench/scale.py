@@ -229,7 +229,7 @@ def run_once(backend: str, n: int, args) -> dict:
 def tasks_and_submissions(url: str, workdir: str) -> tuple:
     """How many tasks the server holds for the run in ``workdir``, and how many distinct
     submissions they are (one list of the whole run, BASIC: it carries the tags)."""
-    from snakemake_executor_plugin_crank.backends.tes.backend import TAG_SUBMISSION, TAG_WORKDIR, workdir_tag
+    from snakemake_executor_plugin_crank.backends.tes.tasks import TAG_SUBMISSION, TAG_WORKDIR, workdir_tag
 
     tags, token = [], None
     while True:

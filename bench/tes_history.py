@@ -132,7 +132,7 @@ def list_and_get_ms(url: str, repeat: int = 8) -> tuple:
 def workdir_history(url: str, workdir: str, n: int, runs: tuple, threads: int = 8) -> None:
     """``n`` ended tasks of the workdir's earlier runs (1,000 a run, created and canceled),
     and 5 tasks a dead run left queued (``runs``: (dead run, its origin))."""
-    from snakemake_executor_plugin_crank.backends.tes.backend import (
+    from snakemake_executor_plugin_crank.backends.tes.tasks import (
         TAG_KEY, TAG_ORIGIN, TAG_RUN, TAG_SUBMISSION, TAG_WORKDIR, workdir_tag)
 
     dead, origin = runs
@@ -157,7 +157,8 @@ def measure_start(url: str, workdir: str, dead: str, prefix: str, repeat: int = 
     and peak Python memory."""
     import tracemalloc
 
-    from snakemake_executor_plugin_crank.backends.tes.backend import TAG_WORKDIR, TesOptions, workdir_tag
+    from snakemake_executor_plugin_crank.backends.tes.backend import TesOptions
+    from snakemake_executor_plugin_crank.backends.tes.tasks import TAG_WORKDIR, workdir_tag
     from snakemake_executor_plugin_crank.settings import open_tes_backend
 
     results = {}

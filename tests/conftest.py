@@ -358,7 +358,7 @@ NON_TERMINAL = {"UNKNOWN", "QUEUED", "INITIALIZING", "RUNNING", "PAUSED"}
 
 def tasks_of(tes: TesServer, workdir: Path) -> list:
     """Every task of the workdir on the server (BASIC view)."""
-    from snakemake_executor_plugin_crank.backends.tes.backend import TAG_WORKDIR, workdir_tag
+    from snakemake_executor_plugin_crank.backends.tes.tasks import TAG_WORKDIR, workdir_tag
 
     answer = requests.get(f"{tes.url}/v1/tasks", params={
         "tag_key": TAG_WORKDIR, "tag_value": workdir_tag(str(workdir)), "view": "BASIC",

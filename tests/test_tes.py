@@ -20,15 +20,9 @@ from tes import Task as TesTask
 
 from snakemake_executor_plugin_crank import ExecutorSettings, runs
 from snakemake_executor_plugin_crank.backends.tes import layout
-from snakemake_executor_plugin_crank.backends.tes.backend import (
-    STATES,
-    TAG_ORIGIN,
-    TAG_RUN,
-    TAG_WORKDIR,
-    TesOptions,
-    task_body,
-    to_tes_task,
-    workdir_tag,
+from snakemake_executor_plugin_crank.backends.tes.backend import TesOptions
+from snakemake_executor_plugin_crank.backends.tes.tasks import (
+    STATES, TAG_ORIGIN, TAG_RUN, TAG_WORKDIR, task_body, to_tes_task, workdir_tag,
 )
 from snakemake_executor_plugin_crank.backends.tes.http import Session, redact
 # the settings' factory: the backend with its HTTP session and Stagers

@@ -18,12 +18,8 @@ import pytest
 import requests
 from obstore.store import from_url as obstore_from_url
 
-from snakemake_executor_plugin_crank.backends.tes.backend import (
-    TAG_ORIGIN,
-    TAG_RUN,
-    TAG_SUBMISSION,
-    TAG_WORKDIR,
-    workdir_tag,
+from snakemake_executor_plugin_crank.backends.tes.tasks import (
+    TAG_ORIGIN, TAG_RUN, TAG_SUBMISSION, TAG_WORKDIR, workdir_tag,
 )
 
 from conftest import (

@@ -245,7 +245,7 @@ def test_an_adopted_tes_tasks_start_is_its_latest_attempts_command_start():
     import tes
     from tes.utils import unmarshal
 
-    from snakemake_executor_plugin_crank.backends.tes.backend import executor_start
+    from snakemake_executor_plugin_crank.backends.tes.tasks import executor_start
 
     def task(*attempts):
         return unmarshal({"id": "t", "logs": [{"logs": [{"start_time": s} for s in a]} for a in attempts]},

@@ -12,14 +12,12 @@ creating run in a small thread pool, so ``submit`` returns at once.
 from __future__ import annotations
 
 import contextlib
-import datetime
-import hashlib
 import os
 import shutil
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Collection, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Collection, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import tes
 
@@ -29,44 +27,30 @@ from ...staging.digest import sha256_file
 from ...staging import tree
 from ...staging.stage import Stager
 from ...task import Adopted, Capacity, Kind, State, TaskResult, TaskSpec
-from ..adoption import Orphan, Orphans, key_of, products_id
-from . import layout, script, sources
+from ..adoption import Orphans, key_of, products_id
+from . import layout, orphans, sources
 from .api import TesApi
 from .http import HttpError
-from .monitor import LISTED_STATES, Monitor
+from .monitor import Monitor
 from .queue_view import QueueView
 from .results import Collector
-
-TAG_RUN = "crank-run"
-TAG_JOB = "crank-job"
-TAG_RULE = "crank-rule"
-TAG_WORKDIR = "crank-workdir"
-TAG_ORIGIN = "crank-origin"  # runs.origin: tells apart two workdirs at the same path
-TAG_SUBMISSION = "crank-submission"
-# what the task does (adoption.key_of) and which files it writes: a later run adopts it
-TAG_KEY = "crank-key"
-TAG_PRODUCTS = "crank-products"
-
-STATES = {
-    "UNKNOWN": State.QUEUED,
-    "QUEUED": State.QUEUED,
-    "INITIALIZING": State.QUEUED,
-    "RUNNING": State.RUNNING,
-    "PAUSED": State.RUNNING,
-    "COMPLETE": State.FINISHED,
-    "EXECUTOR_ERROR": State.FINISHED,
-    "SYSTEM_ERROR": State.FINISHED,
-    "CANCELED": State.CANCELED,
-    "CANCELING": State.CANCELED,
-    "PREEMPTED": State.PREEMPTED,
-}
-NON_TERMINAL = ("UNKNOWN", "QUEUED", "INITIALIZING", "RUNNING", "PAUSED")
-# a dead run's task that ended in these is adopted with its outcome (a system error or a
-# cancel is not the job's: a new task runs)
-ADOPTABLE_ENDS = ("COMPLETE", "EXECUTOR_ERROR")
-# what a run's end lists to cancel what is left: the states a status round lists, and PAUSED
-# (UNKNOWN, the enum's zero, would filter nothing)
-CLOSE_STATES = (*LISTED_STATES, "PAUSED")
+from .tasks import (
+    CLOSE_STATES,
+    NON_TERMINAL,
+    STATES,
+    TAG_JOB,
+    TAG_KEY,
+    TAG_ORIGIN,
+    TAG_PRODUCTS,
+    TAG_RULE,
+    TAG_RUN,
+    TAG_SUBMISSION,
+    TAG_WORKDIR,
+    executor_start,
+    task_body,
+    to_tes_task,
+    workdir_tag,
+)
 
 
 @dataclass(frozen=True)
@@ -93,88 +77,6 @@ class TesOptions:
     download_workers: int = 8
     # remove a task's objects under runs/ once its outcome is reported
     keep_run_objects: bool = False
-
-
-def workdir_tag(workdir: str) -> str:
-    return hashlib.sha256(os.path.abspath(workdir).encode()).hexdigest()[:16]
-
-
-def resources_of(task: TaskSpec) -> tes.Resources:
-    """Exact mapping: decimal MB to GB, never rounded up; GPUs as backend parameters."""
-    r = task.resources
-    params = {"gpus": str(r.gpus)} if r.gpus else {}
-    if r.gpus and r.gpu_model:
-        params["gpu_model"] = r.gpu_model
-    return tes.Resources(
-        cpu_cores=r.cpus,
-        ram_gb=r.mem_mb / 1000 if r.mem_mb else None,
-        disk_gb=r.disk_mb / 1000 if r.disk_mb else None,
-        preemptible=True if r.preemptible else None,
-        backend_parameters=params or None,
-    )
-
-
-def to_tes_task(
-    task: TaskSpec, staged: Sequence[layout.Staged], out_url: str, tags: Mapping[str, str],
-    source_set: Optional[Tuple[str, str]] = None,
-) -> tes.Task:
-    """The TES task for ``task`` whose inputs are ``staged``; products go to ``out_url``;
-    ``source_set``: (digest, URL) of the archive of the workflow's sources (``script``). Each
-    input the server fetches goes straight to its own path, inside the writable volumes."""
-    inputs, seen = [], set()
-    for s in staged:
-        if not s.fetched or s.path in seen:
-            continue
-        seen.add(s.path)
-        inputs.append(tes.Input(url=s.url, path=s.path, type="DIRECTORY" if s.remote_dir else "FILE"))
-    volumes = layout.volumes(
-        layout.needed_dirs(task, staged) + (layout.source_dirs(task) if source_set else [])
-    )
-    text = script.wrapper_script(task, staged, volumes, source_set[0] if source_set else "")
-    if source_set:
-        inputs.append(tes.Input(url=source_set[1], path=f"{layout.IN}/{source_set[0]}", type="FILE"))
-    inputs.append(tes.Input(path=layout.WRAPPER, content=text, type="FILE"))
-    inputs.append(tes.Input(path=layout.COMMAND, content=task.script, type="FILE"))
-    inputs.append(tes.Input(path=layout.PLACED, content=script.placed_list(task, staged), type="FILE"))
-    executor = tes.Executor(
-        image=task.image,
-        command=["/bin/sh", layout.WRAPPER],
-        stdout=layout.STDOUT,
-        stderr=layout.STDERR,
-        env=dict(task.env) or None,
-    )
-    return tes.Task(
-        name=task.name,
-        description=f"crank: {task.label} (job {task.job_id}, attempt {task.attempt})",
-        inputs=inputs,
-        outputs=[tes.Output(path=layout.OUT, url=out_url, type="DIRECTORY")] + [
-            # straight to its object, never through crank's store
-            tes.Output(path=layout.upload_dir(n), url=layout.url_parent(p.url)[0], type="DIRECTORY")
-            for n, p in enumerate(task.products) if p.url
-        ],
-        resources=resources_of(task),
-        executors=[executor],
-        volumes=volumes,
-        tags=dict(tags),
-    )
-
-
-def task_body(t: tes.Task) -> Dict[str, Any]:
-    ok, error = t.is_valid()
-    if not ok:
-        raise CrankError(f"crank built an invalid TES task: {error}")
-    return t.as_dict()
-
-
-def executor_start(t: tes.Task) -> Optional[float]:
-    """When the task's latest attempt started its command (wall clock), as a BASIC or FULL
-    view tells; None before that. A time without a zone is UTC (RFC 3339 requires one)."""
-    if not t.logs:
-        return None
-    started = next((e.start_time for e in t.logs[-1].logs or [] if e.start_time), None)
-    if started is None:
-        return None
-    return (started if started.tzinfo else started.replace(tzinfo=datetime.timezone.utc)).timestamp()
 
 
 def still_active(api: TesApi, run_id: str) -> List[tes.Task]:
@@ -252,63 +154,13 @@ class TesBackend:
         """Keep the dead runs' tasks that can be adopted (running, or ended by themselves
         while nobody watched); cancel the other non-terminal tasks of runs that are gone."""
         keep = {self.run_id, *live_runs}
-        stale, found, others = [], [], 0
-        for t in self._left_behind(dead_runs):
-            tags = t.tags or {}
-            run = tags.get(TAG_RUN)
-            if run in keep:
-                continue
-            if tags.get(TAG_ORIGIN, self.tags[TAG_ORIGIN]) != self.tags[TAG_ORIGIN]:
-                others += t.state in NON_TERMINAL  # tasks of older cranks carry none: ours
-                continue
-            if run in dead_runs and tags.get(TAG_KEY) and ":" in tags.get(TAG_SUBMISSION, ""):
-                found.append(Orphan(tags[TAG_KEY], tags.get(TAG_PRODUCTS, ""),
-                                    (t.id, tags[TAG_SUBMISSION]), finished=t.state not in NON_TERMINAL,
-                                    started=executor_start(t)))
-            elif t.state in NON_TERMINAL:
-                stale.append(t.id)
-        if others:
-            self.report(f"{others} task(s) on the TES server come from another directory at this "
-                        "path (another machine or user); left alone")
-        for task_id in stale:
-            self.api.cancel_task(task_id)
-        self.orphans = Orphans(self._uncollected(found))
+        stale, self.orphans = orphans.gather(self.api, self.store, self.tags, keep, dead_runs, self.report)
         # what runs that are gone left half downloaded: removed when this run ends
         with contextlib.suppress(OSError):
             for entry in os.scandir(os.path.dirname(self.collector.tmp_root)):
                 if entry.name not in keep and entry.is_dir(follow_symlinks=False):
                     self._dead_tmp.append(entry.path)
-        return len(stale), len(self.orphans)
-
-    def _left_behind(self, dead_runs: Collection[str]) -> List[tes.Task]:
-        """The workdir's tasks that may still wait or run (one list per active state), and
-        the dead runs' tasks that ended by themselves (one list per dead run and end): what
-        a start costs follows what is active and what dead runs left, not the workdir's
-        history. A server whose filters do not work lists everything it holds at once."""
-        workdir = self.tags[TAG_WORKDIR]
-        tasks = self.api.list_tasks(TAG_WORKDIR, workdir, view="BASIC", states=CLOSE_STATES)
-        if not dead_runs:
-            return tasks
-        if self.api.filters_unreliable:
-            ended = self.api.list_tasks(TAG_WORKDIR, workdir, view="BASIC", states=ADOPTABLE_ENDS)
-            tasks += [t for t in ended if (t.tags or {}).get(TAG_RUN) in dead_runs]
-        else:
-            for run in dead_runs:
-                tasks += self.api.list_tasks(TAG_RUN, run, view="BASIC", states=ADOPTABLE_ENDS)
-        return list({t.id: t for t in tasks}.values())  # one that ended between two lists: once
-
-    def _uncollected(self, found: List[Orphan]) -> List[Orphan]:
-        """Without the ended tasks their run collected and released: their products are
-        gone from the store (one list per dead run)."""
-        runs_ended = {o.ref[1].split(":", 1)[0] for o in found if o.finished}
-        kept = set()
-        for run in runs_ended:
-            prefix = f"runs/{run}/"
-            try:
-                kept.update(f"{run}:{k[len(prefix):].split('/', 1)[0]}" for k, _ in self.store.list(prefix))
-            except CrankError:
-                pass  # cannot tell: none of that run's ended tasks is adopted
-        return [o for o in found if not o.finished or o.ref[1] in kept]
+        return stale, len(self.orphans)
 
     def adopt(self, task: TaskSpec) -> Optional[Adopted]:
         if not self.orphans:
