@@ -15,6 +15,7 @@ from snakemake_interface_executor_plugins.settings import DeploymentMethod
 from . import runs
 from .adapter import groups, jobs, outputs, storage
 from .adapter.record import JobRecord
+from .adapter.trace import Trace
 from .errors import BackendUnavailable, CrankError, ImageUnavailable
 from .runner import Runner
 from .settings import ExecutorSettings, backend_from, image_message
@@ -40,6 +41,7 @@ class Executor(RemoteExecutor):
         self._tolerance_s = self.settings.backend_tolerance
         # what a task is called on the backend, in messages
         self._unit = "task" if self.settings.backend == "tes" else "container"
+        self._trace = Trace(workdir, self.run_id, self.settings.backend)
         # before anything is submitted, so that another run starting now leaves ours alone
         self._run_file = runs.record(workdir, self.run_id)
         try:
@@ -259,6 +261,8 @@ class Executor(RemoteExecutor):
             if outcome is None:
                 yield info
                 continue
+            self._trace.add(info.job, chain.ended, self.logger.warning)
+            chain.ended.clear()
             problem = None
             if outcome.ok:
                 problem = await self._after_success(record)
@@ -417,6 +421,7 @@ class Executor(RemoteExecutor):
                 "this directory removes them"
             )
         self._fence_given_up(closed)
+        self._trace.close(self.logger.info, self.logger.warning)
         if detach:
             # the run file stays: the next run finds this run dead and adopts its tasks
             self.logger.info(

@@ -50,6 +50,8 @@ class Chain:
     canceled: bool = False
     # the tasks that succeeded in the last round, with their results, for the caller
     succeeded: List[Tuple[TaskSpec, TaskResult]] = field(default_factory=list)
+    # every task collected so far, with its result (the usage trace)
+    ended: List[Tuple[TaskSpec, TaskResult]] = field(default_factory=list)
 
     @property
     def current(self) -> TaskSpec:
@@ -209,6 +211,7 @@ class Runner:
         elif state is State.CANCELED:
             result = dataclasses.replace(result, ok=False, reason="canceled outside crank")
         chain.log_files.extend(result.log_files)
+        chain.ended.append((task, result))
         chain.spent.append(chain.handle)
         chain.handle = None
         if not result.ok:

@@ -161,6 +161,18 @@ class Adopted:
 
 
 @dataclass(frozen=True)
+class Usage:
+    """What a task used, as measured where it ran; None where the platform does not tell.
+    MB are decimal (10^6 bytes), as ``mem_mb``."""
+
+    queue_s: Optional[float] = None  # from its submission to the start of its command
+    cpu_s: Optional[float] = None  # user + system
+    peak_mb: Optional[float] = None  # the most memory its container held (page cache too)
+    read_mb: Optional[float] = None
+    written_mb: Optional[float] = None
+
+
+@dataclass(frozen=True)
 class TaskResult:
     ok: bool
     exit_code: Optional[int] = None
@@ -168,3 +180,4 @@ class TaskResult:
     stderr_tail: str = ""
     log_files: Tuple[str, ...] = ()
     seconds: Optional[float] = None  # running time, when the backend knows it
+    usage: Usage = Usage()

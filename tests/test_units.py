@@ -325,3 +325,31 @@ def test_a_gateway_that_answers_the_first_page_for_ever_ends_the_listing():
             assert base in str(caught.value) and len(asked) == 2
     finally:
         server.shutdown()
+
+
+@pytest.mark.parametrize("text, expected", [
+    # cgroup v2: memory.peak, cpu.stat, io.stat
+    ("memory.peak 315957248\nusage_usec 2100000\nuser_usec 2000000\nsystem_usec 100000\n"
+     "8:0 rbytes=1000000 wbytes=3000000 rios=1 wios=2\n259:0 rbytes=500000 wbytes=0\n",
+     (2.1, 315.957248, 1.5, 3.0)),
+    # cgroup v1: memory, cpuacct and blkio controllers
+    ("memory/memory.max_usage_in_bytes 105725952\ncpuacct/cpuacct.usage 62962758\n"
+     "8:0 Read 2000000\n8:0 Write 4000000\n8:0 Total 6000000\nTotal 6000000\n",
+     (0.062962758, 105.725952, 2.0, 4.0)),
+    ("memory/memory.max_usage_in_bytes 1000000\ncpuacct/cpuacct.usage 1000000000\nTotal 0\n",
+     (1.0, 1.0, 0.0, 0.0)),
+    # no cgroup files the container could read: nothing is made up
+    ("", (None, None, None, None)),
+], ids=["v2", "v1", "v1-no-io", "none"])
+def test_a_tes_tasks_usage_is_read_from_its_cgroup(tmp_path, text, expected):
+    import datetime
+
+    from snakemake_executor_plugin_crank.backends.tes.results import usage
+
+    (tmp_path / "usage").write_text(text)
+    created = datetime.datetime(2026, 12, 4, 3, 0, 0)
+    started = datetime.datetime(2026, 12, 4, 3, 0, 7, 500000, tzinfo=datetime.timezone.utc)
+    used = usage(str(tmp_path), created, started)
+    assert (used.cpu_s, used.peak_mb, used.read_mb, used.written_mb) == pytest.approx(expected)
+    assert used.queue_s == pytest.approx(7.5)
+    assert usage(str(tmp_path / "absent"), None, None).cpu_s is None

@@ -40,6 +40,8 @@ COMMAND = "/crank/in/cmd.sh"
 STDOUT = "/crank/out/stdout"
 STDERR = "/crank/out/stderr"
 EXIT = "exit"
+# what the container's cgroup says it used (script.USAGE_LINES), beside the exit code
+USAGE = "usage"
 INDEX = "index"
 # Funnel mounts these itself (writable); a volume path that string-extends them is escaped
 RESERVED = ("/tmp", ROOT)

@@ -3,6 +3,7 @@ installed at its path whole or not at all."""
 
 from __future__ import annotations
 
+import datetime
 import os
 import shutil
 from typing import Collection, Iterable, Optional, Sequence
@@ -10,7 +11,7 @@ from typing import Collection, Iterable, Optional, Sequence
 import tes
 
 from ...staging.stage import Stager
-from ...task import TaskResult, TaskSpec
+from ...task import TaskResult, TaskSpec, Usage
 from ..logs import save_logs
 from . import layout, products
 
@@ -42,21 +43,22 @@ class Collector:
                 _read(stdout) if tmp and os.path.exists(stdout) else _text(exec_log.stdout),
                 _read(stderr) if tmp and os.path.exists(stderr) else _text(exec_log.stderr),
             )
+            used = usage(tmp, full.creation_time, exec_log.start_time)
             if state != "COMPLETE":
                 reason = f"TES state {state}"
                 if system:
                     reason += ": " + system_summary(system)
                 return TaskResult(ok=False, exit_code=exec_log.exit_code, reason=reason, stderr_tail=tail,
-                                  log_files=files, seconds=seconds)
+                                  log_files=files, seconds=seconds, usage=used)
             code = _exit_code(tmp)
             if code is None:
                 return TaskResult(ok=False, exit_code=exec_log.exit_code,
                                   reason="the task came back without its exit code (TES state COMPLETE)",
-                                  stderr_tail=tail, log_files=files, seconds=seconds)
+                                  stderr_tail=tail, log_files=files, seconds=seconds, usage=used)
             # a failed job's own log files come back too (run.sh collected only those)
             warnings = products.install_all(tmp, task, None if code == 0 else layout.log_names(task))
             return TaskResult(ok=code == 0, exit_code=code, stderr_tail=tail, log_files=files,
-                              seconds=seconds, reason="; ".join(warnings) or None)
+                              seconds=seconds, reason="; ".join(warnings) or None, usage=used)
         finally:
             if tmp:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -75,7 +77,7 @@ class Collector:
     def _download_logs(self, key: str, handle: str, task: TaskSpec) -> Optional[str]:
         """stdout/stderr of a task that did not complete, where the server uploaded them
         (Funnel uploads nothing after a failed executor)."""
-        dest = self._download(key, handle, task, only=("stdout", "stderr", layout.EXIT))
+        dest = self._download(key, handle, task, only=("stdout", "stderr", layout.EXIT, layout.USAGE))
         if os.listdir(dest):
             return dest
         os.rmdir(dest)
@@ -98,6 +100,48 @@ def _read(path: str) -> Iterable[bytes]:
 
 def _text(value: Optional[str]) -> Iterable[bytes]:
     return [value.encode()] if value else []
+
+
+def usage(tmp: Optional[str], created: Optional[datetime.datetime],
+          started: Optional[datetime.datetime]) -> Usage:
+    """What the task's container counted (script.USAGE_LINES, cgroup v2 or v1; a figure its
+    cgroup does not give stays None), and how long the task waited between its creation
+    and the start of its command."""
+    queue_s = None
+    if created and started:
+        queue_s = max(0.0, (_utc(started) - _utc(created)).total_seconds())
+    try:
+        with open(os.path.join(tmp, layout.USAGE)) as f:
+            lines = f.read().splitlines()
+    except (OSError, TypeError):
+        lines = []
+    peak = cpu_s = None
+    io = {"read": None, "written": None}
+    for fields in (line.split() for line in lines):
+        number = fields[-1].isdigit() if fields else False
+        if len(fields) == 2 and number and fields[0] in ("memory.peak", "memory/memory.max_usage_in_bytes"):
+            peak = int(fields[1])
+        elif len(fields) == 2 and number and fields[0] == "usage_usec":  # v2 cpu.stat
+            cpu_s = int(fields[1]) / 1e6
+        elif len(fields) == 2 and number and fields[0] == "cpuacct/cpuacct.usage":
+            cpu_s = int(fields[1]) / 1e9
+        elif fields and ":" in fields[0]:
+            # v2 io.stat: MAJ:MIN rbytes=N wbytes=N ...; v1 blkio: MAJ:MIN Read N
+            counts = dict(f.split("=", 1) for f in fields[1:] if "=" in f)
+            if len(fields) == 3 and number:
+                counts = {{"Read": "rbytes", "Write": "wbytes"}.get(fields[1], ""): fields[2]}
+            for name, key in (("read", "rbytes"), ("written", "wbytes")):
+                if counts.get(key, "").isdigit():
+                    io[name] = (io[name] or 0) + int(counts[key])
+    if cpu_s is not None:  # a cgroup that counts no block device read or wrote nothing
+        io = {k: v or 0 for k, v in io.items()}
+    mb = lambda n: None if n is None else n / 1e6  # noqa: E731
+    return Usage(queue_s=queue_s, cpu_s=cpu_s, peak_mb=mb(peak), read_mb=mb(io["read"]),
+                 written_mb=mb(io["written"]))
+
+
+def _utc(t: datetime.datetime) -> datetime.datetime:
+    return t if t.tzinfo else t.replace(tzinfo=datetime.timezone.utc)
 
 
 def _exit_code(tmp: Optional[str]) -> Optional[int]:

@@ -40,8 +40,8 @@ from typing import Dict, Iterable, List, Sequence, Set
 from ...task import FILE_LAUNCHER, TaskSpec
 from ..paths import under
 from .layout import (
-    COMMAND, EXIT, INDEX, OUT, PLACED, SOURCES, Staged, log_names, product_name, upload_dir,
-    url_parent,
+    COMMAND, EXIT, INDEX, OUT, PLACED, SOURCES, USAGE, Staged, log_names, product_name,
+    upload_dir, url_parent,
 )
 
 q = shlex.quote
@@ -253,6 +253,18 @@ def _companions(task: TaskSpec, volumes: Sequence[str]) -> List[str]:
     ]
 
 
+# What the container's cgroup counted, read right after the command, before the products
+# are collected (results.usage): its peak memory, its CPU time and its block I/O, from the
+# files of cgroup v2 or of v1's memory, cpuacct and blkio controllers, whichever it has
+USAGE_FILES = "memory.peak memory/memory.max_usage_in_bytes cpuacct/cpuacct.usage"
+USAGE_LINES = (
+    'crank_usage="$(for f in ' + USAGE_FILES + '; do [ -r /sys/fs/cgroup/$f ] && '
+    'printf \'%s %s\\n\' "$f" "$(cat /sys/fs/cgroup/$f)"; done; '
+    'cat /sys/fs/cgroup/cpu.stat /sys/fs/cgroup/io.stat '
+    '/sys/fs/cgroup/blkio/blkio.throttle.io_service_bytes 2>/dev/null)"'
+)
+
+
 def wrapper_script(task: TaskSpec, staged: Sequence[Staged], volumes: Sequence[str],
                    sources: str = "") -> str:
     """The script the executor runs; ``volumes``: the task's writable volumes."""
@@ -275,7 +287,9 @@ def wrapper_script(task: TaskSpec, staged: Sequence[Staged], volumes: Sequence[s
     # the same launcher as on Docker, reading the command from a file (no argv limit)
     lines.append(f"/bin/sh -c {q(FILE_LAUNCHER)} crank {COMMAND}")
     lines.append("crank_code=$?")
+    lines.append(USAGE_LINES)
     lines.append(f"cd {OUT} || crank_fail 'no {OUT}'")
+    lines.append(f"printf '%s\\n' \"$crank_usage\" > {USAGE}")
     lines.append(f": > {INDEX}")
     logs = log_names(task)
     for n, product in enumerate(task.products):
