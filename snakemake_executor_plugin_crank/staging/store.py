@@ -248,7 +248,7 @@ class Store:
                     if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
                         raise ContentChanged(path)
                     check(stop)
-                    self._transfers.run(lambda progress: obstore.put_async(
+                    self._transfers.run(lambda progress: obstore.put(
                         self._store, key, data, use_multipart=False), self.stall_s)
                 if on_bytes:
                     on_bytes(len(data))
@@ -256,7 +256,7 @@ class Store:
                 chunks = _chunks(path, sha256, identity, on_bytes, stop)
                 # the parts in flight, plus the one being read and the one obstore buffers
                 with self._budget.take(PART_CONCURRENCY + 2):
-                    self._transfers.run(lambda progress: obstore.put_async(
+                    self._transfers.run(lambda progress: obstore.put(
                         self._store, key, _pulled(chunks, progress),
                         chunk_size=PART_SIZE, max_concurrency=PART_CONCURRENCY,
                     ), self.stall_s)
@@ -273,7 +273,7 @@ class Store:
     def put_bytes(self, data: bytes, key: str) -> None:
         """Upload a small object (e.g. a manifest) in one atomic PUT."""
         try:
-            self._transfers.run(lambda progress: obstore.put_async(
+            self._transfers.run(lambda progress: obstore.put(
                 self._store, key, data, use_multipart=False), self.stall_s)
         except Stalled:
             raise BackendUnavailable(
@@ -292,25 +292,7 @@ class Store:
         directory, name = os.path.split(os.path.abspath(dest))
         tmp = os.path.join(directory, f".{name}.crank-{uuid.uuid4().hex[:12]}.part")
         try:
-            result = self._transfers.run(lambda progress: obstore.get_async(self._downloads, key))
-            expected = int(result.meta["size"]) if size is None else size
-            if size is not None and int(result.meta["size"]) != size:
-                raise CrankError(f"{self.url(key)}: has {result.meta['size']} bytes, expected {size}")
-            h = hashlib.sha256() if sha256 or digest else None
-            written = 0
-            stream = result.stream(min_chunk_size=DOWNLOAD_CHUNK)
-            with open(tmp, "wb") as f:
-                # each chunk is awaited on its own, so that an abandoned download ends at once
-                while (chunk := self._transfers.run(lambda progress: _next(stream))) is not None:
-                    f.write(chunk)
-                    if h:
-                        h.update(chunk)
-                    written += len(chunk)
-            if written != expected:
-                raise CrankError(f"{self.url(key)}: received {written} bytes, expected {expected}")
-            got = h.hexdigest() if h else None
-            if sha256 and got != sha256:
-                raise CrankError(f"{self.url(key)}: content does not match its sha256 {sha256}")
+            got = self._transfers.run(lambda progress: self._download(key, tmp, size, sha256, digest, progress))
             os.replace(tmp, dest)
             return got
         except CrankError:
@@ -324,6 +306,29 @@ class Store:
         except BaseException:
             _remove(tmp)
             raise
+
+    def _download(self, key: str, tmp: str, size: int | None, sha256: str | None, digest: bool,
+                  progress: Progress) -> str | None:
+        """``key`` into the file ``tmp``, checked; the sha256 of what was written when asked."""
+        result = obstore.get(self._downloads, key)
+        expected = int(result.meta["size"]) if size is None else size
+        if size is not None and int(result.meta["size"]) != size:
+            raise CrankError(f"{self.url(key)}: has {result.meta['size']} bytes, expected {size}")
+        h = hashlib.sha256() if sha256 or digest else None
+        written = 0
+        with open(tmp, "wb") as f:
+            for chunk in result.stream(min_chunk_size=DOWNLOAD_CHUNK):
+                progress.moved()  # raises once the caller gave up: nothing more is written
+                f.write(chunk)
+                if h:
+                    h.update(chunk)
+                written += len(chunk)
+        if written != expected:
+            raise CrankError(f"{self.url(key)}: received {written} bytes, expected {expected}")
+        got = h.hexdigest() if h else None
+        if sha256 and got != sha256:
+            raise CrankError(f"{self.url(key)}: content does not match its sha256 {sha256}")
+        return got
 
     def copy(self, src: str, dst: str) -> None:
         """Copy an object inside the store; ``dst`` appears whole (one request on S3)."""
@@ -408,18 +413,11 @@ def _chunks(
 
 
 def _pulled(chunks: Iterator[bytes], progress: Progress) -> Iterator[bytes]:
-    """``chunks``, each pull counted as progress: obstore pulls the next part once one in
-    flight is sent."""
+    """``chunks``, each pull counted as progress (obstore pulls the next part once one in
+    flight is sent); once the caller gave up, the next pull ends the upload uncompleted."""
     for chunk in chunks:
         progress.moved()
         yield chunk
-
-
-async def _next(stream):
-    try:
-        return await stream.__anext__()
-    except StopAsyncIteration:
-        return None
 
 
 def _remove(path: str) -> None:

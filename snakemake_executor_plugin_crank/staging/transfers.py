@@ -1,24 +1,32 @@
-"""Store requests that can be dropped: obstore's async calls, each on an event loop of the
-store's own, so that the thread waiting for one can be released at once.
+"""Store requests that can be given up on: each runs on a daemon thread of its own while the
+caller waits for it, so that the caller can be released at once.
 
-A request that makes no progress for ``stall_s`` is dropped and raises Stalled (an S3
+A request that makes no progress for ``stall_s`` is given up on and raises Stalled (an S3
 server that stops reading a PUT's body holds it otherwise: no client timeout covers a body
-the server does not read). ``abandon()`` drops every request in flight and refuses new ones
-with digest.Stopped, for a run that is ending (Ctrl-C). A dropped PUT or multipart upload is
-never completed, so nothing appears under its key."""
+the server does not read). ``abandon()`` gives up on every request in flight and refuses new
+ones with digest.Stopped, for a run that is ending (Ctrl-C). A request given up on is told
+so through its Progress (an upload then fails at its next part) and otherwise ends in its
+thread by obstore's own timeouts, its result dropped; a process that exits does not wait
+for it. A PUT or multipart upload that does not end is never completed, so nothing appears
+under its key.
+
+Threads rather than obstore's async calls: an async call's completion runs on obstore's own
+runtime threads, which can still be handing objects back to Python while the interpreter
+shuts down (measured: an occasional SIGABRT at exit); the blocking calls return everything
+on the thread that made them."""
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import threading
 import time
-from typing import Awaitable, Callable, Optional, TypeVar
+from typing import Any, Callable, Dict, Optional, TypeVar
 
 from ..errors import BackendUnavailable
 from .digest import Stopped
 
 T = TypeVar("T")
+# how often a waiting caller looks at the clock and at abandon()
+WAKE_S = 0.2
 
 
 class Stalled(BackendUnavailable):
@@ -27,68 +35,51 @@ class Stalled(BackendUnavailable):
 
 
 class Progress:
-    """When a request last moved data; ``moved()`` says it did."""
+    """When a request last moved data (``moved()``), and whether its caller gave up on it."""
 
     def __init__(self) -> None:
         self.last = time.monotonic()
+        self.given_up = False
 
     def moved(self) -> None:
+        if self.given_up:
+            raise Stopped()
         self.last = time.monotonic()
 
 
 class Transfers:
-    """Thread-safe; its event loop's thread starts with the first request and is a daemon,
-    so a process that ends never waits for it."""
+    """Thread-safe."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._loop: Optional[asyncio.AbstractEventLoop] = None
-        self._running: set = set()
-        self._abandoned = False
+        self._abandoned = threading.Event()
 
-    def run(self, work: Callable[[Progress], Awaitable[T]], stall_s: Optional[float] = None) -> T:
-        """``await work(progress)`` on the loop and return its result. Raises what it raises,
+    def run(self, work: Callable[[Progress], T], stall_s: Optional[float] = None) -> T:
+        """``work(progress)`` on a thread of its own; its result, or what it raised. Raises
         Stalled when ``stall_s`` passed without ``progress.moved()`` and without an end, and
         Stopped once abandoned."""
-        with self._lock:
-            if self._abandoned:
-                raise Stopped()
-            future = asyncio.run_coroutine_threadsafe(_watched(work, stall_s), self._started())
-            self._running.add(future)
-        try:
-            return future.result()
-        except concurrent.futures.CancelledError:
-            raise Stopped() from None
-        finally:
-            with self._lock:
-                self._running.discard(future)
+        if self._abandoned.is_set():
+            raise Stopped()
+        progress = Progress()
+        ended = threading.Event()
+        outcome: Dict[str, Any] = {}
+
+        def request() -> None:
+            try:
+                outcome["value"] = work(progress)
+            except BaseException as e:  # noqa: BLE001 - handed to the waiting caller
+                outcome["error"] = e
+            finally:
+                ended.set()
+
+        threading.Thread(target=request, name="crank-store-io", daemon=True).start()
+        while not ended.wait(WAKE_S):
+            if self._abandoned.is_set() or (stall_s is not None and time.monotonic() - progress.last > stall_s):
+                progress.given_up = True
+                raise Stopped() if self._abandoned.is_set() else Stalled()
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["value"]
 
     def abandon(self) -> None:
-        """Drop every request in flight, now and later."""
-        with self._lock:
-            self._abandoned = True
-            running = list(self._running)
-        for future in running:
-            future.cancel()
-
-    def _started(self) -> asyncio.AbstractEventLoop:
-        if self._loop is None:
-            self._loop = asyncio.new_event_loop()
-            threading.Thread(target=self._loop.run_forever, name="crank-store-io", daemon=True).start()
-        return self._loop
-
-
-async def _watched(work: Callable[[Progress], Awaitable[T]], stall_s: Optional[float]) -> T:
-    progress = Progress()
-    task = asyncio.ensure_future(work(progress))
-    try:
-        if stall_s is None:
-            return await task
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=min(1.0, stall_s / 4))
-            if done:
-                return task.result()
-            if time.monotonic() - progress.last > stall_s:
-                raise Stalled()
-    finally:
-        task.cancel()  # abandoned or stalled: the request is dropped
+        """Give up on every request in flight, now and later."""
+        self._abandoned.set()
