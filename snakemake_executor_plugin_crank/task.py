@@ -170,6 +170,8 @@ class Usage:
     peak_mb: Optional[float] = None  # the most memory its container held (page cache too)
     read_mb: Optional[float] = None
     written_mb: Optional[float] = None
+    staged_in_mb: Optional[float] = None  # its local inputs, sent or found in the store
+    staged_out_mb: Optional[float] = None  # what came back from the store for it
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ rule all:
     input: "used.txt", "failed.txt"
 
 rule used:
+    input: "in.bin"
     output: "used.txt"
     shell: "dd if=/dev/zero of=/dev/null bs=300M count=1 2>/dev/null; "
            "sh -c 'i=0; while [ $i -lt 1000000 ]; do i=$((i+1)); done'; "
@@ -35,6 +36,7 @@ def workflow(tmp_path: Path) -> Path:
     workdir = tmp_path / uuid.uuid4().hex / "wf"
     workdir.mkdir(parents=True)
     (workdir / "Snakefile").write_text(SNAKEFILE)
+    (workdir / "in.bin").write_bytes(b"x" * 1_000_000)
     return workdir
 
 
@@ -70,6 +72,9 @@ def test_a_tes_jobs_usage_is_measured_in_its_container(tes, tmp_path):
     assert float(used["queue_s"]) >= 0
     assert used["read_mb"] != "" and used["written_mb"] != ""
     assert used["cpus"] == "1" and used["attempt"] == "1"
+    assert float(used["staged_in_mb"]) == 1.0  # in.bin
+    assert 0 < float(used["staged_out_mb"]) < 1  # used.txt, and its empty stdout and stderr
+    assert failing["staged_in_mb"] == "0" and 0 < float(failing["staged_out_mb"]) < 0.01  # its exit code
     assert "does not measure" not in done.stderr
 
 

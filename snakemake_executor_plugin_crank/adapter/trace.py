@@ -96,7 +96,8 @@ class Trace:
             getattr(getattr(single, "rule", None), "name", ""), task.job_id, task.attempt, wildcards,
             "ok" if result.ok else "failed", result.exit_code, r.cpus, r.mem_mb,
             None if r.runtime_s is None else r.runtime_s / 60, used.queue_s, result.seconds,
-            used.cpu_s, used.peak_mb, used.read_mb, used.written_mb, None, None,
+            used.cpu_s, used.peak_mb, used.read_mb, used.written_mb, used.staged_in_mb,
+            used.staged_out_mb,
             self.backend, task.image,
         )
 
@@ -109,6 +110,6 @@ def _cell(value: Any) -> str:
     if value is None:
         return ""
     if isinstance(value, float):
-        return f"{value:.3f}".rstrip("0").rstrip(".")
+        return f"{value:.6f}".rstrip("0").rstrip(".")
     return " ".join(str(value).split())  # no tab or line break inside a cell
 

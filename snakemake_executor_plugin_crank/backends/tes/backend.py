@@ -100,6 +100,7 @@ class _Submission:
     canceled: bool = False
     last_state: Optional[str] = None
     digests: Tuple[str, ...] = ()  # of its inputs
+    staged_bytes: Optional[int] = None  # of its local inputs
     resubmitted: bool = False  # once, after a SYSTEM_ERROR before its command started
 
 
@@ -231,6 +232,7 @@ class TesBackend:
         try:
             staged = self._stage(sub.task)
             sub.digests = tuple(s.digest for s in staged if s.digest)
+            sub.staged_bytes = sum(s.size for s in staged if s.digest)
             tags = {**self.tags, TAG_JOB: f"{sub.task.job_id}-{sub.task.attempt}",
                     TAG_RULE: sub.task.label, TAG_SUBMISSION: sub.tag,
                     TAG_KEY: self._key(sub.task), TAG_PRODUCTS: products_id(sub.task)}
@@ -264,7 +266,7 @@ class TesBackend:
             for f in entries:
                 staged.append(layout.Staged(
                     f.path, f.url, digest=f.url.rsplit("/", 1)[-1] if f.url else "", link=f.link,
-                    directory=f.directory, mode=f.mode, mtime_ns=f.mtime_ns))
+                    directory=f.directory, mode=f.mode, mtime_ns=f.mtime_ns, size=max(f.size, 0)))
             # the directories on the way get the client's modes and times too, where they may
             staged += [layout.Staged(a.path, directory=True, mode=a.mode, mtime_ns=a.mtime_ns, ancestor=True)
                        for a in tree.ancestors([f.path for f in entries])]
@@ -385,7 +387,7 @@ class TesBackend:
             # perhaps an input removed from the store meanwhile: a retry of the job looks its
             # inputs up again instead of trusting this run's memory
             self.stager.forget(sub.digests)
-        return self.collector.collect(full, sub.key, sub.handle, task)
+        return self.collector.collect(full, sub.key, sub.handle, task, sub.staged_bytes)
 
     def release(self, handles: Sequence[str]) -> None:
         for h in handles:

@@ -139,6 +139,7 @@ class Staged:
     path: str
     url: str = ""  # fetched to ``path``: a file, or a directory of objects when ``remote_dir``
     digest: str = ""  # the sha256 of a local file's content (its object under cas/)
+    size: int = 0  # bytes of a local file's content
     remote_dir: bool = False
     link: str = ""  # a symlink with this target text
     directory: bool = False

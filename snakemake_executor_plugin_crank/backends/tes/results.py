@@ -3,6 +3,7 @@ installed at its path whole or not at all."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import shutil
@@ -23,9 +24,10 @@ class Collector:
         self.fetcher = fetcher
         self.tmp_root = tmp_root
 
-    def collect(self, full: tes.Task, key: str, handle: str, task: TaskSpec) -> TaskResult:
+    def collect(self, full: tes.Task, key: str, handle: str, task: TaskSpec,
+                staged_in: Optional[int] = None) -> TaskResult:
         """The outcome of ``task``, whose terminal TES task is ``full`` and whose objects lie
-        under ``key``."""
+        under ``key``; ``staged_in``: the bytes of its local inputs."""
         state = full.state or "UNKNOWN"
         last = full.logs[-1] if full.logs else tes.TaskLog()
         exec_log = last.logs[-1] if last.logs else tes.ExecutorLog()
@@ -43,7 +45,10 @@ class Collector:
                 _read(stdout) if tmp and os.path.exists(stdout) else _text(exec_log.stdout),
                 _read(stderr) if tmp and os.path.exists(stderr) else _text(exec_log.stderr),
             )
-            used = usage(tmp, full.creation_time, exec_log.start_time)
+            used = dataclasses.replace(
+                usage(tmp, full.creation_time, exec_log.start_time),
+                staged_in_mb=None if staged_in is None else staged_in / 1e6,
+                staged_out_mb=_tree_bytes(tmp) / 1e6)
             if state != "COMPLETE":
                 reason = f"TES state {state}"
                 if system:
@@ -138,6 +143,13 @@ def usage(tmp: Optional[str], created: Optional[datetime.datetime],
     mb = lambda n: None if n is None else n / 1e6  # noqa: E731
     return Usage(queue_s=queue_s, cpu_s=cpu_s, peak_mb=mb(peak), read_mb=mb(io["read"]),
                  written_mb=mb(io["written"]))
+
+
+def _tree_bytes(root: Optional[str]) -> int:
+    """The bytes of the files under ``root`` (0 without one)."""
+    if not root:
+        return 0
+    return sum(os.lstat(os.path.join(d, f)).st_size for d, _, files in os.walk(root) for f in files)
 
 
 def _utc(t: datetime.datetime) -> datetime.datetime:
