@@ -111,6 +111,20 @@ def wait_for(condition, timeout: float, what: str, interval: float = 0.2):
 # ---------------------------------------------------------------- object storage (staging)
 
 
+def ctrl_c(proc: subprocess.Popen, timeout: float = 60) -> tuple:
+    """Send SIGINT to a running crank, as Ctrl-C does: (seconds until it exited, its stderr).
+    A process still running after ``timeout`` is killed, its stderr's end printed."""
+    interrupted = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    try:
+        _, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        print(proc.communicate()[1][-5000:])
+        raise
+    return time.monotonic() - interrupted, stderr
+
+
 class S3Server:
     """The SeaweedFS S3 server of tests/services.py, as described by its environment."""
 

@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from snakemake_executor_plugin_crank.backends import logs
 from snakemake_executor_plugin_crank.backends.docker.adopted import LeftExec
 from snakemake_executor_plugin_crank.task import TaskSpec
 
-from conftest import snakemake, wait_for
+from conftest import ctrl_c, snakemake, wait_for
 
 pytestmark = pytest.mark.docker
 
@@ -509,10 +508,7 @@ def test_a_registry_that_never_answers_holds_no_other_job_nor_ctrl_c(docker_api,
             wait_for(lambda: (workdir / "quick.txt").exists(), 60, "the other job's output")
             assert registry.accepted and registry.open, "the engine was not waiting on the registry"
             assert proc.poll() is None
-            interrupted = time.monotonic()
-            proc.send_signal(signal.SIGINT)
-            _, stderr = proc.communicate(timeout=60)
-            seconds = time.monotonic() - interrupted
+            seconds, stderr = ctrl_c(proc)
         finally:
             if proc.poll() is None:
                 proc.kill()

@@ -5,7 +5,6 @@ front of it) that throttles, refuses the credentials or answers with a web page.
 and SeaweedFS from tests/services.py; faults through tests/faultproxy.py on loopback ports."""
 
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -23,8 +22,8 @@ from snakemake_executor_plugin_crank.backends.tes.tasks import (
 )
 
 from conftest import (
-    BUSYBOX, copy_workflow, live_tasks, proxy_to, running_tasks, slow_workflow, status_request,
-    tasks_of, tes_command, tes_run, tes_start, wait_for,
+    BUSYBOX, copy_workflow, ctrl_c, live_tasks, proxy_to, running_tasks, slow_workflow,
+    status_request, tasks_of, tes_command, tes_run, tes_start, wait_for,
 )
 from faultproxy import FaultProxy
 
@@ -482,14 +481,10 @@ def test_ctrl_c_does_not_wait_for_a_store_that_stopped_answering(aws_env, tmp_pa
         proc = tes_start(aws_env, workdir, "--crank-storage-endpoint", proxy.url)
         try:
             wait_for(lambda: proxy.actions("hang"), timeout=120, what="a request to the store hanging")
-            interrupted = time.monotonic()
-            proc.send_signal(signal.SIGINT)
-            _, stderr = proc.communicate(timeout=60)
-            seconds = time.monotonic() - interrupted
+            seconds, stderr = ctrl_c(proc)
         finally:
             if proc.poll() is None:
                 proc.kill()
-                print(proc.communicate()[1][-5000:])
     assert seconds < 5, f"Ctrl-C took {seconds:.1f} s: {stderr[-3000:]}"
     assert proc.returncode != 0
     assert live_tasks(aws_env, workdir) == []

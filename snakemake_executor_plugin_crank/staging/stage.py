@@ -349,10 +349,10 @@ class Stager:
 
     def fetch_dir(
         self, key_prefix: str, dest: str, share: Collection[str] = (), only: Collection[str] | None = None
-    ) -> None:
+    ) -> int:
         """Every object under ``key_prefix``/ (of the top-level names in ``only``, when given) to
         ``dest``/<relative path>, built in a temporary directory beside ``dest`` and renamed
-        into place: it arrives whole or not at all.
+        into place: it arrives whole or not at all. Returns the bytes fetched.
 
         The files under the top-level names in ``share`` (outputs another task will read) are
         also copied, inside the store, to their content address, so that staging them for that
@@ -379,6 +379,7 @@ class Stager:
                 futures[key] = self._pool.submit(self._fetch, key, target, size, shared)
             _wait_all(futures)
             install(tmp, dest)
+            return sum(size for key, size in objects if key in futures)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -7,7 +7,7 @@ import dataclasses
 import datetime
 import os
 import shutil
-from typing import Collection, Iterable, Optional, Sequence
+from typing import Collection, Iterable, Optional, Sequence, Tuple
 
 import tes
 
@@ -35,9 +35,9 @@ class Collector:
                    if exec_log.start_time and exec_log.end_time else None)
         system = [line for entry in (last.system_logs or []) for line in entry.splitlines()]
         if state == "COMPLETE":
-            tmp: Optional[str] = self._download(key, handle, task)
+            tmp, fetched = self._download(key, handle, task)
         else:
-            tmp = self._download_logs(key, handle, task)
+            tmp, fetched = self._download_logs(key, handle, task)
         try:
             stdout, stderr = (os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")) if tmp else ("", "")
             files, tail = save_logs(
@@ -48,7 +48,7 @@ class Collector:
             used = dataclasses.replace(
                 usage(tmp, full.creation_time, exec_log.start_time),
                 staged_in_mb=None if staged_in is None else staged_in / 1e6,
-                staged_out_mb=_tree_bytes(tmp) / 1e6)
+                staged_out_mb=fetched / 1e6)
             if state != "COMPLETE":
                 reason = f"TES state {state}"
                 if system:
@@ -68,25 +68,25 @@ class Collector:
             if tmp:
                 shutil.rmtree(tmp, ignore_errors=True)
 
-    def _download(self, key: str, handle: str, task: TaskSpec, only: Optional[Collection[str]] = None) -> str:
+    def _download(self, key: str, handle: str, task: TaskSpec,
+                  only: Optional[Collection[str]] = None) -> Tuple[str, int]:
         """Everything the task uploaded (of the top-level names in ``only``, when given), in a
-        fresh local directory (whole or nothing); the outputs a later task reads are also put
-        under their content address."""
+        fresh local directory (whole or nothing), and its bytes; the outputs a later task reads
+        are also put under their content address."""
         dest = os.path.join(self.tmp_root, handle)
         if os.path.exists(dest):
             shutil.rmtree(dest)
         share = {layout.product_name(n) for n, p in enumerate(task.products) if p.read_later}
-        self.fetcher.fetch_dir(key, dest, share, only)
-        return dest
+        return dest, self.fetcher.fetch_dir(key, dest, share, only)
 
-    def _download_logs(self, key: str, handle: str, task: TaskSpec) -> Optional[str]:
+    def _download_logs(self, key: str, handle: str, task: TaskSpec) -> Tuple[Optional[str], int]:
         """stdout/stderr of a task that did not complete, where the server uploaded them
-        (Funnel uploads nothing after a failed executor)."""
-        dest = self._download(key, handle, task, only=("stdout", "stderr", layout.EXIT, layout.USAGE))
+        (Funnel uploads nothing after a failed executor), and their bytes."""
+        dest, fetched = self._download(key, handle, task, only=("stdout", "stderr", layout.EXIT, layout.USAGE))
         if os.listdir(dest):
-            return dest
+            return dest, fetched
         os.rmdir(dest)
-        return None
+        return None, 0
 
 
 def system_summary(lines: Sequence[str], limit: int = 3) -> str:
@@ -143,13 +143,6 @@ def usage(tmp: Optional[str], created: Optional[datetime.datetime],
     mb = lambda n: None if n is None else n / 1e6  # noqa: E731
     return Usage(queue_s=queue_s, cpu_s=cpu_s, peak_mb=mb(peak), read_mb=mb(io["read"]),
                  written_mb=mb(io["written"]))
-
-
-def _tree_bytes(root: Optional[str]) -> int:
-    """The bytes of the files under ``root`` (0 without one)."""
-    if not root:
-        return 0
-    return sum(os.lstat(os.path.join(d, f)).st_size for d, _, files in os.walk(root) for f in files)
 
 
 def _utc(t: datetime.datetime) -> datetime.datetime:
