@@ -66,18 +66,18 @@ def keep(path: str, workdir: str) -> Kept:
     """A copy of the update() output at ``path``; OSError when it cannot be made."""
     root = os.path.join(workdir, *BACKUPS)
     os.close(open_dir(root, workdir))
-    copy = os.path.join(tempfile.mkdtemp(dir=root), "kept")
+    kept = Kept(note(path), os.path.join(tempfile.mkdtemp(dir=root), "kept"))
     try:
         if os.path.islink(path):
-            os.symlink(os.readlink(path), copy)
+            os.symlink(os.readlink(path), kept.copy)
         elif os.path.isdir(path):
-            shutil.copytree(path, copy, symlinks=True)
+            shutil.copytree(path, kept.copy, symlinks=True)
         else:
-            shutil.copy2(path, copy)
+            shutil.copy2(path, kept.copy)
     except BaseException:
-        drop(Kept(note(path), copy))
+        drop(kept)
         raise
-    return Kept(note(path), copy)
+    return kept
 
 
 def put_back(kept: Kept) -> None:

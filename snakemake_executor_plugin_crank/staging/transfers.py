@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Callable, Dict, Optional, TypeVar
+from concurrent.futures import wait
+from typing import Callable, Optional, TypeVar
 
+from ..daemon import in_background
 from ..errors import BackendUnavailable
 from .digest import Stopped
 
@@ -60,25 +62,12 @@ class Transfers:
         if self._abandoned.is_set():
             raise Stopped()
         progress = Progress()
-        ended = threading.Event()
-        outcome: Dict[str, Any] = {}
-
-        def request() -> None:
-            try:
-                outcome["value"] = work(progress)
-            except BaseException as e:  # noqa: BLE001 - handed to the waiting caller
-                outcome["error"] = e
-            finally:
-                ended.set()
-
-        threading.Thread(target=request, name="crank-store-io", daemon=True).start()
-        while not ended.wait(WAKE_S):
+        request = in_background(work, progress, name="crank-store-io")
+        while not wait([request], timeout=WAKE_S).done:
             if self._abandoned.is_set() or (stall_s is not None and time.monotonic() - progress.last > stall_s):
                 progress.given_up = True
                 raise Stopped() if self._abandoned.is_set() else Stalled()
-        if "error" in outcome:
-            raise outcome["error"]
-        return outcome["value"]
+        return request.result()
 
     def abandon(self) -> None:
         """Give up on every request in flight, now and later."""

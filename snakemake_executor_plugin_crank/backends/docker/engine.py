@@ -22,6 +22,7 @@ import docker.types
 import requests
 
 from ... import runs
+from ...daemon import in_background
 from ...errors import BackendUnavailable, CrankError, ImageUnavailable, NotYet
 from ...task import Capacity, TaskSpec
 from ..adoption import key_of, stat_identity
@@ -240,7 +241,7 @@ class Images:
                 return
             with self._lock:
                 if image not in self._pulls:
-                    self._pulls[image] = _in_background(self._pull, image)
+                    self._pulls[image] = in_background(self._pull, image, name="crank-pull")
             raise NotYet(f"pulling image {image!r}")
         if not pulling.done():
             raise NotYet(f"pulling image {image!r}")
@@ -288,22 +289,6 @@ class Images:
             self.pull_failures.add(image)
             self.report(f"{failed}; trying again until {self.tolerance_hint} runs out")
         return BackendUnavailable(failed)
-
-
-def _in_background(work: Callable[[str], None], image: str) -> Future:
-    """``work(image)`` on a daemon thread of its own; its end in the returned future."""
-    future: Future = Future()
-
-    def run() -> None:
-        try:
-            work(image)
-        except BaseException as e:  # noqa: BLE001 - handed to whoever asks the future
-            future.set_exception(e)
-        else:
-            future.set_result(None)
-
-    threading.Thread(target=run, name="crank-pull", daemon=True).start()
-    return future
 
 
 def _invalid_image(image: str, error: Exception) -> ImageUnavailable:
