@@ -141,6 +141,16 @@ ensure_slurm() {
     fi
 }
 
+# Debian's chromium for the test that opens crank's usage report in a real headless browser;
+# without it that test is skipped, loudly.
+ensure_chromium() {
+    dpkg-query -W -f='${Status}' chromium 2>/dev/null | grep -q 'ok installed' && { log "chromium: installed"; return 0; }
+    log "apt: installing chromium"
+    if ! apt_retry env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium; then
+        log "WARNING: apt-get install chromium failed (log: $STATE/apt.log); the report's browser test will be skipped" >&2
+    fi
+}
+
 # ---------------------------------------------------------------- images
 
 # ensure_image NAME BUILDER: build NAME with BUILDER unless it exists.
@@ -311,6 +321,7 @@ make_fresh() {
 ensure_docker
 [[ ${CRANK_TEST_FRESH:-} != 1 ]] || make_fresh
 ensure_slurm
+ensure_chromium
 
 SNAKEMAKE_VERSION=$(python3 -c 'import snakemake; print(snakemake.__version__)') \
     || die "snakemake is not importable by the host's python3"

@@ -50,8 +50,10 @@ class Chain:
     canceled: bool = False
     # the tasks that succeeded in the last round, with their results, for the caller
     succeeded: List[Tuple[TaskSpec, TaskResult]] = field(default_factory=list)
-    # every task collected so far, with its result (the usage trace)
-    ended: List[Tuple[TaskSpec, TaskResult]] = field(default_factory=list)
+    # every task collected so far (the usage trace)
+    ended: List["Attempt"] = field(default_factory=list)
+    # when crank first submitted the current task (wall clock)
+    submitted_at: Optional[float] = None
 
     @property
     def current(self) -> TaskSpec:
@@ -60,6 +62,17 @@ class Chain:
     @property
     def handles(self) -> List[str]:
         return self.spent + ([self.handle] if self.handle else [])
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """A task that ran to its end: its result, when crank submitted it and when crank
+    learned of its end (wall clock)."""
+
+    task: TaskSpec
+    result: TaskResult
+    submitted_at: Optional[float]
+    ended_at: float
 
 
 @dataclass(frozen=True)
@@ -102,7 +115,7 @@ class Runner:
                 chain.running_since = self.clock() - adopted.ran_s
             return chain
         try:
-            chain.handle = self.backend.submit(chain.current)
+            self._submit(chain)
         except NotYet:
             pass  # submitted again at the next rounds
         except BackendUnavailable:
@@ -149,7 +162,7 @@ class Runner:
 
     def _advance(self, chain: Chain, state: Optional[State], now: float) -> Optional[Outcome]:
         if chain.handle is None:
-            chain.handle = self.backend.submit(chain.current)
+            self._submit(chain)
             return None
         if state is State.RUNNING:
             self._enforce_wall_time(chain, now)
@@ -169,6 +182,11 @@ class Runner:
         chain.spent.append(chain.handle)
         chain.handle = None
         chain.running_since = None
+        self._submit(chain)
+
+    def _submit(self, chain: Chain) -> None:
+        if chain.submitted_at is None:
+            chain.submitted_at = time.time()
         chain.handle = self.backend.submit(chain.current)
 
     @staticmethod
@@ -211,9 +229,10 @@ class Runner:
         elif state is State.CANCELED:
             result = dataclasses.replace(result, ok=False, reason="canceled outside crank")
         chain.log_files.extend(result.log_files)
-        chain.ended.append((task, result))
+        chain.ended.append(Attempt(task, result, chain.submitted_at, time.time()))
         chain.spent.append(chain.handle)
         chain.handle = None
+        chain.submitted_at = None
         if not result.ok:
             return Outcome(False, failure_message(task, result), tuple(chain.log_files))
         chain.succeeded.append((task, result))
@@ -226,7 +245,7 @@ class Runner:
         chain.timed_out = chain.stopped = False
         chain.preemptions = chain.interruptions = 0
         # a failure here leaves handle None: the next round submits again
-        chain.handle = self.backend.submit(chain.current)
+        self._submit(chain)
         return None
 
     def _failed(self, chain: Chain, message: str, error: Optional[CrankError] = None) -> Outcome:

@@ -183,3 +183,4 @@ class TaskResult:
     log_files: Tuple[str, ...] = ()
     seconds: Optional[float] = None  # running time, when the backend knows it
     usage: Usage = Usage()
+    out_of_memory: bool = False  # it failed because it reached its memory limit

@@ -217,7 +217,7 @@ class TesServer:
         return {**os.environ, **self.s3.env(), "PYTHONUNBUFFERED": "1"}
 
 
-TES_SKIPPED = []  # the reason, repeated in the terminal summary
+LOUD_SKIPS = []  # why tests of a missing service were skipped, repeated in the terminal summary
 
 
 def tes_skipped(reason) -> str:
@@ -234,10 +234,25 @@ def tes(s3):
             KEPT.append(kept)
             yield TesServer(kept.url, s3)
     except services.Unavailable as e:
-        TES_SKIPPED.append(tes_skipped(e))
-        pytest.skip(TES_SKIPPED[0])
+        LOUD_SKIPS.append(tes_skipped(e))
+        pytest.skip(LOUD_SKIPS[0])
     except services.ServiceError as e:
         pytest.fail(f"Funnel: {e}", pytrace=False)
+
+
+CHROMIUM = "chromium"
+BROWSER_SKIPPED = ("BROWSER TEST SKIPPED: no chromium on PATH (scripts/setup.sh installs Debian's "
+                   "chromium; apt-get install chromium)")
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Debian's chromium, or a skip saying loudly that it is missing."""
+    path = shutil.which(CHROMIUM)
+    if path is None:
+        LOUD_SKIPS.append(BROWSER_SKIPPED)
+        pytest.skip(BROWSER_SKIPPED)
+    return path
 
 
 def slurm_skipped(reason) -> str:
@@ -256,8 +271,8 @@ def tes_slurm(s3):
             server.slurm = kept.slurm
             yield server
     except services.Unavailable as e:
-        TES_SKIPPED.append(slurm_skipped(e))
-        pytest.skip(TES_SKIPPED[-1])
+        LOUD_SKIPS.append(slurm_skipped(e))
+        pytest.skip(LOUD_SKIPS[-1])
     except services.ServiceError as e:
         pytest.fail(f"Funnel on Slurm: {e}", pytrace=False)
 
@@ -436,12 +451,14 @@ def pytest_configure(config):
             try:
                 STARTED_BY_CONTROLLER.append(stack.enter_context(services.funnel(s3.values, stop=False)))
             except services.Unavailable as e:
-                TES_SKIPPED.append(tes_skipped(e))
+                LOUD_SKIPS.append(tes_skipped(e))
             try:
                 STARTED_BY_CONTROLLER.append(
                     stack.enter_context(services.funnel_on_slurm(s3.values, stop=False)))
             except services.Unavailable as e:
-                TES_SKIPPED.append(slurm_skipped(e))
+                LOUD_SKIPS.append(slurm_skipped(e))
+            if not shutil.which(CHROMIUM):
+                LOUD_SKIPS.append(BROWSER_SKIPPED)
     except services.ServiceError as e:
         raise pytest.UsageError(f"a test server did not start: {e}") from None
 
@@ -464,5 +481,5 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_terminal_summary(terminalreporter):
-    for line in dict.fromkeys(TES_SKIPPED):
+    for line in dict.fromkeys(LOUD_SKIPS):
         terminalreporter.write_line(line, yellow=True, bold=True)

@@ -519,3 +519,7 @@ def test_a_registry_that_never_answers_holds_no_other_job_nor_ctrl_c(docker_api,
     assert seconds < 5, f"Ctrl-C took {seconds:.1f} s: {stderr[-3000:]}"
     assert not (workdir / "stuck.txt").exists()
     assert "Traceback" not in stderr, stderr[-5000:]
+    # what ran before Ctrl-C is in the trace and the report
+    usage = workdir / ".snakemake" / "crank" / "usage"
+    assert (usage / "latest.tsv").read_text().splitlines()[1].startswith("quick\t")
+    assert "quick job" in (usage / "latest.html").read_text()

@@ -327,29 +327,101 @@ def test_a_gateway_that_answers_the_first_page_for_ever_ends_the_listing():
         server.shutdown()
 
 
+V2 = ("memory.peak 315957248\ncpu.stat usage_usec 2100000\ncpu.stat user_usec 2000000\n"
+      "io.stat 8:0 rbytes=1000000 wbytes=3000000 rios=1 wios=2\nio.stat 259:0 rbytes=500000 wbytes=0\n")
+V1 = ("memory/memory.max_usage_in_bytes 105725952\ncpuacct/cpuacct.usage 62962758\n"
+      "blkio/blkio.throttle.io_service_bytes 8:0 Read 2000000\n"
+      "blkio/blkio.throttle.io_service_bytes 8:0 Write 4000000\n"
+      "blkio/blkio.throttle.io_service_bytes 8:0 Total 6000000\n"
+      "blkio/blkio.throttle.io_service_bytes Total 6000000\n")
+V1_BEFORE = ("memory/memory.max_usage_in_bytes 5000000\ncpuacct/cpuacct.usage 12962758\n"
+             "blkio/blkio.throttle.io_service_bytes 8:0 Read 1000000\n")
+
+
 @pytest.mark.parametrize("text, expected", [
-    # cgroup v2: memory.peak, cpu.stat, io.stat
-    ("memory.peak 315957248\nusage_usec 2100000\nuser_usec 2000000\nsystem_usec 100000\n"
-     "8:0 rbytes=1000000 wbytes=3000000 rios=1 wios=2\n259:0 rbytes=500000 wbytes=0\n",
-     (2.1, 315.957248, 1.5, 3.0)),
-    # cgroup v1: memory, cpuacct and blkio controllers
-    ("memory/memory.max_usage_in_bytes 105725952\ncpuacct/cpuacct.usage 62962758\n"
-     "8:0 Read 2000000\n8:0 Write 4000000\n8:0 Total 6000000\nTotal 6000000\n",
-     (0.062962758, 105.725952, 2.0, 4.0)),
-    ("memory/memory.max_usage_in_bytes 1000000\ncpuacct/cpuacct.usage 1000000000\nTotal 0\n",
-     (1.0, 1.0, 0.0, 0.0)),
-    # no cgroup files the container could read: nothing is made up
+    ("--\n" + V2, (2.1, 315.957248, 1.5, 3.0)),
+    ("--\n" + V1, (0.062962758, 105.725952, 2.0, 4.0)),
+    ("--\nmemory/memory.max_usage_in_bytes 1000000\ncpuacct/cpuacct.usage 1000000000\n"
+     "blkio/blkio.throttle.io_service_bytes Total 0\n", (1.0, 1.0, 0.0, 0.0)),
+    # a warm runner: what the job used is the difference, its peak its own when it raised it
+    (V1_BEFORE + "--\n" + V1, (0.05, 105.725952, 1.0, 4.0)),
+    (V1.replace("105725952", "5000000") + "--\n" + V1.replace("105725952", "5000000"),
+     (0.0, None, 0.0, 0.0)),
+    # no cgroup files the container could read, or a reading cut short: nothing is made up
+    ("--\n", (None, None, None, None)),
     ("", (None, None, None, None)),
-], ids=["v2", "v1", "v1-no-io", "none"])
-def test_a_tes_tasks_usage_is_read_from_its_cgroup(tmp_path, text, expected):
+    (V1_BEFORE + "--\n", (None, None, None, None)),
+], ids=["v2", "v1", "v1-no-io", "warm", "warm-below-earlier-peak", "none", "empty", "no-after"])
+def test_a_jobs_usage_is_read_from_its_cgroup(text, expected):
+    from snakemake_executor_plugin_crank.backends.cgroup import usage
+
+    used = usage(text)
+    assert (used.cpu_s, used.peak_mb, used.read_mb, used.written_mb) == pytest.approx(expected)
+
+
+def test_a_tes_task_waited_from_its_creation_to_its_command(tmp_path):
     import datetime
 
     from snakemake_executor_plugin_crank.backends.tes.results import usage
 
-    (tmp_path / "usage").write_text(text)
+    (tmp_path / "usage").write_text("--\n" + V2)
     created = datetime.datetime(2026, 12, 4, 3, 0, 0)
     started = datetime.datetime(2026, 12, 4, 3, 0, 7, 500000, tzinfo=datetime.timezone.utc)
     used = usage(str(tmp_path), created, started)
-    assert (used.cpu_s, used.peak_mb, used.read_mb, used.written_mb) == pytest.approx(expected)
-    assert used.queue_s == pytest.approx(7.5)
+    assert used.queue_s == pytest.approx(7.5) and used.cpu_s == pytest.approx(2.1)
     assert usage(str(tmp_path / "absent"), None, None).cpu_s is None
+
+
+def test_the_cgroup_reading_runs_in_a_posix_shell():
+    """The shell function the containers run, here on this machine's own cgroup."""
+    import subprocess
+
+    from snakemake_executor_plugin_crank.backends.cgroup import FUNCTION, usage
+
+    out = subprocess.run(["/bin/sh", "-c", FUNCTION + "; echo --; crank_cg"], capture_output=True,
+                         text=True, check=True).stdout
+    assert all(line == "--" or line.split(" ", 1)[0] in FUNCTION for line in out.splitlines())
+    assert usage(out).cpu_s is not None
+
+
+def _row(rule, status="ok", mem=None, peak=None, cpus=1, cpu_s=None, real=10.0):
+    return {"rule": rule, "status": status, "memory_mb": mem, "peak_rss_mb": peak, "cpus": cpus,
+            "cpu_s": cpu_s, "realtime_s": real, "runtime_min": None}
+
+
+def test_right_sizing_takes_the_most_a_rules_jobs_used_with_headroom():
+    from snakemake_executor_plugin_crank.sizing import hints, profile_snippet, summarize
+
+    rows = [
+        _row("a", mem=4000, peak=300.0, cpus=8, cpu_s=25.0),  # 2.5 cores busy
+        _row("a", mem=4000, peak=1500.0, cpus=8, cpu_s=10.0),
+        _row("a", status="failed", mem=4000, peak=3900.0),  # a failure does not size a rule down
+        _row("fits", mem=1000, peak=800.0, cpus=2, cpu_s=19.0),
+        _row("unmeasured", mem=9000),
+        _row("short", cpus=4, cpu_s=0.01, real=0.5),  # too short to judge its threads
+        _row("killed", status="out_of_memory", mem=250, peak=250.0),
+        _row("killed", mem=500, peak=400.0),
+        _row("no_mem", status="out_of_memory"),
+    ]
+    found = {h.rule: h for h in hints(summarize(rows))}
+    assert set(found) == {"a", "killed", "no_mem"}
+    assert found["a"].resources == {"mem_mb": 1900} and found["a"].threads == 4
+    assert "asked mem_mb=4000 and used at most 1500 MB (38%)" in found["a"].line
+    assert "asked 8 threads and kept 2.5 busy at most: threads=4 would do" in found["a"].line
+    assert found["killed"].resources == {"mem_mb": 500} and "with mem_mb=250" in found["killed"].line
+    assert found["no_mem"].resources == {} and "give it mem_mb" in found["no_mem"].line
+    import yaml
+
+    snippet = yaml.safe_load(profile_snippet(list(found.values())))
+    assert snippet == {"set-resources": {"a": {"mem_mb": 1900}, "killed": {"mem_mb": 500}},
+                       "set-threads": {"a": 4}}
+
+
+def test_the_report_of_rows_without_measures_says_so_and_escapes_names():
+    from snakemake_executor_plugin_crank.report import html_page
+
+    rows = [{**_row("x"), "jobid": "1", "attempt": 1, "queue_s": None, "submitted": None, "ended": None,
+             "realtime_s": None}]
+    page = html_page(rows, [], "run</script>", "docker")
+    assert "run&lt;/script&gt;" in page and page.count('class="plot"') == 0
+    assert page.count("Not measured on this backend") == 4

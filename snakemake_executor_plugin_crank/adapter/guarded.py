@@ -44,22 +44,49 @@ def note(path: str) -> Place:
 def write(place: Place, data: bytes) -> None:
     """``data`` as the file at ``place``; OSError when its directory leads elsewhere now."""
     fd = _open_parent(place)
-    name = os.path.basename(place.path)
+    try:
+        replace_at(fd, os.path.basename(place.path), data)
+    finally:
+        os.close(fd)
+
+
+def replace_at(dir_fd: int, name: str, data: bytes) -> None:
+    """``data`` as ``name`` in the open directory, by rename: whole or not at all."""
     tmp = f".{name}.crank-{uuid.uuid4().hex[:12]}"
     try:
         out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                      0o666, dir_fd=fd)
+                      0o666, dir_fd=dir_fd)
         with os.fdopen(out, "wb") as f:
             f.write(data)
-        os.replace(tmp, name, src_dir_fd=fd, dst_dir_fd=fd)
+        os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except BaseException:
         try:
-            os.unlink(tmp, dir_fd=fd)
+            os.unlink(tmp, dir_fd=dir_fd)
         except OSError:
             pass
         raise
-    finally:
-        os.close(fd)
+
+
+def alias_at(dir_fd: int, name: str, alias: str) -> None:
+    """``alias`` the same file as ``name`` in the open directory (a hard link, else a copy
+    where the file system has none), by rename."""
+    tmp = f".{alias}.crank-{uuid.uuid4().hex[:12]}"
+    try:
+        os.link(name, tmp, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+    except OSError as e:
+        if e.errno == errno.ENOENT:
+            raise
+        source = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        with os.fdopen(source, "rb") as f:
+            return replace_at(dir_fd, alias, f.read())
+    try:
+        os.replace(tmp, alias, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        try:
+            os.unlink(tmp, dir_fd=dir_fd)
+        except OSError:
+            pass
+        raise
 
 
 def keep(path: str, workdir: str) -> Kept:

@@ -1,69 +1,100 @@
 """The usage trace of a run: one row per task attempt that ran, appended to
-``.snakemake/crank/usage/<run>.tsv`` as each job ends, and copied to ``latest.tsv`` when the
-run ends (after a failure or Ctrl-C too). Tab-separated with a header; the columns are
-documented in docs/further.md. What was asked comes first, then what was used; a value the
-backend does not measure is empty, never guessed. The directory is under the workdir,
-where jobs write: it is reached through no link, and the files are never written through
-one."""
+``.snakemake/crank/usage/<run>.tsv`` as each job ends; when the run ends (after a failure
+or Ctrl-C too), a copy as ``latest.tsv``, the report (``<run>.html`` and ``latest.html``),
+the right-sizing hints, said and written to ``suggested-resources.yaml``. Tab-separated
+with a header; the columns are documented in docs/further.md. What was asked comes first,
+then what was used; a value the backend does not measure is empty, never guessed. The
+directory is under the workdir, where jobs write: it is reached through no link, and the
+files are never written through one."""
 
 from __future__ import annotations
 
+import datetime
 import os
-from typing import Any, Callable, Iterable, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
+from .. import report, sizing
 from ..backends.logs import open_dir
-from ..task import TaskResult, TaskSpec
 from . import guarded
 from .jobs import single_jobs
 
 COLUMNS = (
     "rule", "jobid", "attempt", "wildcards", "status", "exit", "cpus", "memory_mb",
     "runtime_min", "queue_s", "realtime_s", "cpu_s", "peak_rss_mb", "read_mb", "written_mb",
-    "staged_in_mb", "staged_out_mb", "backend", "image",
+    "staged_in_mb", "staged_out_mb", "backend", "image", "submitted", "ended",
 )
 USAGE_DIR = (".snakemake", "crank", "usage")
 LATEST = "latest.tsv"
+LATEST_REPORT = "latest.html"
+SUGGESTED = "suggested-resources.yaml"
 
 
 class Trace:
     def __init__(self, workdir: str, run_id: str, backend: str):
         self.workdir = workdir
         self.directory = os.path.join(workdir, *USAGE_DIR)
+        self.run_id = run_id
         self.name = f"{run_id}.tsv"
         self.backend = backend
-        self.rows = 0
-        self.unmeasured = False  # a row without CPU time: the backend does not measure it
+        self.rows: List[Dict[str, Any]] = []
 
     @property
     def path(self) -> str:
         return os.path.join(self.directory, self.name)
 
-    def add(self, job: Any, ended: Sequence[Tuple[TaskSpec, TaskResult]],
-            warn: Callable[[str], None]) -> None:
-        """The rows of ``job``'s task attempts that ended."""
+    def add(self, job: Any, ended: Sequence[Any], warn: Callable[[str], None]) -> None:
+        """The rows of ``job``'s task attempts that ended (runner.Attempt)."""
         if not ended:
             return
+        singles = {str(s.jobid): s for s in single_jobs(job)}
+        rows = [self._row(singles.get(a.task.job_id, job), a) for a in ended]
+        self.rows += rows
         try:
-            self._append(job, ended)
+            self._append(rows)
         except OSError as e:
             warn(f"crank: cannot write the usage trace {self.path} ({e.strerror or e})")
 
     def close(self, info: Callable[[str], None], warn: Callable[[str], None]) -> None:
-        """``latest.tsv`` made a copy of this run's trace, and the user told where it is."""
+        """The trace's copy, the report and the hints, and the user told where they are."""
         if not self.rows:
             return
+        found = sizing.hints(sizing.summarize(self.rows))
+        for hint in found:
+            info(hint.line)
         try:
-            self._copy_to_latest()
+            fd = open_dir(self.directory, self.workdir)
         except OSError as e:
-            warn(f"crank: cannot write the usage trace's {LATEST} ({e.strerror or e})")
-        info(f"crank: what each job used: {os.path.relpath(self.path, self.workdir)}")
-        if self.unmeasured:
-            info(f"crank: the {self.backend} backend does not measure CPU time, memory or I/O "
-                 "yet: those columns of the trace are empty")
+            warn(f"crank: cannot write the usage report under {self.directory} ({e.strerror or e})")
+            return
+        try:
+            self._finish(fd, found, warn)
+        finally:
+            os.close(fd)
+        where = os.path.relpath(self.directory, self.workdir)
+        info(f"crank: what each job used: {os.path.join(where, self.name)} "
+             f"(report: {os.path.join(where, self.run_id + '.html')})")
+        if found:
+            info(f"crank: suggested resources for a profile: {os.path.join(where, SUGGESTED)}")
+        if all(row["cpu_s"] is None for row in self.rows):
+            info(f"crank: the {self.backend} backend did not measure CPU time, memory or I/O "
+                 "for these jobs: those columns of the trace are empty")
 
-    def _append(self, job: Any, ended: Sequence[Tuple[TaskSpec, TaskResult]]) -> None:
-        singles = {str(s.jobid): s for s in single_jobs(job)}
-        lines = [_line(self._row(singles.get(task.job_id, job), task, result)) for task, result in ended]
+    def _finish(self, fd: int, found: Sequence[sizing.Hint], warn: Callable[[str], None]) -> None:
+        steps = [
+            (LATEST, lambda: guarded.alias_at(fd, self.name, LATEST)),
+            (self.run_id + ".html", lambda: guarded.replace_at(fd, self.run_id + ".html", report.html_page(
+                self.rows, found, self.run_id, self.backend).encode())),
+            (LATEST_REPORT, lambda: guarded.alias_at(fd, self.run_id + ".html", LATEST_REPORT)),
+        ]
+        if found:
+            steps.append((SUGGESTED, lambda: guarded.replace_at(fd, SUGGESTED, sizing.profile_snippet(found).encode())))
+        for name, step in steps:
+            try:
+                step()
+            except OSError as e:
+                warn(f"crank: cannot write {os.path.join(self.directory, name)} ({e.strerror or e})")
+
+    def _append(self, rows: Sequence[Dict[str, Any]]) -> None:
         fd = open_dir(self.directory, self.workdir)
         try:
             out = os.open(self.name, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
@@ -71,35 +102,30 @@ class Trace:
             with os.fdopen(out, "a") as f:
                 if f.tell() == 0:
                     f.write(_line(COLUMNS))
-                f.writelines(lines)
+                f.writelines(_line(row[c] for c in COLUMNS) for row in rows)
         finally:
             os.close(fd)
-        self.rows += len(lines)
 
-    def _copy_to_latest(self) -> None:
-        fd = open_dir(self.directory, self.workdir)
-        try:
-            source = os.open(self.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
-            with os.fdopen(source, "rb") as f:
-                data = f.read()
-        finally:
-            os.close(fd)
-        latest = os.path.join(self.directory, LATEST)
-        guarded.write(guarded.note(latest), data)
-
-    def _row(self, single: Any, task: TaskSpec, result: TaskResult) -> Iterable[Any]:
+    def _row(self, single: Any, attempt: Any) -> Dict[str, Any]:
+        task, result = attempt.task, attempt.result
         r, used = task.resources, result.usage
-        if used.cpu_s is None:
-            self.unmeasured = True
         wildcards = ",".join(f"{k}={v}" for k, v in getattr(single, "wildcards", {}).items())
-        return (
+        status = "ok" if result.ok else sizing.OUT_OF_MEMORY if result.out_of_memory else "failed"
+        values = (
             getattr(getattr(single, "rule", None), "name", ""), task.job_id, task.attempt, wildcards,
-            "ok" if result.ok else "failed", result.exit_code, r.cpus, r.mem_mb,
+            status, result.exit_code, r.cpus, r.mem_mb,
             None if r.runtime_s is None else r.runtime_s / 60, used.queue_s, result.seconds,
             used.cpu_s, used.peak_mb, used.read_mb, used.written_mb, used.staged_in_mb,
-            used.staged_out_mb,
-            self.backend, task.image,
+            used.staged_out_mb, self.backend, task.image,
+            _when(attempt.submitted_at), _when(attempt.ended_at),
         )
+        return dict(zip(COLUMNS, values))
+
+
+def _when(t: Optional[float]) -> Optional[str]:
+    if t is None:
+        return None
+    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).isoformat(timespec="milliseconds")
 
 
 def _line(values: Iterable[Any]) -> str:
@@ -112,4 +138,3 @@ def _cell(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.6f}".rstrip("0").rstrip(".")
     return " ".join(str(value).split())  # no tab or line break inside a cell
-

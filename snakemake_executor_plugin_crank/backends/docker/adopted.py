@@ -3,7 +3,7 @@
 An exec has no labels, so before its start the pool writes what a later run needs into
 the runner's directory on the host (``RECORD``: the task's adoption key, which files it
 writes, its name and the exec's id); it is removed once the task's end is collected. The
-exec's wrapper writes the exit code into the runner's log directory (runners.WRAPPER):
+exec's wrapper writes the exit code into the runner's log directory (launch.WARM):
 Docker may have forgotten the exec by the time a later run looks.
 
 Adopted tasks are followed here: their end is the exit code's file (or an exec Docker

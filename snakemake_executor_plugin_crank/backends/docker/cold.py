@@ -17,7 +17,7 @@ from ...task import State, TaskResult, TaskSpec, file_argv, script_fits_argv
 from .. import logs
 from ..stamps import parse
 from ..adoption import products_id
-from . import engine
+from . import engine, launch
 from .engine import (LABEL_KEY, LABEL_PRODUCTS, LABEL_RUN, LABEL_WORKDIR, DockerOptions,
                      Images, engine_errors, short)
 from .mounts import plan_mounts
@@ -34,7 +34,8 @@ _STATES = {
 
 
 def scripts_root(workdir: str) -> str:
-    """Where the scripts too long for a container's argv are written, a directory per run."""
+    """Where the scripts too long for a container's argv are written, and where the
+    containers write what they used (launch.py), a directory per run."""
     return os.path.join(workdir, ".snakemake", "crank", "scripts")
 
 
@@ -47,7 +48,8 @@ class ColdRunner:
         self.workdir = workdir
         self.options = options
         self.images = images
-        self.script_dirs: set = set()  # where scripts too long for argv were written
+        self.script_dirs: set = set()  # the runs' directories under scripts_root
+        self.run_dir = os.path.join(scripts_root(workdir), run_id)
         self.adopted: set = set()  # containers of dead runs this run took over
         # when the engine did not answer (wall clock, from the last answer before to the
         # first after): a container that a signal ended then was stopped by the engine
@@ -92,24 +94,28 @@ class ColdRunner:
         return f"Docker refused the container for {task.label}: {text}"
 
     def command_for(self, task: TaskSpec) -> Tuple[str, ...]:
-        """The container's argv: the script as one argument, or, when it is too long for
-        one, as a file under the workdir, which the workdir mount makes visible."""
-        if script_fits_argv(task.script):
-            return task.argv
-        directory = os.path.join(scripts_root(task.workdir), self.run_id)
-        path = os.path.join(directory, task.name + ".sh")
+        """The container's argv: the launcher around the script, which travels as one
+        argument or, when it is too long for one, as a file under the workdir, which the
+        workdir mount makes visible; the run's directory for these files made first."""
         try:
             # in the workdir, where jobs write: never through a symlink one put there
-            dir_fd = logs.open_dir(directory, task.workdir)
+            dir_fd = logs.open_dir(self.run_dir, task.workdir)
+            self.script_dirs.add(self.run_dir)
             try:
-                with os.fdopen(logs.create_file(dir_fd, task.name + ".sh"), "w") as f:
-                    f.write(task.script)
+                if script_fits_argv(task.script):
+                    argv = task.argv
+                else:
+                    with os.fdopen(logs.create_file(dir_fd, task.name + ".sh"), "w") as f:
+                        f.write(task.script)
+                    argv = file_argv(os.path.join(self.run_dir, task.name + ".sh"))
             finally:
                 os.close(dir_fd)
         except OSError as e:
-            raise CrankError(f"{task.label}: cannot write its script to {path!r} ({logs.why(e)})") from None
-        self.script_dirs.add(directory)
-        return file_argv(path)
+            raise CrankError(f"{task.label}: cannot write its script under {self.run_dir!r} ({logs.why(e)})") from None
+        return launch.cold_argv(self._usage_file(task), argv)
+
+    def _usage_file(self, task: TaskSpec) -> str:
+        return os.path.join(self.run_dir, task.name + ".usage")
 
     def _create(self, task: TaskSpec, name: str, host_config: Dict[str, Any]) -> str:
         config = dict(
@@ -117,7 +123,7 @@ class ColdRunner:
             command=list(self.command_for(task)),
             working_dir=task.workdir,
             user=f"{os.getuid()}:{os.getgid()}",
-            environment=dict(task.env),
+            environment=launch.environment(task.env),
             labels={**engine.labels(self.run_id, task.job_id, self.workdir),
                     LABEL_KEY: self.images.key(task), LABEL_PRODUCTS: products_id(task)},
             name=name,
@@ -204,6 +210,8 @@ class ColdRunner:
             stderr_tail=tail,
             log_files=files,
             seconds=engine.running_seconds(state),
+            usage=launch.used(self._usage_file(task)),
+            out_of_memory=not ok and bool(state.get("OOMKilled")),
         )
 
     def cancel(self, handles: Sequence[str]) -> None:

@@ -44,26 +44,18 @@ import requests
 from ...errors import CrankError
 from ...task import TaskSpec
 from ..paths import under
-from . import engine, scratch
+from . import engine, launch, scratch
 from .engine import DockerOptions, engine_errors
 from .mounts import plan_mounts
 
 # the runner's first process: waits forever, using only sh and sleep; ignoring SIGCHLD
 # lets the kernel reap the processes that are left to it
 IDLE = "trap '' CHLD; while :; do sleep 3600; done"
-# the exec: the task's own command line ("$@" after the two log paths and the exit code's
-# file), its stdout and stderr into the log files (in the runner's scratch directory), then
-# every other process of the user killed, then its exit code written down (a later run
-# that adopts the task reads it there: Docker forgets an exec when it restarts); SHLVL as
-# this shell found it, so the task's shell counts as the first
-WRAPPER = (
-    'exec >"$1" 2>"$2"; crank_rc=$3; shift 3; '
-    'if [ -n "${CRANK_SHLVL+x}" ]; then SHLVL=$CRANK_SHLVL; unset CRANK_SHLVL; else unset SHLVL; fi; '
-    '"$@"; rc=$?; kill -9 -1 2>/dev/null; printf \'%s\\n\' "$rc" >"$crank_rc"; exit $rc'
-)
 PRIVATE = ("/tmp", "/dev/shm")
 # where a runner sees its scratch directory for the exec's stdout and stderr
 LOGS = "/.crank-logs"
+# the suffix of the file there with what the task used (launch.py)
+USAGE = ".usage"
 
 
 @dataclass(eq=False)
@@ -272,10 +264,10 @@ class Runners:
     def create_exec(self, runner: Runner, task: TaskSpec) -> str:
         """The exec that runs ``task`` in ``runner``, not started yet."""
         logs = f"{LOGS}/{task.name}"
-        command = ["/bin/sh", "-c", WRAPPER, "crank", logs + ".stdout", logs + ".stderr",
-                   logs + ".rc", *task.argv]
+        command = launch.warm_argv(logs + ".stdout", logs + ".stderr", logs + ".rc",
+                                   logs + USAGE, task.argv)
         return self.api.exec_create(
-            runner.id, command, environment=_environment(task.env), workdir=task.workdir,
+            runner.id, list(command), environment=launch.environment(task.env), workdir=task.workdir,
             user=self.user,
         )["Id"]
 
@@ -337,9 +329,3 @@ class Runners:
         except Exception:  # noqa: BLE001 - no answer
             return runner.dead
 
-
-def _environment(env: Mapping[str, str]) -> Dict[str, str]:
-    env = dict(env)
-    if "SHLVL" in env:  # the wrapper's shell would count itself in it
-        env["CRANK_SHLVL"] = env.pop("SHLVL")
-    return env

@@ -17,6 +17,7 @@ stays the pool's. A launch that meets a transient engine error is tried again (_
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,12 +25,12 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 from ...errors import BackendUnavailable, CrankError
-from ...task import State, TaskResult, TaskSpec
+from ...task import State, TaskResult, TaskSpec, Usage
 from ..adoption import products_id
-from . import adopted, engine, scratch
+from . import adopted, engine, launch, scratch
 from .engine import DockerOptions, Images, engine_errors
 from .events import Callbacks, Watcher
-from .runners import PoolStats, Runner, Runners, environment
+from .runners import USAGE, PoolStats, Runner, Runners, environment
 
 # the handles of tasks the pool runs
 PREFIX = "warm:"
@@ -64,6 +65,7 @@ class _Job:
     reason: Optional[str] = None  # why it ended, when not by its own exit
     tail: str = ""
     log_files: Tuple[str, ...] = ()
+    usage: Usage = Usage()
 
 
 def _watcher_setting(name: str) -> property:
@@ -181,7 +183,8 @@ class WarmPool:
             ok, reason = engine.judge(state, task, job.memory)
         return TaskResult(
             ok=ok, exit_code=job.exit_code, reason=reason, stderr_tail=job.tail,
-            log_files=job.log_files, seconds=job.seconds,
+            log_files=job.log_files, seconds=job.seconds, usage=job.usage,
+            out_of_memory=not ok and job.oom,
         )
 
     def release(self, handles: Sequence[str]) -> None:
@@ -377,6 +380,7 @@ class WarmPool:
         try:
             if runner is not None and not job.canceled:
                 job.log_files, job.tail = scratch.move_logs(runner.logs, job.task)
+                job.usage = launch.used(os.path.join(runner.logs, job.task.name + USAGE))
             if (
                 runner is not None and not runner.retire and not runner.oom and not job.reason
                 and job.exit_code is not None and job.exit_code > 128

@@ -13,6 +13,7 @@ import tes
 
 from ...staging.stage import Stager
 from ...task import TaskResult, TaskSpec, Usage
+from .. import cgroup
 from ..logs import save_logs
 from . import layout, products
 
@@ -109,40 +110,17 @@ def _text(value: Optional[str]) -> Iterable[bytes]:
 
 def usage(tmp: Optional[str], created: Optional[datetime.datetime],
           started: Optional[datetime.datetime]) -> Usage:
-    """What the task's container counted (script.USAGE_LINES, cgroup v2 or v1; a figure its
-    cgroup does not give stays None), and how long the task waited between its creation
-    and the start of its command."""
+    """What the task's container counted (script.USAGE_LINES), and how long the task waited
+    between its creation and the start of its command."""
     queue_s = None
     if created and started:
         queue_s = max(0.0, (_utc(started) - _utc(created)).total_seconds())
     try:
         with open(os.path.join(tmp, layout.USAGE)) as f:
-            lines = f.read().splitlines()
+            text = f.read()
     except (OSError, TypeError):
-        lines = []
-    peak = cpu_s = None
-    io = {"read": None, "written": None}
-    for fields in (line.split() for line in lines):
-        number = fields[-1].isdigit() if fields else False
-        if len(fields) == 2 and number and fields[0] in ("memory.peak", "memory/memory.max_usage_in_bytes"):
-            peak = int(fields[1])
-        elif len(fields) == 2 and number and fields[0] == "usage_usec":  # v2 cpu.stat
-            cpu_s = int(fields[1]) / 1e6
-        elif len(fields) == 2 and number and fields[0] == "cpuacct/cpuacct.usage":
-            cpu_s = int(fields[1]) / 1e9
-        elif fields and ":" in fields[0]:
-            # v2 io.stat: MAJ:MIN rbytes=N wbytes=N ...; v1 blkio: MAJ:MIN Read N
-            counts = dict(f.split("=", 1) for f in fields[1:] if "=" in f)
-            if len(fields) == 3 and number:
-                counts = {{"Read": "rbytes", "Write": "wbytes"}.get(fields[1], ""): fields[2]}
-            for name, key in (("read", "rbytes"), ("written", "wbytes")):
-                if counts.get(key, "").isdigit():
-                    io[name] = (io[name] or 0) + int(counts[key])
-    if cpu_s is not None:  # a cgroup that counts no block device read or wrote nothing
-        io = {k: v or 0 for k, v in io.items()}
-    mb = lambda n: None if n is None else n / 1e6  # noqa: E731
-    return Usage(queue_s=queue_s, cpu_s=cpu_s, peak_mb=mb(peak), read_mb=mb(io["read"]),
-                 written_mb=mb(io["written"]))
+        text = ""
+    return cgroup.usage(text, queue_s)
 
 
 def _utc(t: datetime.datetime) -> datetime.datetime:

@@ -38,6 +38,7 @@ from collections import defaultdict
 from typing import Dict, Iterable, List, Sequence, Set
 
 from ...task import FILE_LAUNCHER, TaskSpec
+from .. import cgroup
 from ..paths import under
 from .layout import (
     COMMAND, EXIT, INDEX, OUT, PLACED, SOURCES, USAGE, Staged, log_names, product_name,
@@ -254,15 +255,8 @@ def _companions(task: TaskSpec, volumes: Sequence[str]) -> List[str]:
 
 
 # What the container's cgroup counted, read right after the command, before the products
-# are collected (results.usage): its peak memory, its CPU time and its block I/O, from the
-# files of cgroup v2 or of v1's memory, cpuacct and blkio controllers, whichever it has
-USAGE_FILES = "memory.peak memory/memory.max_usage_in_bytes cpuacct/cpuacct.usage"
-USAGE_LINES = (
-    'crank_usage="$(for f in ' + USAGE_FILES + '; do [ -r /sys/fs/cgroup/$f ] && '
-    'printf \'%s %s\\n\' "$f" "$(cat /sys/fs/cgroup/$f)"; done; '
-    'cat /sys/fs/cgroup/cpu.stat /sys/fs/cgroup/io.stat '
-    '/sys/fs/cgroup/blkio/blkio.throttle.io_service_bytes 2>/dev/null)"'
-)
+# are collected (cgroup.py)
+USAGE_LINES = cgroup.FUNCTION + '; crank_usage="$(echo ' + cgroup.SEPARATOR + '; crank_cg)"'
 
 
 def wrapper_script(task: TaskSpec, staged: Sequence[Staged], volumes: Sequence[str],

@@ -1,0 +1,72 @@
+"""The shell around a job in a Docker container: it runs the job's command as its child,
+then kills what the job left running and writes down what the container's cgroup counted
+(cgroup.py) into a file crank reads on the host.
+
+A runner (warm.py) reads its cgroup before the job too: the cgroup also holds what earlier
+jobs used. The shell also restores SHLVL as the task's environment has it, so that the
+job's own shell counts as the first (``environment`` moves a task's SHLVL aside for that).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Dict, Mapping, Sequence, Tuple
+
+from ...task import Usage
+from .. import cgroup
+from ..logs import open_job_file
+
+# more than a reading's few dozen lines: a file the job replaced is not read whole
+READ_AT_MOST = 64 * 1024
+
+_SHLVL = 'if [ -n "${CRANK_SHLVL+x}" ]; then SHLVL=$CRANK_SHLVL; unset CRANK_SHLVL; else unset SHLVL; fi; '
+_AFTER = (
+    '"$@"; rc=$?; kill -9 -1 2>/dev/null; '
+    '{ echo ' + cgroup.SEPARATOR + '; crank_cg; } >>"$crank_u"; '
+)
+
+# a container of its own: $1 the usage file, then the command
+COLD = 'crank_u=$1; shift; ' + _SHLVL + cgroup.FUNCTION + '; ' + _AFTER + 'exit $rc'
+
+# an exec in a runner: $1 and $2 the stdout and stderr files, $3 the exit code's file (a
+# later run that adopts the task reads it there: Docker forgets an exec when it restarts),
+# $4 the usage file, then the command
+WARM = (
+    'exec >"$1" 2>"$2"; crank_rc=$3; crank_u=$4; shift 4; ' + _SHLVL + cgroup.FUNCTION + '; '
+    'crank_cg >"$crank_u"; ' + _AFTER + 'printf \'%s\\n\' "$rc" >"$crank_rc"; exit $rc'
+)
+
+
+def cold_argv(usage_file: str, argv: Sequence[str]) -> Tuple[str, ...]:
+    return ("/bin/sh", "-c", COLD, "crank", usage_file, *argv)
+
+
+def warm_argv(stdout: str, stderr: str, exit_file: str, usage_file: str,
+              argv: Sequence[str]) -> Tuple[str, ...]:
+    return ("/bin/sh", "-c", WARM, "crank", stdout, stderr, exit_file, usage_file, *argv)
+
+
+def environment(env: Mapping[str, str]) -> Dict[str, str]:
+    env = dict(env)
+    if "SHLVL" in env:  # the wrapper's shell would count itself in it
+        env["CRANK_SHLVL"] = env.pop("SHLVL")
+    return env
+
+
+def used(usage_file: str) -> Usage:
+    """What the file the shell wrote says the job used (empty when it is missing: the
+    container was killed, or the engine does not share this file system); removed then."""
+    try:
+        fd = open_job_file(usage_file)
+    except OSError:
+        return Usage()
+    try:
+        text = os.read(fd, READ_AT_MOST).decode(errors="replace")
+    except OSError:
+        text = ""
+    finally:
+        os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(usage_file)
+    return cgroup.usage(text)
