@@ -425,3 +425,46 @@ def test_the_report_of_rows_without_measures_says_so_and_escapes_names():
     page = html_page(rows, [], "run</script>", "docker")
     assert "run&lt;/script&gt;" in page and page.count('class="plot"') == 0
     assert page.count("Not measured on this backend") == 4
+
+
+def _live(tmp_path, name="t-1"):
+    from snakemake_executor_plugin_crank.backends.live import LiveLog
+    from snakemake_executor_plugin_crank.task import TaskSpec
+
+    task = TaskSpec(name=name, label="rule t", job_id="1", attempt=1, image="i", script=":",
+                    workdir=str(tmp_path), log_dir=str(tmp_path / "logs"))
+    return LiveLog(task, ".stdout"), tmp_path / "logs" / f"{name}.stdout"
+
+
+def test_a_live_log_follows_overlapping_tails_and_marks_what_it_missed(tmp_path):
+    log, path = _live(tmp_path)
+    out = b"".join(b"line %d\n" % i for i in range(1, 2001))
+    log.follow_tail(out[:30])
+    log.follow_tail(out[:800])  # the whole log so far: only what is new is appended
+    log.follow_tail(out[300:1200])  # a window that moved on
+    log.follow_tail(out[300:1200])  # nothing new
+    assert path.read_bytes() == out[:1200] and not log.broken
+    log.follow_tail(out[1195:2000])  # a few bytes in common are taken for chance: a gap, said once
+    assert log.broken and path.read_bytes().count(b"[crank: output missed here") == 1
+    assert path.read_bytes().endswith(out[1195:2000])
+
+
+@pytest.mark.parametrize("shown, final, appended", [
+    (b"a\nb\n", b"a\nb\nc\n", True),  # the start of the log: only the rest is appended
+    (b"a\nX\n", b"a\nb\nc\n", False),  # not its start: replaced whole
+    (b"a\nb\nc\nd\n", b"a\nb\n", False),  # longer than the log
+])
+def test_a_live_log_is_continued_or_replaced_at_the_end(tmp_path, shown, final, appended):
+    import os
+
+    from snakemake_executor_plugin_crank.backends.logs import save_logs
+
+    log, path = _live(tmp_path)
+    log.append(shown)
+    inode = path.stat().st_ino
+    files, _ = save_logs(log.task, [final[:3], final[3:]], [b""], live={".stdout": log})
+    assert path.read_bytes() == final and str(path) in files
+    assert (path.stat().st_ino == inode) is appended
+    assert sorted(os.listdir(path.parent)) == ["t-1.stderr", "t-1.stdout"]  # no temporary left
+    log.append(b"late")  # a copy that comes after the end changes nothing
+    assert path.read_bytes() == final

@@ -12,7 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from ..task import TaskSpec
 
@@ -113,6 +113,11 @@ def create_file(dir_fd: int, name: str) -> int:
     return _regular(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _NOFOLLOW, 0o666, dir_fd=dir_fd))
 
 
+def open_append(dir_fd: int, name: str) -> int:
+    """The existing regular file ``name`` in the directory ``dir_fd``, for appending."""
+    return _regular(os.open(name, os.O_WRONLY | os.O_APPEND | _NOFOLLOW, dir_fd=dir_fd))
+
+
 def _regular(fd: int) -> int:
     """``fd``, blocking again, when it is a regular file; else closed, and OSError."""
     try:
@@ -137,12 +142,14 @@ def why(error: OSError) -> str:
 
 
 def save_logs(
-    task: TaskSpec, stdout: Iterable[bytes], stderr: Iterable[bytes]
+    task: TaskSpec, stdout: Iterable[bytes], stderr: Iterable[bytes],
+    live: Mapping[str, Any] = {},
 ) -> Tuple[Tuple[str, ...], str]:
     """Stream both logs to ``<log_dir>/<name>.stdout|.stderr``; return the files saved
     and the last lines of stderr. A log that cannot be written (disk full, no
     permission) is skipped, never an error: saving logs must not change a task's
-    outcome. The stderr tail is kept either way; a note in it says what was not saved."""
+    outcome. The stderr tail is kept either way; a note in it says what was not saved.
+    ``live``: the logs shown while the task ran (live.LiveLog), by suffix: continued."""
     tail = StderrTail()
     saved: List[str] = []
     problems: List[str] = []
@@ -156,7 +163,11 @@ def save_logs(
         sink = None
         if dir_fd is not None:
             try:
-                sink = os.fdopen(create_file(dir_fd, name), "wb")
+                shown = live.get(name[len(task.name):])
+                if shown is not None and shown.size and not shown.failed:
+                    sink = shown.continuation(dir_fd)
+                else:
+                    sink = os.fdopen(create_file(dir_fd, name), "wb")
             except OSError as e:
                 problems.append(problem(name, e))
         try:
@@ -197,7 +208,7 @@ def with_unsaved(tail: str, problems: Sequence[str]) -> str:
 
 def _close(sink):
     try:
-        sink.close()
+        getattr(sink, "abandon", sink.close)()
     except OSError:
         pass
     return None

@@ -20,7 +20,13 @@ from ..adoption import products_id
 from . import engine, launch
 from .engine import (LABEL_KEY, LABEL_PRODUCTS, LABEL_RUN, LABEL_WORKDIR, DockerOptions,
                      Images, engine_errors, short)
+from .follow import Follower
 from .mounts import plan_mounts
+
+# clients' connections kept for following containers' logs (two streams each)
+FOLLOW_POOL = 256
+# how long the end of a stopped container's log streams is waited for
+FOLLOW_END_S = 5.0
 
 _STATES = {
     "created": State.QUEUED,
@@ -57,6 +63,8 @@ class ColdRunner:
         self._last_answer: Optional[float] = None
         self._silent_since: Optional[float] = None
         self._interrupted: Dict[str, bool] = {}
+        self.followers: Dict[str, Follower] = {}  # the logs of running containers (follow.py)
+        self._follow_api = None
 
     def submit(self, task: TaskSpec) -> str:
         """Start the task as a container of its own."""
@@ -77,6 +85,9 @@ class ColdRunner:
             # the engine may have made the container before the connection broke
             self._remove_quietly(name)
             raise
+        if self._follow_api is None:  # streams held for a container's life: a client of their own
+            self._follow_api = engine.client(self.options, max_pool_size=FOLLOW_POOL).api
+        self.followers[handle] = Follower(self._follow_api, handle, task)
         return handle
 
     def _refusal(self, task: TaskSpec, error: Exception) -> str:
@@ -197,10 +208,16 @@ class ColdRunner:
         except docker.errors.NotFound:
             return TaskResult(ok=False, reason="the container was removed outside crank")
         state = inspected["State"]
-        with engine_errors("reading a container's logs"):
-            stdout = self.api.logs(handle, stdout=True, stderr=False, stream=True)
-            stderr = self.api.logs(handle, stdout=False, stderr=True, stream=True)
-            files, tail = logs.save_logs(task, stdout, stderr)
+        follower = self.followers.pop(handle, None)
+        if follower is not None and follower.whole(FOLLOW_END_S):
+            files, tail = follower.saved()
+        else:
+            if follower is not None:
+                follower.stop()
+            with engine_errors("reading a container's logs"):
+                stdout = self.api.logs(handle, stdout=True, stderr=False, stream=True)
+                stderr = self.api.logs(handle, stdout=False, stderr=True, stream=True)
+                files, tail = logs.save_logs(task, stdout, stderr, follower.live if follower else {})
         limit = (inspected.get("HostConfig") or {}).get("Memory")
         ok, reason = engine.judge(state, task, limit)
         return TaskResult(
@@ -217,6 +234,9 @@ class ColdRunner:
     def cancel(self, handles: Sequence[str]) -> None:
         """Remove the containers, running or not (also what ``release`` does)."""
         for handle in handles:
+            follower = self.followers.pop(handle, None)
+            if follower is not None:
+                follower.stop()
             try:
                 with engine_errors("removing a container"):
                     self.api.remove_container(handle, force=True)

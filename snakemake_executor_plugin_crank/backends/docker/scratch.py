@@ -14,13 +14,17 @@ import shutil
 import socket
 import stat
 import tempfile
-from typing import List, Optional, Sequence, Tuple
+import threading
+from typing import Callable, List, Mapping, Optional, Sequence, Tuple
 
 from ...task import TaskSpec
 from .. import logs
+from ..live import LiveLog
 
 # the file naming the owner of a runners' temporary directory (stale-directory removal)
 OWNER = "owner.json"
+# a log is read and written this much at a time
+COPY_AT_ONCE = 8 << 20
 
 
 def engine_of(base_url: Optional[str]) -> str:
@@ -75,13 +79,51 @@ def rmtree(path: str) -> None:
     shutil.rmtree(path, onerror=retry)
 
 
-def move_logs(scratch: str, task: TaskSpec) -> Tuple[Tuple[str, ...], str]:
+def copy_new(scratch: str, live: Mapping[str, LiveLog]) -> None:
+    """What the running task wrote to ``<scratch>/<name>.stdout|.stderr`` since the last
+    copy, appended to its live logs (at most COPY_AT_ONCE bytes each, to come back soon)."""
+    for suffix, log in live.items():
+        try:
+            fd = logs.open_job_file(os.path.join(scratch, log.name))
+        except OSError:
+            continue  # not written yet, or not a file the host reads
+        try:
+            data = os.pread(fd, COPY_AT_ONCE, log.size)
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+        log.append(data)
+
+
+class LiveCopier:
+    """Every INTERVAL_S, what the running tasks wrote to their scratch logs, copied into
+    their live logs (``running()``: (scratch directory, live logs, their lock) of each), on a
+    daemon thread of its own until ``stopping`` is set."""
+
+    INTERVAL_S = 2.0
+
+    def __init__(self, running: Callable[[], List[Tuple[str, Mapping[str, LiveLog], threading.Lock]]],
+                 stopping: threading.Event):
+        self.running = running
+        self.stopping = stopping
+        threading.Thread(target=self._loop, name="crank-live-logs", daemon=True).start()
+
+    def _loop(self) -> None:
+        while not self.stopping.wait(self.INTERVAL_S):
+            for scratch, live, lock in self.running():
+                with lock:
+                    copy_new(scratch, live)
+
+
+def move_logs(scratch: str, task: TaskSpec, live: Mapping[str, LiveLog] = {}) -> Tuple[Tuple[str, ...], str]:
     """Move ``<scratch>/<name>.stdout|.stderr`` into ``<log_dir>/<name>.*``; return the
     files saved and the last lines of stderr, read from the scratch copy. The task could
     write its scratch directory: only regular files are taken, never through a symlink
     (see logs.py). A log that cannot be moved (disk full, no permission, not a regular
     file) is dropped, never an error, and leaves no truncated file under its name; the
-    tail then says what was not saved."""
+    tail then says what was not saved. A log shown while the task ran (``live``, by
+    suffix) is continued with the rest instead (live.py)."""
     tail, saved, problems = "", [], []
     dir_fd = None
     try:
@@ -101,7 +143,11 @@ def move_logs(scratch: str, task: TaskSpec) -> Tuple[Tuple[str, ...], str]:
                     tail = logs.read_tail(fd)
                 if dir_fd is None:
                     dir_fd = logs.open_log_dir(task)
-                _move(fd, src, dir_fd, name)
+                shown = live.get(suffix)
+                if shown is not None and shown.size and not shown.failed:
+                    _continue(fd, shown.continuation(dir_fd))
+                else:
+                    _move(fd, src, dir_fd, name)
                 saved.append(os.path.join(task.log_dir, name))
             except OSError as e:
                 problems.append(logs.problem(name, e))
@@ -133,6 +179,16 @@ def _move(fd: int, src: str, dir_fd: int, name: str) -> None:
     with os.fdopen(fd, "rb", closefd=False) as source, os.fdopen(logs.create_file(dir_fd, name), "wb") as sink:
         source.seek(0)
         shutil.copyfileobj(source, sink)
+
+
+def _continue(fd: int, sink) -> None:
+    try:
+        while chunk := os.read(fd, COPY_AT_ONCE):
+            sink.write(chunk)
+    except BaseException:
+        sink.abandon()
+        raise
+    sink.close()
 
 
 def _unlink(path: str) -> None:

@@ -21,12 +21,13 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 from ...errors import BackendUnavailable, CrankError
 from ...task import State, TaskResult, TaskSpec, Usage
 from ..adoption import products_id
+from ..live import LiveLog
 from . import adopted, engine, launch, scratch
 from .engine import DockerOptions, Images, engine_errors
 from .events import Callbacks, Watcher
@@ -66,6 +67,9 @@ class _Job:
     tail: str = ""
     log_files: Tuple[str, ...] = ()
     usage: Usage = Usage()
+    # its logs while it runs (live.py), copied under ``live_lock``
+    live: Dict[str, LiveLog] = field(default_factory=dict)
+    live_lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 def _watcher_setting(name: str) -> property:
@@ -105,6 +109,7 @@ class WarmPool:
         self.containers = Runners(self.api, run_id, workdir, options.base_url, self.lock,
                                   self.watcher, self.workers, self.stats)
         self.watcher.start()
+        scratch.LiveCopier(self._running_logs, self.stopping)
 
     # the runners by container id, the idle ones by environment, their directory
     runners = property(lambda self: self.containers.by_id)
@@ -124,7 +129,8 @@ class WarmPool:
         if plan is None or plan[0] in self.cold_keys:
             return None
         self.images.ensure(task.image)  # refusals reach the caller now, as today
-        job = _Job(f"{PREFIX}{next(self.counter)}-{task.name}", task)
+        job = _Job(f"{PREFIX}{next(self.counter)}-{task.name}", task,
+                   live={suffix: LiveLog(task, suffix) for suffix in (".stdout", ".stderr")})
         job.memory = plan[2].get("mem_limit")
         with self.lock:
             self.jobs[job.handle] = job
@@ -379,7 +385,8 @@ class WarmPool:
         directory, then report the task finished and recycle the runner."""
         try:
             if runner is not None and not job.canceled:
-                job.log_files, job.tail = scratch.move_logs(runner.logs, job.task)
+                with job.live_lock:
+                    job.log_files, job.tail = scratch.move_logs(runner.logs, job.task, job.live)
                 job.usage = launch.used(os.path.join(runner.logs, job.task.name + USAGE))
             if (
                 runner is not None and not runner.retire and not runner.oom and not job.reason
@@ -400,6 +407,11 @@ class WarmPool:
                 job.state = State.FINISHED
             if runner is not None:
                 self.containers.recycle(runner)
+
+    def _running_logs(self):
+        with self.lock:
+            return [(job.runner.logs, job.live, job.live_lock) for job in self.busy.values()
+                    if job.state is State.RUNNING and not job.ended]
 
     # ---- what the watcher reports (events.py) ------------------------------------------
 

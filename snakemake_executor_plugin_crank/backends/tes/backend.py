@@ -16,7 +16,7 @@ import os
 import shutil
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Collection, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import tes
@@ -28,12 +28,14 @@ from ...staging import tree
 from ...staging.stage import Stager
 from ...task import Adopted, Capacity, Kind, State, TaskResult, TaskSpec
 from ..adoption import Orphans, key_of, products_id
+from ..live import LiveLog
 from . import layout, orphans, sources
 from .api import TesApi
 from .http import HttpError
 from .monitor import Monitor
 from .queue_view import QueueView
 from .results import Collector
+from .tails import Tails, live_logs
 from .tasks import (
     CLOSE_STATES,
     NON_TERMINAL,
@@ -102,6 +104,7 @@ class _Submission:
     digests: Tuple[str, ...] = ()  # of its inputs
     staged_bytes: Optional[int] = None  # of its local inputs
     resubmitted: bool = False  # once, after a SYSTEM_ERROR before its command started
+    live: Dict[str, LiveLog] = field(default_factory=dict)  # its logs while it runs (tails.py)
 
 
 class TesBackend:
@@ -140,6 +143,7 @@ class TesBackend:
                      TAG_ORIGIN: runs.origin(self.workdir)}
         # one per run whose tasks this run follows: its own, and those it adopted from
         self.monitors: Dict[str, Monitor] = {run_id: Monitor(api, TAG_RUN, run_id)}
+        self.tails = Tails(api, TAG_RUN, run_id)
         self.orphans: Orphans[Tuple[str, str]] = Orphans()  # (task id, submission tag)
         self._dead_tmp: List[str] = []
         self.queue_view = QueueView(self.http.base, self.report)
@@ -212,7 +216,7 @@ class TesBackend:
             handle = self._new_handle(task)
             sub = _Submission(
                 handle=handle, task=task, tag=f"{self.run_id}:{handle}",
-                key=f"runs/{self.run_id}/{handle}", run=self.run_id,
+                key=f"runs/{self.run_id}/{handle}", run=self.run_id, live=live_logs(task),
             )
             self._subs[handle] = sub
         sub.future = self._pool.submit(self._stage_and_create, sub)
@@ -326,6 +330,8 @@ class TesBackend:
             else:
                 states[h] = State.LOST
         self.queue_view.update(s.last_state for s in subs if s.tes_id and s.last_state)
+        self.tails.round({s.tes_id: s.live for s in subs
+                          if s.tes_id and s.last_state == "RUNNING" and s.run == self.run_id})
         return states
 
     def _resubmit_without_inputs(self, sub: _Submission) -> bool:
@@ -387,7 +393,7 @@ class TesBackend:
             # perhaps an input removed from the store meanwhile: a retry of the job looks its
             # inputs up again instead of trusting this run's memory
             self.stager.forget(sub.digests)
-        return self.collector.collect(full, sub.key, sub.handle, task, sub.staged_bytes)
+        return self.collector.collect(full, sub.key, sub.handle, task, sub.staged_bytes, sub.live)
 
     def release(self, handles: Sequence[str]) -> None:
         for h in handles:

@@ -7,13 +7,14 @@ import dataclasses
 import datetime
 import os
 import shutil
-from typing import Collection, Iterable, Optional, Sequence, Tuple
+from typing import Collection, Iterable, Mapping, Optional, Sequence, Tuple
 
 import tes
 
 from ...staging.stage import Stager
 from ...task import TaskResult, TaskSpec, Usage
 from .. import cgroup
+from ..live import LiveLog
 from ..logs import save_logs
 from . import layout, products
 
@@ -26,9 +27,10 @@ class Collector:
         self.tmp_root = tmp_root
 
     def collect(self, full: tes.Task, key: str, handle: str, task: TaskSpec,
-                staged_in: Optional[int] = None) -> TaskResult:
+                staged_in: Optional[int] = None, live: Mapping[str, LiveLog] = {}) -> TaskResult:
         """The outcome of ``task``, whose terminal TES task is ``full`` and whose objects lie
-        under ``key``; ``staged_in``: the bytes of its local inputs."""
+        under ``key``; ``staged_in``: the bytes of its local inputs; ``live``: its logs as
+        shown while it ran."""
         state = full.state or "UNKNOWN"
         last = full.logs[-1] if full.logs else tes.TaskLog()
         exec_log = last.logs[-1] if last.logs else tes.ExecutorLog()
@@ -45,6 +47,7 @@ class Collector:
                 task,
                 _read(stdout) if tmp and os.path.exists(stdout) else _text(exec_log.stdout),
                 _read(stderr) if tmp and os.path.exists(stderr) else _text(exec_log.stderr),
+                live,
             )
             used = dataclasses.replace(
                 usage(tmp, full.creation_time, exec_log.start_time),
