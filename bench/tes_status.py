@@ -28,6 +28,7 @@ import uuid
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from snakemake_executor_plugin_crank.backends.tes.backend import TesOptions  # noqa: E402
+from snakemake_executor_plugin_crank.backends.tes.tasks import TAG_RUN  # noqa: E402
 from snakemake_executor_plugin_crank.settings import open_tes_backend  # noqa: E402
 from snakemake_executor_plugin_crank.task import Resources, TaskSpec  # noqa: E402
 
@@ -42,13 +43,13 @@ def main() -> None:
     args = parser.parse_args()
 
     print("| tasks | requests per round | poll() wall (median) | crank CPU per round | "
-          "one GetTask per task (wall) |")
-    print("| --- | --- | --- | --- | --- |")
+          "one GetTask per task (wall) | bytes of the round's lists | bytes of a live-log look |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for n in (int(c) for c in args.counts.split(",")):
         with tempfile.TemporaryDirectory() as workdir:
             row = measure(args, n, workdir)
-        print(f"| {n} | {row[0]} | {row[1] * 1000:.1f} ms | {row[2] * 1000:.1f} ms | {row[3] * 1000:.0f} ms |",
-              flush=True)
+        print(f"| {n} | {row[0]} | {row[1] * 1000:.1f} ms | {row[2] * 1000:.1f} ms | {row[3] * 1000:.0f} ms "
+              f"| {row[4]} | {row[5]} |", flush=True)
 
 
 def measure(args, n: int, workdir: str):
@@ -69,6 +70,7 @@ def measure(args, n: int, workdir: str):
                 raise SystemExit("tasks not created within 600 s")
             time.sleep(0.2)
         walls, cpus, requests = [], [], []
+        backend.tails.round = lambda running: None  # timed apart below
         for _ in range(args.rounds):
             before = sum(backend.http.counts.values())
             c0, w0 = time.process_time(), time.perf_counter()
@@ -81,9 +83,26 @@ def measure(args, n: int, workdir: str):
         for task_id in ids:
             backend.http.request("GET", f"/v1/tasks/{task_id}", "get", params={"view": "MINIMAL"})
         naive = time.perf_counter() - w0
-        return max(requests), statistics.median(walls), statistics.median(cpus), naive
+        # what a status round's lists carry (MINIMAL, the active states), against the one FULL
+        # list of the RUNNING tasks that live logs add every few seconds (tails.py)
+        lists = sum(_bytes(backend, "MINIMAL", state) for state in ("RUNNING", "QUEUED", "INITIALIZING"))
+        return max(requests), statistics.median(walls), statistics.median(cpus), naive, lists, \
+            _bytes(backend, "FULL", "RUNNING")
     finally:
         backend.close()
+
+
+def _bytes(backend, view: str, state: str) -> int:
+    """The bytes of the answers to one tagged list of the run's tasks in ``state``."""
+    total, token = 0, None
+    while True:
+        params = {"view": view, "state": state, "tag_key": TAG_RUN, "tag_value": backend.run_id,
+                  "page_size": 2048, **({"page_token": token} if token else {})}
+        response = backend.http.session.get(backend.http.base + "/v1/tasks", params=params, timeout=60)
+        total += len(response.content)
+        token = response.json().get("next_page_token")
+        if not token:
+            return total
 
 
 if __name__ == "__main__":

@@ -505,7 +505,8 @@ def test_a_registry_that_never_answers_holds_no_other_job_nor_ctrl_c(docker_api,
             stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         try:
-            wait_for(lambda: (workdir / "quick.txt").exists(), 60, "the other job's output")
+            wait_for(lambda: list((workdir / ".snakemake" / "crank" / "usage").glob("*.tsv")), 60,
+                     "the other job's end, in the usage trace")
             assert registry.accepted and registry.open, "the engine was not waiting on the registry"
             assert proc.poll() is None
             seconds, stderr = ctrl_c(proc)

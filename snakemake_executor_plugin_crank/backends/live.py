@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 import uuid
 from typing import Optional
 
@@ -27,7 +28,8 @@ GAP = b"\n[crank: output missed here; the complete log is saved when the job end
 
 
 class LiveLog:
-    """One log file of a running task. Not thread-safe: one writer at a time."""
+    """One log file of a running task: one writer at a time, and the end's saving, which
+    may come from another thread (``end_appending`` waits for a write in progress)."""
 
     def __init__(self, task: TaskSpec, suffix: str):
         self.task = task
@@ -39,8 +41,18 @@ class LiveLog:
         self.failed = False
         self.ended = False  # handed to the end's saving: no more appending
         self._fd: Optional[int] = None
+        self._lock = threading.Lock()
 
     def append(self, data: bytes) -> None:
+        with self._lock:
+            self._append(data)
+
+    def end_appending(self) -> None:
+        with self._lock:
+            self.ended = True
+            self.close()
+
+    def _append(self, data: bytes) -> None:
         if not data or self.failed or self.ended:
             return
         try:
@@ -69,10 +81,11 @@ class LiveLog:
         if not tail:
             return
         overlap = _overlap(bytes(self.end), tail)
-        if overlap == 0 and self.size:
-            self.broken = True
-            self.append(GAP)
-        self.append(tail[overlap:])
+        with self._lock:
+            if overlap == 0 and self.size:
+                self.broken = True
+                self._append(GAP)
+            self._append(tail[overlap:])
 
     def close(self) -> None:
         if self._fd is not None:
@@ -93,8 +106,7 @@ class LiveLog:
 
     def continuation(self, dir_fd: int) -> "Continuation":
         """Where the complete log goes at the task's end (logs.save_logs)."""
-        self.ended = True
-        self.close()
+        self.end_appending()
         return Continuation(self, dir_fd)
 
 
@@ -164,17 +176,3 @@ class Continuation:
             pass
         logs.remove_log(self.dir_fd, self.tmp)
 
-
-def finish(live: LiveLog) -> None:
-    """A live log that holds the whole log: closed, and created empty when nothing came."""
-    live.ended = True
-    live.close()
-    if live.size == 0 and not live.failed:
-        try:
-            dir_fd = logs.open_log_dir(live.task)
-            try:
-                os.close(logs.create_file(dir_fd, live.name))
-            finally:
-                os.close(dir_fd)
-        except OSError:
-            live.failed = True

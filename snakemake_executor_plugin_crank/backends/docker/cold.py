@@ -25,8 +25,6 @@ from .mounts import plan_mounts
 
 # clients' connections kept for following containers' logs (two streams each)
 FOLLOW_POOL = 256
-# how long the end of a stopped container's log streams is waited for
-FOLLOW_END_S = 5.0
 
 _STATES = {
     "created": State.QUEUED,
@@ -209,15 +207,12 @@ class ColdRunner:
             return TaskResult(ok=False, reason="the container was removed outside crank")
         state = inspected["State"]
         follower = self.followers.pop(handle, None)
-        if follower is not None and follower.whole(FOLLOW_END_S):
-            files, tail = follower.saved()
-        else:
-            if follower is not None:
-                follower.stop()
-            with engine_errors("reading a container's logs"):
-                stdout = self.api.logs(handle, stdout=True, stderr=False, stream=True)
-                stderr = self.api.logs(handle, stdout=False, stderr=True, stream=True)
-                files, tail = logs.save_logs(task, stdout, stderr, follower.live if follower else {})
+        if follower is not None:
+            follower.stop()
+        with engine_errors("reading a container's logs"):
+            stdout = self.api.logs(handle, stdout=True, stderr=False, stream=True)
+            stderr = self.api.logs(handle, stdout=False, stderr=True, stream=True)
+            files, tail = logs.save_logs(task, stdout, stderr, follower.live if follower else {})
         limit = (inspected.get("HostConfig") or {}).get("Memory")
         ok, reason = engine.judge(state, task, limit)
         return TaskResult(
@@ -257,3 +252,5 @@ class ColdRunner:
         finally:
             for directory in self.script_dirs:
                 shutil.rmtree(directory, ignore_errors=True)
+            if self._follow_api is not None:
+                self._follow_api.close()

@@ -97,11 +97,12 @@ class TesApi:
 
     def list_tasks(
         self, tag_key: str, tag_value: str, view: str = "MINIMAL", bounded: bool = False,
-        states: Sequence[str] = (),
+        states: Sequence[str] = (), kind: str = "list",
     ) -> List[tes.Task]:
         """Every task with the tag and, when ``states`` are given, in one of them: one
         filtered listing per state (TES 1.1's filters), following page tokens.
-        ``bounded``: one attempt per request with a bounded wait (see BOUNDED).
+        ``bounded``: one attempt per request with a bounded wait (see BOUNDED); ``kind``:
+        what the session counts the requests as.
 
         The server's filters are not trusted: a TES 1.0 server refuses them (400) or ignores
         them, and so does a proxy that drops the query. Then one listing of every task on the
@@ -111,7 +112,7 @@ class TesApi:
         request."""
         found: Dict[str, tes.Task] = {}
         for state in states or (None,):
-            tasks, every_state = self._listing(tag_key, tag_value, view, bounded, state)
+            tasks, every_state = self._listing(tag_key, tag_value, view, bounded, state, kind)
             found.update((t.id, t) for t in tasks)
             if every_state:
                 break
@@ -135,14 +136,14 @@ class TesApi:
                 "only its own, and asks for its running tasks by id")
 
     def _listing(self, tag_key: str, tag_value: str, view: str, bounded: bool,
-                 state: Optional[str]) -> Tuple[List[tes.Task], bool]:
+                 state: Optional[str], kind: str) -> Tuple[List[tes.Task], bool]:
         """(the tasks one listing found, whether they stand for every state)."""
         if not self._filters_refused:
             params = {"tag_key": tag_key, "tag_value": tag_value}
             if state:
                 params["state"] = state
             try:
-                tasks = self._pages(params, view, bounded)
+                tasks = self._pages(params, view, bounded, kind)
             except HttpError as e:
                 if e.status != 400:
                     raise
@@ -153,9 +154,9 @@ class TesApi:
                 if ignored:
                     self.older("ignores the state filter of ListTasks")
                 return tasks, state is None or ignored
-        return self._pages({}, view, bounded), True
+        return self._pages({}, view, bounded, kind), True
 
-    def _pages(self, filters: Mapping[str, str], view: str, bounded: bool) -> List[tes.Task]:
+    def _pages(self, filters: Mapping[str, str], view: str, bounded: bool, kind: str) -> List[tes.Task]:
         """Every page of one listing."""
         found: List[tes.Task] = []
         token = None
@@ -165,7 +166,7 @@ class TesApi:
             params = {**filters, "view": view, "page_size": PAGE_SIZE}
             if token:
                 params["page_token"] = token
-            answer = self.http.request("GET", "/v1/tasks", "list", params=params, **(
+            answer = self.http.request("GET", "/v1/tasks", kind, params=params, **(
                 BOUNDED if bounded else {}))
             if view == "MINIMAL":
                 answer = minimal(answer)
