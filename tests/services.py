@@ -700,7 +700,7 @@ class Dockerd:
 
     def __init__(self, args: list[str], log_path: Path, url: Optional[str] = None,
                  pid_file: Optional[Path] = None):
-        self.args = args
+        self.argv = ["dockerd", *args]
         self.log_path = log_path
         self.url = url
         self.daemon = Daemon("dockerd", pid_file)
@@ -723,7 +723,7 @@ class Dockerd:
         deadline = time.monotonic() + timeout
         while True:
             seen = self.log_path.stat().st_size if self.log_path.exists() else 0
-            proc = self.daemon.start(["dockerd", *self.args], self.log_path)
+            proc = self.daemon.start(self.argv, self.log_path)
             if not wait_until(lambda: proc.poll() is not None or self.ping(), deadline - time.monotonic()):
                 self.daemon.stop()
                 raise ServiceError(f"dockerd did not answer within {timeout:.0f} s (log: {self.log_path})\n"
@@ -803,6 +803,36 @@ class PrivateEngine:
     def restart(self) -> None:
         self.stop()
         self.start()
+
+
+class ForeignEngine(PrivateEngine):
+    """A dockerd that stands for an engine on another machine: its own mount and network
+    namespaces (unshare), where /tmp is a private tmpfs (another host's /tmp), no bridge and
+    no iptables (its network namespace has only a loopback, and the shared engine's docker0
+    stays untouched), its own containerd namespace; reached through a Unix socket under /run.
+    Its data, exec root and log are outside /tmp (in ``root``), where both sides see them."""
+
+    def __init__(self, root: str, images=("crank-test/busybox:1",)):
+        os.makedirs(root, exist_ok=True)
+        self.root = root
+        self.socket = os.path.join(root, "d.sock")
+        self.images = images
+        dockerd = " ".join([
+            "dockerd", "-H", self.url, "--data-root", os.path.join(root, "data"),
+            "--exec-root", os.path.join(root, "x"), "--pidfile", os.path.join(root, "pid"),
+            "--bridge=none", "--iptables=false", "--ip-masq=false", "--shutdown-timeout", "2",
+            "--containerd-namespace", "crank-foreign", "--containerd-plugins-namespace", "crank-foreign-p",
+        ])
+        self.dockerd = Dockerd([], Path(root) / "dockerd.log", url=self.url)
+        self.dockerd.argv = ["unshare", "--mount", "--net", "--propagation", "private", "sh", "-c",
+                             f"mount -t tmpfs tmpfs /tmp && exec {dockerd}"]
+
+    def run_there(self, script: str) -> str:
+        """``script`` run by sh in the engine's mount namespace (on "its host"); its stdout."""
+        pid = self.dockerd.daemon.proc.pid
+        done = subprocess.run(["nsenter", f"--mount=/proc/{pid}/ns/mnt", "sh", "-c", script],
+                              capture_output=True, text=True, timeout=30, check=True)
+        return done.stdout
 
 
 # ---------------------------------------------------------------- for conftest and the command line

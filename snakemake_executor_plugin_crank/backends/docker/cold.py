@@ -7,6 +7,7 @@ import contextlib
 import os
 import shutil
 import time
+import uuid
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import docker
@@ -62,6 +63,7 @@ class ColdRunner:
         self._silent_since: Optional[float] = None
         self._interrupted: Dict[str, bool] = {}
         self.followers: Dict[str, Follower] = {}  # the logs of running containers (follow.py)
+        self._probe: Optional[str] = None  # launch.py: what every container must see
         self._follow_api = None
 
     def submit(self, task: TaskSpec) -> str:
@@ -97,6 +99,11 @@ class ColdRunner:
                 f"NVIDIA runtime ({text}); install the NVIDIA Container Toolkit on the engine's "
                 "host, or run the rule without the gpu resource"
             )
+        if "bind source path does not exist" in text:
+            return (f"Docker refused the container for {task.label}: {text}. The engine at "
+                    f"{engine.where(self.options)} does not have that path of this machine: it runs on "
+                    "another machine or in other mounts; run crank with an engine on this machine, "
+                    "or use the TES backend")
         network = self.options.network
         if "network" in text and network in text and "not found" in text:
             return engine.missing_network(network, self.options.hints)
@@ -111,6 +118,7 @@ class ColdRunner:
             dir_fd = logs.open_dir(self.run_dir, task.workdir)
             self.script_dirs.add(self.run_dir)
             try:
+                self._make_probe(dir_fd)
                 if script_fits_argv(task.script):
                     argv = task.argv
                 else:
@@ -121,7 +129,27 @@ class ColdRunner:
                 os.close(dir_fd)
         except OSError as e:
             raise CrankError(f"{task.label}: cannot write its script under {self.run_dir!r} ({logs.why(e)})") from None
-        return launch.cold_argv(self._usage_file(task), argv)
+        return launch.cold_argv(self._probe, self._usage_file(task), argv)
+
+    def probe(self, task: TaskSpec) -> str:
+        """The file every container of the run must see at its path (launch.py), made once."""
+        if self._probe is None:
+            try:
+                dir_fd = logs.open_dir(self.run_dir, task.workdir)
+                self.script_dirs.add(self.run_dir)
+                try:
+                    self._make_probe(dir_fd)
+                finally:
+                    os.close(dir_fd)
+            except OSError as e:
+                raise CrankError(f"cannot write under {self.run_dir!r} ({logs.why(e)})") from None
+        return self._probe
+
+    def _make_probe(self, dir_fd: int) -> None:
+        if self._probe is None:
+            name = f"probe-{uuid.uuid4().hex}"
+            os.close(logs.create_file(dir_fd, name))
+            self._probe = os.path.join(self.run_dir, name)
 
     def _usage_file(self, task: TaskSpec) -> str:
         return os.path.join(self.run_dir, task.name + ".usage")
@@ -215,6 +243,8 @@ class ColdRunner:
             files, tail = logs.save_logs(task, stdout, stderr, follower.live if follower else {})
         limit = (inspected.get("HostConfig") or {}).get("Memory")
         ok, reason = engine.judge(state, task, limit)
+        if launch.not_shared(state.get("ExitCode"), tail):
+            reason = launch.not_shared_reason(engine.where(self.options), task.workdir)
         return TaskResult(
             ok=ok,
             exit_code=state.get("ExitCode"),

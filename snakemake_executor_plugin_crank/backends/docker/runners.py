@@ -261,10 +261,11 @@ class Runners:
             raise
         return runner
 
-    def create_exec(self, runner: Runner, task: TaskSpec) -> str:
-        """The exec that runs ``task`` in ``runner``, not started yet."""
+    def create_exec(self, runner: Runner, task: TaskSpec, probe: str) -> str:
+        """The exec that runs ``task`` in ``runner``, not started yet; ``probe``: the file
+        it must see (launch.py)."""
         logs = f"{LOGS}/{task.name}"
-        command = launch.warm_argv(logs + ".stdout", logs + ".stderr", logs + ".rc",
+        command = launch.warm_argv(logs + ".stdout", logs + ".stderr", logs + ".rc", probe,
                                    logs + USAGE, task.argv)
         return self.api.exec_create(
             runner.id, list(command), environment=launch.environment(task.env), workdir=task.workdir,

@@ -187,6 +187,8 @@ class WarmPool:
         else:
             state = {"ExitCode": job.exit_code, "OOMKilled": job.oom}
             ok, reason = engine.judge(state, task, job.memory)
+            if launch.not_shared(job.exit_code, job.tail):
+                reason = launch.not_shared_reason(engine.where(self.options), task.workdir)
         return TaskResult(
             ok=ok, exit_code=job.exit_code, reason=reason, stderr_tail=job.tail,
             log_files=job.log_files, seconds=job.seconds, usage=job.usage,
@@ -342,7 +344,7 @@ class WarmPool:
 
     def _exec(self, job: _Job, runner: Runner) -> None:
         with engine_errors("starting a task"):
-            exec_id = self.containers.create_exec(runner, job.task)
+            exec_id = self.containers.create_exec(runner, job.task, self.cold_runner.probe(job.task))
             # before it starts: a run that dies from now on leaves what a later one adopts
             adopted.write_record(runner.host_dir, {
                 "key": self.images.key(job.task), "products": products_id(job.task),
