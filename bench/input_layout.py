@@ -43,7 +43,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from snakemake_executor_plugin_crank.backends.tes import layout  # noqa: E402
 from snakemake_executor_plugin_crank.backends.tes.backend import TesOptions  # noqa: E402
 from snakemake_executor_plugin_crank.backends.tes.tasks import task_body, to_tes_task  # noqa: E402
-from snakemake_executor_plugin_crank.settings import open_tes_backend  # noqa: E402
+from snakemake_executor_plugin_crank.backends.tes.opening import open_tes_backend  # noqa: E402
 from snakemake_executor_plugin_crank.staging import tree  # noqa: E402
 from snakemake_executor_plugin_crank.staging.digest import DigestCache  # noqa: E402
 from snakemake_executor_plugin_crank.staging.stage import Stager  # noqa: E402

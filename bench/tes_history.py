@@ -159,7 +159,7 @@ def measure_start(url: str, workdir: str, dead: str, prefix: str, repeat: int = 
 
     from snakemake_executor_plugin_crank.backends.tes.backend import TesOptions
     from snakemake_executor_plugin_crank.backends.tes.tasks import TAG_WORKDIR, workdir_tag
-    from snakemake_executor_plugin_crank.settings import open_tes_backend
+    from snakemake_executor_plugin_crank.backends.tes.opening import open_tes_backend
 
     results = {}
     for name in ("crank", "whole history"):

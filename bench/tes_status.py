@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from snakemake_executor_plugin_crank.backends.tes.backend import TesOptions  # noqa: E402
 from snakemake_executor_plugin_crank.backends.tes.tasks import TAG_RUN  # noqa: E402
-from snakemake_executor_plugin_crank.settings import open_tes_backend  # noqa: E402
+from snakemake_executor_plugin_crank.backends.tes.opening import open_tes_backend  # noqa: E402
 from snakemake_executor_plugin_crank.task import Resources, TaskSpec  # noqa: E402
 
 

@@ -16,8 +16,9 @@ from . import runs
 from .adapter import groups, jobs, outputs, storage
 from .adapter.record import JobRecord
 from .adapter.trace import Trace
-from .errors import BackendUnavailable, CrankError, ImageUnavailable
-from .runner import Runner
+from .backends import registry
+from .errors import CrankError, ImageUnavailable
+from .runner import RoundFailed, Runner
 from .settings import ExecutorSettings, backend_from, image_message
 from .task import Adopted
 
@@ -38,9 +39,8 @@ class Executor(RemoteExecutor):
         self.settings = self.workflow.executor_settings or ExecutorSettings()
         self.run_id = uuid.uuid4().hex
         workdir = self._workdir = os.getcwd()
-        self._tolerance_s = self.settings.backend_tolerance
-        # what a task is called on the backend, in messages
-        self._unit = "task" if self.settings.backend == "tes" else "container"
+        kind = registry.kind(self.settings.backend)
+        self._unit = kind.UNIT  # what a task is called on the backend, in messages
         self._trace = Trace(workdir, self.run_id, self.settings.backend)
         # before anything is submitted, so that another run starting now leaves ours alone
         self._run_file = runs.record(workdir, self.run_id)
@@ -71,9 +71,8 @@ class Executor(RemoteExecutor):
         self.runner = Runner(
             self.backend,
             preemptible_retries=remote.preemptible_retries or 0,
-            tolerance_s=self._tolerance_s,
+            tolerance_s=self.settings.backend_tolerance,
         )
-        self._failing_since: Optional[float] = None
         # Ctrl-C or shutdown: crank removes the tasks itself, no round reports them
         self._canceling = False
         # jobs reported failed because the backend stayed unreachable, and whether their
@@ -106,7 +105,7 @@ class Executor(RemoteExecutor):
                     ),
                     "output_urls": self._server_writable(),
                 }
-                if self.settings.backend == "tes" else {}
+                if kind.SERVER_STORES_URLS else {}
             ),
             is_preemptible=remote.preemptible_rules.is_preemptible,
             capacity=self.backend.capacity(),
@@ -153,7 +152,8 @@ class Executor(RemoteExecutor):
             if self._from_cache(job):
                 return
             tasks = jobs.tasks_for(job, self.context)
-            if outputs.ran_directly(tasks) and storage.storage_files(job):
+            record.launch = tasks[0].launch
+            if record.direct and storage.storage_files(job):
                 # no Snakemake in the image retrieves them: the host does, as locally
                 self._retrieve(job)
                 tasks = jobs.tasks_for(job, self.context)  # inputs now exist locally
@@ -221,16 +221,12 @@ class Executor(RemoteExecutor):
             return
         chains = [info.aux["record"].chain for info in active_jobs]
         ceiling = self.workflow.remote_execution_settings.seconds_between_status_checks
-        now = self.runner.clock()
         try:
             async with self.status_rate_limiter:
                 ended = self.runner.step(chains)
-            self._failing_since = None
-        except BackendUnavailable as e:
-            if self._failing_since is None:
-                self._failing_since = now
-            failing_for = now - self._failing_since
-            if failing_for < self._tolerance_s:
+        except RoundFailed as e:
+            failing_for = e.failing_for
+            if not e.given_up:
                 self.logger.warning(f"crank: status check failed, will retry: {e}")
                 self.next_seconds_between_status_checks = min(ceiling, max(1.0, failing_for))
                 for info in active_jobs:
@@ -270,7 +266,7 @@ class Executor(RemoteExecutor):
                 self.report_job_success(info)
             else:
                 await self._failed_logs(info.job, chain.tasks)
-                if outputs.ran_directly(chain.tasks):
+                if record.direct:
                     await self._store_logs(info.job)
                 message = outcome.message
                 if isinstance(outcome.error, ImageUnavailable):  # a pull that failed later
@@ -289,7 +285,7 @@ class Executor(RemoteExecutor):
     async def _after_success(self, record: JobRecord) -> Optional[str]:
         """What follows the success of a job's tasks; why the job fails, or None."""
         job, tasks = record.job, record.chain.tasks
-        if outputs.ran_directly(tasks):
+        if record.direct:
             # what Snakemake does after a job, which no Snakemake in the image did
             try:
                 record.member_finished()

@@ -75,6 +75,16 @@ class Attempt:
     ended_at: float
 
 
+class RoundFailed(BackendUnavailable):
+    """A round's status request failed; ``failing_for``: seconds since the first round of
+    this run of failures; ``given_up``: for longer than the tolerance."""
+
+    def __init__(self, error: BackendUnavailable, failing_for: float, given_up: bool):
+        super().__init__(str(error))
+        self.failing_for = failing_for
+        self.given_up = given_up
+
+
 @dataclass(frozen=True)
 class Outcome:
     ok: bool
@@ -94,8 +104,10 @@ class Runner:
         self.backend = backend
         self.clock = clock
         self.preemptible_retries = preemptible_retries
-        # how long the backend may fail one chain before the chain is reported failed
+        # how long the backend may fail a chain, or every round's status request, before
+        # the chains are reported failed: one clock per chain, one for the rounds
         self.tolerance_s = tolerance_s
+        self.rounds_failing_since: Optional[float] = None
 
     def start(
         self, tasks: Sequence[TaskSpec], later: Sequence[Callable[[], Sequence[TaskSpec]]] = (),
@@ -125,13 +137,21 @@ class Runner:
     def step(self, chains: Sequence[Chain]) -> Dict[Chain, Outcome]:
         """Advance every chain by what happened since the last round; return the
         outcome of each chain that ended; each chain's ``succeeded`` holds its tasks that
-        succeeded in this round. Raises BackendUnavailable only when the round's one
-        status request fails."""
+        succeeded in this round. Raises RoundFailed only when the round's one status
+        request fails."""
         if not chains:
             return {}
         for chain in chains:
             chain.succeeded = []
-        states = self.backend.poll([c.handle for c in chains if c.handle])
+        now = self.clock()
+        try:
+            states = self.backend.poll([c.handle for c in chains if c.handle])
+            self.rounds_failing_since = None
+        except BackendUnavailable as e:
+            if self.rounds_failing_since is None:
+                self.rounds_failing_since = now
+            failing_for = now - self.rounds_failing_since
+            raise RoundFailed(e, failing_for, failing_for >= self.tolerance_s) from None
         now = self.clock()
         ended: Dict[Chain, Outcome] = {}
         for chain in chains:

@@ -1,15 +1,13 @@
 """crank's settings (the --crank-* options), their checks, and the backend they choose."""
 
 
-import json
-import os
 from dataclasses import dataclass, field
 from typing import Optional
-from urllib.parse import urlsplit
 
 from snakemake_interface_executor_plugins.settings import ExecutorSettingsBase
 
-from .errors import BackendUnavailable, CrankError
+from .backends import registry
+from .errors import CrankError
 
 
 @dataclass
@@ -20,7 +18,7 @@ class ExecutorSettings(ExecutorSettingsBase):
             "help": "Where tasks run: 'docker' (a Docker engine) or 'tes' (a GA4GH TES "
             "server: set --crank-tes-url and --crank-storage-prefix).",
             "env_var": True,
-            "choices": ["docker", "tes"],
+            "choices": list(registry.BACKENDS),
         },
     )
     default_image: Optional[str] = field(
@@ -184,178 +182,22 @@ class ExecutorSettings(ExecutorSettingsBase):
 
 
 def check(settings: ExecutorSettings) -> None:
-    """The settings checked together, for every backend, before one is built: a
-    CrankError names the first wrong one and what to give instead."""
+    """The settings checked together before a backend is built, those of every backend and
+    the chosen backend's own: a CrankError names the first wrong one and what to give
+    instead."""
     if not settings.backend_tolerance >= 0:
         raise CrankError(
             f"--crank-backend-tolerance {settings.backend_tolerance!r} must be a number of "
             "seconds >= 0"
         )
-    if settings.backend != "tes":
-        return
-    if not settings.storage_stall > 0:
-        raise CrankError(
-            f"--crank-storage-stall {settings.storage_stall!r} must be a number of seconds > 0")
-    missing = [
-        name for name, value in (
-            ("--crank-tes-url", settings.tes_url), ("--crank-storage-prefix", settings.storage_prefix)
-        ) if not value
-    ]
-    if missing:
-        raise CrankError(f"--crank-backend tes needs {' and '.join(missing)}")
-    given = [name for name, value in (
-        ("--crank-tes-token", settings.tes_token),
-        ("--crank-tes-token-command", settings.tes_token_command),
-        ("--crank-tes-user/--crank-tes-password", settings.tes_user or settings.tes_password),
-    ) if value]
-    if len(given) > 1:
-        raise CrankError(f"give only one of {', '.join(given)}: they are different credentials")
-    if settings.tes_token_command is not None and not settings.tes_token_command.strip():
-        raise CrankError("--crank-tes-token-command is empty; give a command that prints a token")
-    if settings.tes_password and not settings.tes_user:
-        raise CrankError("--crank-tes-password needs --crank-tes-user")
-
-
-def tes_backend(settings: ExecutorSettings, run_id: str, workdir: str, report=None):
-    """The TES backend for checked settings (``check``), itself checked before any job:
-    server reachable, storage writable. ``report(line)`` gets staging progress and the
-    run's staging summary."""
-    from .backends.tes.backend import TesOptions
-
-    options = TesOptions(
-        url=settings.tes_url,
-        storage_prefix=settings.storage_prefix,
-        user=settings.tes_user,
-        password=settings.tes_password,
-        token=settings.tes_token,
-        token_command=settings.tes_token_command,
-        storage_endpoint=settings.storage_endpoint,
-        storage_stall_s=settings.storage_stall,
-        tolerance_s=settings.backend_tolerance,
-    )
-    return open_tes_backend(run_id, workdir, options, report=report)
-
-
-TOKEN_COMMAND = "--crank-tes-token-command / SNAKEMAKE_CRANK_TES_TOKEN_COMMAND"
-
-
-def tes_hints(options):
-    """How the user sets the TES URL and the credentials, for the HTTP session's messages."""
-    from .backends.tes.http import Hints
-
-    if options.token_command:
-        credentials = (
-            f"the token {TOKEN_COMMAND} printed (the command ran again after the first 401)"
-        )
-    elif options.token:
-        credentials = "--crank-tes-token / SNAKEMAKE_CRANK_TES_TOKEN"
-    elif options.user or urlsplit(options.url).username:
-        credentials = (
-            "--crank-tes-user and --crank-tes-password / SNAKEMAKE_CRANK_TES_USER and "
-            "SNAKEMAKE_CRANK_TES_PASSWORD"
-        )
-    else:
-        credentials = "--crank-tes-token or --crank-tes-user/--crank-tes-password (none given)"
-    return Hints(url="--crank-tes-url", credentials=credentials)
-
-
-def open_tes_backend(run_id: str, workdir: str, options, session=None, report=None):
-    """The TES backend for ``options`` with its HTTP session (``session``, else one of its
-    own) and its Stagers, checked before any job: server answering, storage writable."""
-    from .backends.tes.api import TesApi
-    from .backends.tes.backend import TesBackend
-    from .backends.tes.http import Session, Throttled
-    from .backends.tes.token import TokenCommand, first_token
-    from .staging.digest import DigestCache
-    from .staging.stage import Stager
-    from .staging.store import Store
-
-    report = report or (lambda line: None)
-    tokens = None
-    if options.token_command and session is None:
-        tokens = TokenCommand(options.token_command, option=TOKEN_COMMAND, report=report)
-        first_token(tokens)  # a command that gives no token stops the run before anything
-    http = session or Session(
-        options.url, options.user, options.password, options.token, hints=tes_hints(options),
-        tokens=tokens,
-    )
-    api = TesApi(http, report)
-    try:
-        try:
-            api.service_info()
-        except Throttled as e:
-            raise CrankError(f"{e}; try again later") from None
-        except BackendUnavailable as e:
-            raise CrankError(f"{e}; check --crank-tes-url") from None
-        store = Store.from_url(options.storage_prefix, options.storage_endpoint)
-        store.check()
-    except BackendUnavailable as e:
-        http.close()
-        raise CrankError(str(e)) from None
-    except BaseException:
-        http.close()
-        raise
-    state_dir = os.path.join(os.path.abspath(workdir), ".snakemake", "crank")
-    os.makedirs(state_dir, exist_ok=True)
-    cache = DigestCache(os.path.join(state_dir, "digests.sqlite"))
-    store.stall_s, store.tolerance_s = options.storage_stall_s, options.tolerance_s
-    stager = Stager(store, cache, workers=options.upload_workers, progress=report)
-    # downloads get a store client and pool of their own: a status round never waits behind uploads
-    fetcher = Stager(
-        Store.from_url(options.storage_prefix, options.storage_endpoint), cache,
-        workers=options.download_workers,
-    )
-    return TesBackend(run_id, workdir, options, api, stager, fetcher, report)
-
-
-def docker_host_config(text: Optional[str]) -> dict:
-    if not text:
-        return {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise CrankError(
-            f"--crank-docker-host-config is not valid JSON ({e}); give a JSON object, "
-            'e.g. \'{"shm_size": "1g"}\''
-        ) from None
-    if not isinstance(value, dict):
-        raise CrankError(
-            "--crank-docker-host-config must be a JSON object, e.g. '{\"shm_size\": \"1g\"}'"
-        )
-    return value
+    registry.kind(settings.backend).check(settings)
 
 
 def backend_from(settings: ExecutorSettings, run_id: str, workdir: str, report=None):
     """The backend the settings choose, checked to answer; ``report(line)`` gets what a
     backend has to tell the user (staging progress)."""
     check(settings)
-    if settings.backend == "tes":
-        return tes_backend(settings, run_id, workdir, report)
-    from .backends.docker import DockerBackend, DockerOptions, Hints
-
-    options = DockerOptions(
-        base_url=settings.docker_url,
-        network=settings.docker_network,
-        pull=settings.docker_pull,
-        host_config=docker_host_config(settings.docker_host_config),
-        warm=settings.docker_warm == "yes",
-        hints=Hints(
-            url="--crank-docker-url / DOCKER_HOST",
-            host_config="--crank-docker-host-config",
-            network="--crank-docker-network",
-            tolerance="--crank-backend-tolerance",
-        ),
-    )
-    try:
-        backend = DockerBackend(run_id, workdir, options, report)
-        # options the engine would refuse are found now, not job by job
-        backend.check_host_config()
-        backend.check_network()
-        return backend
-    except BackendUnavailable as e:
-        raise CrankError(
-            f"{e}; start dockerd or point --crank-docker-url / DOCKER_HOST at a running engine"
-        ) from None
+    return registry.kind(settings.backend).open_backend(settings, run_id, workdir, report)
 
 
 def image_message(error: Exception, source: str, settings: ExecutorSettings,
@@ -377,8 +219,4 @@ def image_message(error: Exception, source: str, settings: ExecutorSettings,
 
 def image_hint(settings: ExecutorSettings) -> str:
     """What to do about an image the backend cannot have, given the settings."""
-    if settings.backend == "tes":
-        return "push it to a registry the TES server's workers can pull from"
-    if settings.docker_pull == "never":
-        return "load or build it on the Docker engine first (--crank-docker-pull never)"
-    return "load or build it on the Docker engine"
+    return registry.kind(settings.backend).image_hint(settings)

@@ -16,6 +16,16 @@ class Kind(enum.Enum):
     DIRECTORY = "directory"
 
 
+class Launch(enum.Enum):
+    """How a task runs its job, decided once when the job's tasks are built."""
+
+    # the rule's shell command run directly in its image: crank does around it what
+    # Snakemake would (benchmark file from the running time, touch(), update() copies)
+    DIRECT = "direct"
+    # Snakemake's own job command, in an image that has Snakemake: it does all that itself
+    SNAKEMAKE = "snakemake"
+
+
 @dataclass(frozen=True)
 class Input:
     """A file or directory the task reads, at the same absolute path inside and outside.
@@ -77,10 +87,10 @@ class TaskSpec:
     inputs: Tuple[Input, ...] = ()
     outputs: Tuple[Output, ...] = ()
     logs: Tuple[Output, ...] = ()
-    # benchmark files, and whether crank writes them from the task's running time (a
-    # command run directly has nothing around it to measure it) or the command does
+    # benchmark files: crank writes them from the task's running time when it runs
+    # directly (nothing around the command measures it), else Snakemake in the task does
     benchmarks: Tuple[str, ...] = ()
-    benchmarks_by_crank: bool = False
+    launch: Launch = Launch.SNAKEMAKE
     resources: Resources = Resources()
     log_dir: str = ""  # where crank keeps the task's stdout and stderr
     # the workflow's source files (Snakefiles, scripts, config, a git checkout's tracked

@@ -13,7 +13,7 @@ from snakemake_executor_plugin_crank.backends.adoption import (
 )
 from snakemake_executor_plugin_crank.errors import CrankError
 from snakemake_executor_plugin_crank.staging.digest import sha256_file
-from snakemake_executor_plugin_crank.task import Input, Kind, Output, Resources, TaskSpec
+from snakemake_executor_plugin_crank.task import Input, Kind, Launch, Output, Resources, TaskSpec
 
 
 def task(tmp_path, **changes):
@@ -22,7 +22,7 @@ def task(tmp_path, **changes):
         name="a-1-1", label="rule a", job_id="1", attempt=1, image="img", workdir=str(tmp_path),
         script="cat in.txt > out.txt", inputs=(Input(str(tmp_path / "in.txt")),),
         outputs=(Output(str(tmp_path / "out.txt")),), log_dir=str(tmp_path / "logs" / "run1"),
-        benchmarks_by_crank=True,
+        launch=Launch.DIRECT,
     )
     return dataclasses.replace(base, **changes)
 
@@ -71,7 +71,7 @@ def test_sources_count_for_snakemake_jobs_and_where_a_command_names_them(tmp_pat
     sources = (str(tmp_path / "Snakefile"), str(tmp_path / "prepare.sh"))
     shell = task(tmp_path, sources=sources)
     names = task(tmp_path, sources=sources, script="sh prepare.sh > out.txt")
-    runs_snakemake = task(tmp_path, sources=sources, benchmarks_by_crank=False)
+    runs_snakemake = task(tmp_path, sources=sources, launch=Launch.SNAKEMAKE)
     keys = [key_of(t, stat_identity) for t in (shell, names, runs_snakemake)]
     (tmp_path / "Snakefile").write_text("rule a: ... edited elsewhere")
     adoption._sources_identity.cache_clear()  # once per run: a rerun is a new process

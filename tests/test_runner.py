@@ -9,7 +9,7 @@ import uuid
 import pytest
 
 from snakemake_executor_plugin_crank.errors import BackendUnavailable, CrankError
-from snakemake_executor_plugin_crank.runner import Runner
+from snakemake_executor_plugin_crank.runner import RoundFailed, Runner
 from snakemake_executor_plugin_crank.task import Adopted, Resources, State, TaskResult, TaskSpec
 
 from conftest import containers_of, copy_workflow, snakemake
@@ -45,6 +45,35 @@ class Clock:
 
     def __call__(self):
         return self.now
+
+
+def test_the_rounds_status_request_failing_is_given_up_after_the_tolerance_once_in_a_row():
+    """One clock, the runner's: a round that answers starts it again."""
+    backend, clock = FakeBackend(), Clock()
+    task = TaskSpec(name="t", label="rule t", job_id="1", attempt=1, image="i", script=":",
+                    workdir="/w", log_dir="/w/logs")
+    runner = Runner(backend, clock=clock, tolerance_s=60)
+    chain = runner.start([task])
+    answer = backend.poll
+
+    def failing(handles):
+        raise BackendUnavailable("no answer")
+
+    backend.poll = failing
+    seen = []
+    for now in (0, 59, 100):
+        clock.now = now
+        with pytest.raises(RoundFailed) as failed:
+            runner.step([chain])
+        seen.append((failed.value.failing_for, failed.value.given_up))
+    assert seen == [(0, False), (59, False), (100, True)]
+    backend.poll = answer
+    runner.step([chain])
+    backend.poll = failing
+    clock.now = 200
+    with pytest.raises(RoundFailed) as failed:
+        runner.step([chain])
+    assert (failed.value.failing_for, failed.value.given_up) == (0, False)
 
 
 def run_rounds(stop_errors, rounds, tolerance_s=120.0):

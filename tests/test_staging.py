@@ -25,14 +25,8 @@ from snakemake_executor_plugin_crank.staging import digest as digest_module
 from snakemake_executor_plugin_crank.staging import stage as stage_module
 from snakemake_executor_plugin_crank.staging import store as store_module
 from snakemake_executor_plugin_crank.staging.digest import DigestCache, Stopped, sha256_file
-from snakemake_executor_plugin_crank.staging.stage import (
-    Stager,
-    cas_digest,
-    dir_key,
-    file_key,
-    is_remote,
-    manifest_bytes,
-)
+from snakemake_executor_plugin_crank.staging.cas import cas_digest, dir_key, file_key, manifest_bytes
+from snakemake_executor_plugin_crank.staging.stage import Stager, is_remote
 from snakemake_executor_plugin_crank.staging.store import PART_SIZE, ContentChanged, Store
 
 from conftest import wait_for

@@ -26,9 +26,9 @@ from snakemake_executor_plugin_crank.backends.tes.tasks import (
 )
 from snakemake_executor_plugin_crank.backends.tes.http import Session, redact
 # the settings' factory: the backend with its HTTP session and Stagers
-from snakemake_executor_plugin_crank.settings import open_tes_backend as TesBackend
+from snakemake_executor_plugin_crank.backends.tes.opening import open_tes_backend as TesBackend
 from snakemake_executor_plugin_crank.errors import CrankError
-from snakemake_executor_plugin_crank.staging.stage import file_key
+from snakemake_executor_plugin_crank.staging.cas import file_key
 from snakemake_executor_plugin_crank.staging.store import Store
 from snakemake_executor_plugin_crank.task import Input, Kind, Output, Resources, State, TaskSpec
 

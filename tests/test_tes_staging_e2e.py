@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from snakemake_executor_plugin_crank.staging.stage import file_key
+from snakemake_executor_plugin_crank.staging.cas import file_key
 from snakemake_executor_plugin_crank.staging.store import Store
 
 from conftest import live_tasks, snakemake, tes_run, tes_start, wait_for

@@ -15,7 +15,7 @@ from snakemake.io import is_flagged
 from snakemake.jobs import Job
 
 from ..errors import CrankError
-from ..task import TaskSpec
+from ..task import Launch, TaskSpec
 from . import command
 from .jobs import JobContext, shell_tasks, single_jobs
 
@@ -28,7 +28,7 @@ def later_tasks(
     finished. Snakemake evaluated their params and resources when it scheduled the group,
     before the files they read existed (``input.size`` of a file still to be made is
     ``<TBD>``); the local executor evaluates them when the job is ready."""
-    if not job.is_group() or not all(t.benchmarks_by_crank for t in first):
+    if not job.is_group() or first[0].launch is not Launch.DIRECT:
         return []
     members = single_jobs(job)
     order = _Order(members[0], members[1:])

@@ -25,7 +25,7 @@ from snakemake.io import is_flagged
 from .. import limits
 from ..errors import CrankError
 from ..staging import tree
-from ..task import Capacity, Input, Kind, Output, TaskSpec
+from ..task import Capacity, Input, Kind, Launch, Output, TaskSpec
 from . import command, resources
 
 THREAD_VARIABLES = (
@@ -256,7 +256,7 @@ def _shell_task(job, ctx, rule, script, res, threads, suffix) -> TaskSpec:
         outputs=_outputs(job.output, _read_later([job]), ctx.output_urls(job)),
         logs=_outputs(job.log),
         benchmarks=_benchmarks([job]),
-        benchmarks_by_crank=True,
+        launch=Launch.DIRECT,
         resources=res,
         log_dir=ctx.log_dir,
         sources=ctx.sources,

@@ -20,14 +20,9 @@ from typing import Any, Callable, Collection, Dict, Iterable, List, Mapping, Opt
 from snakemake.io import is_flagged
 
 from ..errors import CrankError
-from ..task import TaskSpec
+from ..task import Launch, TaskSpec
 from . import guarded
 from .jobs import single_jobs
-
-
-def ran_directly(tasks: Sequence[TaskSpec]) -> bool:
-    """The tasks run the jobs' commands themselves (crank post-processes them)."""
-    return bool(tasks) and all(t.benchmarks_by_crank for t in tasks)
 
 
 def prepare(job: Any, tasks: Sequence[TaskSpec], async_run: Callable,
@@ -37,7 +32,7 @@ def prepare(job: Any, tasks: Sequence[TaskSpec], async_run: Callable,
     job fails, ``restore``). ``keep_outputs``: the job's task was adopted from a dead run
     and may be writing them."""
     backed_up = []
-    if ran_directly(tasks):
+    if tasks[0].launch is Launch.DIRECT:
         # as Job.prepare: an update() output stays, with a copy kept for a failure
         for single in single_jobs(job):
             for f in single.output:
@@ -67,7 +62,7 @@ def prepare(job: Any, tasks: Sequence[TaskSpec], async_run: Callable,
 
 def benchmark_places(tasks: Sequence[TaskSpec]) -> Dict[str, guarded.Place]:
     """Where the tasks' benchmark files go, noted before they run (see guarded)."""
-    return {b: guarded.note(b) for t in tasks if t.benchmarks_by_crank for b in t.benchmarks}
+    return {b: guarded.note(b) for t in tasks if t.launch is Launch.DIRECT for b in t.benchmarks}
 
 
 def make_parents(tasks: Sequence[TaskSpec]) -> Sequence[TaskSpec]:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Set
 
 from ..errors import CrankError
-from ..task import TaskResult, TaskSpec
+from ..task import Launch, TaskResult, TaskSpec
 from . import guarded, outputs
 
 if TYPE_CHECKING:
@@ -26,6 +26,8 @@ class JobRecord:
     # Snakemake's logger
     info: Callable[[str], None] = lambda line: None
     warn: Callable[[str], None] = lambda line: None
+    # how its tasks run (all of them the same way), once they are built
+    launch: Optional[Launch] = None
     # the job's tasks on the runner, once started
     chain: Optional["Chain"] = None
     # update() outputs kept before a job that runs directly (put back if it fails)
@@ -38,6 +40,11 @@ class JobRecord:
     done: Set[Any] = field(default_factory=set)
     member: Any = None
 
+    @property
+    def direct(self) -> bool:
+        """Its tasks run its commands directly: crank does what Snakemake does around them."""
+        return self.launch is Launch.DIRECT
+
     def later(self, builds: Sequence[Build]) -> List[Build]:
         """The chain's builders of a group's later jobs (``groups.later_tasks``): each
         first finishes the job before it, then builds its own tasks."""
@@ -45,7 +52,7 @@ class JobRecord:
 
     def track(self, tasks: Sequence[TaskSpec]) -> Sequence[TaskSpec]:
         """``tasks`` (those of one job of a group run job after job) start now."""
-        if self.job.is_group() and outputs.ran_directly(tasks):
+        if self.job.is_group() and self.direct:
             self.member = next(j for j in self.job.jobs if str(j.jobid) == tasks[-1].job_id)
         return tasks
 
@@ -79,5 +86,5 @@ class JobRecord:
         if result.reason:
             # e.g. a child killed for lack of memory while the command exited 0
             self.warn(f"crank: {task.label} (job {task.job_id}): {result.reason}")
-        if task.benchmarks_by_crank:
+        if task.launch is Launch.DIRECT:
             self.seconds[task.name] = result.seconds

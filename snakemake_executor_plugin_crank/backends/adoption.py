@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, Generic, Iterable, List, Optional, Tuple, TypeVar
 
-from ..task import Adopted, Input, TaskSpec
+from ..task import Adopted, Input, Launch, TaskSpec
 
 # file path -> what identifies its content
 Identify = Callable[[str], str]
@@ -108,7 +108,7 @@ def _sources_read(task: TaskSpec) -> Tuple[str, ...]:
     """The sources the task's work depends on: all of them for a task that runs Snakemake
     (a run: block, a script); for a command run directly, those it names (an edit
     elsewhere in the workflow does not change what it does)."""
-    if not task.benchmarks_by_crank:
+    if task.launch is not Launch.DIRECT:
         return task.sources
     return tuple(
         path for path, relative in _names(task.sources, task.workdir)

@@ -80,8 +80,8 @@ class LiveLog:
         were missed: a line says so."""
         if not tail:
             return
-        overlap = _overlap(bytes(self.end), tail)
         with self._lock:
+            overlap = _overlap(bytes(self.end), tail)
             if overlap == 0 and self.size:
                 self.broken = True
                 self._append(GAP)
@@ -153,9 +153,14 @@ class Continuation:
     def _decide(self) -> None:
         self.same = self.digest.digest() == self.live.digest.digest()
         if self.same:
+            try:
+                live = os.fdopen(logs.open_append(self.dir_fd, self.live.name), "ab")
+            except OSError:  # gone (removed by hand): the temporary file, which has it all, takes its place
+                self.same = False
+                return
             self.sink.close()
             logs.remove_log(self.dir_fd, self.tmp)
-            self.sink = os.fdopen(logs.open_append(self.dir_fd, self.live.name), "ab")
+            self.sink = live
 
     def close(self) -> None:
         """The log complete under its name; raises OSError as a write would."""

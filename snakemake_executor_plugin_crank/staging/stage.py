@@ -1,14 +1,4 @@
-"""Local inputs to content-addressed objects, and outputs back.
-
-Layout under the store's prefix (every file key has the same length, so no key is a string
-prefix of another: Funnel fetches a key as a directory when a longer key starts with it):
-
-    cas/sha256/<64 hex>   a file, named by the sha256 of its content
-    cas/dirs/<64 hex>     a directory manifest (JSON list of {path, size, sha256, mode,
-                          mtime_ns} for a file, {path, link} for a symlink and {path, dir,
-                          mode, mtime_ns} for a directory, named by its own sha256), written
-                          after all the directory's files: it marks the directory complete
-    runs/...              outputs, under keys the backend chooses
+"""Local inputs to content-addressed objects (cas.py says where they go), and outputs back.
 
 A file already in the store with the right size is not uploaded again; identical content is
 uploaded once per run; hashing of one file overlaps the upload of others. What the store was
@@ -19,7 +9,6 @@ for an unchanged input (for a bounded time, see digest.STORED_TRUST_NS).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -33,51 +22,20 @@ from dataclasses import dataclass
 from ..errors import CrankError
 from . import tree
 from .digest import DigestCache, Identity, check
+from .cas import LIST_FROM, LIST_PAGE, LISTED_PER_GROUP, Listings, cas_digest, dir_key, file_key, manifest_bytes
 from .install import install
 from .store import ContentChanged, Store
 
-FILES = "cas/sha256"
-DIRS = "cas/dirs"
 _REMOTE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
-# A stage() call of this many files or more learns which of them the store holds by listing
-# each group cas/sha256/<2 hex> it needs, once, instead of a HEAD per file: the HEADs of a
-# cohort of small files slowed its first stage to 0.5-0.7x of a plain parallel upload (the
-# server's CPU is shared). A group is listed up to LISTED_PER_GROUP times the files the call
-# expects in it (at least LIST_PAGE keys), so a listing never takes more requests than the
-# HEADs it saves, nor much memory; a larger group is looked up file by file.
-LIST_FROM = 1024
-LISTED_PER_GROUP = 2
-LIST_PAGE = 1000  # keys in one answer to a listing
 # A file this small whose digest is not cached is read once: hashed and uploaded from memory
 # (a cohort's first stage read and hashed each file twice, and on two cores that CPU came out
 # of the upload). The stager's workers hold at most this much each.
 READ_ONCE_MAX = 1 << 20
 
 
-def file_key(sha256: str) -> str:
-    return f"{FILES}/{sha256}"
-
-
-def dir_key(sha256: str) -> str:
-    return f"{DIRS}/{sha256}"
-
-
-def cas_digest(key: str) -> str | None:
-    """The sha256 a content-addressed file key names, else None."""
-    head, _, hexdigest = key.rpartition("/")
-    return hexdigest if head == FILES and _HEX64.match(hexdigest) else None
-
-
 def is_remote(path: str) -> bool:
     """An input that already is an object-store URL (file:// counts as local)."""
     return bool(_REMOTE.match(path)) and not path.startswith("file://")
-
-
-def manifest_bytes(entries: list[dict]) -> bytes:
-    """Canonical JSON of a directory manifest: the same directory always gives the same bytes."""
-    ordered = sorted(entries, key=lambda e: e["path"])
-    return json.dumps(ordered, sort_keys=True, separators=(",", ":")).encode()
 
 
 def human_bytes(n: float) -> str:
@@ -164,7 +122,7 @@ class Stager:
         files = [e.path for e in planned.files()]
         listings = None
         if len(files) >= LIST_FROM and self.store.kind != "file":
-            listings = _Listings(self.store, max(LIST_PAGE, LISTED_PER_GROUP * -(-len(files) // 256)))
+            listings = Listings(self.store, max(LIST_PAGE, LISTED_PER_GROUP * -(-len(files) // 256)))
         # A file whose digest is cached and whose content the store is known to hold needs
         # neither a read nor a request: answered here, without a task (a rerun of a cohort
         # spent more time on the pool's hand-offs than on the lookups themselves).
@@ -233,7 +191,7 @@ class Stager:
         return True
 
     def _stage_file(
-        self, path: str, listings: _Listings | None, cached: tuple[str, Identity] | None,
+        self, path: str, listings: Listings | None, cached: tuple[str, Identity] | None,
     ) -> tuple[str, int]:
         """``cached``: the digest cache's answer for ``path`` when looked up just before (None:
         it had none, the file is hashed)."""
@@ -265,7 +223,7 @@ class Stager:
         return digest, size
 
     def _put(
-        self, path: str, digest: str, size: int, identity: Identity, listings: _Listings | None,
+        self, path: str, digest: str, size: int, identity: Identity, listings: Listings | None,
         data: bytes | None = None,
     ) -> bool:
         """Make sure the content ``digest`` is in the store; True when this call uploaded it.
@@ -445,35 +403,6 @@ class Stager:
             self._active -= 1
             if self._active == 0:
                 self.stats.seconds += time.monotonic() - self._active_since
-
-
-class _Listings:
-    """What the store holds in each group cas/sha256/<2 hex>, listed once for one stage() call
-    (see LIST_FROM) when a file of that group is first looked up."""
-
-    def __init__(self, store: Store, limit: int):
-        self._store = store
-        self._limit = limit
-        self._lock = threading.Lock()
-        self._groups: dict[str, Future] = {}  # "4f" -> {digest: size}, or None: too large to list
-
-    def size(self, digest: str) -> int | None:
-        """The size of the object of ``digest`` in the store, None when there is none."""
-        with self._lock:
-            listing = self._groups.get(digest[:2])
-            if listing is None:
-                mine = self._groups[digest[:2]] = listing = Future()
-            else:
-                mine = None
-        if mine is not None:
-            try:
-                found = self._store.list_group(FILES, digest[:2], self._limit)
-                mine.set_result(None if found is None else {cas_digest(k): n for k, n in found})
-            except BaseException as e:
-                mine.set_exception(e)
-                raise
-        sizes = listing.result()
-        return self._store.head(file_key(digest)) if sizes is None else sizes.get(digest)
 
 
 def _wait_all(futures: dict) -> dict:

@@ -26,6 +26,8 @@ from .mounts import plan_mounts
 
 # clients' connections kept for following containers' logs (two streams each)
 FOLLOW_POOL = 256
+# a container's logs are followed once it has run this long (live logs within about 5 s)
+FOLLOW_AFTER_S = 2.0
 
 _STATES = {
     "created": State.QUEUED,
@@ -63,6 +65,8 @@ class ColdRunner:
         self._silent_since: Optional[float] = None
         self._interrupted: Dict[str, bool] = {}
         self.followers: Dict[str, Follower] = {}  # the logs of running containers (follow.py)
+        # tasks started, not followed yet: (when, task), by handle
+        self._unfollowed: Dict[str, Tuple[float, TaskSpec]] = {}
         self._probe: Optional[str] = None  # launch.py: what every container must see
         self._follow_api = None
 
@@ -85,10 +89,22 @@ class ColdRunner:
             # the engine may have made the container before the connection broke
             self._remove_quietly(name)
             raise
-        if self._follow_api is None:  # streams held for a container's life: a client of their own
-            self._follow_api = engine.client(self.options, max_pool_size=FOLLOW_POOL).api
-        self.followers[handle] = Follower(self._follow_api, handle, task)
+        self._unfollowed[handle] = (time.monotonic(), task)
         return handle
+
+    def _follow_long_ones(self, states: Mapping[str, State]) -> None:
+        """Follow the logs of containers running for FOLLOW_AFTER_S: most jobs end sooner
+        and cost no log stream; a follower's first read brings what came before."""
+        now = time.monotonic()
+        for handle, state in states.items():
+            started = self._unfollowed.get(handle)
+            if started is None or (state is State.RUNNING and now - started[0] < FOLLOW_AFTER_S):
+                continue
+            del self._unfollowed[handle]
+            if state is State.RUNNING:
+                if self._follow_api is None:  # streams held for a container's life: a client of their own
+                    self._follow_api = engine.client(self.options, max_pool_size=FOLLOW_POOL).api
+                self.followers[handle] = Follower(self._follow_api, handle, started[1])
 
     def _refusal(self, task: TaskSpec, error: Exception) -> str:
         """Docker's refusal of a container, explained when the cause is known."""
@@ -196,6 +212,7 @@ class ColdRunner:
         self._last_answer = now
         seen = {row["Id"]: _STATES.get(row["State"], State.RUNNING) for row in rows}
         states = {h: seen.get(h, State.LOST) for h in handles}
+        self._follow_long_ones(states)
         for h, state in states.items():
             if state is State.FINISHED and self.outages and self._stopped_by_engine(h):
                 states[h] = State.INTERRUPTED
@@ -234,6 +251,7 @@ class ColdRunner:
         except docker.errors.NotFound:
             return TaskResult(ok=False, reason="the container was removed outside crank")
         state = inspected["State"]
+        self._unfollowed.pop(handle, None)
         follower = self.followers.pop(handle, None)
         if follower is not None:
             follower.stop()
@@ -259,6 +277,7 @@ class ColdRunner:
     def cancel(self, handles: Sequence[str]) -> None:
         """Remove the containers, running or not (also what ``release`` does)."""
         for handle in handles:
+            self._unfollowed.pop(handle, None)
             follower = self.followers.pop(handle, None)
             if follower is not None:
                 follower.stop()
