@@ -100,11 +100,17 @@ class ColdRunner:
             started = self._unfollowed.get(handle)
             if started is None or (state is State.RUNNING and now - started[0] < FOLLOW_AFTER_S):
                 continue
-            del self._unfollowed[handle]
-            if state is State.RUNNING:
+            if state is not State.RUNNING:
+                del self._unfollowed[handle]
+                continue
+            try:
                 if self._follow_api is None:  # streams held for a container's life: a client of their own
-                    self._follow_api = engine.client(self.options, max_pool_size=FOLLOW_POOL).api
+                    self._follow_api = engine.client(self.options, max_pool_size=FOLLOW_POOL,
+                                                     version=self.api.api_version).api
                 self.followers[handle] = Follower(self._follow_api, handle, started[1])
+            except Exception:  # noqa: BLE001 - live logs only: tried again next round
+                continue
+            del self._unfollowed[handle]
 
     def _refusal(self, task: TaskSpec, error: Exception) -> str:
         """Docker's refusal of a container, explained when the cause is known."""

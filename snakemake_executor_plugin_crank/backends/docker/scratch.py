@@ -82,7 +82,7 @@ def rmtree(path: str) -> None:
 def copy_new(scratch: str, live: Mapping[str, LiveLog]) -> None:
     """What the running task wrote to ``<scratch>/<name>.stdout|.stderr`` since the last
     copy, appended to its live logs (at most COPY_AT_ONCE bytes each, to come back soon)."""
-    for suffix, log in live.items():
+    for log in live.values():
         try:
             fd = logs.open_job_file(os.path.join(scratch, log.name))
         except OSError:
