@@ -111,9 +111,12 @@ class LiveCopier:
 
     def _loop(self) -> None:
         while not self.stopping.wait(self.INTERVAL_S):
-            for scratch, live, lock in self.running():
-                with lock:
-                    copy_new(scratch, live)
+            try:
+                for scratch, live, lock in self.running():
+                    with lock:
+                        copy_new(scratch, live)
+            except Exception:  # noqa: BLE001 - live logs only: the next pass tries again
+                continue
 
 
 def move_logs(scratch: str, task: TaskSpec, live: Mapping[str, LiveLog] = {}) -> Tuple[Tuple[str, ...], str]:
