@@ -172,7 +172,7 @@ def measure_start(url: str, workdir: str, dead: str, prefix: str, repeat: int = 
                 wall, cpu = time.perf_counter(), time.process_time()
                 if name == "crank":
                     backend.gather_orphans(set(), {dead})
-                    backend.orphans.take_all()
+                    backend.adoption.orphans.take_all()
                 else:
                     backend.api.list_tasks(TAG_WORKDIR, workdir_tag(workdir), view="BASIC")
                 wall, cpu = time.perf_counter() - wall, time.process_time() - cpu

@@ -203,6 +203,42 @@ class Orphans(Generic[T]):
         return everything
 
 
+class Adoption(Generic[T]):
+    """What dead runs left (``orphans``, as ``gather_orphans`` found it) and the three things
+    every backend does with it, over what its ``source`` (the backend) knows of its own
+    tasks: ``orphan_key(task)``, the key of the work a task asks for; ``take_orphan(orphan,
+    task)``, the handle of the orphan now followed by this run; ``drop_orphans(orphans,
+    quietly)``, canceled (``quietly``: an error is left for the run's end and the next start),
+    and how many were still active."""
+
+    def __init__(self, source):
+        self.source = source
+        self.orphans: Orphans[T] = Orphans()
+
+    def __len__(self) -> int:
+        return len(self.orphans)
+
+    def adopt(self, task: TaskSpec) -> Optional[Adopted]:
+        """A kept task doing ``task``'s work, now this run's; else None, after stopping the
+        kept tasks that write the same files."""
+        if not self.orphans:
+            return None
+        orphan = self.orphans.claim(self.source.orphan_key(task))
+        if orphan is None:
+            self.stop_other_versions(task)
+            return None
+        return orphan.adopted(self.source.take_orphan(orphan, task))
+
+    def stop_other_versions(self, task: TaskSpec) -> None:
+        """The kept tasks that write ``task``'s files do other work: they must not go on."""
+        if self.orphans:
+            self.source.drop_orphans(self.orphans.writing(products_id(task)), quietly=True)
+
+    def cancel_rest(self) -> int:
+        """Cancel what no job adopted; how many were still active."""
+        return self.source.drop_orphans(self.orphans.take_all(), quietly=False)
+
+
 def products_id(task: TaskSpec) -> str:
     """Which files the task writes, short enough for a tag or a label."""
     paths = sorted(p.path for p in task.products)

@@ -9,7 +9,7 @@ import os
 from typing import Callable, Collection, List, Mapping, Optional, Sequence, Tuple
 
 from ...task import Adopted, Capacity, State, TaskResult, TaskSpec, script_fits_argv
-from ..adoption import Orphan, Orphans, products_id
+from ..adoption import Adoption, Orphan, Orphans
 from . import adopted, cold, engine, scratch
 from .adopted import AdoptedExecs
 from .cold import ColdRunner
@@ -41,7 +41,7 @@ class DockerBackend:
         self.adopted = AdoptedExecs(self.api)
         # what dead runs left, until adopted or canceled: ("cold", container id) or
         # ("warm", adopted.LeftExec); and their runners' directories
-        self.orphans: Orphans = Orphans()
+        self.adoption: Adoption = Adoption(self)
         self._dead_roots: List[str] = []
 
     def capacity(self) -> Capacity:
@@ -96,7 +96,7 @@ class DockerBackend:
             else:
                 stale.append(row["Id"])
         self.cold.cancel(stale)
-        self.orphans = Orphans(found)
+        self.adoption.orphans = Orphans(found)
         # the scripts of runs that are gone: an adopted container may still read its own,
         # so they go when this run ends, with its own
         with contextlib.suppress(OSError):
@@ -106,34 +106,34 @@ class DockerBackend:
         return len(stale), len(found)
 
     def adopt(self, task: TaskSpec) -> Optional[Adopted]:
-        if not self.orphans:
-            return None
-        orphan = self.orphans.claim(self.images.key(task))
-        if orphan is None:
-            self._drop(self.orphans.writing(products_id(task)))
-            return None
+        return self.adoption.adopt(task)
+
+    def cancel_orphans(self) -> int:
+        return self.adoption.cancel_rest()
+
+    # what adoption.Adoption asks of its source
+
+    def orphan_key(self, task: TaskSpec) -> str:
+        return self.images.key(task)
+
+    def take_orphan(self, orphan: Orphan, task: TaskSpec) -> str:
         kind, ref = orphan.ref
         if kind == "cold":
             self.cold.adopted.add(ref)
-            return orphan.adopted(ref)
-        return orphan.adopted(self.adopted.take(ref))
+            return ref
+        return self.adopted.take(ref)
 
-    def cancel_orphans(self) -> int:
-        left = self.orphans.take_all()
-        self._drop(left)
-        return len(left)
-
-    def _drop(self, orphans: Sequence[Orphan]) -> None:
+    def drop_orphans(self, orphans: Sequence[Orphan], quietly: bool) -> int:
         for orphan in orphans:
             kind, ref = orphan.ref
             if kind == "cold":
                 self.cold.cancel([ref])
             else:
                 adopted.remove_runner(self.api, ref)
+        return len(orphans)
 
     def submit(self, task: TaskSpec) -> str:
-        if self.orphans:  # another version of this work must not go on writing its files
-            self._drop(self.orphans.writing(products_id(task)))
+        self.adoption.stop_other_versions(task)
         # a script too long for argv goes as a file: containers of its own (command_for)
         if self.warm is not None and script_fits_argv(task.script):
             handle = self.warm.try_submit(task)
@@ -187,7 +187,7 @@ class DockerBackend:
         try:
             if not detach:
                 self.adopted.remove_all()
-                if not self.orphans:  # else kept for the run that adopts or cancels them
+                if not self.adoption:  # else kept for the run that adopts or cancels them
                     for root in self._dead_roots:
                         scratch.rmtree(root)
             self.cold.close(detach)

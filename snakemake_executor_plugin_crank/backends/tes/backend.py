@@ -27,7 +27,7 @@ from ...staging.digest import sha256_file
 from ...staging import tree
 from ...staging.stage import Stager
 from ...task import Adopted, Capacity, Kind, State, TaskResult, TaskSpec
-from ..adoption import Orphans, key_of, products_id
+from ..adoption import Adoption, Orphan, key_of, products_id
 from ..live import LiveLog
 from . import layout, orphans, sources
 from .api import TesApi
@@ -119,7 +119,7 @@ class TesBackend:
         # one per run whose tasks this run follows: its own, and those it adopted from
         self.monitors: Dict[str, Monitor] = {run_id: Monitor(api, TAG_RUN, run_id)}
         self.tails = Tails(api, TAG_RUN, run_id)
-        self.orphans: Orphans[Tuple[str, str]] = Orphans()  # (task id, submission tag)
+        self.adoption: Adoption[Tuple[str, str]] = Adoption(self)  # (task id, submission tag)
         self._dead_tmp: List[str] = []
         self.queue_view = QueueView(self.http.base, self.report)
 
@@ -134,21 +134,27 @@ class TesBackend:
         """Keep the dead runs' tasks that can be adopted (running, or ended by themselves
         while nobody watched); cancel the other non-terminal tasks of runs that are gone."""
         keep = {self.run_id, *live_runs}
-        stale, self.orphans = orphans.gather(self.api, self.store, self.tags, keep, dead_runs, self.report)
+        stale, self.adoption.orphans = orphans.gather(self.api, self.store, self.tags, keep, dead_runs,
+                                                      self.report)
         # what runs that are gone left half downloaded: removed when this run ends
         with contextlib.suppress(OSError):
             for entry in os.scandir(os.path.dirname(self.collector.tmp_root)):
                 if entry.name not in keep and entry.is_dir(follow_symlinks=False):
                     self._dead_tmp.append(entry.path)
-        return stale, len(self.orphans)
+        return stale, len(self.adoption)
 
     def adopt(self, task: TaskSpec) -> Optional[Adopted]:
-        if not self.orphans:
-            return None
-        orphan = self.orphans.claim(self._key(task))
-        if orphan is None:
-            self._cancel_other_versions(task)
-            return None
+        return self.adoption.adopt(task)
+
+    def cancel_orphans(self) -> int:
+        return self.adoption.cancel_rest()
+
+    # what adoption.Adoption asks of its source
+
+    def orphan_key(self, task: TaskSpec) -> str:
+        return key_of(task, self.stager.cache.digest, self.stager.store.location)
+
+    def take_orphan(self, orphan: Orphan, task: TaskSpec) -> str:
         tes_id, tag = orphan.ref
         run, old_handle = tag.split(":", 1)
         key = f"runs/{run}/{old_handle}"
@@ -157,22 +163,16 @@ class TesBackend:
             sub = _Submission(handle=handle, task=task, tag=tag, key=key, run=run, tes_id=tes_id)
             self._subs[handle] = sub
         self._monitor_of(sub).add(tes_id)
-        return orphan.adopted(handle)
+        return handle
 
-    def cancel_orphans(self) -> int:
-        left = [o for o in self.orphans.take_all() if not o.finished]
-        for orphan in left:
-            self.api.cancel_task(orphan.ref[0])
-        return len(left)
-
-    def _cancel_other_versions(self, task: TaskSpec) -> None:
-        """The kept tasks writing the task's files do other work: they must not go on."""
-        for other in self.orphans.writing(products_id(task)):
-            if not other.finished:
-                self._cancel_quietly(other.ref[0])
-
-    def _key(self, task: TaskSpec) -> str:
-        return key_of(task, self.stager.cache.digest, self.stager.store.location)
+    def drop_orphans(self, left: Sequence[Orphan], quietly: bool) -> int:
+        active = [o for o in left if not o.finished]  # an ended task has nothing to cancel
+        for orphan in active:
+            if quietly:
+                self._cancel_quietly(orphan.ref[0])
+            else:
+                self.api.cancel_task(orphan.ref[0])
+        return len(active)
 
     def _monitor_of(self, sub: _Submission) -> Monitor:
         with self._lock:
@@ -185,8 +185,7 @@ class TesBackend:
     def submit(self, task: TaskSpec) -> str:
         if self._closing:
             raise CrankError("crank is shutting down")
-        if self.orphans:
-            self._cancel_other_versions(task)
+        self.adoption.stop_other_versions(task)
         with self._lock:
             handle = self._new_handle(task)
             sub = _Submission(
@@ -214,7 +213,7 @@ class TesBackend:
             sub.staged_bytes = sum(s.size for s in staged if s.digest)
             tags = {**self.tags, TAG_JOB: f"{sub.task.job_id}-{sub.task.attempt}",
                     TAG_RULE: sub.task.label, TAG_SUBMISSION: sub.tag,
-                    TAG_KEY: self._key(sub.task), TAG_PRODUCTS: products_id(sub.task)}
+                    TAG_KEY: self.orphan_key(sub.task), TAG_PRODUCTS: products_id(sub.task)}
             source_set = self._source_set(sub.task.sources) if sub.task.sources else None
             body = task_body(to_tes_task(sub.task, staged, self.store.url(sub.key), tags, source_set))
             if sub.canceled or self._closing:
