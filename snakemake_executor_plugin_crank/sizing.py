@@ -9,6 +9,7 @@ of the rule used, plus a quarter, rounded up.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence
@@ -75,6 +76,8 @@ def summarize(rows: Sequence[Mapping[str, Any]]) -> Dict[str, RuleUsage]:
 def hints(rules: Mapping[str, RuleUsage]) -> List[Hint]:
     found = []
     for rule in rules.values():
+        if not rule.rule.isidentifier():
+            continue  # not a rule ("group x"): set-resources cannot name it
         if rule.out_of_memory:
             asked = rule.oom_mem_mb
             more = {"mem_mb": _round_up(asked * 2)} if asked else {}
@@ -130,5 +133,5 @@ def _round_up(mb: float) -> int:
 
 
 def _yaml_key(name: str) -> str:
-    # rule names are Python identifiers: safe as plain YAML keys
-    return name
+    # quoted: a rule called yes, on or null must stay a string
+    return json.dumps(name)

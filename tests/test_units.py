@@ -351,7 +351,8 @@ V1_BEFORE = ("memory/memory.max_usage_in_bytes 5000000\ncpuacct/cpuacct.usage 12
     ("--\n", (None, None, None, None)),
     ("", (None, None, None, None)),
     (V1_BEFORE + "--\n", (None, None, None, None)),
-], ids=["v2", "v1", "v1-no-io", "warm", "warm-below-earlier-peak", "none", "empty", "no-after"])
+    (V1_BEFORE, (None, None, None, None)),  # a runner killed with its job: only the reading before
+], ids=["v2", "v1", "v1-no-io", "warm", "warm-below-earlier-peak", "none", "empty", "no-after", "killed"])
 def test_a_jobs_usage_is_read_from_its_cgroup(text, expected):
     from snakemake_executor_plugin_crank.backends.cgroup import usage
 
@@ -449,12 +450,13 @@ def test_a_live_log_follows_overlapping_tails_and_marks_what_it_missed(tmp_path)
     assert path.read_bytes().endswith(out[1195:2000])
 
 
-@pytest.mark.parametrize("shown, final, appended", [
-    (b"a\nb\n", b"a\nb\nc\n", True),  # the start of the log: only the rest is appended
-    (b"a\nX\n", b"a\nb\nc\n", False),  # not its start: replaced whole
-    (b"a\nb\nc\nd\n", b"a\nb\n", False),  # longer than the log
+@pytest.mark.parametrize("shown, final, kept, appended", [
+    (b"a\nb\n", b"a\nb\nc\n", b"a\nb\nc\n", True),  # the start of the log: only the rest is appended
+    (b"a\nX\n", b"a\nb\nc\n", b"a\nb\nc\n", False),  # not its start: replaced whole
+    # shorter than what was shown (a server's last tail, a stream cut short): what was shown stays
+    (b"a\nb\nc\nd\n", b"c\nd\n", b"a\nb\nc\nd\n", True),
 ])
-def test_a_live_log_is_continued_or_replaced_at_the_end(tmp_path, shown, final, appended):
+def test_a_live_log_is_continued_or_replaced_at_the_end(tmp_path, shown, final, kept, appended):
     import os
 
     from snakemake_executor_plugin_crank.backends.logs import save_logs
@@ -463,8 +465,9 @@ def test_a_live_log_is_continued_or_replaced_at_the_end(tmp_path, shown, final, 
     log.append(shown)
     inode = path.stat().st_ino
     files, _ = save_logs(log.task, [final[:3], final[3:]], [b""], live={".stdout": log})
-    assert path.read_bytes() == final and str(path) in files
+    assert path.read_bytes() == kept and str(path) in files
     assert (path.stat().st_ino == inode) is appended
     assert sorted(os.listdir(path.parent)) == ["t-1.stderr", "t-1.stdout"]  # no temporary left
     log.append(b"late")  # a copy that comes after the end changes nothing
+    save_logs(log.task, [final], [b""], live={".stdout": log})  # nor a second saving
     assert path.read_bytes() == final

@@ -111,8 +111,10 @@ class Trace:
         r, used = task.resources, result.usage
         wildcards = ",".join(f"{k}={v}" for k, v in getattr(single, "wildcards", {}).items())
         status = "ok" if result.ok else sizing.OUT_OF_MEMORY if result.out_of_memory else "failed"
+        # a group run by Snakemake in one task has no rule of its own: its label names it
+        rule = getattr(getattr(single, "rule", None), "name", None) or task.label
         values = (
-            getattr(getattr(single, "rule", None), "name", ""), task.job_id, task.attempt, wildcards,
+            rule, task.job_id, task.attempt, wildcards,
             status, result.exit_code, r.cpus, r.mem_mb,
             None if r.runtime_s is None else r.runtime_s / 60, used.queue_s, result.seconds,
             used.cpu_s, used.peak_mb, used.read_mb, used.written_mb, used.staged_in_mb,

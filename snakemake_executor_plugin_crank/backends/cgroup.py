@@ -44,6 +44,8 @@ def usage(text: str, queue_s: Optional[float] = None) -> Usage:
     belongs to its whole life, so a job that did not raise it has no peak of its own."""
     before_text, separated, after_text = text.rpartition("\n" + SEPARATOR + "\n")
     if not separated:
+        if not text.startswith(SEPARATOR + "\n"):
+            return Usage(queue_s=queue_s)  # no reading after the job: it was killed
         before_text, after_text = "", text.removeprefix(SEPARATOR + "\n")
     after = counters(after_text.splitlines())
     if after.cpu_ns is None:

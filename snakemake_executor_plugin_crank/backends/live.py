@@ -39,8 +39,8 @@ class LiveLog:
         self.end = bytearray()  # the last WINDOW bytes written
         self.broken = False  # could not be written, or has a gap: not the start of the log
         self.failed = False
-        self.ended = False  # handed to the end's saving: no more appending
-        self._fd: Optional[int] = None
+        self.ended = False  # no more appending (the task ended)
+        self.handed = False  # to the end's saving, which continues the file
         self._lock = threading.Lock()
 
     def append(self, data: bytes) -> None:
@@ -50,21 +50,30 @@ class LiveLog:
     def end_appending(self) -> None:
         with self._lock:
             self.ended = True
-            self.close()
+
+    @property
+    def continued(self) -> bool:
+        """Whether the end's saving continues this file (it holds something, and no saving
+        took it over yet)."""
+        return self.size > 0 and not self.failed and not self.handed
 
     def _append(self, data: bytes) -> None:
         if not data or self.failed or self.ended:
             return
         try:
-            if self._fd is None:
-                dir_fd = logs.open_log_dir(self.task)
-                try:
-                    self._fd = logs.create_file(dir_fd, self.name)
-                finally:
-                    os.close(dir_fd)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(self._fd, view):]
+            # opened for each append: a descriptor held for a task's life would run out
+            # with many tasks running, and one of a task never collected would leak
+            dir_fd = logs.open_log_dir(self.task)
+            try:
+                fd = logs.open_append(dir_fd, self.name) if self.size else logs.create_file(dir_fd, self.name)
+            finally:
+                os.close(dir_fd)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+            finally:
+                os.close(fd)
         except OSError:
             self._give_up()
             return
@@ -87,14 +96,8 @@ class LiveLog:
                 self._append(GAP)
             self._append(tail[overlap:])
 
-    def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
     def _give_up(self) -> None:
         self.failed = self.broken = True
-        self.close()
         try:
             dir_fd = logs.open_log_dir(self.task)
         except OSError:
@@ -107,6 +110,7 @@ class LiveLog:
     def continuation(self, dir_fd: int) -> "Continuation":
         """Where the complete log goes at the task's end (logs.save_logs)."""
         self.end_appending()
+        self.handed = True
         return Continuation(self, dir_fd)
 
 
@@ -163,9 +167,10 @@ class Continuation:
             self.sink = live
 
     def close(self) -> None:
-        """The log complete under its name; raises OSError as a write would."""
+        """The log complete under its name; raises OSError as a write would. A log shorter
+        than what was shown (a server's last tail, a stream cut short) leaves the shown one."""
         if self.same is None:
-            self.same = False  # shorter than what was shown: not its start
+            return self.abandon()
         try:
             self.sink.close()
             if not self.same:

@@ -164,7 +164,7 @@ def save_logs(
         if dir_fd is not None:
             try:
                 shown = live.get(name[len(task.name):])
-                if shown is not None and shown.size and not shown.failed:
+                if shown is not None and shown.continued:
                     sink = shown.continuation(dir_fd)
                 else:
                     sink = os.fdopen(create_file(dir_fd, name), "wb")
@@ -181,6 +181,11 @@ def save_logs(
                         problems.append(problem(name, e))
                         sink = _close(sink)
                         remove_log(dir_fd, name)  # no truncated log under the log's name
+        except BaseException:
+            if sink is not None and hasattr(sink, "abandon"):
+                sink.abandon()  # a stream cut short: what was shown stays
+                sink = None
+            raise
         finally:
             if sink is not None:
                 try:

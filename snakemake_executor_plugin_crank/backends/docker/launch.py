@@ -33,7 +33,7 @@ _PROBE = '[ -e "$crank_probe" ] || { echo "' + NOT_SHARED_LINE + '" >&2; exit ' 
 _SHLVL = 'if [ -n "${CRANK_SHLVL+x}" ]; then SHLVL=$CRANK_SHLVL; unset CRANK_SHLVL; else unset SHLVL; fi; '
 _AFTER = (
     '"$@"; rc=$?; kill -9 -1 2>/dev/null; '
-    '{ echo ' + cgroup.SEPARATOR + '; crank_cg; } >>"$crank_u"; '
+    '{ { echo ' + cgroup.SEPARATOR + '; crank_cg; } >>"$crank_u"; } 2>/dev/null; '
 )
 
 # a container of its own: $1 the probe, $2 the usage file, then the command
@@ -44,7 +44,7 @@ COLD = 'crank_probe=$1; crank_u=$2; shift 2; ' + _PROBE + _SHLVL + cgroup.FUNCTI
 # $4 the probe, $5 the usage file, then the command
 WARM = (
     'exec >"$1" 2>"$2"; crank_rc=$3; crank_probe=$4; crank_u=$5; shift 5; ' + _PROBE + _SHLVL
-    + cgroup.FUNCTION + '; crank_cg >"$crank_u"; ' + _AFTER
+    + cgroup.FUNCTION + '; { crank_cg >"$crank_u"; } 2>/dev/null; ' + _AFTER
     + 'printf \'%s\\n\' "$rc" >"$crank_rc"; exit $rc'
 )
 

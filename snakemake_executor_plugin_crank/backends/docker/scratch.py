@@ -83,6 +83,8 @@ def copy_new(scratch: str, live: Mapping[str, LiveLog]) -> None:
     """What the running task wrote to ``<scratch>/<name>.stdout|.stderr`` since the last
     copy, appended to its live logs (at most COPY_AT_ONCE bytes each, to come back soon)."""
     for log in live.values():
+        if log.failed or log.ended:
+            continue
         try:
             fd = logs.open_job_file(os.path.join(scratch, log.name))
         except OSError:
@@ -147,7 +149,7 @@ def move_logs(scratch: str, task: TaskSpec, live: Mapping[str, LiveLog] = {}) ->
                 if dir_fd is None:
                     dir_fd = logs.open_log_dir(task)
                 shown = live.get(suffix)
-                if shown is not None and shown.size and not shown.failed:
+                if shown is not None and shown.continued:
                     _continue(fd, shown.continuation(dir_fd))
                 else:
                     _move(fd, src, dir_fd, name)

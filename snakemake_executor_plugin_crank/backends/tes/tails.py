@@ -39,13 +39,16 @@ class Tails:
         except Exception:  # noqa: BLE001 - live logs only, never a failed round: tried at the next interval
             return
         for t in tasks:
-            live = running.get(t.id)
-            executors = (t.logs[-1].logs or []) if live and t.logs else []
-            if not executors:
+            try:
+                live = running.get(t.id)
+                executors = (t.logs[-1].logs or []) if live and t.logs else []
+                if not executors:
+                    continue
+                for suffix, text in ((".stdout", executors[-1].stdout), (".stderr", executors[-1].stderr)):
+                    if text and suffix in live:
+                        live[suffix].follow_tail(text.encode(errors="replace"))
+            except Exception:  # noqa: BLE001 - live logs only: tried at the next interval
                 continue
-            for suffix, text in ((".stdout", executors[-1].stdout), (".stderr", executors[-1].stderr)):
-                if text and suffix in live:
-                    live[suffix].follow_tail(text.encode())
 
 
 def live_logs(task) -> Dict[str, LiveLog]:
