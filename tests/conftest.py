@@ -53,13 +53,8 @@ def docker_api():
 def engine(tmp_path_factory):
     """A private Docker engine (tests/services.py) for one test module: tests that restart
     an engine or leave it in a bad state never wait on, nor disturb, the shared one."""
-    engine = services.PrivateEngine(str(tmp_path_factory.mktemp("eng", numbered=True)))
-    engine.start()
-    try:
-        engine.load_images()
+    with services.PrivateEngine(str(tmp_path_factory.mktemp("eng", numbered=True))).running() as engine:
         yield engine
-    finally:
-        engine.stop()
 
 
 @pytest.fixture

@@ -800,6 +800,16 @@ class PrivateEngine:
     def stop(self) -> None:
         self.dockerd.stop()
 
+    @contextmanager
+    def running(self) -> Iterator["PrivateEngine"]:
+        """Started, with the test images loaded; stopped at the end."""
+        self.start()
+        try:
+            self.load_images()
+            yield self
+        finally:
+            self.stop()
+
     def restart(self) -> None:
         self.stop()
         self.start()

@@ -8,7 +8,7 @@ import uuid
 import pytest
 
 import services
-from conftest import BUSYBOX, snakemake_command
+from conftest import snakemake_command
 
 pytestmark = pytest.mark.docker
 
@@ -24,14 +24,12 @@ rule copy:
 def foreign(docker_api):
     if not shutil.which("unshare") or not shutil.which("nsenter"):
         pytest.skip("no unshare or nsenter (util-linux)")
-    engine = services.ForeignEngine(f"/run/crank-f-{uuid.uuid4().hex[:8]}")
-    engine.start()
+    root = f"/run/crank-f-{uuid.uuid4().hex[:8]}"
     try:
-        engine.load_images()
-        yield engine
+        with services.ForeignEngine(root).running() as engine:
+            yield engine
     finally:
-        engine.stop()
-        shutil.rmtree(engine.root, ignore_errors=True)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def run_on(engine, workdir, *args):

@@ -16,7 +16,7 @@ import hashlib
 import os
 import threading
 import uuid
-from typing import Optional
+from typing import Dict, Optional
 
 from ..task import TaskSpec
 from . import logs
@@ -112,6 +112,11 @@ class LiveLog:
         self.end_appending()
         self.handed = True
         return Continuation(self, dir_fd)
+
+
+def live_logs(task: TaskSpec) -> Dict[str, LiveLog]:
+    """A task's stdout and stderr as live logs, by suffix."""
+    return {suffix: LiveLog(task, suffix) for suffix in (".stdout", ".stderr")}
 
 
 def _overlap(end: bytes, tail: bytes) -> int:

@@ -134,47 +134,43 @@ class ColdRunner:
     def command_for(self, task: TaskSpec) -> Tuple[str, ...]:
         """The container's argv: the launcher around the script, which travels as one
         argument or, when it is too long for one, as a file under the workdir, which the
-        workdir mount makes visible; the run's directory for these files made first."""
-        try:
-            # in the workdir, where jobs write: never through a symlink one put there
-            dir_fd = logs.open_dir(self.run_dir, task.workdir)
-            self.script_dirs.add(self.run_dir)
+        workdir mount makes visible."""
+        probe = self.probe(task)
+        argv = task.argv
+        if not script_fits_argv(task.script):
             try:
-                self._make_probe(dir_fd)
-                if script_fits_argv(task.script):
-                    argv = task.argv
-                else:
+                # in the workdir, where jobs write: never through a symlink one put there
+                dir_fd = logs.open_dir(self.run_dir, task.workdir)
+                try:
                     with os.fdopen(logs.create_file(dir_fd, task.name + ".sh"), "w") as f:
                         f.write(task.script)
-                    argv = file_argv(os.path.join(self.run_dir, task.name + ".sh"))
-            finally:
-                os.close(dir_fd)
-        except OSError as e:
-            raise CrankError(f"{task.label}: cannot write its script under {self.run_dir!r} ({logs.why(e)})") from None
-        return launch.cold_argv(self._probe, self._usage_file(task), argv)
+                finally:
+                    os.close(dir_fd)
+            except OSError as e:
+                raise CrankError(f"{task.label}: cannot write its script under {self.run_dir!r} "
+                                 f"({logs.why(e)})") from None
+            argv = file_argv(os.path.join(self.run_dir, task.name + ".sh"))
+        return launch.cold_argv(probe, self._usage_file(task), argv)
+
+    def _usage_file(self, task: TaskSpec) -> str:
+        return os.path.join(self.run_dir, task.name + ".usage")
 
     def probe(self, task: TaskSpec) -> str:
-        """The file every container of the run must see at its path (launch.py), made once."""
+        """The file every container of the run must see at its path (launch.py), made once
+        with the run's directory, where containers also write what they used."""
         if self._probe is None:
+            name = f"probe-{uuid.uuid4().hex}"
             try:
                 dir_fd = logs.open_dir(self.run_dir, task.workdir)
                 self.script_dirs.add(self.run_dir)
                 try:
-                    self._make_probe(dir_fd)
+                    os.close(logs.create_file(dir_fd, name))
                 finally:
                     os.close(dir_fd)
             except OSError as e:
                 raise CrankError(f"cannot write under {self.run_dir!r} ({logs.why(e)})") from None
-        return self._probe
-
-    def _make_probe(self, dir_fd: int) -> None:
-        if self._probe is None:
-            name = f"probe-{uuid.uuid4().hex}"
-            os.close(logs.create_file(dir_fd, name))
             self._probe = os.path.join(self.run_dir, name)
-
-    def _usage_file(self, task: TaskSpec) -> str:
-        return os.path.join(self.run_dir, task.name + ".usage")
+        return self._probe
 
     def _create(self, task: TaskSpec, name: str, host_config: Dict[str, Any]) -> str:
         config = dict(

@@ -10,17 +10,14 @@ import threading
 from typing import Dict, List
 
 from ...task import TaskSpec
-from ..live import LiveLog
-
-SUFFIXES = (".stdout", ".stderr")
-
+from ..live import LiveLog, live_logs
 
 class Follower:
     def __init__(self, api, handle: str, task: TaskSpec):
-        self.live: Dict[str, LiveLog] = {s: LiveLog(task, s) for s in SUFFIXES}
+        self.live: Dict[str, LiveLog] = live_logs(task)
         self.streams: List = []
         self._threads = [threading.Thread(target=self._follow, args=(api, handle, s), daemon=True,
-                                          name=f"crank-follow-{handle[:12]}{s}") for s in SUFFIXES]
+                                          name=f"crank-follow-{handle[:12]}{s}") for s in self.live]
         for thread in self._threads:
             thread.start()
 

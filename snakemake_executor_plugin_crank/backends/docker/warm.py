@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 from ...errors import BackendUnavailable, CrankError
 from ...task import State, TaskResult, TaskSpec, Usage
 from ..adoption import products_id
-from ..live import LiveLog
+from ..live import LiveLog, live_logs
 from . import adopted, engine, launch, scratch
 from .engine import DockerOptions, Images, engine_errors
 from .events import Callbacks, Watcher
@@ -130,7 +130,7 @@ class WarmPool:
             return None
         self.images.ensure(task.image)  # refusals reach the caller now, as today
         job = _Job(f"{PREFIX}{next(self.counter)}-{task.name}", task,
-                   live={suffix: LiveLog(task, suffix) for suffix in (".stdout", ".stderr")})
+                   live=live_logs(task))
         job.memory = plan[2].get("mem_limit")
         with self.lock:
             self.jobs[job.handle] = job

@@ -28,7 +28,7 @@ from ...staging import tree
 from ...staging.stage import Stager
 from ...task import Adopted, Capacity, Kind, State, TaskResult, TaskSpec
 from ..adoption import Adoption, Orphan, key_of, products_id
-from ..live import LiveLog
+from ..live import LiveLog, live_logs
 from . import layout, orphans, sources
 from .api import TesApi
 from .http import HttpError
@@ -36,7 +36,7 @@ from .monitor import Monitor
 from .options import TesOptions
 from .queue_view import QueueView
 from .results import Collector
-from .tails import Tails, live_logs
+from .tails import Tails
 from .tasks import (
     CLOSE_STATES,
     NON_TERMINAL,

@@ -11,7 +11,7 @@ its tasks' logs appear when they end, as before.
 from __future__ import annotations
 
 import time
-from typing import Callable, Dict, Mapping
+from typing import Callable, Mapping
 
 from ..live import LiveLog
 from .api import TesApi
@@ -50,6 +50,3 @@ class Tails:
             except Exception:  # noqa: BLE001 - live logs only: tried at the next interval
                 continue
 
-
-def live_logs(task) -> Dict[str, LiveLog]:
-    return {suffix: LiveLog(task, suffix) for suffix in (".stdout", ".stderr")}
