@@ -114,6 +114,18 @@ class ExecutorSettings(ExecutorSettingsBase):
             "choices": ["yes", "no"],
         },
     )
+    docker_files: str = field(
+        default="auto",
+        metadata={
+            "help": "How a job's files reach the Docker engine: 'bind' mounts the client's "
+            "paths (the engine must see this machine's files: a local engine, or the same "
+            "shared file system), 'copy' copies each job's inputs into its container and its "
+            "outputs, logs and benchmarks back, 'auto' binds where the engine proves it sees the "
+            "workdir and the inputs (a file crank writes there) and copies otherwise.",
+            "env_var": True,
+            "choices": ["auto", "bind", "copy"],
+        },
+    )
 
     tes_url: Optional[str] = field(
         default=None,

@@ -330,6 +330,16 @@ class OnDocker(Crank):
         return [c for c in containers_of(self.api, workdir) if c["State"] == "running"]
 
 
+class OnDockerCopying(OnDocker):
+    """crank on the shared engine, made to copy each job's files as for an engine on
+    another machine."""
+
+    backend = "docker-copy"
+
+    def command(self, workdir: Path, *args: str) -> list:
+        return snakemake_command("--crank-docker-files", "copy", *args)
+
+
 class OnTes(Crank):
     backend = "tes"
 

@@ -40,7 +40,7 @@ import pytest
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
-from conftest import SNAKEMAKE_IMAGE, OnDocker, OnTes
+from conftest import SNAKEMAKE_IMAGE, OnDocker, OnDockerCopying, OnTes
 
 EXAMPLES = int(os.environ.get("CRANK_DIFF_EXAMPLES") or 0)
 SEED = os.environ.get("CRANK_DIFF_SEED")
@@ -561,10 +561,11 @@ def selected(config, mark: str) -> bool:
 
 @pytest.fixture
 def backends(request, docker_api) -> dict:
-    """``run(workdir, *args)`` for each backend the run selects: Docker, and TES where Funnel
+    """``run(workdir, *args)`` for each backend the run selects: Docker (binding the files, and
+    copying them), and TES where Funnel
     runs (its absence is said once, loudly, by the tes fixture) and ``-m`` does not leave it
     out. The local executor runs once per workflow for all of them."""
-    found = {"docker": OnDocker(docker_api).run}
+    found = {"docker": OnDocker(docker_api).run, "docker-copy": OnDockerCopying(docker_api).run}
     if selected(request.config, "tes"):
         try:
             found["tes"] = OnTes(request.getfixturevalue("tes")).run

@@ -232,3 +232,25 @@ def test_one_status_request_per_round_for_all_tasks(docker_api, tmp_path):
     finally:
         backend.close()
     assert docker_api.containers(all=True, filters={"label": f"crank.run={backend.run_id}"}) == []
+
+
+def test_a_local_engine_is_proven_to_share_and_binds(docker_api, tmp_path):
+    """auto on the local engine: the workdir and an input outside it are proven shared, so the
+    job runs on the client's files themselves (a file it writes undeclared is there after,
+    which copying would not bring back)."""
+    outside = tmp_path / "ref" / "ref.txt"
+    outside.parent.mkdir()
+    outside.write_text("reference\n")
+    workdir = tmp_path / "wf"
+    workdir.mkdir()
+    (workdir / "Snakefile").write_text(f"""
+rule copy:
+    input: "{outside}"
+    output: "out.txt"
+    shell: "cat {{input}} > {{output}}; echo undeclared > side.txt"
+""")
+    done = snakemake(workdir)
+    assert done.returncode == 0, done.stderr
+    assert "does not see this machine's" not in done.stderr
+    assert (workdir / "out.txt").read_text() == "reference\n"
+    assert (workdir / "side.txt").read_text() == "undeclared\n"

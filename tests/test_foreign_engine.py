@@ -4,11 +4,16 @@ run a job on that machine's files, and must say why the job did not run."""
 
 import shutil
 import uuid
+from pathlib import Path
+from typing import Optional
 
 import pytest
+from snakemake.common.tests import TestWorkflowsLocalStorageBase
+from snakemake.settings import types as settings
 
 import services
-from conftest import snakemake_command
+from conftest import BUSYBOX, snakemake_command
+from snakemake_executor_plugin_crank import ExecutorSettings
 
 pytestmark = pytest.mark.docker
 
@@ -48,23 +53,88 @@ def workflow(tmp_path):
 
 
 @pytest.mark.parametrize("warm", ["yes", "no"])
-def test_a_workdir_the_engine_does_not_have_is_refused_with_why(foreign, tmp_path, warm):
+def test_a_workdir_the_engine_does_not_have_is_copied(foreign, tmp_path, warm):
     workdir = workflow(tmp_path)
     done = run_on(foreign, workdir, "--crank-docker-warm", warm)
-    assert done.returncode != 0 and not (workdir / "out.txt").exists()
-    assert "Traceback" not in done.stderr
-    assert f"The engine at {foreign.url} does not have that path of this machine" in done.stderr, done.stderr[-3000:]
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (workdir / "out.txt").read_text() == "the client's input\n"
+    assert f"the Docker engine at {foreign.url} does not see this machine's {workdir}" in done.stderr
+    assert foreign.run_there(f"[ -e {workdir} ] && echo there || echo none") == "none\n"
 
 
-@pytest.mark.parametrize("warm", ["yes", "no"])
-def test_the_same_path_on_the_engines_host_is_left_alone(foreign, tmp_path, warm):
-    """The engine's host has a directory at the workdir's path with other files: the job must
-    not read its in.txt nor write its out.txt there."""
+@pytest.mark.parametrize("files", ["auto", "copy"])
+def test_the_same_path_on_the_engines_host_is_left_alone(foreign, tmp_path, files):
+    """The engine's host has a directory at the workdir's path with other files: the job reads
+    the client's in.txt, and that host's directory is as it was."""
     workdir = workflow(tmp_path)
     foreign.run_there(f"mkdir -p {workdir} && echo 'input on the engine host' > {workdir}/in.txt")
-    done = run_on(foreign, workdir, "--crank-docker-warm", warm)
+    done = run_on(foreign, workdir, "--crank-docker-files", files)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (workdir / "out.txt").read_text() == "the client's input\n"
+    assert foreign.run_there(f"ls -A {workdir}; cat {workdir}/in.txt") == "in.txt\ninput on the engine host\n"
+
+
+def test_bind_where_the_engine_does_not_see_the_workdir_stops_at_start(foreign, tmp_path):
+    workdir = workflow(tmp_path)
+    foreign.run_there(f"mkdir -p {workdir} && echo 'input on the engine host' > {workdir}/in.txt")
+    done = run_on(foreign, workdir, "--crank-docker-files", "bind")
     assert done.returncode != 0 and not (workdir / "out.txt").exists()
     assert "Traceback" not in done.stderr
-    assert (f"the job did not run: the Docker engine at {foreign.url} does not see this machine's "
-            f"{workdir}") in done.stderr, done.stderr[-3000:]
+    assert (f"the Docker engine at {foreign.url} does not see this machine's {workdir} (a file crank "
+            "wrote there is missing on the engine's side)") in done.stderr, done.stderr[-3000:]
+    assert "rule copy:" not in done.stdout + done.stderr  # stopped before any job
     assert foreign.run_there(f"ls -A {workdir}; cat {workdir}/in.txt") == "in.txt\ninput on the engine host\n"
+
+
+@pytest.mark.parametrize("files", ["auto", "bind"])
+def test_an_input_outside_the_workdir_is_proven_too(foreign, tmp_path, files):
+    """The workdir is on a file system both machines see, an input outside it is not: the
+    engine's host has another file at its path."""
+    shared = Path(foreign.root) / f"wf-{uuid.uuid4().hex[:8]}"
+    shared.mkdir()
+    outside = tmp_path / uuid.uuid4().hex / "ref.txt"
+    outside.parent.mkdir(parents=True)
+    outside.write_text("the client's reference\n")
+    foreign.run_there(f"mkdir -p {outside.parent} && echo 'reference on the engine host' > {outside}")
+    (shared / "Snakefile").write_text(f"""
+rule copy:
+    input: "{outside}"
+    output: "out.txt"
+    shell: "cat {{input}} > {{output}}"
+""")
+    try:
+        done = run_on(foreign, shared, "--crank-docker-files", files)
+        if files == "bind":
+            assert done.returncode != 0 and not (shared / "out.txt").exists()
+            assert "Traceback" not in done.stderr
+            assert (f"the Docker engine at {foreign.url} does not see this machine's {outside} "
+                    "(it has another file there, or none)") in done.stderr, done.stderr[-3000:]
+        else:
+            assert done.returncode == 0, done.stderr[-3000:]
+            assert (shared / "out.txt").read_text() == "the client's reference\n"
+        assert foreign.run_there(f"cat {outside}") == "reference on the engine host\n"
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+class TestSnakemakeBaseOnAnotherMachine(TestWorkflowsLocalStorageBase):
+    """Snakemake's own plugin test cases (simple and groups) on an engine that does not see
+    the workdir: every file copied."""
+
+    __test__ = True
+
+    def get_executor(self) -> str:
+        return "crank"
+
+    def get_executor_settings(self) -> Optional[ExecutorSettings]:
+        return ExecutorSettings(default_image=BUSYBOX, docker_url=self.url, docker_network="none")
+
+    def get_assume_shared_fs(self) -> bool:
+        return False
+
+    def get_remote_execution_settings(self) -> settings.RemoteExecutionSettings:
+        return settings.RemoteExecutionSettings(seconds_between_status_checks=1)
+
+    @pytest.fixture(autouse=True)
+    def _engine(self, foreign):
+        self.url = foreign.url

@@ -1,5 +1,6 @@
 """Time stamps as engines and servers write them (RFC 3339, up to nanoseconds)."""
 
+import re
 from datetime import datetime
 from typing import Optional
 
@@ -21,3 +22,10 @@ def seconds_between(start: Optional[str], end: Optional[str]) -> Optional[float]
         return (parse(end) - parse(start)).total_seconds()
     except (TypeError, ValueError, AttributeError):
         return None
+
+
+def nanoseconds(stamp: str) -> int:
+    """An RFC 3339 time as nanoseconds since the epoch, every digit kept."""
+    whole, fraction, zone = re.fullmatch(r"([^.]+?)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)?", stamp).groups()
+    seconds = int(datetime.fromisoformat(whole + ("+00:00" if zone in (None, "Z") else zone)).timestamp())
+    return seconds * 1_000_000_000 + int(((fraction or "") + "0" * 9)[:9])

@@ -182,7 +182,5 @@ class AdoptedExecs:
 
 
 def remove_runner(api, left: LeftExec) -> None:
-    with contextlib.suppress(docker.errors.NotFound):
-        with engine_errors("removing a container"):
-            api.remove_container(left.runner, force=True)
+    engine.remove_container(api, left.runner)
     scratch.rmtree(left.host_dir)

@@ -30,7 +30,7 @@ class DockerBackend:
         self.api = self.client.api
         self.report = report or (lambda line: None)
         self.images = images = Images(self.api, options.pull, self.report, options.hints.tolerance)
-        self.cold = ColdRunner(self.api, run_id, workdir, options, images)
+        self.cold = ColdRunner(self.api, run_id, workdir, options, images, self.report)
         self.warm: Optional[WarmPool] = None
         if options.warm:
             # the pool's threads use clients of their own
@@ -52,6 +52,10 @@ class DockerBackend:
 
     def check_network(self) -> None:
         engine.check_network(self.api, self.options.network, self.options.hints)
+
+    def check_files(self) -> None:
+        """Whether the engine sees this machine's workdir, asked now where it can be."""
+        self.cold.sharing.check_at_start()
 
     def command_for(self, task: TaskSpec) -> Tuple[str, ...]:
         """The argv of the task's own container (cold.py)."""

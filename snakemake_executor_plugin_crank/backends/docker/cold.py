@@ -8,7 +8,7 @@ import os
 import shutil
 import time
 import uuid
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import docker
 import docker.errors
@@ -18,11 +18,12 @@ from ...task import State, TaskResult, TaskSpec, file_argv, script_fits_argv
 from .. import logs
 from ..stamps import parse
 from ..adoption import products_id
-from . import engine, launch
-from .engine import (LABEL_KEY, LABEL_PRODUCTS, LABEL_RUN, LABEL_WORKDIR, DockerOptions,
+from . import copying, engine, launch
+from .engine import (LABEL_FILES, LABEL_KEY, LABEL_PRODUCTS, LABEL_RUN, LABEL_WORKDIR, DockerOptions,
                      Images, engine_errors, short)
 from .follow import Follower
 from .mounts import plan_mounts
+from .sharing import Sharing
 
 # clients' connections kept for following containers' logs (two streams each)
 FOLLOW_POOL = 256
@@ -49,12 +50,14 @@ def scripts_root(workdir: str) -> str:
 class ColdRunner:
     """Runs each task as a container of its own; its handle is the container's id."""
 
-    def __init__(self, api, run_id: str, workdir: str, options: DockerOptions, images: Images):
+    def __init__(self, api, run_id: str, workdir: str, options: DockerOptions, images: Images,
+                 report: Callable[[str], None]):
         self.api = api
         self.run_id = run_id
         self.workdir = workdir
         self.options = options
         self.images = images
+        self.report = report
         self.script_dirs: set = set()  # the runs' directories under scripts_root
         self.run_dir = os.path.join(scripts_root(workdir), run_id)
         self.adopted: set = set()  # containers of dead runs this run took over
@@ -69,23 +72,29 @@ class ColdRunner:
         self._unfollowed: Dict[str, Tuple[float, TaskSpec]] = {}
         self._probe: Optional[str] = None  # launch.py: what every container must see
         self._follow_api = None
+        # whether a task's files are bound or copied (sharing.py, copying.py)
+        self.sharing = Sharing(api, options, run_id, workdir, self.probe, report)
 
     def submit(self, task: TaskSpec) -> str:
         """Start the task as a container of its own."""
         self.images.ensure(task.image)
-        plan = plan_mounts(
+        copy = self.sharing.copies(task)
+        plan = [] if copy else plan_mounts(
             task.workdir, [i.path for i in task.inputs], [o.path for o in task.products]
         )
         host_config = engine.host_config_for(self.options, task, plan)
         name = f"crank-{self.run_id[:8]}-{task.name}"
         try:
             with engine_errors("creating a container"):
-                handle = self._create(task, name, host_config)
+                handle = self._create(task, name, host_config, copy)
+            if copy:
+                copying.put_in(self.api, handle, task, self._crank_files(task))
+            with engine_errors("starting a container"):
                 self.api.start(handle)
         except (docker.errors.DockerException, TypeError) as e:
             self._remove_quietly(name)
             raise CrankError(self._refusal(task, e)) from None
-        except BackendUnavailable:
+        except (BackendUnavailable, CrankError):
             # the engine may have made the container before the connection broke
             self._remove_quietly(name)
             raise
@@ -134,8 +143,8 @@ class ColdRunner:
     def command_for(self, task: TaskSpec) -> Tuple[str, ...]:
         """The container's argv: the launcher around the script, which travels as one
         argument or, when it is too long for one, as a file under the workdir, which the
-        workdir mount makes visible."""
-        probe = self.probe(task)
+        container sees with the workdir (mounted, or copied in with the task's files)."""
+        probe = self.probe()
         argv = task.argv
         if not script_fits_argv(task.script):
             try:
@@ -155,13 +164,19 @@ class ColdRunner:
     def _usage_file(self, task: TaskSpec) -> str:
         return os.path.join(self.run_dir, task.name + ".usage")
 
-    def probe(self, task: TaskSpec) -> str:
+    def _crank_files(self, task: TaskSpec) -> List[str]:
+        """What the container of a task whose files are copied needs of crank's: the probe,
+        and the script when it travels as a file."""
+        script = os.path.join(self.run_dir, task.name + ".sh")
+        return [self.probe()] + ([script] if not script_fits_argv(task.script) else [])
+
+    def probe(self) -> str:
         """The file every container of the run must see at its path (launch.py), made once
         with the run's directory, where containers also write what they used."""
         if self._probe is None:
             name = f"probe-{uuid.uuid4().hex}"
             try:
-                dir_fd = logs.open_dir(self.run_dir, task.workdir)
+                dir_fd = logs.open_dir(self.run_dir, self.workdir)
                 self.script_dirs.add(self.run_dir)
                 try:
                     os.close(logs.create_file(dir_fd, name))
@@ -172,7 +187,7 @@ class ColdRunner:
             self._probe = os.path.join(self.run_dir, name)
         return self._probe
 
-    def _create(self, task: TaskSpec, name: str, host_config: Dict[str, Any]) -> str:
+    def _create(self, task: TaskSpec, name: str, host_config: Dict[str, Any], copy: bool) -> str:
         config = dict(
             image=task.image,
             command=list(self.command_for(task)),
@@ -180,7 +195,8 @@ class ColdRunner:
             user=f"{os.getuid()}:{os.getgid()}",
             environment=launch.environment(task.env),
             labels={**engine.labels(self.run_id, task.job_id, self.workdir),
-                    LABEL_KEY: self.images.key(task), LABEL_PRODUCTS: products_id(task)},
+                    LABEL_KEY: self.images.key(task), LABEL_PRODUCTS: products_id(task),
+                    LABEL_FILES: "copy" if copy else "bind"},
             name=name,
             host_config=self.api.create_host_config(**host_config),
         )
@@ -190,7 +206,7 @@ class ColdRunner:
             if e.status_code != 409:
                 raise
         # 409: a container of this name is left from a submission whose answer was lost
-        self.api.remove_container(name, force=True)
+        engine.remove_container(self.api, name)
         return self.api.create_container(**config)["Id"]
 
     def _remove_quietly(self, name: str) -> None:
@@ -265,6 +281,13 @@ class ColdRunner:
         ok, reason = engine.judge(state, task, limit)
         if launch.not_shared(state.get("ExitCode"), tail):
             reason = launch.not_shared_reason(engine.where(self.options), task.workdir)
+        if ((inspected.get("Config") or {}).get("Labels") or {}).get(LABEL_FILES) == "copy":
+            for warning in copying.take_products(self.api, handle, task):
+                self.report(warning)
+            usage = launch.usage_of(copying.read_small(self.api, handle, self._usage_file(task),
+                                                        launch.READ_AT_MOST))
+        else:
+            usage = launch.used(self._usage_file(task))
         return TaskResult(
             ok=ok,
             exit_code=state.get("ExitCode"),
@@ -272,7 +295,7 @@ class ColdRunner:
             stderr_tail=tail,
             log_files=files,
             seconds=engine.running_seconds(state),
-            usage=launch.used(self._usage_file(task)),
+            usage=usage,
             out_of_memory=not ok and bool(state.get("OOMKilled")),
         )
 
@@ -283,14 +306,7 @@ class ColdRunner:
             follower = self.followers.pop(handle, None)
             if follower is not None:
                 follower.stop()
-            try:
-                with engine_errors("removing a container"):
-                    self.api.remove_container(handle, force=True)
-            except docker.errors.NotFound:
-                pass
-            except docker.errors.APIError as e:
-                if e.status_code != 409:  # 409: removal already in progress
-                    raise CrankError(f"Docker refused to remove container {handle[:12]}: {short(e)}") from None
+            engine.remove_container(self.api, handle)
 
     def close(self, detach: bool = False) -> None:
         """Remove every container of the run (with ``detach``, only those that ended),

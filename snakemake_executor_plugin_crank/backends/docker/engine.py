@@ -26,7 +26,7 @@ from ...daemon import in_background
 from ...errors import BackendUnavailable, CrankError, ImageUnavailable, NotYet
 from ...task import Capacity, TaskSpec
 from ..adoption import key_of, stat_identity
-from ..stamps import seconds_between
+from ..stamps import nanoseconds, seconds_between
 
 LABEL_RUN = "crank.run"
 LABEL_JOB = "crank.job"
@@ -35,12 +35,18 @@ LABEL_ORIGIN = "crank.origin"  # runs.origin: tells apart two workdirs at the sa
 # a task's container: what it does (adoption.key_of) and which files it writes
 LABEL_KEY = "crank.key"
 LABEL_PRODUCTS = "crank.products"
+# "copy": the container's files were copied in, and its products are copied out (copying.py)
+LABEL_FILES = "crank.files"
+# a container made only to look at what the engine sees of this machine (sharing.py)
+LABEL_PROBE = "crank.probe"
 
 # Docker refuses memory limits below 6 MB.
 DOCKER_MIN_MEMORY = 6 * 1024 * 1024
 # the start-up check: an engine that accepts connections but never answers is reported
 # quickly; later requests keep the SDK's longer timeout (pulls, large logs)
 STARTUP_TIMEOUT_S = 10
+# what is read from the engine at once when files are copied out of a container
+COPY_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -51,6 +57,7 @@ class Hints:
     host_config: str = "the extra host config"
     network: str = "the network"
     tolerance: str = "the backend tolerance"
+    files: str = "the way files reach the engine"
 
 
 @dataclass(frozen=True)
@@ -61,6 +68,8 @@ class DockerOptions:
     host_config: Mapping[str, Any] = field(default_factory=dict)
     # run tasks by exec in warm containers where that is safe (warm.py)
     warm: bool = False
+    # bind the client's paths, copy the files, or bind where the engine proves it sees them
+    files: str = "auto"
     hints: Hints = Hints()
 
 
@@ -159,6 +168,66 @@ def containers(api, label: str, value: str) -> List[Mapping[str, Any]]:
     """The containers, running or not, whose ``label`` is ``value``."""
     with engine_errors("listing containers"):
         return api.containers(all=True, filters={"label": f"{label}={value}"})
+
+
+def remove_container(api, cid: str) -> None:
+    """Remove a container, running or not; one already gone, or being removed (409), is
+    fine. An engine that does not answer raises BackendUnavailable."""
+    try:
+        with engine_errors("removing a container"):
+            api.remove_container(cid, force=True)
+    except docker.errors.NotFound:
+        pass
+    except docker.errors.APIError as e:
+        if e.status_code != 409:
+            raise CrankError(f"Docker refused to remove container {cid[:12]}: {short(e)}") from None
+
+
+# ---- files in a container (the archive API) -------------------------------------------
+
+# Go's os.FileMode type bits, as a path stat gives them
+GO_DIR = 1 << 31
+GO_LINK = 1 << 27
+
+
+def path_stat(api, cid: str, path: str) -> Optional[Dict[str, Any]]:
+    """What the container has at ``path`` (name, size, mode as Go's file mode, mtime,
+    linkTarget), or None: asked without its content (HEAD)."""
+    with engine_errors("looking at a path in a container"):
+        answer = api.head(api._url("/containers/{0}/archive", cid), params={"path": path})
+    if answer.status_code == 404:
+        return None
+    if answer.status_code >= 400:
+        with engine_errors("looking at a path in a container"):
+            api._raise_for_status(answer)
+    encoded = answer.headers.get("X-Docker-Container-Path-Stat")
+    return docker.utils.decode_json_header(encoded) if encoded else None
+
+
+def stat_mtime_ns(path_stat: Mapping[str, Any]) -> Optional[int]:
+    """A path stat's modification time in nanoseconds (the engine gives them all)."""
+    try:
+        return nanoseconds(str(path_stat.get("mtime")))
+    except (TypeError, ValueError, AttributeError):
+        return None
+
+
+def put_files(api, cid: str, tar_stream) -> None:
+    """Unpack the tar ``tar_stream`` (bytes, or an iterator of them) at ``/`` in the
+    container, which need not be running."""
+    with engine_errors("copying files into a container"):
+        if not api.put_archive(cid, "/", tar_stream):
+            raise CrankError(f"Docker did not take the files for container {cid[:12]}")
+
+
+def get_files(api, cid: str, path: str):
+    """A tar stream of ``path`` in the container (an iterator of bytes) and its path
+    stat, or None when the container has nothing there."""
+    try:
+        with engine_errors("copying files out of a container"):
+            return api.get_archive(cid, path, chunk_size=COPY_CHUNK)
+    except docker.errors.NotFound:
+        return None
 
 
 def check_host_config(api, options: DockerOptions) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Dict, Mapping, Sequence, Tuple
+from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 from ...task import Usage
 from .. import cgroup
@@ -93,3 +93,8 @@ def used(usage_file: str) -> Usage:
     with contextlib.suppress(OSError):
         os.unlink(usage_file)
     return cgroup.usage(text)
+
+
+def usage_of(data: Optional[bytes]) -> Usage:
+    """What the usage file's content says (copied out of the container)."""
+    return cgroup.usage(data.decode(errors="replace")) if data else Usage()

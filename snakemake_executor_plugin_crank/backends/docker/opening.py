@@ -26,17 +26,20 @@ def open_backend(settings, run_id: str, workdir: str, report=None) -> DockerBack
         pull=settings.docker_pull,
         host_config=docker_host_config(settings.docker_host_config),
         warm=settings.docker_warm == "yes",
+        files=settings.docker_files,
         hints=Hints(
             url="--crank-docker-url / DOCKER_HOST",
             host_config="--crank-docker-host-config",
             network="--crank-docker-network",
             tolerance="--crank-backend-tolerance",
+            files="--crank-docker-files",
         ),
     )
     try:
         backend = DockerBackend(run_id, workdir, options, report)
         backend.check_host_config()
         backend.check_network()
+        backend.check_files()
         return backend
     except BackendUnavailable as e:
         raise CrankError(

@@ -246,8 +246,8 @@ class Runners:
                 )["Id"]
         except Exception:
             # the engine may have made it before the connection broke
-            with contextlib.suppress(Exception):
-                self.api.remove_container(name, force=True)
+            with contextlib.suppress(CrankError):
+                engine.remove_container(self.api, name)
             scratch.rmtree(host_dir)
             raise
         runner = Runner(cid, key, host_dir, keep, logs=logs)
@@ -294,13 +294,8 @@ class Runners:
     def _remove_container(self, runner: Runner) -> bool:
         """Remove a runner's container, then its directory; False when the engine did not."""
         try:
-            self.api.remove_container(runner.id, force=True)
-        except docker.errors.NotFound:
-            pass
-        except docker.errors.APIError as e:
-            if e.status_code != 409:  # 409: removal already in progress
-                return False
-        except Exception:  # noqa: BLE001 - the engine did not answer
+            engine.remove_container(self.api, runner.id)
+        except CrankError:  # refused, or no answer
             return False
         scratch.rmtree(runner.host_dir)
         return True

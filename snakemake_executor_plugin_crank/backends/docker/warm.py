@@ -129,6 +129,8 @@ class WarmPool:
         if plan is None or plan[0] in self.cold_keys:
             return None
         self.images.ensure(task.image)  # refusals reach the caller now, as today
+        if self.cold_runner.sharing.copies(task):
+            return None  # a runner's scratch directories are the client's: copied tasks run cold
         job = _Job(f"{PREFIX}{next(self.counter)}-{task.name}", task,
                    live=live_logs(task))
         job.memory = plan[2].get("mem_limit")
@@ -344,7 +346,7 @@ class WarmPool:
 
     def _exec(self, job: _Job, runner: Runner) -> None:
         with engine_errors("starting a task"):
-            exec_id = self.containers.create_exec(runner, job.task, self.cold_runner.probe(job.task))
+            exec_id = self.containers.create_exec(runner, job.task, self.cold_runner.probe())
             # before it starts: a run that dies from now on leaves what a later one adopts
             adopted.write_record(runner.host_dir, {
                 "key": self.images.key(job.task), "products": products_id(job.task),

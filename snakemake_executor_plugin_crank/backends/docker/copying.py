@@ -1,0 +1,248 @@
+"""A task's files copied into its container, and what it made copied back, for a Docker
+engine that does not see the client's files (sharing.py): through the engine's archive
+API, which works on a container that is created and not started yet, or that has ended.
+
+In: the task's local inputs, the old content of its ``update()`` outputs, the workflow's
+sources and crank's own files for it, each at its own path as the local executor shows it
+(staging/tree.py: files, directories, symlinks and what they lead to, the client's modes,
+owners and times to the nanosecond), with the directories on the way to them and to its
+products. The tar is made while it is sent: nothing is written on the client first.
+
+Out: each product (output, log, benchmark file) that the container has, unpacked beside
+its final path and put in place whole by rename (staging/install.py), with its modes,
+symlinks and hard links. Docker's archive gives whole seconds for the times of what a
+directory holds; a product's own time keeps its nanoseconds (the engine's path stat).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import posixpath
+import shutil
+import stat
+import tarfile
+import tempfile
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+from ...errors import CrankError
+from ...staging import tree
+from ...staging.install import install, merge_into
+from ...task import TaskSpec
+from ..guard import Guard
+from . import engine
+from .engine import GO_DIR
+
+# a file is read and sent this much at a time
+CHUNK = 1 << 20
+_BLOCK = tarfile.BLOCKSIZE
+# what a link leads to, when the job made it, is brought back through this many links in a row
+MAX_LINK_HOPS = 8
+
+Links = List[Tuple[str, str]]  # (a symlink's path on the client, its target text)
+
+
+# ---- in ------------------------------------------------------------------------------
+
+
+def put_in(api, cid: str, task: TaskSpec, crank_files: Sequence[str]) -> None:
+    """Copy the task's files (and ``crank_files``, crank's own for it) into the container."""
+    engine.put_files(api, cid, files_in(task, crank_files))
+
+
+def files_in(task: TaskSpec, crank_files: Sequence[str] = ()) -> Iterator[bytes]:
+    """The tar stream, to unpack at ``/``, of everything the task must find at its path;
+    planned now (a missing input is said before anything is sent), read while it is sent."""
+    paths = [i.path for i in task.inputs if not i.url]
+    paths += [o.path for o in task.outputs if o.update and os.path.lexists(o.path)]
+    paths += [p for p in (*task.sources, *crank_files) if os.path.lexists(p)]
+    entries = tree.plan(paths).entries
+    # the workdir itself and every directory on the way to an entry or a product
+    around = [e.path for e in entries] + [p.path for p in task.products] + [os.path.join(task.workdir, ".")]
+    return _stream(tree.ancestors(around) + entries)
+
+
+def _stream(entries: Sequence[tree.Entry]) -> Iterator[bytes]:
+    for entry in entries:
+        yield from _member(entry)
+    yield b"\0" * (2 * _BLOCK)
+
+
+def _member(entry: tree.Entry) -> Iterator[bytes]:
+    info = tarfile.TarInfo(entry.path.lstrip("/"))
+    info.mtime = entry.mtime_ns // 1_000_000_000
+    info.pax_headers = {"mtime": f"{info.mtime}.{entry.mtime_ns % 1_000_000_000:09d}"}
+    if entry.kind == tree.LINK:
+        info.type, info.linkname = tarfile.SYMTYPE, entry.link
+        _owner(info, entry.path)
+        yield _header(info)
+        return
+    if entry.kind == tree.DIR:
+        info.type, info.mode = tarfile.DIRTYPE, entry.mode
+        _owner(info, entry.path)
+        yield _header(info)
+        return
+    try:
+        fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        raise CrankError(f"cannot read {entry.path} to copy it into the container ({e.strerror or e})") from None
+    try:
+        st = os.fstat(fd)
+        info.size, info.mode, info.uid, info.gid = st.st_size, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid
+        yield _header(info)
+        left = st.st_size
+        while left:
+            chunk = os.read(fd, min(CHUNK, left))
+            if not chunk:
+                raise CrankError(f"{entry.path} got shorter while it was copied into the container")
+            left -= len(chunk)
+            yield chunk
+        yield b"\0" * (-st.st_size % _BLOCK)
+    finally:
+        os.close(fd)
+
+
+def _owner(info: tarfile.TarInfo, path: str) -> None:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        st = None
+    info.uid, info.gid = (st.st_uid, st.st_gid) if st else (os.getuid(), os.getgid())
+
+
+def _header(info: tarfile.TarInfo) -> bytes:
+    return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+
+
+# ---- out -----------------------------------------------------------------------------
+
+
+def take_products(api, cid: str, task: TaskSpec) -> List[str]:
+    """Put in place every product of the task that the container has (Snakemake reports
+    the missing ones itself), then what their links lead to where the job made it
+    (guard.py); the warnings to give."""
+    links: Links = []
+    for product in task.products:
+        got = engine.get_files(api, cid, product.path)
+        if got is not None:
+            links += take(got, product.path)
+    guard = Guard(task)
+    seen = {p.path for p in task.products}
+    warnings = []
+    for _ in range(MAX_LINK_HOPS):  # what a link leads to may hold links too
+        further: Links = []
+        for link, text in links:
+            target = posixpath.normpath(posixpath.join(posixpath.dirname(link), text))
+            if target in seen:
+                continue
+            seen.add(target)
+            refused = guard.refuses(target)
+            if refused == "outside the workdir" and not os.path.lexists(target):
+                warnings.append(f"output {link} is a link to {target}, which the job made outside the "
+                                "workdir: only the link comes back")
+            if refused is not None:
+                continue
+            got = engine.get_files(api, cid, target)
+            if got is None:
+                continue  # dangling in the container as well
+            if not (got[1] or {}).get("mode", 0) & GO_DIR and os.path.isdir(target) and not os.path.islink(target):
+                warnings.append(f"output {link} leads to {target}, which crank does not bring back "
+                                "(a directory is there)")
+                continue
+            further += take(got, target, merge=True)
+        links = further
+    return warnings
+
+
+def take(got, dest: str, merge: bool = False) -> Links:
+    """Unpack the archive ``got`` (a stream and its path stat) beside ``dest``, then put it
+    at ``dest`` whole (with ``merge``, a directory entry by entry into what is there); the
+    symlinks it holds, with their target text."""
+    stream, path_stat = got
+    top = (path_stat or {}).get("name") or os.path.basename(dest)
+    parent = os.path.dirname(dest)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dest)}.crank-", dir=parent)
+    except OSError as e:
+        raise CrankError(f"cannot put an output at {dest}: {e.strerror or e}") from None
+    try:
+        safe = _Safe(top)
+        with tarfile.open(fileobj=_Reader(stream), mode="r|") as tar:
+            tar.extractall(tmp, filter=safe)
+        src = os.path.join(tmp, top)
+        if not os.path.lexists(src):
+            raise CrankError(f"the Docker engine sent no {dest}")
+        mtime_ns = engine.stat_mtime_ns(path_stat or {})
+        if mtime_ns is not None:
+            os.utime(src, ns=(os.lstat(src).st_atime_ns, mtime_ns), follow_symlinks=False)
+        (merge_into if merge and os.path.isdir(src) and not os.path.islink(src) else install)(src, dest)
+    except (OSError, tarfile.TarError) as e:
+        raise CrankError(f"cannot copy {dest} out of its container ({getattr(e, 'strerror', None) or e})") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    base = os.path.dirname(dest)
+    return [(os.path.join(base, name), text) for name, text in safe.links.items()]
+
+
+def read_small(api, cid: str, path: str, at_most: int) -> Optional[bytes]:
+    """The first ``at_most`` bytes of the file at ``path`` in the container, or None."""
+    got = engine.get_files(api, cid, path)
+    if got is None:
+        return None
+    try:
+        with tarfile.open(fileobj=_Reader(got[0]), mode="r|") as tar:
+            for member in tar:
+                if member.isreg():
+                    return tar.extractfile(member).read(at_most)
+    except tarfile.TarError:
+        return None
+    return None
+
+
+class _Safe:
+    """The tar filter for what a container sends: every member at or below ``top``, no
+    ``..``, nothing through a symlink of the archive, only files, directories and links;
+    the rest is left out."""
+
+    def __init__(self, top: str):
+        self.top = top
+        self.links: Dict[str, str] = {}  # name -> target text
+
+    def __call__(self, member: tarfile.TarInfo, dest: str) -> Optional[tarfile.TarInfo]:
+        if not self._inside(member.name):
+            return None
+        if member.islnk() and not self._inside(member.linkname):
+            return None
+        if member.issym():
+            self.links[member.name] = member.linkname
+        elif not (member.isreg() or member.isdir() or member.islnk()):
+            return None
+        return member
+
+    def _inside(self, name: str) -> bool:
+        parts = name.split("/")
+        return (parts[0] == self.top and ".." not in parts and "" not in parts
+                and not any("/".join(parts[:n]) in self.links for n in range(1, len(parts))))
+
+
+class _Reader(io.RawIOBase):
+    """An iterator of bytes read as a file, for tarfile's stream mode."""
+
+    def __init__(self, chunks):
+        self.chunks = iter(chunks)
+        self.left = memoryview(b"")  # sliced without a copy
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self.left:
+            try:
+                self.left = memoryview(next(self.chunks))
+            except StopIteration:
+                return 0
+        n = min(len(buffer), len(self.left))
+        buffer[:n] = self.left[:n]
+        self.left = self.left[n:]
+        return n
