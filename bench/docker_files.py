@@ -2,9 +2,8 @@
 what crank does for an engine that does not see the client's files) against binding them
 (--crank-docker-files bind), on the local engine, alternating, in the same run:
 
-  noop   N independent jobs (default 200), each `touch {output}`, at -j 4;
-         bind is run twice: warm runners (the default) and one container per job, which is
-         how copied jobs run (the ratio that isolates the copying is copy / bind-cold)
+  noop   N independent jobs (default 200), each `touch {output}`, at -j 4, in warm runners
+         (the default) and with one container per job (--crank-docker-warm no)
   read   one job that reads a 1 GiB input (`--gib`) and writes its 64-byte checksum line
 
 Printed: the wall clock of every run and the ratio of the sums. Needs the test images
@@ -43,8 +42,9 @@ rule sum:
 
 VARIANTS = {
     "bind": ["--crank-docker-files", "bind"],
-    "bind-cold": ["--crank-docker-files", "bind", "--crank-docker-warm", "no"],
     "copy": ["--crank-docker-files", "copy"],
+    "bind-cold": ["--crank-docker-files", "bind", "--crank-docker-warm", "no"],
+    "copy-cold": ["--crank-docker-files", "copy", "--crank-docker-warm", "no"],
 }
 
 
@@ -88,8 +88,8 @@ def main() -> None:
     for (case, variant), seconds in times.items():
         print(f"  {case:5} {variant:10} " + "  ".join(f"{s:6.1f} s" for s in seconds))
     total = {key: sum(seconds) for key, seconds in times.items()}
-    print(f"noop: copy / bind-cold = {total[('noop', 'copy')] / total[('noop', 'bind-cold')]:.2f}, "
-          f"copy / bind (warm) = {total[('noop', 'copy')] / total[('noop', 'bind')]:.2f}")
+    print(f"noop: copy / bind (warm runners) = {total[('noop', 'copy')] / total[('noop', 'bind')]:.2f}, "
+          f"copy-cold / bind-cold = {total[('noop', 'copy-cold')] / total[('noop', 'bind-cold')]:.2f}")
     print(f"read: copy / bind = {total[('read', 'copy')] / total[('read', 'bind')]:.2f}")
 
 

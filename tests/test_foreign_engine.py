@@ -138,3 +138,33 @@ class TestSnakemakeBaseOnAnotherMachine(TestWorkflowsLocalStorageBase):
     @pytest.fixture(autouse=True)
     def _engine(self, foreign):
         self.url = foreign.url
+
+
+def test_warm_runners_take_copied_files_and_an_input_is_sent_once(foreign, tmp_path):
+    """Copied jobs run in warm runners: jobs one after another reuse a runner, each with its
+    own output and an empty /tmp; the input they share is sent into a runner once (it keeps
+    the change time it got when it arrived)."""
+    workdir = Path(foreign.root) / f"wf-{uuid.uuid4().hex[:8]}"  # not under /tmp, which runners empty
+    workdir.mkdir()
+    (workdir / "shared.txt").write_text("shared\n")
+    (workdir / "Snakefile").write_text("""
+rule all:
+    input: expand("out{i}.txt", i=range(4))
+
+rule read:
+    input: "shared.txt"
+    output: "out{i}.txt"
+    shell: "ls -A /tmp > {output}; touch /tmp/left-by-{wildcards.i}; cat {input} >> {output}; hostname >> {output}; stat -c %z {input} >> {output}"
+""")
+    try:
+        done = run_on(foreign, workdir, "--crank-docker-files", "copy", "--jobs", "1")
+        assert done.returncode == 0, done.stderr[-3000:]
+        seen = [(workdir / f"out{i}.txt").read_text().splitlines() for i in range(4)]
+        assert all(lines[0] == "shared" for lines in seen), seen  # /tmp was empty
+        arrivals = {}
+        for _, runner, arrived in seen:
+            arrivals.setdefault(runner, set()).add(arrived)
+        assert len(arrivals) < 4, seen  # a runner ran more than one job
+        assert all(len(times) == 1 for times in arrivals.values()), seen
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)

@@ -68,15 +68,15 @@ def test_each_task_gets_an_empty_private_tmp_and_no_leftover_process(both, tmp_p
                   "chmod 500 /tmp/d; (sleep 300 &); echo started")
     _, result = _run(warm, first)
     assert result.ok, result
-    runners = len(warm.warm.runners)
-    wait_for(lambda: sum(map(len, warm.warm.idle.values())) == 1, 30, "the runner to be idle again")
+    runners = len(warm.warm.containers.by_id)
+    wait_for(lambda: sum(map(len, warm.warm.containers.idle.values())) == 1, 30, "the runner to be idle again")
     second = _task(tmp_path, "second", "ls -A /tmp /dev/shm | grep -v '^$'; ps -o args | grep -c '^sleep 30[0]' || true")
     _, result = _run(warm, second)
     assert result.ok, result
     listing = (tmp_path / "logs" / "second.stdout").read_text().split("\n")
     # /tmp holds only the directory on the way to the mounted workdir; no 'sleep 300' left
     assert listing[:4] == ["/dev/shm:", "/tmp:", str(tmp_path).split("/")[2], "0"]
-    assert len(warm.warm.runners) == runners  # the runner was reused
+    assert len(warm.warm.containers.by_id) == runners  # the runner was reused
 
 
 def test_a_task_that_changes_the_container_file_system_is_not_followed_in_it(both, tmp_path):
@@ -162,7 +162,7 @@ def events_refused(docker_api, tmp_path):
     with FaultProxy(str(tmp_path / "p.sock"), engine) as proxy:
         proxy.set_rule(lambda method, path: "refuse" if path.startswith("/events") else "pass")
         backend = DockerBackend(run, str(tmp_path), DockerOptions(base_url=proxy.url, warm=True))
-        backend.warm.check_interval = backend.warm.check_age = 0.2
+        backend.warm.watcher.check_interval = backend.warm.watcher.check_age = 0.2
         try:
             yield backend, proxy
         finally:
@@ -177,7 +177,7 @@ def test_an_end_the_event_stream_never_brings_is_found_by_the_checks(events_refu
     assert handle.startswith("warm:")
     assert (result.ok, result.exit_code, result.stderr_tail) == (False, 3, "err")
     assert (tmp_path / "logs" / "unseen.stdout").read_text() == "out\n"
-    assert proxy.actions("refuse") and not backend.warm.stream_ok
+    assert proxy.actions("refuse") and not backend.warm.watcher.stream_ok
 
 
 @pytest.mark.parametrize("events", ["stream", "checks"])
@@ -198,7 +198,7 @@ def test_a_runner_killed_under_its_task_ends_the_task_at_once_as_interrupted(doc
     assert not result.ok
     assert "its container stopped while the task ran" in result.reason
     backend.release([handle])
-    wait_for(lambda: runner.id not in backend.warm.runners, 30, "the dead runner's removal")
+    wait_for(lambda: runner.id not in backend.warm.containers.by_id, 30, "the dead runner's removal")
 
 
 HARD_KILLED = """
@@ -214,7 +214,7 @@ backend.submit(task)
 deadline = time.monotonic() + 60
 while time.monotonic() < deadline and not backend.warm.busy:
     time.sleep(0.05)
-print(backend.warm.root, flush=True)
+print(backend.warm.containers.root, flush=True)
 os._exit(9)  # killed hard: no clean-up at all
 """
 
@@ -235,15 +235,15 @@ def test_a_run_killed_hard_leaves_nothing_after_the_next_start(docker_api, tmp_p
     other.mkdir()
     elsewhere = DockerBackend(uuid.uuid4().hex, str(other), DockerOptions(warm=True))
     try:
-        elsewhere.warm._make_root()
+        elsewhere.warm.containers.make_root()
         backend = DockerBackend(uuid.uuid4().hex, str(workdir), DockerOptions(warm=True))
         try:
             assert backend.gather_orphans(live_runs=(), dead_runs=()) == (1, 0)
             assert not root.exists()
-            assert Path(elsewhere.warm.root).is_dir()
+            assert Path(elsewhere.warm.containers.root).is_dir()
             assert containers_of(docker_api, workdir) == []
         finally:
             backend.close()
     finally:
         elsewhere.close()
-    assert not Path(elsewhere.warm.root).exists()
+    assert not Path(elsewhere.warm.containers.root).exists()

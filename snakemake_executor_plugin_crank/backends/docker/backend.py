@@ -14,7 +14,8 @@ from . import adopted, cold, engine, scratch
 from .adopted import AdoptedExecs
 from .cold import ColdRunner
 from .engine import (LABEL_JOB, LABEL_KEY, LABEL_PRODUCTS, LABEL_RUN, LABEL_WORKDIR,
-                     DockerOptions, Images)
+                     DockerOptions)
+from .images import Images
 from .warm import PREFIX, WarmPool
 
 
@@ -183,7 +184,7 @@ class DockerBackend:
         self.cold.cancel(cold)
 
     def interrupt(self) -> None:
-        pass  # image pulls run on daemon threads (engine.Images): nothing waits for them
+        pass  # image pulls run on daemon threads (images.Images): nothing waits for them
 
     def close(self, detach: bool = False) -> None:
         if self.warm is not None:

@@ -20,7 +20,8 @@ from ..stamps import parse
 from ..adoption import products_id
 from . import copying, engine, launch
 from .engine import (LABEL_FILES, LABEL_KEY, LABEL_PRODUCTS, LABEL_RUN, LABEL_WORKDIR, DockerOptions,
-                     Images, engine_errors, short)
+                     engine_errors, short)
+from .images import Images
 from .follow import Follower
 from .mounts import plan_mounts
 from .sharing import Sharing

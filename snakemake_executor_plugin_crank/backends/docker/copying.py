@@ -23,15 +23,16 @@ import shutil
 import stat
 import tarfile
 import tempfile
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 from ...errors import CrankError
 from ...staging import tree
 from ...staging.install import install, merge_into
 from ...task import TaskSpec
 from ..guard import Guard
+from ..paths import under
 from . import engine
-from .engine import GO_DIR
+from .engine import GO_DIR, LOGS
 
 # a file is read and sent this much at a time
 CHUNK = 1 << 20
@@ -53,10 +54,7 @@ def put_in(api, cid: str, task: TaskSpec, crank_files: Sequence[str]) -> None:
 def files_in(task: TaskSpec, crank_files: Sequence[str] = ()) -> Iterator[bytes]:
     """The tar stream, to unpack at ``/``, of everything the task must find at its path;
     planned now (a missing input is said before anything is sent), read while it is sent."""
-    paths = [i.path for i in task.inputs if not i.url]
-    paths += [o.path for o in task.outputs if o.update and os.path.lexists(o.path)]
-    paths += [p for p in (*task.sources, *crank_files) if os.path.lexists(p)]
-    entries = tree.plan(paths).entries
+    entries = plan_files(task, crank_files)
     # the workdir itself and every directory on the way to an entry or a product
     around = [e.path for e in entries] + [p.path for p in task.products] + [os.path.join(task.workdir, ".")]
     return _stream(tree.ancestors(around) + entries)
@@ -246,3 +244,107 @@ class _Reader(io.RawIOBase):
         buffer[:n] = self.left[:n]
         self.left = self.left[n:]
         return n
+
+
+# ---- a warm runner's files -----------------------------------------------------------
+
+# where a runner keeps a task's scratch files and its logs: emptied after each task
+SCRATCH = ("/tmp", "/dev/shm", LOGS)
+EMPTY = "rm -rf " + " ".join(f"{d}/* {d}/.[!.]* {d}/..?*" for d in SCRATCH)
+
+
+def scratch_dir(user: str) -> Iterator[bytes]:
+    """The tar that makes a runner's LOGS directory, its user's alone."""
+    info = tarfile.TarInfo(LOGS.lstrip("/"))
+    info.type, info.mode = tarfile.DIRTYPE, 0o700
+    info.uid, info.gid = (int(n) for n in user.split(":"))
+    return iter([_header(info), b"\0" * (2 * _BLOCK)])
+
+
+def send_to_runner(api, runner, task: TaskSpec, entries: Sequence[tree.Entry]) -> None:
+    """Copy into the runner (warm.py) what the task needs (``entries``: plan_files) that it
+    does not have as the client has it: a file or link sent to it before, unchanged since,
+    is not sent again."""
+    known = {e.path: _identity(e) for e in entries if e.kind != tree.DIR}
+    fresh = [e for e in entries if e.kind == tree.DIR or runner.sent.get(e.path) != known[e.path]]
+    around = [e.path for e in entries] + [p.path for p in task.products] + [os.path.join(task.workdir, ".")]
+    engine.put_files(api, runner.id, _stream(tree.ancestors(around) + fresh))
+    runner.sent.update(known)
+    runner.dirs.update(_parents(around))
+    runner.dirs.update(e.path for e in entries if e.kind == tree.DIR)
+
+
+def fits(runner, task: TaskSpec) -> bool:
+    """Whether the runner holds nothing at the task's products (an earlier task there made or
+    was sent something at that path; Snakemake removed it on the client)."""
+    for product in task.products:
+        if product.path in runner.sent and not product.update:
+            return False
+        if any(under(product.path, made) or under(made, product.path) for made in runner.made):
+            return False
+    return True
+
+
+def collect_from_runner(api, runner, task: TaskSpec) -> List[str]:
+    """Put the task's products in place, and its log scratch files (runners.LOGS) in the
+    runner's host directory ``runner.logs``; the warnings to give."""
+    warnings = take_products(api, runner.id, task)
+    runner.made.update(p.path for p in task.products)
+    runner.dirs.update(_parents([p.path for p in task.products]))
+    got = engine.get_files(api, runner.id, LOGS)
+    if got is not None:
+        take(got, runner.logs)
+    return warnings
+
+
+def forget_scratch(runner) -> None:
+    """What the runner was sent or made under its scratch directories is gone (a workdir
+    under /tmp, say): sent again when a task needs it."""
+    def kept(path: str) -> bool:
+        return not any(under(path, d) for d in SCRATCH)
+
+    runner.sent = {p: known for p, known in runner.sent.items() if kept(p)}
+    runner.made = {p for p in runner.made if kept(p)}
+    runner.dirs = {p for p in runner.dirs if kept(p)}
+
+
+def forget_missing(runner, changed: Set[str]) -> None:
+    """What the runner was sent that its file system no longer shows as added or changed was
+    removed by a task: sent again when a task needs it. (A file a task rewrote in place
+    still shows as added: the engine cannot tell.)"""
+    runner.sent = {p: known for p, known in runner.sent.items() if p in changed}
+
+
+def expected(runner, path: str) -> bool:
+    """Whether a change at ``path`` in the runner's own file system is one that tasks' files
+    explain: what was sent or made, and the directories on the way."""
+    return (path in runner.sent or path in runner.dirs
+            or any(under(path, p) for p in (*runner.made, *SCRATCH)))
+
+
+def plan_files(task: TaskSpec, crank_files: Sequence[str]) -> List[tree.Entry]:
+    """What the task must find at its paths, entry by entry (staging/tree.py)."""
+    paths = [i.path for i in task.inputs if not i.url]
+    paths += [o.path for o in task.outputs if o.update and os.path.lexists(o.path)]
+    paths += [p for p in (*task.sources, *crank_files) if os.path.lexists(p)]
+    return tree.plan(paths).entries
+
+
+def _identity(entry: tree.Entry):
+    if entry.kind == tree.LINK:
+        return ("link", entry.link)
+    try:
+        st = os.lstat(entry.path)
+    except OSError:
+        return None
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev, st.st_mode)
+
+
+def _parents(paths: Sequence[str]) -> set:
+    found = set()
+    for path in paths:
+        path = os.path.dirname(path)
+        while path not in found and path != "/":
+            found.add(path)
+            path = os.path.dirname(path)
+    return found

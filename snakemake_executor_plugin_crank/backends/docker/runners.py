@@ -44,16 +44,14 @@ import requests
 from ...errors import CrankError
 from ...task import TaskSpec
 from ..paths import under
-from . import engine, launch, scratch
-from .engine import DockerOptions, engine_errors
+from . import copying, engine, launch, scratch
+from .engine import LOGS, DockerOptions, engine_errors
 from .mounts import plan_mounts
 
 # the runner's first process: waits forever, using only sh and sleep; ignoring SIGCHLD
 # lets the kernel reap the processes that are left to it
 IDLE = "trap '' CHLD; while :; do sleep 3600; done"
 PRIVATE = ("/tmp", "/dev/shm")
-# where a runner sees its scratch directory for the exec's stdout and stderr
-LOGS = "/.crank-logs"
 # the suffix of the file there with what the task used (launch.py)
 USAGE = ".usage"
 
@@ -70,6 +68,12 @@ class Runner:
     oom: bool = False
     dead: bool = False
     retire: bool = False
+    # its tasks' files are copied in and out (copying.py): what it was sent (path -> what
+    # the file was on the client), the paths its tasks made, the directories on the way
+    copy: bool = False
+    sent: Dict[str, Any] = field(default_factory=dict)
+    made: set = field(default_factory=set)
+    dirs: set = field(default_factory=set)
 
 
 @dataclass
@@ -82,20 +86,21 @@ class PoolStats:
 
 
 def environment(
-    task: TaskSpec, options: DockerOptions, user: str
+    task: TaskSpec, options: DockerOptions, user: str, copy: bool = False
 ) -> Optional[Tuple[str, List[Tuple[str, bool]], Dict[str, Any]]]:
     """(key, mounts, host config) of the runner the task can run in, else None. Runners
-    of the same key are interchangeable: all a container fixes when it is created."""
+    of the same key are interchangeable: all a container fixes when it is created. With
+    ``copy`` the task's files are copied (copying.py): nothing is mounted."""
     if task.resources.gpus:
         return None
-    mounts = plan_mounts(
+    mounts = [] if copy else plan_mounts(
         task.workdir, [i.path for i in task.inputs], [o.path for o in task.products]
     )
     if any(under(private, path) for path, _ in mounts for private in PRIVATE + (LOGS,)):
         return None  # a mount at or above /tmp or /dev/shm: keep Docker's own
     host_config = engine.host_config_for(options, task, mounts)
     key = json.dumps(
-        [task.image, user, mounts, {k: v for k, v in host_config.items() if k != "mounts"}],
+        [task.image, user, mounts, {k: v for k, v in host_config.items() if k != "mounts"}, copy],
         sort_keys=True, default=str,
     )
     return key, mounts, host_config
@@ -124,15 +129,16 @@ class Runners:
         self.closed = False
 
     def acquire(self, key: str, task: TaskSpec, mounts: Sequence[Tuple[str, bool]],
-                host_config: Mapping[str, Any]) -> Runner:
-        """An idle runner of the environment ``key``, else a new one."""
+                host_config: Mapping[str, Any], copy: bool = False) -> Runner:
+        """An idle runner of the environment ``key`` (with ``copy``, one that holds nothing at
+        the task's products), else a new one."""
         with self.lock:
-            while self.idle[key]:
-                runner = self.idle[key].pop()
+            idle = self.idle[key]
+            for runner in reversed([r for r in idle if not r.dead and (not copy or copying.fits(r, task))]):
+                idle.remove(runner)
                 self.watcher.remove_idle(runner.id)
-                if not runner.dead:
-                    return runner
-        runner = self._start(self.make_root(), key, task, mounts, host_config)
+                return runner
+        runner = self._start(self.make_root(), key, task, mounts, host_config, copy)
         with self.lock:
             self.by_id[runner.id] = runner
         self.stats.runners_started += 1
@@ -214,13 +220,14 @@ class Runners:
             scratch.rmtree(self.root)
 
     def _start(self, root: str, key: str, task: TaskSpec, mounts: Sequence[Tuple[str, bool]],
-               host_config: Mapping[str, Any]) -> Runner:
+               host_config: Mapping[str, Any], copy: bool = False) -> Runner:
         """A new runner for the environment ``key``, running, its file system noted; a
-        failure leaves neither container nor directory."""
+        failure leaves neither container nor directory. With ``copy`` its /tmp and log
+        scratch directory are its own (emptied from inside), and logs come out by copy."""
         host_dir = tempfile.mkdtemp(dir=root)
         binds = []
         keep = {}
-        for private in PRIVATE:
+        for private in () if copy else PRIVATE:
             path = os.path.join(host_dir, private.strip("/").replace("/", "-"))
             os.mkdir(path)
             os.chmod(path, 0o1777)
@@ -230,7 +237,8 @@ class Runners:
             )
         logs = os.path.join(host_dir, "logs")
         os.mkdir(logs, 0o700)
-        binds.append(docker.types.Mount(target=LOGS, source=logs, type="bind"))
+        if not copy:
+            binds.append(docker.types.Mount(target=LOGS, source=logs, type="bind"))
         config = dict(host_config)
         config["mounts"] = list(config["mounts"]) + binds
         name = f"crank-{self.run_id[:8]}-warm-{next(self.counter)}"
@@ -250,8 +258,10 @@ class Runners:
                 engine.remove_container(self.api, name)
             scratch.rmtree(host_dir)
             raise
-        runner = Runner(cid, key, host_dir, keep, logs=logs)
+        runner = Runner(cid, key, host_dir, keep, logs=logs, copy=copy)
         try:
+            if copy:
+                engine.put_files(self.api, cid, copying.scratch_dir(self.user))
             with engine_errors("starting a container"):
                 self.api.start(cid)
                 runner.baseline = self.changes(cid)
@@ -275,8 +285,16 @@ class Runners:
     def _unclean(self, runner: Runner) -> Optional[str]:
         """Why the runner may not run another task (its file system changed, /tmp could
         not be emptied), else None after emptying its private directories."""
+        if runner.copy and not self._emptied_inside(runner):
+            return "could not empty /tmp"
         try:
-            if self.changes(runner.id) != runner.baseline:
+            changes = self.changes(runner.id)
+            if runner.copy:
+                copying.forget_missing(runner, {path for path, _ in changes})
+                changes = tuple(c for c in changes if c not in runner.baseline and not copying.expected(runner, c[0]))
+                if changes:
+                    return "its file system changed"
+            elif changes != runner.baseline:
                 return "its file system changed"
         except Exception:  # noqa: BLE001
             return "changes unknown"
@@ -287,6 +305,19 @@ class Runners:
         except OSError:
             return "could not empty /tmp"
         return None
+
+    def _emptied_inside(self, runner: Runner) -> bool:
+        """Empty the scratch directories of a runner whose tasks' files are copied, by an
+        exec in it (they are its own, not the client's)."""
+        try:
+            with engine_errors("emptying a runner's /tmp"):
+                exec_id = self.api.exec_create(runner.id, ["/bin/sh", "-c", copying.EMPTY], user=self.user)["Id"]
+                self.api.exec_start(exec_id)
+                emptied = self.api.exec_inspect(exec_id).get("ExitCode") == 0
+        except Exception:  # noqa: BLE001 - the runner is not reused
+            return False
+        copying.forget_scratch(runner)
+        return emptied
 
     def changes(self, cid: str) -> Tuple[Tuple[str, int], ...]:
         return tuple(sorted((c["Path"], c["Kind"]) for c in self.api.diff(cid) or ()))

@@ -28,8 +28,9 @@ from ...errors import BackendUnavailable, CrankError
 from ...task import State, TaskResult, TaskSpec, Usage
 from ..adoption import products_id
 from ..live import LiveLog, live_logs
-from . import adopted, engine, launch, scratch
-from .engine import DockerOptions, Images, engine_errors
+from . import adopted, copying, engine, launch, scratch
+from .engine import DockerOptions, engine_errors
+from .images import Images
 from .events import Callbacks, Watcher
 from .runners import USAGE, PoolStats, Runner, Runners, environment
 
@@ -67,24 +68,16 @@ class _Job:
     tail: str = ""
     log_files: Tuple[str, ...] = ()
     usage: Usage = Usage()
+    # what to copy into its runner when the engine does not see the client's files (copying.py)
+    files: Optional[list] = None
     # its logs while it runs (live.py), copied under ``live_lock``
     live: Dict[str, LiveLog] = field(default_factory=dict)
     live_lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-def _watcher_setting(name: str) -> property:
-    """A setting of the safety net, read and set through the pool."""
-    return property(lambda self: getattr(self.watcher, name),
-                    lambda self, value: setattr(self.watcher, name, value))
-
-
 class WarmPool:
     """Runs eligible tasks in warm runners (see the module text); ``cold`` runs the rest
     (submit, poll, stop, result, cancel of container handles)."""
-
-    check_interval = _watcher_setting("check_interval")
-    check_age = _watcher_setting("check_age")
-    stream_ok = _watcher_setting("stream_ok")
 
     def __init__(self, cold, make_api: Callable[[int], Any], images: Images,
                  options: DockerOptions, run_id: str, workdir: str):
@@ -111,36 +104,29 @@ class WarmPool:
         self.watcher.start()
         scratch.LiveCopier(self._running_logs, self.stopping)
 
-    # the runners by container id, the idle ones by environment, their directory
-    runners = property(lambda self: self.containers.by_id)
-    idle = property(lambda self: self.containers.idle)
-    root = property(lambda self: self.containers.root)
-
-    def _make_root(self) -> str:
-        return self.containers.make_root()
-
     # ---- the backend operations for warm handles -------------------------------------
 
     def try_submit(self, task: TaskSpec) -> Optional[str]:
         """A warm handle for the task, or None when it should run as its own container."""
         if self.closed:
             return None
-        plan = environment(task, self.options, self.containers.user)
+        self.images.ensure(task.image)  # refusals reach the caller now, as today
+        copy = self.cold_runner.sharing.copies(task)
+        plan = environment(task, self.options, self.containers.user, copy)
         if plan is None or plan[0] in self.cold_keys:
             return None
-        self.images.ensure(task.image)  # refusals reach the caller now, as today
-        if self.cold_runner.sharing.copies(task):
-            return None  # a runner's scratch directories are the client's: copied tasks run cold
         job = _Job(f"{PREFIX}{next(self.counter)}-{task.name}", task,
                    live=live_logs(task))
         job.memory = plan[2].get("mem_limit")
+        if copy:  # planned now: a missing input is the caller's error, as for a container
+            job.files = copying.plan_files(task, [self.cold_runner.probe()])
         with self.lock:
             self.jobs[job.handle] = job
         self.workers.submit(self._launch, job, plan)
         return job.handle
 
     def poll(self, handles: Sequence[str]) -> Dict[str, State]:
-        if not self.stream_ok:
+        if not self.watcher.stream_ok:
             # warm states come from the event stream: while it is down, an engine that
             # does not answer must count against the tolerance like a failed list would
             with engine_errors("checking the engine"):
@@ -243,7 +229,7 @@ class WarmPool:
             with self.lock:
                 busy = {job.runner.id for job in self.jobs.values()
                         if job.runner is not None and not job.ended}
-            for runner in list(self.runners.values()):
+            for runner in list(self.containers.by_id.values()):
                 if runner.id not in busy:
                     self.containers.remove(runner)
             self.workers.shutdown(wait=True)
@@ -293,7 +279,7 @@ class WarmPool:
                 break
             runner = None
             try:
-                runner = self.containers.acquire(key, task, mounts, host_config)
+                runner = self.containers.acquire(key, task, mounts, host_config, copy=job.files is not None)
                 with self.lock:
                     if job.canceled:
                         self.containers.put_idle(runner)
@@ -345,13 +331,16 @@ class WarmPool:
             job.cold = handle
 
     def _exec(self, job: _Job, runner: Runner) -> None:
+        if runner.copy:
+            copying.send_to_runner(self.api, runner, job.task, job.files)
         with engine_errors("starting a task"):
             exec_id = self.containers.create_exec(runner, job.task, self.cold_runner.probe())
-            # before it starts: a run that dies from now on leaves what a later one adopts
-            adopted.write_record(runner.host_dir, {
-                "key": self.images.key(job.task), "products": products_id(job.task),
-                "name": job.task.name, "exec": exec_id, "runner": runner.id, "started": time.time(),
-            })
+            if not runner.copy:  # a later run cannot read the record of a task run by copy
+                # before it starts: a run that dies from now on leaves what a later one adopts
+                adopted.write_record(runner.host_dir, {
+                    "key": self.images.key(job.task), "products": products_id(job.task),
+                    "name": job.task.name, "exec": exec_id, "runner": runner.id, "started": time.time(),
+                })
             with self.lock:
                 job.exec_id = exec_id
                 self.by_exec[exec_id] = job
@@ -389,6 +378,13 @@ class WarmPool:
         directory, then report the task finished and recycle the runner."""
         try:
             if runner is not None and not job.canceled:
+                if runner.copy:
+                    try:
+                        for warning in copying.collect_from_runner(self.api, runner, job.task):
+                            self.cold_runner.report(warning)
+                    except CrankError as e:  # the products could not be had: the task failed
+                        runner.retire = True
+                        job.reason = job.reason or str(e)
                 with job.live_lock:
                     job.log_files, job.tail = scratch.move_logs(runner.logs, job.task, job.live)
                 job.usage = launch.used(os.path.join(runner.logs, job.task.name + USAGE))
@@ -413,9 +409,9 @@ class WarmPool:
                 self.containers.recycle(runner)
 
     def _running_logs(self):
-        with self.lock:
+        with self.lock:  # a runner whose files are copied keeps its logs until the end
             return [(job.runner.logs, job.live, job.live_lock) for job in self.busy.values()
-                    if job.state is State.RUNNING and not job.ended]
+                    if job.state is State.RUNNING and not job.ended and not job.runner.copy]
 
     # ---- what the watcher reports (events.py) ------------------------------------------
 
@@ -427,7 +423,7 @@ class WarmPool:
 
     def _stopped(self, runner_id: str) -> None:
         with self.lock:
-            runner = self.runners.get(runner_id)
+            runner = self.containers.by_id.get(runner_id)
             if runner is not None:
                 self._runner_died(runner)
 
