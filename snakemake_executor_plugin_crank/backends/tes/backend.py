@@ -26,10 +26,11 @@ from ...errors import BackendUnavailable, CrankError
 from ...staging.digest import sha256_file
 from ...staging import tree
 from ...staging.stage import Stager
+from ...staging.staged import Staged
 from ...task import Adopted, Capacity, Kind, State, TaskResult, TaskSpec
 from ..adoption import Adoption, Orphan, key_of, products_id
 from ..live import LiveLog, live_logs
-from . import layout, orphans, sources
+from . import orphans, sources
 from .api import TesApi
 from .http import HttpError
 from .monitor import Monitor
@@ -228,26 +229,19 @@ class TesBackend:
         except Exception as e:  # noqa: BLE001 - reported as the task's failure, one line
             sub.error = f"staging failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
-    def _stage(self, task: TaskSpec) -> List[layout.Staged]:
-        staged: List[layout.Staged] = []
-        # Snakemake checks a job's inputs before it hands the job over; a local path missing
-        # here is a workflow source it lists but nothing made (e.g. a wrapper's
-        # environment.yaml): on Docker a missing path is simply not there either
-        local = [i.path for i in task.inputs if not i.url and os.path.lexists(i.path)]
-        for i in task.inputs:
-            if i.url:
-                staged.append(layout.Staged(i.path, i.url, remote_dir=i.kind is Kind.DIRECTORY))
+    def _stage(self, task: TaskSpec) -> List[Staged]:
+        staged = [Staged(i.path, i.url, remote_dir=i.kind is Kind.DIRECTORY) for i in task.inputs if i.url]
         # an update() output is changed in place: its old content goes in too
-        local += [o.path for o in task.outputs if o.update and os.path.lexists(o.path)]
+        local = [i.path for i in task.inputs if not i.url] + [o.path for o in task.outputs if o.update]
         if local:
-            entries = self.stager.stage(local)
-            for f in entries:
-                staged.append(layout.Staged(
-                    f.path, f.url, digest=f.url.rsplit("/", 1)[-1] if f.url else "", link=f.link,
-                    directory=f.directory, mode=f.mode, mtime_ns=f.mtime_ns, size=max(f.size, 0)))
+            # Snakemake checks a job's inputs before it hands the job over; a local path
+            # missing here is a workflow source it lists but nothing made (e.g. a wrapper's
+            # environment.yaml): on Docker a missing path is simply not there either
+            entries = self.stager.stage(local, missing_ok=True)
+            staged += entries
             # the directories on the way get the client's modes and times too, where they may
-            staged += [layout.Staged(a.path, directory=True, mode=a.mode, mtime_ns=a.mtime_ns, ancestor=True)
-                       for a in tree.ancestors([f.path for f in entries])]
+            staged += [Staged(a.path, directory=True, mode=a.mode, mtime_ns=a.mtime_ns, ancestor=True)
+                       for a in tree.ancestors([e.path for e in entries])]
         return staged
 
     def _source_set(self, paths: Tuple[str, ...]) -> Tuple[str, str]:
