@@ -374,7 +374,7 @@ def runs_concurrently(job: Any) -> bool:
 
 def tasks_for(job: Any, ctx: JobContext) -> List[TaskSpec]:
     """The tasks that start now: the job's, or for a group whose jobs run directly one
-    after another, its first job's (``groups.later_tasks`` builds the others)."""
+    after another, its first job's (``groups.Order`` builds the others')."""
     singles = single_jobs(job)
     for single in singles:
         _envmodules(single, ctx)

@@ -70,7 +70,7 @@ class _Submission:
     handle: str
     task: TaskSpec
     tag: str  # value of TAG_SUBMISSION
-    key: str  # runs/<run>/<handle>
+    prefix: str  # of its objects in the store: runs/<run>/<handle>
     run: str  # the run that created it (another for an adopted task)
     future: Optional[Future] = None
     tes_id: Optional[str] = None
@@ -158,10 +158,10 @@ class TesBackend:
     def take_orphan(self, orphan: Orphan, task: TaskSpec) -> str:
         tes_id, tag = orphan.ref
         run, old_handle = tag.split(":", 1)
-        key = f"runs/{run}/{old_handle}"
         with self._lock:
             handle = self._new_handle(task)
-            sub = _Submission(handle=handle, task=task, tag=tag, key=key, run=run, tes_id=tes_id)
+            sub = _Submission(handle=handle, task=task, tag=tag, prefix=f"runs/{run}/{old_handle}",
+                              run=run, tes_id=tes_id)
             self._subs[handle] = sub
         self._monitor_of(sub).add(tes_id)
         return handle
@@ -191,7 +191,7 @@ class TesBackend:
             handle = self._new_handle(task)
             sub = _Submission(
                 handle=handle, task=task, tag=f"{self.run_id}:{handle}",
-                key=f"runs/{self.run_id}/{handle}", run=self.run_id, live=live_logs(task),
+                prefix=f"runs/{self.run_id}/{handle}", run=self.run_id, live=live_logs(task),
             )
             self._subs[handle] = sub
         sub.future = self._pool.submit(self._stage_and_create, sub)
@@ -216,7 +216,7 @@ class TesBackend:
                     TAG_RULE: sub.task.label, TAG_SUBMISSION: sub.tag,
                     TAG_KEY: self.orphan_key(sub.task), TAG_PRODUCTS: products_id(sub.task)}
             source_set = self._source_set(sub.task.sources) if sub.task.sources else None
-            body = task_body(to_tes_task(sub.task, staged, self.store.url(sub.key), tags, source_set))
+            body = task_body(to_tes_task(sub.task, staged, self.store.url(sub.prefix), tags, source_set))
             if sub.canceled or self._closing:
                 return
             tes_id = self.api.create_task(body, TAG_SUBMISSION, sub.tag, stopping=lambda: self._closing)
@@ -361,7 +361,7 @@ class TesBackend:
             # perhaps an input removed from the store meanwhile: a retry of the job looks its
             # inputs up again instead of trusting this run's memory
             self.stager.forget(sub.digests)
-        return self.collector.collect(full, sub.key, sub.handle, task, sub.staged_bytes, sub.live)
+        return self.collector.collect(full, sub.prefix, sub.handle, task, sub.staged_bytes, sub.live)
 
     def release(self, handles: Sequence[str]) -> None:
         for h in handles:
@@ -374,7 +374,7 @@ class TesBackend:
                     # a chain that failed while its task still ran: the task must not outlive it
                     self._pool.submit(self._cancel_quietly, sub.tes_id)
             if not self.options.keep_run_objects:
-                self._pool.submit(self._delete_objects, sub.key)
+                self._pool.submit(self._delete_objects, sub.prefix)
 
     def _cancel_quietly(self, task_id: str) -> None:
         try:
@@ -382,10 +382,10 @@ class TesBackend:
         except CrankError:
             pass  # refused or no answer: the run's shutdown and the next start try again
 
-    def _delete_objects(self, key: str) -> None:
+    def _delete_objects(self, prefix: str) -> None:
         try:
-            for k, _ in self.store.list(key):
-                self.store.delete(k)
+            for key, _ in self.store.list(prefix):
+                self.store.delete(key)
         except CrankError:
             pass  # left for a lifecycle rule; never worth failing a job
 
