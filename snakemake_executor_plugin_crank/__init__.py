@@ -1,5 +1,5 @@
-"""crank: every Snakemake job becomes a container task, on a Docker engine or on a GA4GH TES
-server."""
+"""crank: every Snakemake job becomes a container task on one of the backends that
+``backends/registry.py`` names (a Docker engine, a GA4GH TES server)."""
 
 from snakemake_interface_executor_plugins.settings import CommonSettings
 

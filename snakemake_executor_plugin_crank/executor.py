@@ -1,4 +1,4 @@
-"""Snakemake's RemoteExecutor glue: jobs in, tasks through the runner, outcomes out."""
+"""Snakemake's RemoteExecutor glue: jobs in, tasks through the status rounds, outcomes out."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from .adapter.record import JobRecord
 from .adapter.trace import Trace
 from .backends import registry
 from .errors import CrankError, ImageUnavailable
-from .runner import RoundFailed, Runner
+from .rounds import Chain, Outcome, RoundFailed, Rounds
 from .settings import ExecutorSettings, backend_from, image_message
 from .task import Adopted
 
@@ -68,7 +68,7 @@ class Executor(RemoteExecutor):
                 "canceled (if Snakemake asks for it, run again with --rerun-incomplete)"
             )
         remote = self.workflow.remote_execution_settings
-        self.runner = Runner(
+        self.rounds = Rounds(
             self.backend,
             preemptible_retries=remote.preemptible_retries or 0,
             tolerance_s=self.settings.backend_tolerance,
@@ -124,7 +124,7 @@ class Executor(RemoteExecutor):
         writable = storage.server_writable(
             self.settings.storage_prefix, self.settings.storage_endpoint
         )
-        return lambda job: {} if self._cacheable(job) else writable(job)
+        return lambda job: {} if storage.cacheable(job, self.workflow) else writable(job)
 
     def _warn_once(self, message: str) -> None:
         if message not in self._warned:
@@ -162,8 +162,8 @@ class Executor(RemoteExecutor):
             record.backups = outputs.prepare(job, tasks, self.workflow.async_run,
                                              keep_outputs=adopted is not None)
             record.places.update(outputs.benchmark_places(tasks))
-            later = record.later(groups.later_tasks(job, tasks, self.context))
-            record.chain = self.runner.start(record.track(tasks), later, adopted=adopted)
+            record.order = groups.order(job, record.launch, self.context)
+            record.chain = self.rounds.start(record.track(tasks), record.to_come, adopted=adopted)
         except ImageUnavailable as e:
             self._report_error(info, self._image_message(job, e))
             return
@@ -223,7 +223,7 @@ class Executor(RemoteExecutor):
         ceiling = self.workflow.remote_execution_settings.seconds_between_status_checks
         try:
             async with self.status_rate_limiter:
-                ended = self.runner.step(chains)
+                done = self.rounds.step(chains)
         except RoundFailed as e:
             failing_for = e.failing_for
             if not e.given_up:
@@ -234,7 +234,7 @@ class Executor(RemoteExecutor):
                 return
             # remove the tasks before reporting: Snakemake then deletes whatever they wrote
             try:
-                self.runner.cancel(chains)
+                self.rounds.cancel(chains)
                 removed = True
             except CrankError:
                 removed = False
@@ -248,17 +248,22 @@ class Executor(RemoteExecutor):
             return
         if self._canceling:
             return  # canceled while the round ran
+        records = {info.aux["record"].chain: info.aux["record"] for info in active_jobs}
+        for chain, results in done.succeeded.items():
+            for task, result in results:
+                records[chain].succeeded(task, result)
+        for chain in done.waiting:
+            outcome = self._next_tasks(chain, records[chain])
+            if outcome is not None:
+                done.ended[chain] = outcome
         for info in active_jobs:
             record = info.aux["record"]
             chain = record.chain
-            for task, result in chain.succeeded:
-                record.succeeded(task, result)
-            outcome = ended.get(chain)
+            outcome = done.ended.get(chain)
             if outcome is None:
                 yield info
                 continue
-            self._trace.add(info.job, chain.ended, self.logger.warning)
-            chain.ended.clear()
+            self._trace.add(info.job, outcome.attempts, self.logger.warning)
             problem = None
             if outcome.ok:
                 problem = await self._after_success(record)
@@ -273,10 +278,21 @@ class Executor(RemoteExecutor):
                     message = self._image_message(info.job, outcome.error)
                 self._report_error(info, problem or message, outcome.log_files)
             self._release(chain)
-        still = [c for c in chains if c not in ended]
-        self.next_seconds_between_status_checks = Runner.next_interval(
-            still, self.runner.clock(), ceiling
+        still = [c for c in chains if c not in done.ended]
+        self.next_seconds_between_status_checks = Rounds.next_interval(
+            still, self.rounds.clock(), ceiling
         )
+
+    def _next_tasks(self, chain: Chain, record: JobRecord) -> Optional[Outcome]:
+        """A group's next job started in the round its job before succeeded, as locally;
+        the chain's outcome when that ends it."""
+        try:
+            tasks = record.next_tasks()
+        except CrankError as e:
+            return self.rounds.failed(chain, str(e), e)
+        except OSError as e:  # e.g. a touch() output that cannot be made
+            return self.rounds.failed(chain, f"{chain.current.label}: {e}")
+        return self.rounds.extend(chain, tasks)
 
     def _image_message(self, job, error: ImageUnavailable) -> str:
         source = jobs.image_source(job, self.context)
@@ -301,7 +317,7 @@ class Executor(RemoteExecutor):
                 return problem
             outputs.forget(record.backups)
             record.backups = []
-        return await self._to_cache(job)
+        return await storage.to_cache(job, self.workflow)
 
     def _retrieve(self, job) -> None:
         try:
@@ -331,41 +347,17 @@ class Executor(RemoteExecutor):
         except Exception as e:  # the job's own failure is what gets reported
             self.logger.warning(f"crank: cannot store the logs of job {job.jobid} ({e})")
 
-    def _cacheable(self, job) -> bool:
-        return (
-            self.workflow.output_file_cache is not None
-            and not job.is_group()
-            and bool(job.rule.cache and job.rule.cache.output)
-        )
-
     def _from_cache(self, job) -> bool:
-        """A job of a cache: True rule (with --cache) whose outputs the between-workflow
-        cache holds: they are restored and the job succeeds without a task, as locally."""
-        from snakemake.exceptions import CacheMissException
-
-        if not self._cacheable(job):
+        """A job whose outputs the between-workflow cache holds succeeds without a task,
+        as locally."""
+        if not storage.restore_cached(job, self.workflow):
             return False
-        try:
-            self.workflow.async_run(job.rule.cache.fetch(job))
-        except CacheMissException:
-            return False
-        # as after a job that ran: outputs in a default storage provider go there
-        self.workflow.async_run(storage.store_outputs(job))
         self.report_job_success(SubmittedJobInfo(job))
         return True
 
-    async def _to_cache(self, job) -> Optional[str]:
-        if not self._cacheable(job):
-            return None
-        try:
-            await job.rule.cache.store(job)
-        except Exception as e:  # Snakemake's message: an unwritable cache, ...
-            return f"rule {job.rule.name}: storing its outputs in the cache failed: {e}"
-        return None
-
     def _release(self, chain) -> None:
         try:
-            self.runner.release(chain)
+            self.rounds.release(chain)
         except CrankError as e:
             # the outcome is reported; what is left is removed at shutdown or next start
             self.logger.warning(f"crank: {e}")
@@ -395,7 +387,7 @@ class Executor(RemoteExecutor):
             self._detached = True
             return
         try:
-            self.runner.cancel([info.aux["record"].chain for info in active_jobs])
+            self.rounds.cancel([info.aux["record"].chain for info in active_jobs])
         except CrankError as e:
             # shutdown tries again; the next start in this workdir removes what is left
             self.logger.warning(f"crank: {e}")

@@ -160,7 +160,7 @@ def test_a_task_index_naming_an_unknown_product_is_refused():
 def test_what_crank_placed_is_listed_by_tops_and_directories_made_whole():
     """The task tells what the job made from what crank put there without a line per file of
     a directory input (a task body must not grow with what a directory holds)."""
-    from snakemake_executor_plugin_crank.backends.tes.layout import Staged
+    from snakemake_executor_plugin_crank.staging.staged import Staged
     from snakemake_executor_plugin_crank.backends.tes.script import _time, placed_list
 
     task = TaskSpec(name="t", label="rule t", job_id="1", attempt=1, image="i", script="true",

@@ -7,7 +7,7 @@ import pytest
 import requests
 
 from snakemake_executor_plugin_crank.backends.docker import DockerBackend
-from snakemake_executor_plugin_crank.runner import Runner
+from snakemake_executor_plugin_crank.rounds import Rounds
 from snakemake_executor_plugin_crank.task import Resources, TaskSpec
 
 from conftest import BUSYBOX, wait_for
@@ -23,9 +23,9 @@ def _task(tmp_path, name, script):
 
 def test_engine_error_in_one_chain_keeps_the_outcome_of_another(docker_api, tmp_path):
     backend = DockerBackend(uuid.uuid4().hex, str(tmp_path))
-    runner = Runner(backend)
-    single = runner.start([_task(tmp_path, "single", "true")])
-    group = runner.start([_task(tmp_path, "first", "true"), _task(tmp_path, "second", "true")])
+    rounds = Rounds(backend)
+    single = rounds.start([_task(tmp_path, "single", "true")])
+    group = rounds.start([_task(tmp_path, "first", "true"), _task(tmp_path, "second", "true")])
     wait_for(lambda: all(row["State"] == "exited" for row in docker_api.containers(
         all=True, filters={"label": f"crank.run={backend.run_id}"})), 30, "both tasks to end")
 
@@ -44,12 +44,12 @@ def test_engine_error_in_one_chain_keeps_the_outcome_of_another(docker_api, tmp_
     try:
         def settled():
             try:
-                ended = runner.step([c for c in (single, group) if c not in outcomes])
+                ended = rounds.step([c for c in (single, group) if c not in outcomes]).ended
             except requests.ConnectionError:
                 return False  # a failed round: try again
             for chain, outcome in ended.items():
                 outcomes[chain] = outcome
-                runner.release(chain)
+                rounds.release(chain)
             return len(outcomes) == 2
 
         wait_for(settled, 30, "both chains to end")

@@ -1,4 +1,4 @@
-"""The runner's own logic (wall time, tolerance) with a fake backend and clock: no
+"""The status rounds' own logic (wall time, tolerance) with a fake backend and clock: no
 Snakemake, no engine, no sleeping; then the wall-time kill end to end through the fault
 proxy."""
 
@@ -9,7 +9,7 @@ import uuid
 import pytest
 
 from snakemake_executor_plugin_crank.errors import BackendUnavailable, CrankError
-from snakemake_executor_plugin_crank.runner import RoundFailed, Runner
+from snakemake_executor_plugin_crank.rounds import RoundFailed, Rounds
 from snakemake_executor_plugin_crank.task import Adopted, Resources, State, TaskResult, TaskSpec
 
 from conftest import containers_of, copy_workflow, snakemake
@@ -48,12 +48,12 @@ class Clock:
 
 
 def test_the_rounds_status_request_failing_is_given_up_after_the_tolerance_once_in_a_row():
-    """One clock, the runner's: a round that answers starts it again."""
+    """One clock, the rounds': a round that answers starts it again."""
     backend, clock = FakeBackend(), Clock()
     task = TaskSpec(name="t", label="rule t", job_id="1", attempt=1, image="i", script=":",
                     workdir="/w", log_dir="/w/logs")
-    runner = Runner(backend, clock=clock, tolerance_s=60)
-    chain = runner.start([task])
+    rounds = Rounds(backend, clock=clock, tolerance_s=60)
+    chain = rounds.start([task])
     answer = backend.poll
 
     def failing(handles):
@@ -64,30 +64,30 @@ def test_the_rounds_status_request_failing_is_given_up_after_the_tolerance_once_
     for now in (0, 59, 100):
         clock.now = now
         with pytest.raises(RoundFailed) as failed:
-            runner.step([chain])
+            rounds.step([chain])
         seen.append((failed.value.failing_for, failed.value.given_up))
     assert seen == [(0, False), (59, False), (100, True)]
     backend.poll = answer
-    runner.step([chain])
+    rounds.step([chain])
     backend.poll = failing
     clock.now = 200
     with pytest.raises(RoundFailed) as failed:
-        runner.step([chain])
+        rounds.step([chain])
     assert (failed.value.failing_for, failed.value.given_up) == (0, False)
 
 
-def run_rounds(stop_errors, rounds, tolerance_s=120.0):
+def run_rounds(stop_errors, count, tolerance_s=120.0):
     backend, clock = FakeBackend(stop_errors), Clock()
     task = TaskSpec(name="slow", label="rule slow", job_id="1", attempt=1, image="i",
                     script="sleep 600", workdir="/w", resources=Resources(runtime_s=60),
                     log_dir="/w/logs")
-    runner = Runner(backend, clock=clock, tolerance_s=tolerance_s)
-    chain = runner.start([task])
-    runner.step([chain])  # seen running: its wall time starts
+    rounds = Rounds(backend, clock=clock, tolerance_s=tolerance_s)
+    chain = rounds.start([task])
+    rounds.step([chain])  # seen running: its wall time starts
     outcomes = []
-    for _ in range(rounds):
+    for _ in range(count):
         clock.now += 61
-        outcomes.append(runner.step([chain]).get(chain))
+        outcomes.append(rounds.step([chain]).ended.get(chain))
     return backend, outcomes
 
 
@@ -116,15 +116,15 @@ def test_a_task_preempted_after_its_wall_time_is_not_run_again():
     task = TaskSpec(name="slow", label="rule slow", job_id="1", attempt=1, image="i",
                     script="sleep 600", workdir="/w",
                     resources=Resources(runtime_s=60, preemptible=True), log_dir="/w/logs")
-    runner = Runner(backend, clock=clock, preemptible_retries=3)
-    chain = runner.start([task])
-    runner.step([chain])
+    rounds = Rounds(backend, clock=clock, preemptible_retries=3)
+    chain = rounds.start([task])
+    rounds.step([chain])
     backend.stop_errors = [BackendUnavailable("the server did not answer")]
     clock.now += 61
-    assert runner.step([chain]) == {}  # over its wall time; the stop failed
+    assert rounds.step([chain]).ended == {}  # over its wall time; the stop failed
     backend.state = State.PREEMPTED  # reclaimed before the stop went through
     clock.now += 1
-    outcome = runner.step([chain])[chain]
+    outcome = rounds.step([chain]).ended[chain]
     assert not outcome.ok and "wall time exceeded" in outcome.message
     assert chain.preemptions == 0
 
@@ -200,12 +200,12 @@ def test_an_interrupted_task_runs_again_once_then_fails():
     backend.submit = lambda task: submitted.append(task) or f"h{len(submitted)}"
     task = TaskSpec(name="t", label="rule t", job_id="1", attempt=1, image="i",
                     script="true", workdir="/w", log_dir="/w/logs")
-    runner = Runner(backend, clock=clock)
-    chain = runner.start([task])
+    rounds = Rounds(backend, clock=clock)
+    chain = rounds.start([task])
     backend.state = State.INTERRUPTED  # e.g. the engine restarted under it
-    assert runner.step([chain]) == {}
+    assert rounds.step([chain]).ended == {}
     assert len(submitted) == 2 and chain.handle == "h2" and chain.spent == ["h1"]
-    outcome = runner.step([chain])[chain]  # interrupted again: reported this time
+    outcome = rounds.step([chain]).ended[chain]  # interrupted again: reported this time
     assert not outcome.ok and len(submitted) == 2
 
 
@@ -214,7 +214,7 @@ def test_an_adopted_task_is_followed_not_submitted():
     backend.submit = lambda task: pytest.fail("submitted")
     task = TaskSpec(name="t", label="rule t", job_id="1", attempt=1, image="i",
                     script="true", workdir="/w", log_dir="/w/logs")
-    chain = Runner(backend).start([task], adopted=Adopted("theirs"))
+    chain = Rounds(backend).start([task], adopted=Adopted("theirs"))
     assert chain.handle == "theirs"
 
 
@@ -223,12 +223,12 @@ def test_an_adopted_tasks_wall_time_counts_from_its_start_not_from_the_adoption(
     task = TaskSpec(name="slow", label="rule slow", job_id="1", attempt=1, image="i",
                     script="sleep 600", workdir="/w", resources=Resources(runtime_s=60),
                     log_dir="/w/logs")
-    runner = Runner(backend, clock=clock)
-    chain = runner.start([task], adopted=Adopted("theirs", ran_s=50))
-    assert runner.step([chain]) == {}
+    rounds = Rounds(backend, clock=clock)
+    chain = rounds.start([task], adopted=Adopted("theirs", ran_s=50))
+    assert rounds.step([chain]).ended == {}
     clock.now += 11  # 61 s since it started, 11 s since it was adopted
-    assert runner.step([chain]) == {} and backend.stops == 1
-    outcome = runner.step([chain])[chain]
+    assert rounds.step([chain]).ended == {} and backend.stops == 1
+    outcome = rounds.step([chain]).ended[chain]
     assert not outcome.ok and "wall time exceeded (runtime limit 1 min)" in outcome.message
 
 
@@ -236,4 +236,4 @@ def test_an_adopted_tasks_wall_time_counts_from_its_start_not_from_the_adoption(
 def test_the_wall_time_message_says_the_limit_as_asked(seconds, shown):
     task = TaskSpec(name="t", label="rule t", job_id="1", attempt=1, image="i", script="true",
                     workdir="/w", resources=Resources(runtime_s=seconds), log_dir="/w/logs")
-    assert Runner._wall_time(task) == f"wall time exceeded (runtime limit {shown})"
+    assert Rounds._wall_time(task) == f"wall time exceeded (runtime limit {shown})"

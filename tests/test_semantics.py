@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from snakemake_executor_plugin_crank.errors import CrankError
-from snakemake_executor_plugin_crank.runner import Runner
+from snakemake_executor_plugin_crank.rounds import Rounds
 from snakemake_executor_plugin_crank.task import Resources, State, TaskResult, TaskSpec
 
 from conftest import SNAKEMAKE_IMAGE, containers_of, copy_workflow, snakemake
@@ -229,55 +228,45 @@ class InstantBackend:
         return TaskResult(ok=True)
 
 
-def test_a_groups_later_tasks_are_built_when_they_start():
-    """The chain calls a later job's builder only once the tasks before it have finished;
-    an error of the builder fails the chain with its message."""
+def test_a_groups_later_tasks_are_handed_down_in_the_round_the_tasks_before_them_succeed():
+    """A chain whose tasks so far succeeded waits for its next ones: the round says so,
+    submits nothing for it, and the tasks handed down (``extend``) start in that round; a
+    chain that waits is listed again until it gets them."""
     backend = InstantBackend()
-    built = []
-
-    def second():
-        built.append(list(backend.submitted))
-        return [instant_task("b1"), instant_task("b2")]
-
-    def third():
-        raise CrankError("rule c: cannot evaluate its params or resources: why")
-
-    runner = Runner(backend)
-    chain = runner.start([instant_task("a")], [second, third])
-    assert built == [] and backend.submitted == ["a"]
-    assert runner.step([chain]) == {}
-    assert built == [["a"]] and backend.submitted == ["a", "b1"]
-    assert runner.step([chain]) == {}
-    assert backend.submitted == ["a", "b1", "b2"]
-    outcome = runner.step([chain])[chain]
+    rounds = Rounds(backend)
+    chain = rounds.start([instant_task("a")], to_come=2)
+    done = rounds.step([chain])
+    assert done.ended == {} and done.waiting == [chain] and backend.submitted == ["a"]
+    assert rounds.step([chain]).waiting == [chain] and backend.submitted == ["a"]
+    assert rounds.extend(chain, [instant_task("b1"), instant_task("b2")]) is None
+    assert backend.submitted == ["a", "b1"]
+    done = rounds.step([chain])
+    assert done.waiting == [] and backend.submitted == ["a", "b1", "b2"]
+    assert rounds.step([chain]).waiting == [chain]
+    outcome = rounds.failed(chain, "rule c: cannot evaluate its params or resources: why")
     assert not outcome.ok
     assert outcome.message == "rule c: cannot evaluate its params or resources: why"
+    assert [a.task.name for a in outcome.attempts] == ["a", "b1", "b2"]
 
 
 def test_the_tasks_that_succeed_are_reported_with_the_round_not_to_the_caller():
-    """The runner calls nothing of its caller: each round, a chain's ``succeeded`` lists
-    its tasks that succeeded in that round with their results; a group's later builder
-    runs right after the task before it succeeded, before the next task is submitted."""
+    """The rounds call nothing of their caller: each round returns the tasks that
+    succeeded in it with their results, and the chains that wait for their next tasks."""
 
     class Timed(InstantBackend):
         def result(self, handle, task):
             return TaskResult(ok=True, seconds=float(len(task.name)), reason=f"{task.name} ok")
 
     backend = Timed()
-    seen_by_builder = []
-
-    def later():
-        seen_by_builder.append(list(backend.submitted))
-        return [instant_task("bb")]
-
-    assert "on_success" not in Runner.__init__.__code__.co_varnames
-    runner = Runner(backend)
-    chain = runner.start([instant_task("a")], [later])
-    assert runner.step([chain]) == {}
-    assert [(t.name, r.seconds, r.reason) for t, r in chain.succeeded] == [("a", 1.0, "a ok")]
-    assert seen_by_builder == [["a"]] and backend.submitted == ["a", "bb"]
-    assert runner.step([chain])[chain].ok
-    assert [(t.name, r.seconds) for t, r in chain.succeeded] == [("bb", 2.0)]
+    rounds = Rounds(backend)
+    chain = rounds.start([instant_task("a")], to_come=1)
+    done = rounds.step([chain])
+    assert done.ended == {} and done.waiting == [chain]
+    assert [(t.name, r.seconds, r.reason) for t, r in done.succeeded[chain]] == [("a", 1.0, "a ok")]
+    rounds.extend(chain, [instant_task("bb")])
+    done = rounds.step([chain])
+    assert done.ended[chain].ok and done.waiting == []
+    assert [(t.name, r.seconds) for t, r in done.succeeded[chain]] == [("bb", 2.0)]
 
 
 # ------------------------------------------------------------------ long commands (item 5)

@@ -773,9 +773,9 @@ def test_file_store_stages_and_deduplicates(tmp_path):
 def test_remote_inputs_pass_through(s3_prefix, tmp_path):
     s = stager(s3_prefix, tmp_path)
     staged = s.stage(["s3://other-bucket/reads.fq.gz", "gs://b/ref.fa"])
-    assert [(x.path, x.url, x.size) for x in staged] == [
-        ("s3://other-bucket/reads.fq.gz", "s3://other-bucket/reads.fq.gz", -1),
-        ("gs://b/ref.fa", "gs://b/ref.fa", -1),
+    assert [(x.path, x.url, x.digest, x.mode) for x in staged] == [
+        ("s3://other-bucket/reads.fq.gz", "s3://other-bucket/reads.fq.gz", "", None),
+        ("gs://b/ref.fa", "gs://b/ref.fa", "", None),
     ]
     assert objects(s3_prefix) == {}
 

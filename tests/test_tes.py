@@ -29,6 +29,7 @@ from snakemake_executor_plugin_crank.backends.tes.http import Session, redact
 from snakemake_executor_plugin_crank.backends.tes.opening import open_tes_backend as TesBackend
 from snakemake_executor_plugin_crank.errors import CrankError
 from snakemake_executor_plugin_crank.staging.cas import file_key
+from snakemake_executor_plugin_crank.staging.staged import Staged
 from snakemake_executor_plugin_crank.staging.store import Store
 from snakemake_executor_plugin_crank.task import Input, Kind, Output, Resources, State, TaskSpec
 
@@ -516,7 +517,7 @@ def example_task(tmp_path: Path) -> TaskSpec:
 
 
 def test_resources_are_mapped_exactly(tmp_path):
-    staged = [layout.Staged(str(tmp_path / "a.txt"), "s3://b/cas/sha256/" + "0" * 64, "0" * 64, mode=0o644)]
+    staged = [Staged(str(tmp_path / "a.txt"), "s3://b/cas/sha256/" + "0" * 64, "0" * 64, mode=0o644)]
     body = task_body(to_tes_task(example_task(tmp_path), staged, "s3://b/runs/r/1-1", {"crank-run": "r"}))
     assert body["resources"] == {"cpu_cores": 2, "ram_gb": 1.5, "disk_gb": 2.5, "preemptible": True,
                                  "backend_parameters": {"gpus": "1", "gpu_model": "a100"}}
@@ -537,8 +538,8 @@ def test_request_bodies_validate_against_the_tes_1_1_schema(tmp_path):
 
     spec = yaml.safe_load(Path(path).read_text())
     assert spec["info"]["version"].startswith("1.1")
-    staged = [layout.Staged(str(tmp_path / "a.txt"), "s3://b/cas/sha256/" + "0" * 64, "0" * 64, mode=0o644),
-              layout.Staged("/data/ref", "s3://b/ref", remote_dir=True)]
+    staged = [Staged(str(tmp_path / "a.txt"), "s3://b/cas/sha256/" + "0" * 64, "0" * 64, mode=0o644),
+              Staged("/data/ref", "s3://b/ref", remote_dir=True)]
     body = task_body(to_tes_task(example_task(tmp_path), staged, "s3://b/runs/r/1-1",
                                  {"crank-run": "r", "crank-job": "1-1"}))
     schema = {**spec["components"]["schemas"]["tesTask"], "components": spec["components"]}

@@ -11,7 +11,7 @@ from snakemake_executor_plugin_crank.backends.docker.mounts import plan_mounts
 from snakemake_executor_plugin_crank.adapter.resources import from_snakemake
 from snakemake_executor_plugin_crank.errors import CrankError, failure_message
 from snakemake_executor_plugin_crank.limits import fit
-from snakemake_executor_plugin_crank.runner import Runner
+from snakemake_executor_plugin_crank.rounds import Rounds
 from snakemake_executor_plugin_crank.task import (
     Capacity,
     Resources,
@@ -131,9 +131,9 @@ def test_poll_interval_is_short_for_young_tasks_and_bounded():
         def __init__(self, since):
             self.running_since = since
 
-    assert Runner.next_interval([C(99.9)], now=100.0, ceiling=10) == 0.1
-    assert Runner.next_interval([C(0.0)], now=1000.0, ceiling=10) == 10
-    assert Runner.next_interval([], now=5.0, ceiling=10) == 0.1
+    assert Rounds.next_interval([C(99.9)], now=100.0, ceiling=10) == 0.1
+    assert Rounds.next_interval([C(0.0)], now=1000.0, ceiling=10) == 10
+    assert Rounds.next_interval([], now=5.0, ceiling=10) == 0.1
 
 
 @pytest.mark.parametrize(
@@ -343,7 +343,7 @@ V1_BEFORE = ("memory/memory.max_usage_in_bytes 5000000\ncpuacct/cpuacct.usage 12
     ("--\n" + V1, (0.062962758, 105.725952, 2.0, 4.0)),
     ("--\nmemory/memory.max_usage_in_bytes 1000000\ncpuacct/cpuacct.usage 1000000000\n"
      "blkio/blkio.throttle.io_service_bytes Total 0\n", (1.0, 1.0, 0.0, 0.0)),
-    # a warm runner: what the job used is the difference, its peak its own when it raised it
+    # a warm rounds: what the job used is the difference, its peak its own when it raised it
     (V1_BEFORE + "--\n" + V1, (0.05, 105.725952, 1.0, 4.0)),
     (V1.replace("105725952", "5000000") + "--\n" + V1.replace("105725952", "5000000"),
      (0.0, None, 0.0, 0.0)),
@@ -351,7 +351,7 @@ V1_BEFORE = ("memory/memory.max_usage_in_bytes 5000000\ncpuacct/cpuacct.usage 12
     ("--\n", (None, None, None, None)),
     ("", (None, None, None, None)),
     (V1_BEFORE + "--\n", (None, None, None, None)),
-    (V1_BEFORE, (None, None, None, None)),  # a runner killed with its job: only the reading before
+    (V1_BEFORE, (None, None, None, None)),  # a rounds killed with its job: only the reading before
 ], ids=["v2", "v1", "v1-no-io", "warm", "warm-below-earlier-peak", "none", "empty", "no-after", "killed"])
 def test_a_jobs_usage_is_read_from_its_cgroup(text, expected):
     from snakemake_executor_plugin_crank.backends.cgroup import usage

@@ -192,7 +192,7 @@ def test_a_runner_killed_under_its_task_ends_the_task_at_once_as_interrupted(doc
     wait_for(lambda: backend.poll([handle])[handle] is State.RUNNING, 60, "the task to start")
     runner = backend.warm.jobs[handle].runner
     docker_api.kill(runner.id)  # not crank: as an engine stopping or someone killing it
-    # not the task's doing: the runner runs it again once (test_runner.py)
+    # not the task's doing: the status rounds run it again once (test_runner.py)
     wait_for(lambda: backend.poll([handle])[handle] is State.INTERRUPTED, 30, "the task to end")
     result = backend.result(handle, task)
     assert not result.ok

@@ -1,5 +1,5 @@
-"""A group that crank runs job after job (all its jobs run directly): the tasks of its
-later jobs, built when each starts, once the jobs before it have finished.
+"""A group that crank runs job after job (all its jobs run directly): which of its later
+jobs runs next, and its tasks, built when it starts, once the jobs before it have finished.
 
 A job's ``_params_and_resources_resetted``, ``dependencies`` and ``Job`` itself belong to
 Snakemake, not to the plugin interface: that coupling stays in ``adapter/``.
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, List, Sequence
+from typing import Any, Callable, List, Optional, Sequence
 
 from snakemake.io import is_flagged
 from snakemake.jobs import Job
@@ -20,36 +20,43 @@ from . import command
 from .jobs import JobContext, shell_tasks, single_jobs
 
 
-def later_tasks(
-    job: Any, first: Sequence[TaskSpec], ctx: JobContext
-) -> List[Callable[[], List[TaskSpec]]]:
-    """For a group whose jobs run directly, after ``first`` (``tasks_for``): for each
-    later job, what builds its tasks when it starts, once the jobs before it have
-    finished. Snakemake evaluated their params and resources when it scheduled the group,
-    before the files they read existed (``input.size`` of a file still to be made is
-    ``<TBD>``); the local executor evaluates them when the job is ready."""
-    if not job.is_group() or first[0].launch is not Launch.DIRECT:
-        return []
+def order(job: Any, launch: Launch, ctx: JobContext) -> Optional["Order"]:
+    """For a group whose jobs run directly (``launch``), once its first job's tasks are
+    built (``tasks_for``): which of its later jobs runs next, each built when it starts.
+    None for any other job."""
+    if not job.is_group() or launch is not Launch.DIRECT:
+        return None
     members = single_jobs(job)
-    order = _Order(members[0], members[1:])
-    return [
-        functools.partial(_outside_event_loop, order.next_tasks, ctx) for _ in members[1:]
-    ]
+    return Order(members[0], members[1:], ctx)
 
 
-class _Order:
-    """Which of a group's jobs runs next. A job that reads a checkpoint of its group was
-    made before the checkpoint ran: its input is the checkpoint's output, not what its
-    input function returns. Once the checkpoint has run, the local executor (and Snakemake
-    running a whole group in one process for its remote executors) makes the job anew
+class Order:
+    """Which of a group's jobs runs next, and its tasks, built once the jobs before it
+    have finished. Snakemake evaluated their params and resources when it scheduled the
+    group, before the files they read existed (``input.size`` of a file still to be made is
+    ``<TBD>``); the local executor evaluates them when the job is ready.
+
+    A job that reads a checkpoint of its group was made before the checkpoint ran: its
+    input is the checkpoint's output, not what its input function returns. Once the
+    checkpoint has run, the local executor (and Snakemake running a whole group in one
+    process for its remote executors) makes the job anew
     (``Dag.update_checkpoint_dependencies``) and runs it once the jobs it now reads have
     finished: so does this, before the job's tasks are built."""
 
-    def __init__(self, first: Any, pending: Sequence[Any]):
+    def __init__(self, first: Any, pending: Sequence[Any], ctx: JobContext):
         self.finished = [first]  # started so far: all have finished when ``next_tasks`` runs
         self.pending = list(pending)
+        self.ctx = ctx
 
-    def next_tasks(self, ctx: JobContext) -> List[TaskSpec]:
+    @property
+    def to_come(self) -> int:
+        return len(self.pending)
+
+    def next_tasks(self) -> List[TaskSpec]:
+        """The tasks of the next job, once every job started so far has finished."""
+        return _outside_event_loop(self._next_tasks)
+
+    def _next_tasks(self) -> List[TaskSpec]:
         for member in self.pending:
             _read_checkpoints(member, self.finished)
         waiting = {
@@ -62,7 +69,7 @@ class _Order:
         )
         self.pending.remove(member)
         self.finished.append(member)
-        return _member_tasks(member, ctx)
+        return _member_tasks(member, self.ctx)
 
 
 def _read_checkpoints(job: Any, finished: Sequence[Any]) -> None:

@@ -15,6 +15,7 @@ import dataclasses
 import os
 import re
 import shlex
+import stat
 from dataclasses import dataclass, field
 from typing import (
     Any, Callable, Collection, Iterable, List, Mapping, Optional, Set, Tuple,
@@ -134,12 +135,16 @@ def _inputs(paths: Iterable[Any], urls: Mapping[str, str] = {}, made: Collection
     own jobs make and read)."""
     found = []
     for path in map(os.path.abspath, map(str, paths)):
-        what = None if path in urls or path in made else tree.special(path)
+        try:
+            mode = os.stat(path).st_mode
+        except OSError:
+            mode = 0  # not there (yet)
+        what = None if not mode or path in urls or path in made else tree.special(mode)
         if what:
             # a job would wait on it for ever; the local executor too
             raise CrankError(f"input {path} is {what}, not a file or directory a job can be given; "
                              "give the job a regular file instead")
-        kind = Kind.DIRECTORY if os.path.isdir(path) else Kind.FILE
+        kind = Kind.DIRECTORY if stat.S_ISDIR(mode) else Kind.FILE
         found.append(Input(path, kind, url=urls.get(path)))
     return tuple(found)
 
@@ -369,7 +374,7 @@ def runs_concurrently(job: Any) -> bool:
 
 def tasks_for(job: Any, ctx: JobContext) -> List[TaskSpec]:
     """The tasks that start now: the job's, or for a group whose jobs run directly one
-    after another, its first job's (``groups.later_tasks`` builds the others)."""
+    after another, its first job's (``groups.Order`` builds the others')."""
     singles = single_jobs(job)
     for single in singles:
         _envmodules(single, ctx)

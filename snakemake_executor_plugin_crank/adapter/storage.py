@@ -1,4 +1,5 @@
-"""Snakemake's storage layer (``storage()`` files, a default storage provider) for crank's jobs.
+"""Snakemake's storage layer (``storage()`` files, a default storage provider) and its
+between-workflow cache (``--cache``) for crank's jobs.
 
 Snakemake's job command and environment carry the settings of *every* storage plugin
 installed on the host; crank narrows them to what a job needs: the image's Snakemake gets
@@ -251,3 +252,40 @@ async def store_logs(job: Any) -> None:
         for f in single.log:
             if f.is_storage and await f.exists_local():
                 await f.store_in_storage()
+
+
+def cacheable(job: Any, workflow: Any) -> bool:
+    """A job of a ``cache: True`` rule run with --cache: its outputs go to Snakemake's
+    between-workflow cache."""
+    return (
+        workflow.output_file_cache is not None
+        and not job.is_group()
+        and bool(job.rule.cache and job.rule.cache.output)
+    )
+
+
+def restore_cached(job: Any, workflow: Any) -> bool:
+    """Whether the between-workflow cache holds the outputs of a ``cacheable`` job: then
+    they are restored, and stored as after a job that ran (outputs in a default storage
+    provider go there)."""
+    from snakemake.exceptions import CacheMissException
+
+    if not cacheable(job, workflow):
+        return False
+    try:
+        workflow.async_run(job.rule.cache.fetch(job))
+    except CacheMissException:
+        return False
+    workflow.async_run(store_outputs(job))
+    return True
+
+
+async def to_cache(job: Any, workflow: Any) -> Optional[str]:
+    """The outputs of a ``cacheable`` job that succeeded stored in the cache; why not, or None."""
+    if not cacheable(job, workflow):
+        return None
+    try:
+        await job.rule.cache.store(job)
+    except Exception as e:  # Snakemake's message: an unwritable cache, ...
+        return f"rule {job.rule.name}: storing its outputs in the cache failed: {e}"
+    return None

@@ -173,9 +173,9 @@ class DigestCache:
         """The cached digest of ``path`` if the file is unchanged since it was hashed."""
         return self._lookup(os.path.realpath(path))[0]
 
-    def _lookup(self, real: str) -> tuple[str | None, Identity]:
+    def _lookup(self, real: str, st: os.stat_result | None = None) -> tuple[str | None, Identity]:
         try:
-            identity = file_identity(os.stat(real))
+            identity = file_identity(st or os.stat(real))
         except OSError as e:
             raise CrankError(f"cannot read {real}: {e.strerror or e}") from None
         with self._lock:
@@ -187,10 +187,11 @@ class DigestCache:
             return row[5], identity
         return None, identity
 
-    def cached(self, path: str) -> tuple[str, Identity] | None:
+    def cached(self, path: str, st: os.stat_result | None = None) -> tuple[str, Identity] | None:
         """The cached digest of ``path`` and the identity (see file_identity) it was cached
-        under, when the file is unchanged since it was hashed; else None."""
-        digest, identity = self._lookup(os.path.realpath(path))
+        under, when the file is unchanged since it was hashed; else None. ``st``: the file's
+        stat when the caller has just taken it."""
+        digest, identity = self._lookup(os.path.realpath(path), st)
         if digest is None:
             return None
         with self._lock:

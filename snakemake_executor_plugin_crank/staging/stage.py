@@ -24,6 +24,7 @@ from . import tree
 from .digest import DigestCache, Identity, check
 from .cas import LIST_FROM, LIST_PAGE, LISTED_PER_GROUP, Listings, cas_digest, dir_key, file_key, manifest_bytes
 from .install import install
+from .staged import Staged
 from .store import ContentChanged, Store
 
 _REMOTE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
@@ -44,22 +45,6 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     raise AssertionError  # unreachable
-
-
-@dataclass(frozen=True)
-class StagedFile:
-    """One entry a task must hold for its inputs, at ``path`` (see ``tree``): a file whose
-    content is at ``url``, a directory (``directory``) or a symlink (``link``); or a remote
-    input passed through (``path`` and ``url`` its URL, ``size`` -1)."""
-
-    path: str
-    url: str  # where the file's content is in the store; "" for a directory or a link
-    size: int  # bytes; -1 for a remote input (crank does not look it up)
-    link: str = ""  # a symlink with this target text
-    directory: bool = False
-    # the client's permission bits and modification time (the store keeps content alone)
-    mode: int = 0
-    mtime_ns: int = 0
 
 
 @dataclass
@@ -102,24 +87,25 @@ class Stager:
 
     # ------------------------------------------------------------------ inputs
 
-    def stage(self, paths: Sequence[str]) -> list[StagedFile]:
+    def stage(self, paths: Sequence[str], missing_ok: bool = False) -> list[Staged]:
         """Put every local file (a directory: each file in it, then its manifest) in the store.
         Remote URLs pass through. Returns every entry a task needs to rebuild the inputs as the
-        client has them (``tree.plan``), then the remote inputs."""
+        client has them (``tree.plan``; ``missing_ok``: a path that is not there is left out),
+        then the remote inputs."""
         self._begin()
         try:
-            return self._stage(paths)
+            return self._stage(paths, missing_ok)
         finally:
             self._end()
 
-    def _stage(self, paths: Sequence[str]) -> list[StagedFile]:
+    def _stage(self, paths: Sequence[str], missing_ok: bool) -> list[Staged]:
         remote = [p for p in paths if is_remote(p)]
         local = [os.path.abspath(p[len("file://"):] if p.startswith("file://") else p)
                  for p in paths if not is_remote(p)]
-        planned = tree.plan(local) if local else tree.Plan()
+        planned = tree.plan(local, missing_ok) if local else tree.Plan()
 
         # one task per distinct file; identical content in different files is handled in _put
-        files = [e.path for e in planned.files()]
+        files = planned.files()
         listings = None
         if len(files) >= LIST_FROM and self.store.kind != "file":
             listings = Listings(self.store, max(LIST_PAGE, LISTED_PER_GROUP * -(-len(files) // 256)))
@@ -131,21 +117,21 @@ class Stager:
         for f in files:
             cached = self._cached(f)
             if cached is not None and self._held(cached[0], cached[1][0]):
-                done[f] = (cached[0], cached[1][0])
+                done[f.path] = (cached[0], cached[1][0])
             else:
-                tasks[f] = self._pool.submit(self._stage_file, f, listings, cached)
+                tasks[f.path] = self._pool.submit(self._stage_file, f.path, listings, cached)
         done.update(_wait_all(tasks))
 
         staged = []
         for e in planned.entries:
             if e.kind == tree.FILE:
                 digest, size = done[e.path]
-                staged.append(StagedFile(e.path, self.store.url(file_key(digest)), size,
-                                         mode=e.mode, mtime_ns=e.mtime_ns))
+                staged.append(Staged(e.path, self.store.url(file_key(digest)), digest, size,
+                                     mode=e.mode, mtime_ns=e.mtime_ns))
             else:
-                staged.append(StagedFile(e.path, "", 0, link=e.link, directory=e.kind == tree.DIR,
-                                         mode=e.mode, mtime_ns=e.mtime_ns))
-        staged.extend(StagedFile(url, url, -1) for url in remote)
+                staged.append(Staged(e.path, link=e.link, directory=e.kind == tree.DIR,
+                                     mode=e.mode, mtime_ns=e.mtime_ns))
+        staged.extend(Staged(url, url) for url in remote)
         kinds = {e.path: e.kind for e in planned.entries}
         for _, root in planned.roots:
             if kinds[root] == tree.DIR:
@@ -171,11 +157,11 @@ class Stager:
         self._stopping.set()
         self.store.abandon()
 
-    def _cached(self, path: str) -> tuple[str, Identity] | None:
-        """``path``'s cached digest and identity; None also when it cannot be read now (its
-        task then says why)."""
+    def _cached(self, entry: tree.Entry) -> tuple[str, Identity] | None:
+        """The file's cached digest and identity (its stat taken by the plan); None also
+        when it cannot be read now (its task then says why)."""
         try:
-            return self.cache.cached(path)
+            return self.cache.cached(entry.path, entry.st)
         except CrankError:
             return None
 

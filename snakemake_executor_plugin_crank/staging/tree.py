@@ -43,6 +43,8 @@ class Entry:
     mode: int = 0  # permission bits (S_IMODE); 0 for a link
     mtime_ns: int = 0
     link: str = ""  # a link's target text
+    # a file's lstat, which for a regular file is its stat: the digest cache needs no other
+    st: os.stat_result | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass
@@ -72,12 +74,8 @@ def describe(mode: int) -> str:
     return "not a regular file, directory or symlink"
 
 
-def special(path: str) -> str | None:
-    """What ``path`` (through links) is when it cannot be sent to a job, else None."""
-    try:
-        mode = os.stat(path).st_mode
-    except OSError:
-        return None
+def special(mode: int) -> str | None:
+    """What a file of this (st_mode) type is when it cannot be sent to a job, else None."""
     if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
         return None
     return describe(mode)
@@ -138,9 +136,15 @@ class _Planner:
     def _add(self, entry: Entry) -> None:
         self.entries[entry.path] = entry
 
-    def place(self, path: str, what: str) -> bool:
+    def forget_since(self, count: int) -> None:
+        """Forget the entries planned after the first ``count``."""
+        for path in list(self.entries)[count:]:
+            del self.entries[path]
+
+    def place(self, path: str, what: str, missing_ok: bool = False) -> bool:
         """Plan what the client has at ``path`` (whose directories on the way are resolved).
-        ``what`` says in a message what it is to the job. False when there is nothing."""
+        ``what`` says in a message what it is to the job. False when there is nothing (with
+        ``missing_ok``, also nothing that can be looked at)."""
         if path in self.entries:
             return True
         try:
@@ -148,6 +152,8 @@ class _Planner:
         except FileNotFoundError:
             return False
         except OSError as e:
+            if missing_ok:
+                return False
             raise CrankError(f"{path} ({what}): cannot read it ({e.strerror or e})") from None
         if stat.S_ISLNK(st.st_mode):
             self._add(Entry(path, LINK, 0, st.st_mtime_ns, os.readlink(path)))
@@ -158,7 +164,7 @@ class _Planner:
             self.place(target, f"the target of the symlink {path}")
             return True
         if stat.S_ISREG(st.st_mode):
-            self._add(Entry(path, FILE, stat.S_IMODE(st.st_mode), st.st_mtime_ns))
+            self._add(Entry(path, FILE, stat.S_IMODE(st.st_mode), st.st_mtime_ns, st=st))
             return True
         if not stat.S_ISDIR(st.st_mode):
             raise CrankError(
@@ -176,17 +182,22 @@ class _Planner:
         return True
 
 
-def plan(paths: list[str]) -> Plan:
+def plan(paths: list[str], missing_ok: bool = False) -> Plan:
     """Every entry the task needs for the local inputs ``paths`` (absolute), in a stable
-    order. A path that does not exist is an error."""
+    order. A path that does not exist is an error; with ``missing_ok`` it is left out, as
+    is one that cannot be looked at, and so are the links on the way to it."""
     planner = _Planner()
     result = Plan()
     for path in paths:
         path = os.path.normpath(path)
+        planned = len(planner.entries)
         task_path = planner.resolve(path, follow_last=False)
-        if task_path is None or not planner.place(task_path, "an input"):
+        if task_path is not None and planner.place(task_path, "an input", missing_ok):
+            result.roots.append((path, task_path))
+        elif missing_ok:
+            planner.forget_since(planned)
+        else:
             raise CrankError(f"input {path}: no such file or directory")
-        result.roots.append((path, task_path))
     result.entries = list(planner.entries.values())
     return result
 

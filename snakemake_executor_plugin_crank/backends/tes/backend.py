@@ -26,10 +26,11 @@ from ...errors import BackendUnavailable, CrankError
 from ...staging.digest import sha256_file
 from ...staging import tree
 from ...staging.stage import Stager
+from ...staging.staged import Staged
 from ...task import Adopted, Capacity, Kind, State, TaskResult, TaskSpec
 from ..adoption import Adoption, Orphan, key_of, products_id
 from ..live import LiveLog, live_logs
-from . import layout, orphans, sources
+from . import orphans, sources
 from .api import TesApi
 from .http import HttpError
 from .monitor import Monitor
@@ -69,7 +70,7 @@ class _Submission:
     handle: str
     task: TaskSpec
     tag: str  # value of TAG_SUBMISSION
-    key: str  # runs/<run>/<handle>
+    prefix: str  # of its objects in the store: runs/<run>/<handle>
     run: str  # the run that created it (another for an adopted task)
     future: Optional[Future] = None
     tes_id: Optional[str] = None
@@ -157,10 +158,10 @@ class TesBackend:
     def take_orphan(self, orphan: Orphan, task: TaskSpec) -> str:
         tes_id, tag = orphan.ref
         run, old_handle = tag.split(":", 1)
-        key = f"runs/{run}/{old_handle}"
         with self._lock:
             handle = self._new_handle(task)
-            sub = _Submission(handle=handle, task=task, tag=tag, key=key, run=run, tes_id=tes_id)
+            sub = _Submission(handle=handle, task=task, tag=tag, prefix=f"runs/{run}/{old_handle}",
+                              run=run, tes_id=tes_id)
             self._subs[handle] = sub
         self._monitor_of(sub).add(tes_id)
         return handle
@@ -190,7 +191,7 @@ class TesBackend:
             handle = self._new_handle(task)
             sub = _Submission(
                 handle=handle, task=task, tag=f"{self.run_id}:{handle}",
-                key=f"runs/{self.run_id}/{handle}", run=self.run_id, live=live_logs(task),
+                prefix=f"runs/{self.run_id}/{handle}", run=self.run_id, live=live_logs(task),
             )
             self._subs[handle] = sub
         sub.future = self._pool.submit(self._stage_and_create, sub)
@@ -215,7 +216,7 @@ class TesBackend:
                     TAG_RULE: sub.task.label, TAG_SUBMISSION: sub.tag,
                     TAG_KEY: self.orphan_key(sub.task), TAG_PRODUCTS: products_id(sub.task)}
             source_set = self._source_set(sub.task.sources) if sub.task.sources else None
-            body = task_body(to_tes_task(sub.task, staged, self.store.url(sub.key), tags, source_set))
+            body = task_body(to_tes_task(sub.task, staged, self.store.url(sub.prefix), tags, source_set))
             if sub.canceled or self._closing:
                 return
             tes_id = self.api.create_task(body, TAG_SUBMISSION, sub.tag, stopping=lambda: self._closing)
@@ -228,26 +229,19 @@ class TesBackend:
         except Exception as e:  # noqa: BLE001 - reported as the task's failure, one line
             sub.error = f"staging failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
-    def _stage(self, task: TaskSpec) -> List[layout.Staged]:
-        staged: List[layout.Staged] = []
-        # Snakemake checks a job's inputs before it hands the job over; a local path missing
-        # here is a workflow source it lists but nothing made (e.g. a wrapper's
-        # environment.yaml): on Docker a missing path is simply not there either
-        local = [i.path for i in task.inputs if not i.url and os.path.lexists(i.path)]
-        for i in task.inputs:
-            if i.url:
-                staged.append(layout.Staged(i.path, i.url, remote_dir=i.kind is Kind.DIRECTORY))
+    def _stage(self, task: TaskSpec) -> List[Staged]:
+        staged = [Staged(i.path, i.url, remote_dir=i.kind is Kind.DIRECTORY) for i in task.inputs if i.url]
         # an update() output is changed in place: its old content goes in too
-        local += [o.path for o in task.outputs if o.update and os.path.lexists(o.path)]
+        local = [i.path for i in task.inputs if not i.url] + [o.path for o in task.outputs if o.update]
         if local:
-            entries = self.stager.stage(local)
-            for f in entries:
-                staged.append(layout.Staged(
-                    f.path, f.url, digest=f.url.rsplit("/", 1)[-1] if f.url else "", link=f.link,
-                    directory=f.directory, mode=f.mode, mtime_ns=f.mtime_ns, size=max(f.size, 0)))
+            # Snakemake checks a job's inputs before it hands the job over; a local path
+            # missing here is a workflow source it lists but nothing made (e.g. a wrapper's
+            # environment.yaml): on Docker a missing path is simply not there either
+            entries = self.stager.stage(local, missing_ok=True)
+            staged += entries
             # the directories on the way get the client's modes and times too, where they may
-            staged += [layout.Staged(a.path, directory=True, mode=a.mode, mtime_ns=a.mtime_ns, ancestor=True)
-                       for a in tree.ancestors([f.path for f in entries])]
+            staged += [Staged(a.path, directory=True, mode=a.mode, mtime_ns=a.mtime_ns, ancestor=True)
+                       for a in tree.ancestors([e.path for e in entries])]
         return staged
 
     def _source_set(self, paths: Tuple[str, ...]) -> Tuple[str, str]:
@@ -367,7 +361,7 @@ class TesBackend:
             # perhaps an input removed from the store meanwhile: a retry of the job looks its
             # inputs up again instead of trusting this run's memory
             self.stager.forget(sub.digests)
-        return self.collector.collect(full, sub.key, sub.handle, task, sub.staged_bytes, sub.live)
+        return self.collector.collect(full, sub.prefix, sub.handle, task, sub.staged_bytes, sub.live)
 
     def release(self, handles: Sequence[str]) -> None:
         for h in handles:
@@ -380,7 +374,7 @@ class TesBackend:
                     # a chain that failed while its task still ran: the task must not outlive it
                     self._pool.submit(self._cancel_quietly, sub.tes_id)
             if not self.options.keep_run_objects:
-                self._pool.submit(self._delete_objects, sub.key)
+                self._pool.submit(self._delete_objects, sub.prefix)
 
     def _cancel_quietly(self, task_id: str) -> None:
         try:
@@ -388,10 +382,10 @@ class TesBackend:
         except CrankError:
             pass  # refused or no answer: the run's shutdown and the next start try again
 
-    def _delete_objects(self, key: str) -> None:
+    def _delete_objects(self, prefix: str) -> None:
         try:
-            for k, _ in self.store.list(key):
-                self.store.delete(k)
+            for key, _ in self.store.list(prefix):
+                self.store.delete(key)
         except CrankError:
             pass  # left for a lifecycle rule; never worth failing a job
 

@@ -25,9 +25,10 @@ from __future__ import annotations
 import posixpath
 import re
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
+from typing import Dict, Iterable, List, Sequence, Set, Tuple
 
 from ...errors import CrankError
+from ...staging.staged import Staged
 from ...task import TaskSpec
 from ..paths import under
 
@@ -128,30 +129,6 @@ def volumes(dirs: Iterable[str]) -> List[str]:
         if clash is None:
             return sorted(shown.values())
         escaped[clash] = escaped.get(clash, 0) + 1
-
-
-@dataclass(frozen=True)
-class Staged:
-    """One entry a task holds for its inputs, at the user's path ``path``: fetched by the
-    server (``url``), or made by the script as a directory (``directory``) or a symlink
-    (``link``)."""
-
-    path: str
-    url: str = ""  # fetched to ``path``: a file, or a directory of objects when ``remote_dir``
-    digest: str = ""  # the sha256 of a local file's content (its object under cas/)
-    size: int = 0  # bytes of a local file's content
-    remote_dir: bool = False
-    link: str = ""  # a symlink with this target text
-    directory: bool = False
-    # the client's permission bits and modification time; None for a remote input (the
-    # server's object carries neither)
-    mode: Optional[int] = None
-    mtime_ns: int = 0
-    ancestor: bool = False  # a directory on the way to the others: its mode and time if it may
-
-    @property
-    def fetched(self) -> bool:
-        return bool(self.url)
 
 
 def log_names(task: TaskSpec) -> Set[str]:

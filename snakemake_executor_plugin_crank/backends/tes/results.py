@@ -26,10 +26,10 @@ class Collector:
         self.fetcher = fetcher
         self.tmp_root = tmp_root
 
-    def collect(self, full: tes.Task, key: str, handle: str, task: TaskSpec,
+    def collect(self, full: tes.Task, prefix: str, handle: str, task: TaskSpec,
                 staged_in: Optional[int] = None, live: Mapping[str, LiveLog] = {}) -> TaskResult:
         """The outcome of ``task``, whose terminal TES task is ``full`` and whose objects lie
-        under ``key``; ``staged_in``: the bytes of its local inputs; ``live``: its logs as
+        under ``prefix``; ``staged_in``: the bytes of its local inputs; ``live``: its logs as
         shown while it ran."""
         state = full.state or "UNKNOWN"
         last = full.logs[-1] if full.logs else tes.TaskLog()
@@ -38,9 +38,9 @@ class Collector:
                    if exec_log.start_time and exec_log.end_time else None)
         system = [line for entry in (last.system_logs or []) for line in entry.splitlines()]
         if state == "COMPLETE":
-            tmp, fetched = self._download(key, handle, task)
+            tmp, fetched = self._download(prefix, handle, task)
         else:
-            tmp, fetched = self._download_logs(key, handle, task)
+            tmp, fetched = self._download_logs(prefix, handle, task)
         try:
             stdout, stderr = (os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")) if tmp else ("", "")
             files, tail = save_logs(
@@ -72,7 +72,7 @@ class Collector:
             if tmp:
                 shutil.rmtree(tmp, ignore_errors=True)
 
-    def _download(self, key: str, handle: str, task: TaskSpec,
+    def _download(self, prefix: str, handle: str, task: TaskSpec,
                   only: Optional[Collection[str]] = None) -> Tuple[str, int]:
         """Everything the task uploaded (of the top-level names in ``only``, when given), in a
         fresh local directory (whole or nothing), and its bytes; the outputs a later task reads
@@ -81,12 +81,12 @@ class Collector:
         if os.path.exists(dest):
             shutil.rmtree(dest)
         share = {layout.product_name(n) for n, p in enumerate(task.products) if p.read_later}
-        return dest, self.fetcher.fetch_dir(key, dest, share, only)
+        return dest, self.fetcher.fetch_dir(prefix, dest, share, only)
 
-    def _download_logs(self, key: str, handle: str, task: TaskSpec) -> Tuple[Optional[str], int]:
+    def _download_logs(self, prefix: str, handle: str, task: TaskSpec) -> Tuple[Optional[str], int]:
         """stdout/stderr of a task that did not complete, where the server uploaded them
         (Funnel uploads nothing after a failed executor), and their bytes."""
-        dest, fetched = self._download(key, handle, task, only=("stdout", "stderr", layout.EXIT, layout.USAGE))
+        dest, fetched = self._download(prefix, handle, task, only=("stdout", "stderr", layout.EXIT, layout.USAGE))
         if os.listdir(dest):
             return dest, fetched
         os.rmdir(dest)

@@ -37,12 +37,13 @@ import shlex
 from collections import defaultdict
 from typing import Dict, Iterable, List, Sequence, Set
 
+from ...staging.staged import Staged
 from ...task import FILE_LAUNCHER, TaskSpec
 from .. import cgroup
 from ..paths import under
 from .layout import (
-    COMMAND, EXIT, INDEX, OUT, PLACED, SOURCES, USAGE, Staged, log_names, product_name,
-    upload_dir, url_parent,
+    COMMAND, EXIT, INDEX, OUT, PLACED, SOURCES, USAGE, log_names, product_name, upload_dir,
+    url_parent,
 )
 
 q = shlex.quote

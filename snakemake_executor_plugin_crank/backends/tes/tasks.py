@@ -11,6 +11,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 import tes
 
 from ...errors import CrankError
+from ...staging.staged import Staged
 from ...task import State, TaskSpec
 from . import layout, script
 from .monitor import LISTED_STATES
@@ -67,7 +68,7 @@ def resources_of(task: TaskSpec) -> tes.Resources:
 
 
 def to_tes_task(
-    task: TaskSpec, staged: Sequence[layout.Staged], out_url: str, tags: Mapping[str, str],
+    task: TaskSpec, staged: Sequence[Staged], out_url: str, tags: Mapping[str, str],
     source_set: Optional[Tuple[str, str]] = None,
 ) -> tes.Task:
     """The TES task for ``task`` whose inputs are ``staged``; products go to ``out_url``;

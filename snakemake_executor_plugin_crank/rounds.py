@@ -1,10 +1,11 @@
-"""Drives tasks on a backend: one status request per round for every active task,
-wall-time limits, group chains, preemption.
+"""Drives tasks on a backend in status rounds: one status request per round for every
+active task, wall-time limits, group chains, preemption.
 
 A round is safe chain by chain: an error while handling one chain affects that chain
 only, and what the backend holds for a task is released only once the caller has
-reported the chain's outcome (``release``). The runner calls nothing of its caller: what
-a round did is in what ``step`` returns and in each chain's ``succeeded``.
+reported the chain's outcome (``release``). Nothing here calls its caller: ``step``
+returns what a round did (a ``Round``), and a chain that waits for its next tasks gets
+them from the caller through ``extend`` in the same round.
 """
 
 from __future__ import annotations
@@ -26,15 +27,19 @@ INTERRUPTED_RETRIES = 1
 @dataclass(eq=False)
 class Chain:
     """The tasks of one Snakemake job (several for a group job), run one after another.
-    ``tasks`` holds those built so far; each of ``later`` builds the next ones when they
-    start, after the tasks before them have finished (a group's job may read what the jobs
-    before it wrote to decide its resources and command)."""
+    ``tasks`` holds those handed down so far; ``to_come`` counts the batches of tasks still
+    to be handed down (``Rounds.extend``): a group's later jobs, whose tasks the caller
+    builds only once the jobs before them have finished (a group's job may read what the
+    jobs before it wrote to decide its resources and command)."""
 
     tasks: List[TaskSpec]
-    later: List[Callable[[], Sequence[TaskSpec]]] = field(default_factory=list)
+    to_come: int = 0
     index: int = 0
-    # None while the current task still has to be submitted (the backend failed)
+    # None while the current task still has to be submitted (the backend failed), and
+    # while the chain waits for its next tasks
     handle: Optional[str] = None
+    # its tasks so far have succeeded; the next ones are still to come
+    waiting: bool = False
     running_since: Optional[float] = None
     # past its wall time; ``stopped`` once the backend took the stop
     timed_out: bool = False
@@ -48,10 +53,8 @@ class Chain:
     trouble_since: Optional[float] = None
     # canceled by crank (Ctrl-C, giving up): no outcome is reported for it any more
     canceled: bool = False
-    # the tasks that succeeded in the last round, with their results, for the caller
-    succeeded: List[Tuple[TaskSpec, TaskResult]] = field(default_factory=list)
     # every task collected so far (the usage trace)
-    ended: List["Attempt"] = field(default_factory=list)
+    attempts: List["Attempt"] = field(default_factory=list)
     # when crank first submitted the current task (wall clock)
     submitted_at: Optional[float] = None
 
@@ -91,9 +94,21 @@ class Outcome:
     message: str = ""
     log_files: Tuple[str, ...] = ()
     error: Optional[CrankError] = None  # what the backend raised, when that ended the chain
+    attempts: Tuple[Attempt, ...] = ()  # every task of the chain collected (the usage trace)
 
 
-class Runner:
+@dataclass
+class Round:
+    """What one round did: the outcome of each chain that ended; the tasks that succeeded,
+    by chain, with their results; the chains whose tasks so far have succeeded and that
+    wait for their next ones (``Rounds.extend``)."""
+
+    ended: Dict[Chain, Outcome] = field(default_factory=dict)
+    succeeded: Dict[Chain, List[Tuple[TaskSpec, TaskResult]]] = field(default_factory=dict)
+    waiting: List[Chain] = field(default_factory=list)
+
+
+class Rounds:
     def __init__(
         self,
         backend: Backend,
@@ -110,17 +125,16 @@ class Runner:
         self.rounds_failing_since: Optional[float] = None
 
     def start(
-        self, tasks: Sequence[TaskSpec], later: Sequence[Callable[[], Sequence[TaskSpec]]] = (),
-        adopted: Optional[Adopted] = None,
+        self, tasks: Sequence[TaskSpec], to_come: int = 0, adopted: Optional[Adopted] = None,
     ) -> Chain:
-        """Submit the first task; ``later`` build the tasks that follow ``tasks``, each when
-        its turn comes, right after the task before it succeeded (a CrankError it raises
-        fails the chain). Raises CrankError when the backend refuses the first task; when
-        the backend does not answer (BackendUnavailable) the task is submitted again at the
-        next rounds, for up to ``tolerance_s``. ``adopted``: a task a dead run left that does
-        the first task's work (``Backend.adopt``), followed instead; its wall time counts
-        from when it started."""
-        chain = Chain(list(tasks), list(later))
+        """Submit the first task; ``to_come``: how many batches of tasks follow ``tasks``,
+        each handed down (``extend``) once the tasks before it have succeeded. Raises
+        CrankError when the backend refuses the first task; when the backend does not
+        answer (BackendUnavailable) the task is submitted again at the next rounds, for up
+        to ``tolerance_s``. ``adopted``: a task a dead run left that does the first task's
+        work (``Backend.adopt``), followed instead; its wall time counts from when it
+        started."""
+        chain = Chain(list(tasks), to_come)
         if adopted is not None:
             chain.handle = adopted.handle
             if adopted.ran_s is not None:
@@ -134,15 +148,12 @@ class Runner:
             chain.trouble_since = self.clock()
         return chain
 
-    def step(self, chains: Sequence[Chain]) -> Dict[Chain, Outcome]:
-        """Advance every chain by what happened since the last round; return the
-        outcome of each chain that ended; each chain's ``succeeded`` holds its tasks that
-        succeeded in this round. Raises RoundFailed only when the round's one status
-        request fails."""
+    def step(self, chains: Sequence[Chain]) -> Round:
+        """Advance every chain by what happened since the last round. Raises RoundFailed
+        only when the round's one status request fails."""
+        done = Round()
         if not chains:
-            return {}
-        for chain in chains:
-            chain.succeeded = []
+            return done
         now = self.clock()
         try:
             states = self.backend.poll([c.handle for c in chains if c.handle])
@@ -153,34 +164,54 @@ class Runner:
             failing_for = now - self.rounds_failing_since
             raise RoundFailed(e, failing_for, failing_for >= self.tolerance_s) from None
         now = self.clock()
-        ended: Dict[Chain, Outcome] = {}
         for chain in chains:
             if chain.canceled:
                 continue
-            try:
-                outcome = self._advance(chain, states.get(chain.handle), now)
-                chain.trouble_since = None
-            except NotYet:
-                continue  # neither progress nor trouble
-            except BackendUnavailable as e:
-                if chain.trouble_since is None:
-                    chain.trouble_since = now
-                if now - chain.trouble_since < self.tolerance_s:
-                    continue
-                over = f"{self._wall_time(chain.current)}; " if chain.timed_out else ""
-                outcome = self._failed(chain, f"{chain.current.label}: {over}the backend failed ({e})")
-            except CrankError as e:
-                outcome = self._failed(chain, str(e), e)
-            except OSError as e:
-                # e.g. a benchmark file that cannot be written: the job fails, the round goes on
-                outcome = self._failed(chain, f"{chain.current.label}: {e}")
-            if chain.canceled:
-                continue  # canceled while this round ran: crank removed it, nothing to report
+            outcome = self._guarded(chain, now, self._advance, chain, states.get(chain.handle), now, done)
             if outcome is not None:
-                ended[chain] = outcome
-        return ended
+                done.ended[chain] = outcome
+            elif chain.waiting and not chain.canceled:
+                done.waiting.append(chain)
+        return done
 
-    def _advance(self, chain: Chain, state: Optional[State], now: float) -> Optional[Outcome]:
+    def extend(self, chain: Chain, tasks: Sequence[TaskSpec]) -> Optional[Outcome]:
+        """Hand a waiting chain (``Round.waiting``) its next tasks: the first is submitted
+        now. Returns the chain's outcome when that ended it (the backend refused the task)."""
+        if chain.canceled:
+            return None
+        chain.tasks.extend(tasks)
+        chain.to_come -= 1
+        chain.waiting = False
+        self._next_task(chain)
+        return self._guarded(chain, self.clock(), self._submit, chain)
+
+    def _guarded(self, chain: Chain, now: float, action: Callable[..., Optional[Outcome]],
+                 *args) -> Optional[Outcome]:
+        """``action`` on ``chain``; what the backend raised ends this chain only, if anything."""
+        try:
+            outcome = action(*args)
+            chain.trouble_since = None
+        except NotYet:
+            return None  # neither progress nor trouble
+        except BackendUnavailable as e:
+            if chain.trouble_since is None:
+                chain.trouble_since = now
+            if now - chain.trouble_since < self.tolerance_s:
+                return None
+            over = f"{self._wall_time(chain.current)}; " if chain.timed_out else ""
+            outcome = self.failed(chain, f"{chain.current.label}: {over}the backend failed ({e})")
+        except CrankError as e:
+            outcome = self.failed(chain, str(e), e)
+        except OSError as e:
+            # e.g. a benchmark file that cannot be written: the job fails, the round goes on
+            outcome = self.failed(chain, f"{chain.current.label}: {e}")
+        if chain.canceled:
+            return None  # canceled meanwhile: crank removed it, nothing to report
+        return outcome
+
+    def _advance(self, chain: Chain, state: Optional[State], now: float, done: Round) -> Optional[Outcome]:
+        if chain.waiting:
+            return None
         if chain.handle is None:
             self._submit(chain)
             return None
@@ -196,7 +227,7 @@ class Runner:
         if state is State.INTERRUPTED and not chain.timed_out and chain.interruptions < INTERRUPTED_RETRIES:
             chain.interruptions += 1
             return self._resubmit(chain)
-        return self._finish_task(chain, state)
+        return self._finish_task(chain, state, done)
 
     def _resubmit(self, chain: Chain) -> None:
         chain.spent.append(chain.handle)
@@ -236,7 +267,7 @@ class Runner:
                 ) from None
             chain.stopped = True
 
-    def _finish_task(self, chain: Chain, state: State) -> Optional[Outcome]:
+    def _finish_task(self, chain: Chain, state: State, done: Round) -> Optional[Outcome]:
         task = chain.current
         result = self.backend.result(chain.handle, task)
         if chain.timed_out:
@@ -249,27 +280,35 @@ class Runner:
         elif state is State.CANCELED:
             result = dataclasses.replace(result, ok=False, reason="canceled outside crank")
         chain.log_files.extend(result.log_files)
-        chain.ended.append(Attempt(task, result, chain.submitted_at, time.time()))
+        chain.attempts.append(Attempt(task, result, chain.submitted_at, time.time()))
         chain.spent.append(chain.handle)
         chain.handle = None
         chain.submitted_at = None
         if not result.ok:
-            return Outcome(False, failure_message(task, result), tuple(chain.log_files))
-        chain.succeeded.append((task, result))
+            return self.failed(chain, failure_message(task, result))
+        done.succeeded.setdefault(chain, []).append((task, result))
         if chain.index + 1 == len(chain.tasks):
-            if not chain.later:
-                return Outcome(True, log_files=tuple(chain.log_files))
-            chain.tasks.extend(chain.later.pop(0)())
-        chain.index += 1
-        chain.running_since = None
-        chain.timed_out = chain.stopped = False
-        chain.preemptions = chain.interruptions = 0
+            if not chain.to_come:
+                return Outcome(True, log_files=tuple(chain.log_files), attempts=tuple(chain.attempts))
+            # the caller builds the next tasks now, after this success and in this round
+            chain.waiting = True
+            return None
+        self._next_task(chain)
         # a failure here leaves handle None: the next round submits again
         self._submit(chain)
         return None
 
-    def _failed(self, chain: Chain, message: str, error: Optional[CrankError] = None) -> Outcome:
-        return Outcome(False, message, tuple(chain.log_files), error)
+    @staticmethod
+    def _next_task(chain: Chain) -> None:
+        chain.index += 1
+        chain.running_since = None
+        chain.timed_out = chain.stopped = False
+        chain.preemptions = chain.interruptions = 0
+
+    def failed(self, chain: Chain, message: str, error: Optional[CrankError] = None) -> Outcome:
+        """The outcome of a chain that fails with ``message`` (also when its caller cannot
+        build its next tasks)."""
+        return Outcome(False, message, tuple(chain.log_files), error, tuple(chain.attempts))
 
     def release(self, chain: Chain) -> None:
         """Free what the backend holds for the chain, once its outcome is reported."""
