@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from snakemake_executor_plugin_crank.backends import logs
-from snakemake_executor_plugin_crank.backends.docker.adopted import LeftExec
+from snakemake_executor_plugin_crank.backends.docker.left_execs import LeftExec
 from snakemake_executor_plugin_crank.task import TaskSpec
 
 from conftest import ctrl_c, snakemake, wait_for

@@ -10,9 +10,9 @@ from typing import Callable, Collection, List, Mapping, Optional, Sequence, Tupl
 
 from ...task import Adopted, Capacity, State, TaskResult, TaskSpec, script_fits_argv
 from ..adoption import Adoption, Orphan, Orphans
-from . import adopted, cold, engine, scratch
-from .adopted import AdoptedExecs
-from .cold import ColdRunner
+from . import cold, engine, left_execs, scratch
+from .left_execs import TakenExecs
+from .cold import ColdContainers
 from .engine import (LABEL_JOB, LABEL_KEY, LABEL_PRODUCTS, LABEL_RUN, LABEL_WORKDIR,
                      DockerOptions)
 from .images import Images
@@ -31,7 +31,7 @@ class DockerBackend:
         self.api = self.client.api
         self.report = report or (lambda line: None)
         self.images = images = Images(self.api, options.pull, self.report, options.hints.tolerance)
-        self.cold = ColdRunner(self.api, run_id, workdir, options, images, self.report)
+        self.cold = ColdContainers(self.api, run_id, workdir, options, images, self.report)
         self.warm: Optional[WarmPool] = None
         if options.warm:
             # the pool's threads use clients of their own
@@ -39,7 +39,7 @@ class DockerBackend:
                 self.cold, lambda pool_size: engine.client(options, max_pool_size=pool_size).api,
                 images, options, run_id, workdir,
             )
-        self.adopted = AdoptedExecs(self.api)
+        self.taken_execs = TakenExecs(self.api)
         # what dead runs left, until adopted or canceled: ("cold", container id) or
         # ("warm", adopted.LeftExec); and their runners' directories
         self.adoption: Adoption = Adoption(self)
@@ -64,7 +64,7 @@ class DockerBackend:
 
     def gather_orphans(self, live_runs: Collection[str], dead_runs: Collection[str]) -> Tuple[int, int]:
         """Keep the dead runs' tasks that can be adopted: containers of their own with
-        their labels, warm tasks with their runners' records (adopted.py); remove the
+        their labels, warm tasks with their runners' records (left_execs.py); remove the
         other containers and runners' directories of runs that are gone."""
         keep = {self.run_id, *live_runs}
         rows = engine.containers(self.api, LABEL_WORKDIR, self.workdir)
@@ -79,7 +79,7 @@ class DockerBackend:
         for run, root in scratch.roots_of(self.workdir, self.options.base_url):
             if run in keep:
                 continue
-            left = [e for e in adopted.left_execs(root) if e.runner in present] if run in dead_runs else []
+            left = [e for e in left_execs.left_execs(root) if e.runner in present] if run in dead_runs else []
             for e in left:
                 found.append(Orphan(e.key, e.products, ("warm", e), finished=e.exit_code() is not None,
                                     started=e.started))
@@ -124,9 +124,9 @@ class DockerBackend:
     def take_orphan(self, orphan: Orphan, task: TaskSpec) -> str:
         kind, ref = orphan.ref
         if kind == "cold":
-            self.cold.adopted.add(ref)
+            self.cold.taken.add(ref)
             return ref
-        return self.adopted.take(ref)
+        return self.taken_execs.take(ref)
 
     def drop_orphans(self, orphans: Sequence[Orphan], quietly: bool) -> int:
         for orphan in orphans:
@@ -134,7 +134,7 @@ class DockerBackend:
             if kind == "cold":
                 self.cold.cancel([ref])
             else:
-                adopted.remove_runner(self.api, ref)
+                left_execs.remove_runner(self.api, ref)
         return len(orphans)
 
     def submit(self, task: TaskSpec) -> str:
@@ -150,35 +150,35 @@ class DockerBackend:
         taken, warm, cold = _split(handles)
         states = dict(self.warm.poll(warm)) if warm else {}  # answered from memory
         if taken:
-            states.update(self.adopted.poll(taken))
+            states.update(self.taken_execs.poll(taken))
         if cold or not warm:  # the rest with the one list request
             states.update(self.cold.poll(cold))
         return states
 
     def stop(self, handle: str) -> None:
-        if _is_adopted(handle):
-            return self.adopted.stop(handle)
+        if _is_taken(handle):
+            return self.taken_execs.stop(handle)
         if _is_warm(handle):
             return self.warm.stop(handle)
         self.cold.stop(handle)
 
     def result(self, handle: str, task: TaskSpec) -> TaskResult:
-        if _is_adopted(handle):
-            return self.adopted.result(handle, task)
+        if _is_taken(handle):
+            return self.taken_execs.result(handle, task)
         if _is_warm(handle):
             return self.warm.result(handle, task)
         return self.cold.result(handle, task)
 
     def release(self, handles: Sequence[str]) -> None:
         taken, warm, cold = _split(handles)
-        self.adopted.remove(taken)
+        self.taken_execs.remove(taken)
         if warm:
             self.warm.release(warm)
         self.cold.cancel(cold)
 
     def cancel(self, handles: Sequence[str]) -> None:
         taken, warm, cold = _split(handles)
-        self.adopted.remove(taken)
+        self.taken_execs.remove(taken)
         if warm:
             self.warm.cancel(warm)
         self.cold.cancel(cold)
@@ -191,7 +191,7 @@ class DockerBackend:
             self.warm.close(detach)
         try:
             if not detach:
-                self.adopted.remove_all()
+                self.taken_execs.remove_all()
                 if not self.adoption:  # else kept for the run that adopts or cancels them
                     for root in self._dead_roots:
                         scratch.rmtree(root)
@@ -200,8 +200,8 @@ class DockerBackend:
             self.client.close()
 
 
-def _is_adopted(handle: str) -> bool:
-    return handle.startswith(adopted.PREFIX)
+def _is_taken(handle: str) -> bool:
+    return handle.startswith(left_execs.PREFIX)
 
 
 def _is_warm(handle: str) -> bool:
@@ -210,6 +210,6 @@ def _is_warm(handle: str) -> bool:
 
 def _split(handles: Sequence[str]) -> Tuple[List[str], List[str], List[str]]:
     """(adopted warm tasks' handles, warm handles, container handles)"""
-    taken = [h for h in handles if _is_adopted(h)]
+    taken = [h for h in handles if _is_taken(h)]
     warm = [h for h in handles if _is_warm(h)]
-    return taken, warm, [h for h in handles if not (_is_adopted(h) or _is_warm(h))]
+    return taken, warm, [h for h in handles if not (_is_taken(h) or _is_warm(h))]

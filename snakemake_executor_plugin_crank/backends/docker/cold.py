@@ -48,7 +48,7 @@ def scripts_root(workdir: str) -> str:
     return os.path.join(workdir, ".snakemake", "crank", "scripts")
 
 
-class ColdRunner:
+class ColdContainers:
     """Runs each task as a container of its own; its handle is the container's id."""
 
     def __init__(self, api, run_id: str, workdir: str, options: DockerOptions, images: Images,
@@ -61,7 +61,7 @@ class ColdRunner:
         self.report = report
         self.script_dirs: set = set()  # the runs' directories under scripts_root
         self.run_dir = os.path.join(scripts_root(workdir), run_id)
-        self.adopted: set = set()  # containers of dead runs this run took over
+        self.taken: set = set()  # containers of dead runs this run took over
         # when the engine did not answer (wall clock, from the last answer before to the
         # first after): a container that a signal ended then was stopped by the engine
         self.outages: List[Tuple[float, float]] = []
@@ -216,7 +216,7 @@ class ColdRunner:
 
     def poll(self, handles: Sequence[str]) -> Mapping[str, State]:
         try:
-            if self.adopted.intersection(handles):  # labeled with the runs that made them
+            if self.taken.intersection(handles):  # labeled with the runs that made them
                 rows = engine.containers(self.api, LABEL_WORKDIR, self.workdir)
             else:
                 rows = engine.containers(self.api, LABEL_RUN, self.run_id)
@@ -316,7 +316,7 @@ class ColdRunner:
             return  # the containers may read their scripts: both stay
         try:
             rows = engine.containers(self.api, LABEL_RUN, self.run_id)
-            self.cancel([row["Id"] for row in rows] + sorted(self.adopted))
+            self.cancel([row["Id"] for row in rows] + sorted(self.taken))
         finally:
             for directory in self.script_dirs:
                 shutil.rmtree(directory, ignore_errors=True)

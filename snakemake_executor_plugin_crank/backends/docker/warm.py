@@ -28,7 +28,7 @@ from ...errors import BackendUnavailable, CrankError
 from ...task import State, TaskResult, TaskSpec, Usage
 from ..adoption import products_id
 from ..live import LiveLog, live_logs
-from . import adopted, copying, engine, launch, scratch
+from . import copying, engine, launch, left_execs, scratch
 from .engine import DockerOptions, engine_errors
 from .images import Images
 from .events import Callbacks, Watcher
@@ -81,7 +81,7 @@ class WarmPool:
 
     def __init__(self, cold, make_api: Callable[[int], Any], images: Images,
                  options: DockerOptions, run_id: str, workdir: str):
-        self.cold_runner = cold
+        self.cold = cold
         self.images = images
         self.options = options
         self.api = make_api(WORKERS + 4)
@@ -111,7 +111,7 @@ class WarmPool:
         if self.closed:
             return None
         self.images.ensure(task.image)  # refusals reach the caller now, as today
-        copy = self.cold_runner.sharing.copies(task)
+        copy = self.cold.sharing.copies(task)
         plan = environment(task, self.options, self.containers.user, copy)
         if plan is None or plan[0] in self.cold_keys:
             return None
@@ -119,7 +119,7 @@ class WarmPool:
                    live=live_logs(task))
         job.memory = plan[2].get("mem_limit")
         if copy:  # planned now: a missing input is the caller's error, as for a container
-            job.files = copying.plan_files(task, [self.cold_runner.probe()])
+            job.files = copying.plan_files(task, [self.cold.probe()])
         with self.lock:
             self.jobs[job.handle] = job
         self.workers.submit(self._launch, job, plan)
@@ -145,7 +145,7 @@ class WarmPool:
                 else:
                     states[h] = job.state
         if by_container:
-            for cid, state in self.cold_runner.poll(list(by_container)).items():
+            for cid, state in self.cold.poll(list(by_container)).items():
                 states[by_container[cid]] = state
         return states
 
@@ -154,7 +154,7 @@ class WarmPool:
         if job is None:
             return
         if job.cold:
-            return self.cold_runner.stop(job.cold)
+            return self.cold.stop(job.cold)
         if job.runner is not None:
             self.containers.kill(job.runner)
 
@@ -169,7 +169,7 @@ class WarmPool:
                 # started again after a transient error, between the poll and now
                 raise BackendUnavailable("the Docker engine failed while starting the task; it was started again")
         if job.cold:
-            return self.cold_runner.result(job.cold, task)
+            return self.cold.result(job.cold, task)
         if job.reason:
             ok, reason = False, job.reason
         else:
@@ -188,13 +188,13 @@ class WarmPool:
         for runner in runners:
             self.containers.remove(runner)
         if cold:
-            self.cold_runner.cancel(cold)
+            self.cold.cancel(cold)
 
     def cancel(self, handles: Sequence[str]) -> None:
         cold, runners = self._forget(handles, keep_ended=False)
         kept = [runner for runner in runners if not self.containers.remove(runner)]
         if cold:
-            self.cold_runner.cancel(cold)
+            self.cold.cancel(cold)
         if kept:
             raise BackendUnavailable(
                 f"the Docker engine did not remove {len(kept)} container(s) of this run"
@@ -220,7 +220,7 @@ class WarmPool:
 
     def close(self, detach: bool = False) -> None:
         """Remove every runner and the run's directory; with ``detach``, the runners of
-        running tasks and the directory stay for a later run to adopt (adopted.py)."""
+        running tasks and the directory stay for a later run to adopt (left_execs.py)."""
         self.closed = self.containers.closed = True
         self.stopping.set()
         self.watcher.close()
@@ -314,7 +314,7 @@ class WarmPool:
 
     def _run_cold(self, job: _Job) -> None:
         try:
-            handle = self.cold_runner.submit(job.task)
+            handle = self.cold.submit(job.task)
         except BackendUnavailable:
             raise  # transient: tried again by _launch
         except Exception as e:  # noqa: BLE001 - reported through result()
@@ -325,7 +325,7 @@ class WarmPool:
         self.stats.cold += 1
         with self.lock:
             if job.canceled:
-                self.cold_runner.cancel([handle])
+                self.cold.cancel([handle])
                 return
             job.error = None
             job.cold = handle
@@ -334,10 +334,10 @@ class WarmPool:
         if runner.copy:
             copying.send_to_runner(self.api, runner, job.task, job.files)
         with engine_errors("starting a task"):
-            exec_id = self.containers.create_exec(runner, job.task, self.cold_runner.probe())
+            exec_id = self.containers.create_exec(runner, job.task, self.cold.probe())
             if not runner.copy:  # a later run cannot read the record of a task run by copy
                 # before it starts: a run that dies from now on leaves what a later one adopts
-                adopted.write_record(runner.host_dir, {
+                left_execs.write_record(runner.host_dir, {
                     "key": self.images.key(job.task), "products": products_id(job.task),
                     "name": job.task.name, "exec": exec_id, "runner": runner.id, "started": time.time(),
                 })
@@ -381,7 +381,7 @@ class WarmPool:
                 if runner.copy:
                     try:
                         for warning in copying.collect_from_runner(self.api, runner, job.task):
-                            self.cold_runner.report(warning)
+                            self.cold.report(warning)
                     except CrankError as e:  # the products could not be had: the task failed
                         runner.retire = True
                         job.reason = job.reason or str(e)
@@ -401,7 +401,7 @@ class WarmPool:
                 job.oom = runner.oom
         finally:
             if runner is not None:
-                adopted.clear_record(runner.host_dir)  # reported by this run
+                left_execs.clear_record(runner.host_dir)  # reported by this run
             with self.lock:
                 job.error = None
                 job.state = State.FINISHED

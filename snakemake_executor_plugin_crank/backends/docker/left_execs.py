@@ -98,7 +98,7 @@ class _Adopted:
     ended_at: Optional[float] = None
 
 
-class AdoptedExecs:
+class TakenExecs:
     """The dead runs' warm tasks this run follows, by handle."""
 
     def __init__(self, api):
