@@ -333,10 +333,7 @@ def plan_files(task: TaskSpec, crank_files: Sequence[str]) -> List[tree.Entry]:
 def _identity(entry: tree.Entry):
     if entry.kind == tree.LINK:
         return ("link", entry.link)
-    try:
-        st = os.lstat(entry.path)
-    except OSError:
-        return None
+    st = entry.st
     return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev, st.st_mode)
 
 
