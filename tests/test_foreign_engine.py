@@ -2,7 +2,9 @@
 machine, in its own mount and network namespaces with a /tmp of its own. crank must never
 run a job on that machine's files, and must say why the job did not run."""
 
+import os
 import shutil
+import subprocess
 import uuid
 from pathlib import Path
 from typing import Optional
@@ -168,3 +170,59 @@ rule read:
         assert all(len(times) == 1 for times in arrivals.values()), seen
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_what_a_job_reads_outside_the_workdir_is_proven_file_by_file(foreign, tmp_path):
+    """A directory input outside the workdir whose own time is the same on both machines, with
+    another file inside on the engine's host: auto copies (the job reads the client's file);
+    bind refuses."""
+    shared = Path(foreign.root) / f"wf-{uuid.uuid4().hex[:8]}"
+    shared.mkdir()
+    refs = tmp_path / uuid.uuid4().hex / "refs"
+    refs.mkdir(parents=True)
+    (refs / "f").write_text("the client's reference\n")
+    stamp = "@1700000000.123456789"
+    subprocess.run(["touch", "-d", stamp, str(refs)], check=True)
+    foreign.run_there(f"mkdir -p {refs} && echo 'reference on the engine host' > {refs}/f && touch -d {stamp} {refs}")
+    (shared / "Snakefile").write_text(f"""
+rule copy:
+    input: "{refs}"
+    output: "out.txt"
+    shell: "cat {{input}}/f > {{output}}"
+""")
+    try:
+        refused = run_on(foreign, shared, "--crank-docker-files", "bind")
+        assert refused.returncode != 0 and "does not see this machine's" in refused.stderr, refused.stderr[-3000:]
+        done = run_on(foreign, shared)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert (shared / "out.txt").read_text() == "the client's reference\n"
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting needs root")
+def test_a_file_system_mounted_inside_the_workdir_only_here_is_not_bound(foreign, tmp_path):
+    """The workdir is seen by both machines, but data/ inside it is a mount this machine alone
+    has: the engine's host has other files there, which the job must neither read nor write."""
+    shared = Path(foreign.root) / f"wf-{uuid.uuid4().hex[:8]}"
+    (shared / "data").mkdir(parents=True)
+    foreign.run_there(f"echo 'data on the engine host' > {shared}/data/in.txt")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "in.txt").write_text("the client's data\n")
+    (shared / "Snakefile").write_text("""
+rule copy:
+    input: "data/in.txt"
+    output: "out.txt"
+    shell: "cat {input} > {output}; echo junk > data/junk.txt"
+""")
+    subprocess.run(["mount", "--bind", str(mine), str(shared / "data")], check=True)
+    try:
+        done = run_on(foreign, shared)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert (shared / "out.txt").read_text() == "the client's data\n"
+        assert f"does not see this machine's {shared}" in done.stderr
+    finally:
+        subprocess.run(["umount", str(shared / "data")], check=True)
+        assert foreign.run_there(f"ls -A {shared}/data; cat {shared}/data/in.txt") == "in.txt\ndata on the engine host\n"
+        shutil.rmtree(shared, ignore_errors=True)

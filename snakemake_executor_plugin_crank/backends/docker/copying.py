@@ -28,7 +28,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Set, Tuple
 from ...errors import CrankError
 from ...staging import tree
 from ...staging.install import install, merge_into
-from ...task import TaskSpec
+from ...task import Kind, TaskSpec
 from ..guard import Guard
 from ..paths import under
 from . import engine
@@ -248,6 +248,9 @@ class _Reader(io.RawIOBase):
 
 # ---- a warm runner's files -----------------------------------------------------------
 
+# a runner whose tasks' files are copied runs this many tasks at most: it keeps what they
+# were sent and made (disk on the engine, and bookkeeping that each task's checks walk)
+RUNNER_JOBS = 50
 # where a runner keeps a task's scratch files and its logs: emptied after each task
 SCRATCH = ("/tmp", "/dev/shm", LOGS)
 EMPTY = "rm -rf " + " ".join(f"{d}/* {d}/.[!.]* {d}/..?*" for d in SCRATCH)
@@ -275,19 +278,27 @@ def send_to_runner(api, runner, task: TaskSpec, entries: Sequence[tree.Entry]) -
 
 
 def fits(runner, task: TaskSpec) -> bool:
-    """Whether the runner holds nothing at the task's products (an earlier task there made or
-    was sent something at that path; Snakemake removed it on the client)."""
+    """Whether the runner may run the task: it has run fewer than RUNNER_JOBS tasks (what it
+    holds grows with each), holds nothing at the task's products (an earlier task there made
+    or was sent something at that path; Snakemake removed it on the client), and made none of
+    the task's directory inputs (what it holds there may be more than the client has: a failed
+    attempt's files, which a copy over it would leave)."""
+    if runner.jobs >= RUNNER_JOBS:
+        return False
     for product in task.products:
         if product.path in runner.sent and not product.update:
             return False
-        if any(under(product.path, made) or under(made, product.path) for made in runner.made):
+        if _made_at_or_above(runner, product.path) or any(under(made, product.path) for made in runner.made):
             return False
-    return True
+    return not any(i.kind is Kind.DIRECTORY and (_made_at_or_above(runner, i.path)
+                                                 or any(under(made, i.path) for made in runner.made))
+                   for i in task.inputs)
 
 
 def collect_from_runner(api, runner, task: TaskSpec) -> List[str]:
     """Put the task's products in place, and its log scratch files (runners.LOGS) in the
     runner's host directory ``runner.logs``; the warnings to give."""
+    runner.jobs += 1
     warnings = take_products(api, runner.id, task)
     runner.made.update(p.path for p in task.products)
     runner.dirs.update(_parents([p.path for p in task.products]))
@@ -318,8 +329,16 @@ def forget_missing(runner, changed: Set[str]) -> None:
 def expected(runner, path: str) -> bool:
     """Whether a change at ``path`` in the runner's own file system is one that tasks' files
     explain: what was sent or made, and the directories on the way."""
-    return (path in runner.sent or path in runner.dirs
-            or any(under(path, p) for p in (*runner.made, *SCRATCH)))
+    return (path in runner.sent or path in runner.dirs or _made_at_or_above(runner, path)
+            or any(under(path, p) for p in SCRATCH))
+
+
+def _made_at_or_above(runner, path: str) -> bool:
+    while path not in ("/", ""):
+        if path in runner.made:
+            return True
+        path = os.path.dirname(path)
+    return False
 
 
 def plan_files(task: TaskSpec, crank_files: Sequence[str]) -> List[tree.Entry]:

@@ -74,6 +74,7 @@ class Runner:
     sent: Dict[str, Any] = field(default_factory=dict)
     made: set = field(default_factory=set)
     dirs: set = field(default_factory=set)
+    jobs: int = 0
 
 
 @dataclass

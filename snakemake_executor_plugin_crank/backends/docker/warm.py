@@ -382,6 +382,9 @@ class WarmPool:
                     try:
                         for warning in copying.collect_from_runner(self.api, runner, job.task):
                             self.cold.report(warning)
+                    except BackendUnavailable:  # the engine went away with the runner: run again
+                        runner.retire = True
+                        job.reason = job.reason or DEAD_RUNNER
                     except CrankError as e:  # the products could not be had: the task failed
                         runner.retire = True
                         job.reason = job.reason or str(e)
