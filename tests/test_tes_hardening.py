@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import obstore
@@ -208,8 +209,10 @@ def test_a_tes_1_0_server_runs_the_workflow_and_touches_only_its_own_tasks(aws_e
     task from the same path on another machine run on, the files are the local executor's,
     and each run says once that the server is older."""
     on_tes, local = twin(tmp_path, OLDER_SERVER_SNAKEFILE, {"in.txt": "in\n"})
-    reference = local_run(local)
-    assert reference.returncode == 0, reference.stderr
+    # the reference runs meanwhile in its own copy (its rule long sleeps 15 s too)
+    pool = ThreadPoolExecutor(1)
+    reference = pool.submit(local_run, local)
+    pool.shutdown(wait=False)
     mine = {TAG_WORKDIR: workdir_tag(str(on_tes))}
     other = user_task(aws_env, {"owner": "somebody else"})
     elsewhere = user_task(aws_env, {**mine, TAG_RUN: "theirs", TAG_ORIGIN: "another machine"})
@@ -232,6 +235,8 @@ def test_a_tes_1_0_server_runs_the_workflow_and_touches_only_its_own_tasks(aws_e
         assert done.returncode == 0, done.stderr[-3000:]
         adopted = [line for line in done.stderr.splitlines() if "adopts the" in line]
         assert any("rule long" in line for line in adopted), done.stderr[-3000:]
+        reference = reference.result()
+        assert reference.returncode == 0, reference.stderr
         assert user_files(on_tes) == user_files(local)
         assert seen >= 2  # start-up and the run's end at least
         said = [line for line in done.stderr.splitlines() if "as a TES 1.0 server does" in line]
