@@ -32,7 +32,6 @@ import subprocess
 import sys
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
@@ -518,17 +517,10 @@ def check_same_as_local(base: Path, wf: Workflow, backends: dict) -> None:
                     (workdir / "Snakefile").write_text(snakefile(changed, outside))
             for name, workdir in workdirs.items():  # the outside directory is shared: edited once
                 edit(workdir, outside if name == "local" else None, wf)
-        # the copies share nothing a run writes (the outside directory is only read): the
-        # local executor and crank on each backend run at once, each in its own copy
-        with ThreadPoolExecutor(1 + len(backends)) as pool:
-            running = {"local": pool.submit(run_local, workdirs["local"], *args)}
-            running.update((name, pool.submit(run_crank, workdirs[name], *args))
-                           for name, run_crank in backends.items())
-            done = {name: future.result() for name, future in running.items()}
-        local = done["local"]
+        local = run_local(workdirs["local"], *args)
         expected = snapshot(workdirs["local"])
-        for name in backends:
-            crank = done[name]
+        for name, run_crank in backends.items():
+            crank = run_crank(workdirs[name], *args)
             diff = differences(expected, snapshot(workdirs[name]))
             if local.returncode != crank.returncode:
                 diff.insert(0, f"  exit status: local {local.returncode}, crank {crank.returncode}")
