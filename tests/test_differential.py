@@ -584,7 +584,9 @@ def drawn():
 @differential(default_examples=10)
 @given(wf=drawn())
 def test_crank_leaves_what_the_local_executor_leaves(backends, tmp_path, wf):
-    check_same_as_local(tmp_path, wf, backends)
+    # copying is compared on the drawn features and the cases found (below): the series
+    # would take half as long again
+    check_same_as_local(tmp_path, wf, {k: v for k, v in backends.items() if k != "docker-copy"})
 
 
 # ---------------------------------------------------------------- differences found, fixed
