@@ -1,12 +1,13 @@
 """Live logs (issue 31): a running job's stdout and stderr grow in the files the failure
-message names, on a warm Docker runner, in a container of its own and on TES, and end up
+message names, on a warm Docker runner (its files bound or copied), in a container of its own
+and on TES, and end up
 complete: every byte once, also after a burst larger than a TES server's tail."""
 
 import uuid
 
 import pytest
 
-from conftest import OnDocker, OnTes, wait_for
+from conftest import OnDocker, OnDockerCopying, OnTes, wait_for
 
 # a line on each stream every half second for 8 s, then a burst of 220 kB (far more than the
 # 10 kB tail Funnel keeps), then one more line
@@ -22,13 +23,15 @@ STDERR = "".join(f"err {i}\n" for i in range(1, 17))
 
 @pytest.mark.parametrize("backend", [
     pytest.param("warm", marks=pytest.mark.docker), pytest.param("cold", marks=pytest.mark.docker),
+    pytest.param("warm-copy", marks=pytest.mark.docker),
     pytest.param("tes", marks=pytest.mark.tes),
 ])
 def test_a_running_jobs_logs_grow_and_end_complete(backend, request, tmp_path):
     if backend == "tes":
         crank, args = OnTes(request.getfixturevalue("tes")), ()
     else:
-        crank, args = OnDocker(request.getfixturevalue("docker_api")), ("--crank-docker-warm", "yes" if backend == "warm" else "no")
+        on = (OnDockerCopying if backend.endswith("-copy") else OnDocker)(request.getfixturevalue("docker_api"))
+        crank, args = on, ("--crank-docker-warm", "no" if backend == "cold" else "yes")
     workdir = tmp_path / uuid.uuid4().hex / "wf"
     workdir.mkdir(parents=True)
     (workdir / "Snakefile").write_text(SNAKEFILE)

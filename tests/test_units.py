@@ -360,6 +360,21 @@ def test_a_jobs_usage_is_read_from_its_cgroup(text, expected):
     assert (used.cpu_s, used.peak_mb, used.read_mb, used.written_mb) == pytest.approx(expected)
 
 
+@pytest.mark.parametrize("text, killed", [
+    ("--\n" + V1 + "memory/memory.oom_control oom_kill_disable 0\nmemory/memory.oom_control oom_kill 1\n", True),
+    ("--\n" + V2 + "memory.events oom 1\nmemory.events oom_kill 2\n", True),
+    ("--\n" + V2 + "memory.events oom_kill 0\n", False),
+    ("memory.events oom_kill 3\n--\nmemory.events oom_kill 3\n", False),  # an earlier job's, in a runner
+    ("memory.events oom_kill 3\n--\nmemory.events oom_kill 4\n", True),
+    ("--\n" + V1, False),  # a kernel that does not count them: Docker's flag decides
+    ("", False),
+], ids=["v1", "v2", "none", "warm-earlier", "warm-this-job", "not-counted", "no-reading"])
+def test_an_oom_kill_is_read_from_the_cgroup(text, killed):
+    from snakemake_executor_plugin_crank.backends.cgroup import oom_killed
+
+    assert oom_killed(text) is killed
+
+
 def test_a_tes_task_waited_from_its_creation_to_its_command(tmp_path):
     import datetime
 

@@ -19,6 +19,7 @@ from ..task import Usage
 FILES = (
     "memory.peak", "memory/memory.max_usage_in_bytes", "cpuacct/cpuacct.usage",
     "cpu.stat", "io.stat", "blkio/blkio.throttle.io_service_bytes",
+    "memory.events", "memory/memory.oom_control",  # oom_kill: what the OOM killer took
 )
 # the shell function writing one reading to stdout (dash, bash and busybox sh have these builtins)
 FUNCTION = (
@@ -36,6 +37,7 @@ class Counters:
     cpu_ns: Optional[int] = None
     read: Optional[int] = None  # bytes
     written: Optional[int] = None
+    oom_kills: Optional[int] = None
 
 
 def usage(text: str, queue_s: Optional[float] = None) -> Usage:
@@ -67,6 +69,18 @@ def usage(text: str, queue_s: Optional[float] = None) -> Usage:
     )
 
 
+def oom_killed(text: str) -> bool:
+    """Whether the OOM killer took a process of the job (what the shell wrote: see the
+    module text). Docker's own flag for it misses a child killed while the container lives
+    on, now and then."""
+    before_text, separated, after_text = text.rpartition("\n" + SEPARATOR + "\n")
+    if not separated:
+        before_text, after_text = "", text.removeprefix(SEPARATOR + "\n")
+    after = counters(after_text.splitlines()).oom_kills
+    before = counters(before_text.splitlines()).oom_kills or 0
+    return after is not None and after > before
+
+
 def counters(lines: Iterable[str]) -> Counters:
     """One reading's figures."""
     found: Dict[str, int] = {}
@@ -75,6 +89,9 @@ def counters(lines: Iterable[str]) -> Counters:
         fields = rest.split()
         if name in ("memory.peak", "memory/memory.max_usage_in_bytes") and _digits(fields, 1):
             found["peak"] = int(fields[0])
+        elif name in ("memory.events", "memory/memory.oom_control") and len(fields) == 2 \
+                and fields[0] == "oom_kill" and fields[1].isdigit():
+            found["oom_kills"] = int(fields[1])
         elif name == "cpuacct/cpuacct.usage" and _digits(fields, 1):
             found["cpu_ns"] = int(fields[0])
         elif name == "cpu.stat" and len(fields) == 2 and fields[0] == "usage_usec" and fields[1].isdigit():

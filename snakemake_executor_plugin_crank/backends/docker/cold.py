@@ -15,7 +15,7 @@ import docker.errors
 
 from ...errors import BackendUnavailable, CrankError
 from ...task import State, TaskResult, TaskSpec, file_argv, script_fits_argv
-from .. import logs
+from .. import cgroup, logs
 from ..stamps import parse
 from ..adoption import products_id
 from . import copying, engine, launch
@@ -23,6 +23,7 @@ from .engine import (LABEL_FILES, LABEL_KEY, LABEL_PRODUCTS, LABEL_RUN, LABEL_WO
                      engine_errors, short)
 from .images import Images
 from .follow import Follower
+from .mirror import Mirror
 from .mounts import plan_mounts
 from .sharing import Sharing
 
@@ -75,6 +76,7 @@ class ColdContainers:
         self._follow_api = None
         # whether a task's files are bound or copied (sharing.py, copying.py)
         self.sharing = Sharing(api, options, run_id, workdir, self.probe, report)
+        self.mirror = Mirror(api, run_id, workdir)  # the engine's copy of the workdir, when copied
 
     def submit(self, task: TaskSpec) -> str:
         """Start the task as a container of its own."""
@@ -86,10 +88,13 @@ class ColdContainers:
         host_config = engine.host_config_for(self.options, task, plan)
         name = f"crank-{self.run_id[:8]}-{task.name}"
         try:
+            if copy:
+                files = copying.plan_files(task, self._crank_files(task))
+                host_config["mounts"] = [*host_config.get("mounts", ()), self.mirror.mount(task.image)]
             with engine_errors("creating a container"):
                 handle = self._create(task, name, host_config, copy)
             if copy:
-                copying.put_in(self.api, handle, task, self._crank_files(task))
+                copying.put_in(self.api, handle, self.mirror.send(task, files))
             with engine_errors("starting a container"):
                 self.api.start(handle)
         except (docker.errors.DockerException, TypeError) as e:
@@ -141,10 +146,11 @@ class ColdContainers:
             return engine.missing_network(network, self.options.hints)
         return f"Docker refused the container for {task.label}: {text}"
 
-    def command_for(self, task: TaskSpec) -> Tuple[str, ...]:
+    def command_for(self, task: TaskSpec, copy: bool = False) -> Tuple[str, ...]:
         """The container's argv: the launcher around the script, which travels as one
         argument or, when it is too long for one, as a file under the workdir, which the
-        container sees with the workdir (mounted, or copied in with the task's files)."""
+        container sees with the workdir (mounted, or copied in with the task's files; then
+        the launcher first removes what the task makes, launch.made_by)."""
         probe = self.probe()
         argv = task.argv
         if not script_fits_argv(task.script):
@@ -160,7 +166,8 @@ class ColdContainers:
                 raise CrankError(f"{task.label}: cannot write its script under {self.run_dir!r} "
                                  f"({logs.why(e)})") from None
             argv = file_argv(os.path.join(self.run_dir, task.name + ".sh"))
-        return launch.cold_argv(probe, self._usage_file(task), argv)
+        usage = self._usage_file(task)
+        return launch.cold_argv(probe, usage, argv, [*launch.made_by(task), usage] if copy else ())
 
     def _usage_file(self, task: TaskSpec) -> str:
         return os.path.join(self.run_dir, task.name + ".usage")
@@ -191,7 +198,7 @@ class ColdContainers:
     def _create(self, task: TaskSpec, name: str, host_config: Dict[str, Any], copy: bool) -> str:
         config = dict(
             image=task.image,
-            command=list(self.command_for(task)),
+            command=list(self.command_for(task, copy)),
             working_dir=task.workdir,
             user=f"{os.getuid()}:{os.getgid()}",
             environment=launch.environment(task.env),
@@ -278,17 +285,23 @@ class ColdContainers:
             stdout = self.api.logs(handle, stdout=True, stderr=False, stream=True)
             stderr = self.api.logs(handle, stdout=False, stderr=True, stream=True)
             files, tail = logs.save_logs(task, stdout, stderr, follower.live if follower else {})
+        labels = (inspected.get("Config") or {}).get("Labels") or {}
+        if labels.get(LABEL_FILES) == "copy":
+            for warning in copying.take_products(self.api, handle, task):
+                self.report(warning)
+            if labels.get(LABEL_RUN) == self.run_id:  # a dead run's container has its own volume
+                self.mirror.took(task)
+            data = copying.read_small(self.api, handle, self._usage_file(task), launch.READ_AT_MOST)
+            reading = (data or b"").decode(errors="replace")
+        else:
+            reading = launch.reading(self._usage_file(task))
+        usage = cgroup.usage(reading)
+        if cgroup.oom_killed(reading):
+            state = {**state, "OOMKilled": True}
         limit = (inspected.get("HostConfig") or {}).get("Memory")
         ok, reason = engine.judge(state, task, limit)
         if launch.not_shared(state.get("ExitCode"), tail):
             reason = launch.not_shared_reason(engine.where(self.options), task.workdir)
-        if ((inspected.get("Config") or {}).get("Labels") or {}).get(LABEL_FILES) == "copy":
-            for warning in copying.take_products(self.api, handle, task):
-                self.report(warning)
-            usage = launch.usage_of(copying.read_small(self.api, handle, self._usage_file(task),
-                                                        launch.READ_AT_MOST))
-        else:
-            usage = launch.used(self._usage_file(task))
         return TaskResult(
             ok=ok,
             exit_code=state.get("ExitCode"),
@@ -317,6 +330,7 @@ class ColdContainers:
         try:
             rows = engine.containers(self.api, LABEL_RUN, self.run_id)
             self.cancel([row["Id"] for row in rows] + sorted(self.taken))
+            self.mirror.close()
         finally:
             for directory in self.script_dirs:
                 shutil.rmtree(directory, ignore_errors=True)

@@ -23,7 +23,7 @@ import shutil
 import stat
 import tarfile
 import tempfile
-from typing import Dict, Iterator, List, Optional, Sequence, Set, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 from ...errors import CrankError
 from ...staging import tree
@@ -37,6 +37,8 @@ from .engine import GO_DIR, LOGS
 # a file is read and sent this much at a time
 CHUNK = 1 << 20
 _BLOCK = tarfile.BLOCKSIZE
+# a copied runner's task logs are shown live up to this size (each look sends the whole file)
+LIVE_AT_MOST = 4 << 20
 # what a link leads to, when the job made it, is brought back through this many links in a row
 MAX_LINK_HOPS = 8
 
@@ -46,21 +48,25 @@ Links = List[Tuple[str, str]]  # (a symlink's path on the client, its target tex
 # ---- in ------------------------------------------------------------------------------
 
 
-def put_in(api, cid: str, task: TaskSpec, crank_files: Sequence[str]) -> None:
-    """Copy the task's files (and ``crank_files``, crank's own for it) into the container."""
-    engine.put_files(api, cid, files_in(task, crank_files))
+def put_in(api, cid: str, entries: Sequence[tree.Entry]) -> None:
+    """Copy ``entries`` (with_ancestors, or what a Mirror left of them) into the container."""
+    engine.put_files(api, cid, stream(entries))
 
 
 def files_in(task: TaskSpec, crank_files: Sequence[str] = ()) -> Iterator[bytes]:
     """The tar stream, to unpack at ``/``, of everything the task must find at its path;
     planned now (a missing input is said before anything is sent), read while it is sent."""
-    entries = plan_files(task, crank_files)
-    # the workdir itself and every directory on the way to an entry or a product
+    return stream(with_ancestors(task, plan_files(task, crank_files)))
+
+
+def with_ancestors(task: TaskSpec, entries: Sequence[tree.Entry]) -> List[tree.Entry]:
+    """``entries`` after the workdir itself and every directory on the way to an entry or a
+    product."""
     around = [e.path for e in entries] + [p.path for p in task.products] + [os.path.join(task.workdir, ".")]
-    return _stream(tree.ancestors(around) + entries)
+    return tree.ancestors(around) + list(entries)
 
 
-def _stream(entries: Sequence[tree.Entry]) -> Iterator[bytes]:
+def stream(entries: Sequence[tree.Entry]) -> Iterator[bytes]:
     for entry in entries:
         yield from _member(entry)
     yield b"\0" * (2 * _BLOCK)
@@ -183,8 +189,10 @@ def take(got, dest: str, merge: bool = False) -> Links:
     return [(os.path.join(base, name), text) for name, text in safe.links.items()]
 
 
-def read_small(api, cid: str, path: str, at_most: int) -> Optional[bytes]:
-    """The first ``at_most`` bytes of the file at ``path`` in the container, or None."""
+def read_small(api, cid: str, path: str, at_most: int, offset: int = 0) -> Optional[bytes]:
+    """``at_most`` bytes from ``offset`` on of the file at ``path`` in the container, or
+    None. The archive API sends the whole file: what comes before ``offset`` is read and
+    dropped."""
     got = engine.get_files(api, cid, path)
     if got is None:
         return None
@@ -192,10 +200,27 @@ def read_small(api, cid: str, path: str, at_most: int) -> Optional[bytes]:
         with tarfile.open(fileobj=_Reader(got[0]), mode="r|") as tar:
             for member in tar:
                 if member.isreg():
-                    return tar.extractfile(member).read(at_most)
+                    data = tar.extractfile(member)
+                    while offset > 0:
+                        dropped = len(data.read(min(offset, CHUNK)))
+                        if not dropped:
+                            return None
+                        offset -= dropped
+                    return data.read(at_most)
     except tarfile.TarError:
         return None
     return None
+
+
+def log_reader(api, cid: str) -> Callable[[str, int], Optional[bytes]]:
+    """Reads what a task in a copied runner wrote to ``LOGS/<name>`` (scratch.Reader), for
+    its live logs: each read brings the whole file again, so a log's first LIVE_AT_MOST
+    bytes are shown while the task runs, and the whole of it when it ends."""
+    def read(name: str, offset: int) -> Optional[bytes]:
+        if offset >= LIVE_AT_MOST:
+            return None
+        return read_small(api, cid, f"{LOGS}/{name}", LIVE_AT_MOST - offset, offset)
+    return read
 
 
 class _Safe:
@@ -253,7 +278,13 @@ class _Reader(io.RawIOBase):
 RUNNER_JOBS = 50
 # where a runner keeps a task's scratch files and its logs: emptied after each task
 SCRATCH = ("/tmp", "/dev/shm", LOGS)
-EMPTY = "rm -rf " + " ".join(f"{d}/* {d}/.[!.]* {d}/..?*" for d in SCRATCH)
+
+
+def empty_command(workdir: str) -> str:
+    """The shell command that empties a runner's scratch directories, but one that holds
+    the workdir (the engine's copy of it is mounted there: mirror.py)."""
+    dirs = [d for d in SCRATCH if not under(workdir, d)]
+    return "rm -rf " + " ".join(f"{d}/* {d}/.[!.]* {d}/..?*" for d in dirs)
 
 
 def scratch_dir(user: str) -> Iterator[bytes]:
@@ -264,16 +295,14 @@ def scratch_dir(user: str) -> Iterator[bytes]:
     return iter([_header(info), b"\0" * (2 * _BLOCK)])
 
 
-def send_to_runner(api, runner, task: TaskSpec, entries: Sequence[tree.Entry]) -> None:
-    """Copy into the runner (warm.py) what the task needs (``entries``: plan_files) that it
-    does not have as the client has it: a file or link sent to it before, unchanged since,
-    is not sent again."""
-    known = {e.path: _identity(e) for e in entries if e.kind != tree.DIR}
+def send_to_runner(api, runner, entries: Sequence[tree.Entry]) -> None:
+    """Copy into the runner (warm.py) what the task needs outside the workdir (``entries``:
+    what Mirror.send left) that it does not have as the client has it: a file or link sent
+    to it before, unchanged since, is not sent again."""
+    known = {e.path: identity(e) for e in entries if e.kind != tree.DIR}
     fresh = [e for e in entries if e.kind == tree.DIR or runner.sent.get(e.path) != known[e.path]]
-    around = [e.path for e in entries] + [p.path for p in task.products] + [os.path.join(task.workdir, ".")]
-    engine.put_files(api, runner.id, _stream(tree.ancestors(around) + fresh))
+    engine.put_files(api, runner.id, stream(fresh))
     runner.sent.update(known)
-    runner.dirs.update(_parents(around))
     runner.dirs.update(e.path for e in entries if e.kind == tree.DIR)
 
 
@@ -300,8 +329,9 @@ def collect_from_runner(api, runner, task: TaskSpec) -> List[str]:
     runner's host directory ``runner.logs``; the warnings to give."""
     runner.jobs += 1
     warnings = take_products(api, runner.id, task)
-    runner.made.update(p.path for p in task.products)
-    runner.dirs.update(_parents([p.path for p in task.products]))
+    made = [p.path for p in task.products if not under(p.path, task.workdir)]  # else in the volume
+    runner.made.update(made)
+    runner.dirs.update(_parents(made))
     got = engine.get_files(api, runner.id, LOGS)
     if got is not None:
         take(got, runner.logs)
@@ -309,7 +339,7 @@ def collect_from_runner(api, runner, task: TaskSpec) -> List[str]:
 
 
 def forget_scratch(runner) -> None:
-    """What the runner was sent or made under its scratch directories is gone (a workdir
+    """What the runner was sent or made under its scratch directories is gone (an input
     under /tmp, say): sent again when a task needs it."""
     def kept(path: str) -> bool:
         return not any(under(path, d) for d in SCRATCH)
@@ -349,7 +379,8 @@ def plan_files(task: TaskSpec, crank_files: Sequence[str]) -> List[tree.Entry]:
     return tree.plan(paths).entries
 
 
-def _identity(entry: tree.Entry):
+def identity(entry: tree.Entry):
+    """What a file or link was on the client: sent again when it changes."""
     if entry.kind == tree.LINK:
         return ("link", entry.link)
     st = entry.st

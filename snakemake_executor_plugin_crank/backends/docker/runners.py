@@ -130,16 +130,18 @@ class Runners:
         self.closed = False
 
     def acquire(self, key: str, task: TaskSpec, mounts: Sequence[Tuple[str, bool]],
-                host_config: Mapping[str, Any], copy: bool = False) -> Runner:
-        """An idle runner of the environment ``key`` (with ``copy``, one that holds nothing at
-        the task's products), else a new one."""
+                host_config: Mapping[str, Any], volume: Optional[docker.types.Mount] = None) -> Runner:
+        """An idle runner of the environment ``key``, else a new one. With ``volume`` (the
+        engine's copy of the workdir: mirror.py) the task's files are copied, and the runner
+        holds nothing at the task's products outside the workdir."""
+        copy = volume is not None
         with self.lock:
             idle = self.idle[key]
             for runner in reversed([r for r in idle if not r.dead and (not copy or copying.fits(r, task))]):
                 idle.remove(runner)
                 self.watcher.remove_idle(runner.id)
                 return runner
-        runner = self._start(self.make_root(), key, task, mounts, host_config, copy)
+        runner = self._start(self.make_root(), key, task, mounts, host_config, volume)
         with self.lock:
             self.by_id[runner.id] = runner
         self.stats.runners_started += 1
@@ -221,12 +223,14 @@ class Runners:
             scratch.rmtree(self.root)
 
     def _start(self, root: str, key: str, task: TaskSpec, mounts: Sequence[Tuple[str, bool]],
-               host_config: Mapping[str, Any], copy: bool = False) -> Runner:
+               host_config: Mapping[str, Any], volume: Optional[docker.types.Mount] = None) -> Runner:
         """A new runner for the environment ``key``, running, its file system noted; a
-        failure leaves neither container nor directory. With ``copy`` its /tmp and log
-        scratch directory are its own (emptied from inside), and logs come out by copy."""
+        failure leaves neither container nor directory. With ``volume`` (its tasks' files are
+        copied) it mounts that at the workdir, its /tmp and log scratch directory are its own
+        (emptied from inside), and logs come out by copy."""
+        copy = volume is not None
         host_dir = tempfile.mkdtemp(dir=root)
-        binds = []
+        binds = [volume] if copy else []
         keep = {}
         for private in () if copy else PRIVATE:
             path = os.path.join(host_dir, private.strip("/").replace("/", "-"))
@@ -277,7 +281,7 @@ class Runners:
         it must see (launch.py)."""
         logs = f"{LOGS}/{task.name}"
         command = launch.warm_argv(logs + ".stdout", logs + ".stderr", logs + ".rc", probe,
-                                   logs + USAGE, task.argv)
+                                   logs + USAGE, task.argv, launch.made_by(task) if runner.copy else ())
         return self.api.exec_create(
             runner.id, list(command), environment=launch.environment(task.env), workdir=task.workdir,
             user=self.user,
@@ -312,7 +316,8 @@ class Runners:
         exec in it (they are its own, not the client's)."""
         try:
             with engine_errors("emptying a runner's /tmp"):
-                exec_id = self.api.exec_create(runner.id, ["/bin/sh", "-c", copying.EMPTY], user=self.user)["Id"]
+                command = ["/bin/sh", "-c", copying.empty_command(self.workdir)]
+                exec_id = self.api.exec_create(runner.id, command, user=self.user)["Id"]
                 self.api.exec_start(exec_id)
                 emptied = self.api.exec_inspect(exec_id).get("ExitCode") == 0
         except Exception:  # noqa: BLE001 - the runner is not reused

@@ -79,33 +79,45 @@ def rmtree(path: str) -> None:
     shutil.rmtree(path, onerror=retry)
 
 
-def copy_new(scratch: str, live: Mapping[str, LiveLog]) -> None:
-    """What the running task wrote to ``<scratch>/<name>.stdout|.stderr`` since the last
-    copy, appended to its live logs (at most COPY_AT_ONCE bytes each, to come back soon)."""
+# what a running task wrote to one of its logs from an offset on (None: nothing to read)
+Reader = Callable[[str, int], Optional[bytes]]
+
+
+def host_reader(scratch: str) -> Reader:
+    """Reads ``<scratch>/<name>`` on this machine (a bound runner's log scratch directory),
+    at most COPY_AT_ONCE bytes at a time, to come back soon."""
+    def read(name: str, offset: int) -> Optional[bytes]:
+        try:
+            fd = logs.open_job_file(os.path.join(scratch, name))
+        except OSError:
+            return None  # not written yet, or not a file the host reads
+        try:
+            return os.pread(fd, COPY_AT_ONCE, offset)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+    return read
+
+
+def copy_new(read: Reader, live: Mapping[str, LiveLog]) -> None:
+    """What the running task wrote to its logs since the last copy, appended to its live logs."""
     for log in live.values():
         if log.failed or log.ended:
             continue
-        try:
-            fd = logs.open_job_file(os.path.join(scratch, log.name))
-        except OSError:
-            continue  # not written yet, or not a file the host reads
-        try:
-            data = os.pread(fd, COPY_AT_ONCE, log.size)
-        except OSError:
-            continue
-        finally:
-            os.close(fd)
-        log.append(data)
+        data = read(log.name, log.size)
+        if data:
+            log.append(data)
 
 
 class LiveCopier:
     """Every INTERVAL_S, what the running tasks wrote to their scratch logs, copied into
-    their live logs (``running()``: (scratch directory, live logs, their lock) of each), on a
+    their live logs (``running()``: (its reader, live logs, their lock) of each), on a
     daemon thread of its own until ``stopping`` is set."""
 
     INTERVAL_S = 2.0
 
-    def __init__(self, running: Callable[[], List[Tuple[str, Mapping[str, LiveLog], threading.Lock]]],
+    def __init__(self, running: Callable[[], List[Tuple[Reader, Mapping[str, LiveLog], threading.Lock]]],
                  stopping: threading.Event):
         self.running = running
         self.stopping = stopping
@@ -114,9 +126,9 @@ class LiveCopier:
     def _loop(self) -> None:
         while not self.stopping.wait(self.INTERVAL_S):
             try:
-                for scratch, live, lock in self.running():
+                for read, live, lock in self.running():
                     with lock:
-                        copy_new(scratch, live)
+                        copy_new(read, live)
             except Exception:  # noqa: BLE001 - live logs only: the next pass tries again
                 continue
 

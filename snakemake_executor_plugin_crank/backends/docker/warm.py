@@ -279,7 +279,8 @@ class WarmPool:
                 break
             runner = None
             try:
-                runner = self.containers.acquire(key, task, mounts, host_config, copy=job.files is not None)
+                volume = self.cold.mirror.mount(task.image) if job.files is not None else None
+                runner = self.containers.acquire(key, task, mounts, host_config, volume)
                 with self.lock:
                     if job.canceled:
                         self.containers.put_idle(runner)
@@ -332,7 +333,7 @@ class WarmPool:
 
     def _exec(self, job: _Job, runner: Runner) -> None:
         if runner.copy:
-            copying.send_to_runner(self.api, runner, job.task, job.files)
+            copying.send_to_runner(self.api, runner, self.cold.mirror.send(job.task, job.files))
         with engine_errors("starting a task"):
             exec_id = self.containers.create_exec(runner, job.task, self.cold.probe())
             if not runner.copy:  # a later run cannot read the record of a task run by copy
@@ -382,6 +383,7 @@ class WarmPool:
                     try:
                         for warning in copying.collect_from_runner(self.api, runner, job.task):
                             self.cold.report(warning)
+                        self.cold.mirror.took(job.task)
                     except BackendUnavailable:  # the engine went away with the runner: run again
                         runner.retire = True
                         job.reason = job.reason or DEAD_RUNNER
@@ -412,9 +414,10 @@ class WarmPool:
                 self.containers.recycle(runner)
 
     def _running_logs(self):
-        with self.lock:  # a runner whose files are copied keeps its logs until the end
-            return [(job.runner.logs, job.live, job.live_lock) for job in self.busy.values()
-                    if job.state is State.RUNNING and not job.ended and not job.runner.copy]
+        with self.lock:
+            running = [job for job in self.busy.values() if job.state is State.RUNNING and not job.ended]
+        return [(copying.log_reader(self.api, job.runner.id) if job.runner.copy
+                 else scratch.host_reader(job.runner.logs), job.live, job.live_lock) for job in running]
 
     # ---- what the watcher reports (events.py) ------------------------------------------
 
