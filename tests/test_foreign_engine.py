@@ -4,7 +4,9 @@ run a job on that machine's files, and must say why the job did not run."""
 
 import os
 import shutil
+import signal
 import subprocess
+import sys
 import uuid
 from pathlib import Path
 from typing import Optional
@@ -14,7 +16,7 @@ from snakemake.common.tests import TestWorkflowsLocalStorageBase
 from snakemake.settings import types as settings
 
 import services
-from conftest import BUSYBOX, snakemake_command
+from conftest import BUSYBOX, snakemake_command, wait_for
 from snakemake_executor_plugin_crank import ExecutorSettings
 
 pytestmark = pytest.mark.docker
@@ -44,6 +46,11 @@ def run_on(engine, workdir, *args):
 
     return subprocess.run(snakemake_command("--crank-docker-url", engine.url, "--crank-docker-network", "none",
                                             *args), cwd=workdir, capture_output=True, text=True, timeout=300)
+
+
+def foreign_docker(engine, *args) -> list:
+    return subprocess.run(["docker", "-H", engine.url, *args], capture_output=True, text=True,
+                          check=True).stdout.split()
 
 
 def workflow(tmp_path):
@@ -184,9 +191,36 @@ rule grow:
     assert done.returncode == 0, done.stderr[-3000:]
     assert (workdir / "grown.txt").read_text() == "once\n"
     assert not (workdir / "attempted").exists()  # undeclared: it stays on the engine
-    left = subprocess.run(["docker", "-H", foreign.url, "volume", "ls", "-q"], capture_output=True, text=True,
-                          check=True).stdout.split()
+    left = foreign_docker(foreign, "volume", "ls", "-q")
     assert not [v for v in left if v.startswith("crank-files-")], left
+
+
+def test_a_detached_copied_job_is_adopted_and_the_copy_of_the_workdir_goes_after(foreign, tmp_path):
+    """A job whose files are copied, left running by a run stopped with --crank-detach, is
+    adopted by the next run, which brings its output back, then removes the engine's copy of
+    the workdir that the first run left (the adopted container used it)."""
+    workdir = workflow(tmp_path)
+    (workdir / "Snakefile").write_text(
+        'rule a:\n    input: "in.txt"\n    output: "a.txt"\n    shell: "sleep 6; cat {input} > {output}"\n')
+    args = ("--crank-docker-url", foreign.url, "--crank-docker-network", "none", "--crank-docker-warm", "no")
+    running = ("ps", "-q", "--filter", "status=running", "--filter", f"label=crank.workdir={workdir}",
+               "--filter", "label=crank.key")  # the job's container, not the one that holds its files
+    first = subprocess.Popen(snakemake_command(*args, "--crank-detach"), cwd=workdir, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: foreign_docker(foreign, *running), 90, "the job to start")
+        first.send_signal(signal.SIGINT)
+        _, stderr = first.communicate(timeout=60)
+    finally:
+        first.kill()
+    assert "left running (--crank-detach)" in stderr, stderr[-3000:]
+    assert [v for v in foreign_docker(foreign, "volume", "ls", "-q") if v.startswith("crank-files-")]
+    done = run_on(foreign, workdir, *args[4:], "--rerun-incomplete")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "rule a (job 0) adopts the" in done.stderr, done.stderr[-3000:]
+    assert (workdir / "a.txt").read_text() == "the client's input\n"
+    assert not [v for v in foreign_docker(foreign, "volume", "ls", "-q") if v.startswith("crank-files-")]
+    assert not foreign_docker(foreign, "ps", "-aq", "--filter", f"label=crank.workdir={workdir}")
 
 
 def test_what_a_job_reads_outside_the_workdir_is_proven_file_by_file(foreign, tmp_path):
@@ -243,3 +277,54 @@ rule copy:
         subprocess.run(["umount", str(shared / "data")], check=True)
         assert foreign.run_there(f"ls -A {shared}/data; cat {shared}/data/in.txt") == "in.txt\ndata on the engine host\n"
         shutil.rmtree(shared, ignore_errors=True)
+
+
+UPDATED = """
+rule grow:
+    output: update("p.txt"), update(directory("d")), "done.txt"
+    shell: "n=$(cat attempts 2>/dev/null || echo 0); n=$((n + 1)); echo $n > attempts; "
+           "echo attempt$n >> {output[0]}; touch {output[1]}/junk$n; [ $n -ge 2 ]; touch {output[2]}"
+"""
+
+
+def test_a_retry_of_a_job_that_updates_its_outputs_starts_from_what_the_local_executor_has(foreign, tmp_path):
+    """Its failed attempt's writes to its update() outputs are gone from the engine's copy of
+    the workdir when it runs again, as on this machine."""
+    seen = {}
+    for where in ("local", "crank"):
+        workdir = workflow(tmp_path)
+        (workdir / "Snakefile").write_text(UPDATED)
+        (workdir / "p.txt").write_text("start\n")
+        (workdir / "d").mkdir()
+        (workdir / "d" / "x").write_text("x\n")
+        if where == "local":
+            done = subprocess.run([sys.executable, "-m", "snakemake", "--jobs", "1", "--retries", "1"], cwd=workdir,
+                                  capture_output=True, text=True, timeout=300)
+        else:
+            done = run_on(foreign, workdir, "--crank-docker-files", "copy", "--retries", "1")
+        assert done.returncode == 0, done.stderr[-3000:]
+        seen[where] = ((workdir / "p.txt").read_text(), sorted(p.name for p in (workdir / "d").iterdir()))
+    assert seen["crank"] == seen["local"], seen
+
+
+def test_a_script_too_long_for_an_argument_is_copied_in_too(foreign, tmp_path):
+    workdir = workflow(tmp_path)
+    (workdir / "Snakefile").write_text(f'rule long:\n    output: "out.txt"\n    shell: ": {"x" * 70000}; echo ok > {{output}}"\n')
+    done = run_on(foreign, workdir, "--crank-docker-warm", "no")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (workdir / "out.txt").read_text() == "ok\n"
+
+
+def test_the_copy_of_the_workdir_is_made_when_an_earlier_attempt_left_its_holder(docker_api, tmp_path):
+    """A holder container that an attempt whose answer was lost made is replaced."""
+    from snakemake_executor_plugin_crank.backends.docker.mirror import Mirror
+
+    mirror = Mirror(docker_api, uuid.uuid4().hex, str(tmp_path))
+    left = docker_api.create_container(BUSYBOX, command=["true"], name=f"crank-{mirror.run_id[:8]}-files")["Id"]
+    try:
+        mirror.mount(BUSYBOX)
+        assert mirror.holder != left and docker_api.inspect_container(mirror.holder)["State"]["Running"]
+    finally:
+        mirror.close()
+    assert not docker_api.volumes(filters={"name": mirror.volume}).get("Volumes")
+    assert not docker_api.containers(all=True, filters={"name": f"crank-{mirror.run_id[:8]}-files"})

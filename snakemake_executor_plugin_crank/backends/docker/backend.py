@@ -101,6 +101,7 @@ class DockerBackend:
             else:
                 stale.append(row["Id"])
         self.cold.cancel(stale)
+        self.cold.mirror.remove_left_volumes()  # the copies of the workdir that dead runs left
         self.adoption.orphans = Orphans(found)
         # the scripts of runs that are gone: an adopted container may still read its own,
         # so they go when this run ends, with its own

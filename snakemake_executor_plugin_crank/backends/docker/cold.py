@@ -89,11 +89,11 @@ class ColdContainers:
         name = f"crank-{self.run_id[:8]}-{task.name}"
         try:
             if copy:
-                files = copying.plan_files(task, self._crank_files(task))
                 host_config["mounts"] = [*host_config.get("mounts", ()), self.mirror.mount(task.image)]
             with engine_errors("creating a container"):
-                handle = self._create(task, name, host_config, copy)
+                handle = self._create(task, name, host_config, copy)  # writes a long script
             if copy:
+                files = copying.plan_files(task, self._crank_files(task))
                 copying.put_in(self.api, handle, self.mirror.send(task, files))
             with engine_errors("starting a container"):
                 self.api.start(handle)
@@ -146,11 +146,10 @@ class ColdContainers:
             return engine.missing_network(network, self.options.hints)
         return f"Docker refused the container for {task.label}: {text}"
 
-    def command_for(self, task: TaskSpec, copy: bool = False) -> Tuple[str, ...]:
+    def command_for(self, task: TaskSpec) -> Tuple[str, ...]:
         """The container's argv: the launcher around the script, which travels as one
         argument or, when it is too long for one, as a file under the workdir, which the
-        container sees with the workdir (mounted, or copied in with the task's files; then
-        the launcher first removes what the task makes, launch.made_by)."""
+        container sees with the workdir (mounted, or copied in with the task's files)."""
         probe = self.probe()
         argv = task.argv
         if not script_fits_argv(task.script):
@@ -166,8 +165,7 @@ class ColdContainers:
                 raise CrankError(f"{task.label}: cannot write its script under {self.run_dir!r} "
                                  f"({logs.why(e)})") from None
             argv = file_argv(os.path.join(self.run_dir, task.name + ".sh"))
-        usage = self._usage_file(task)
-        return launch.cold_argv(probe, usage, argv, [*launch.made_by(task), usage] if copy else ())
+        return launch.cold_argv(probe, self._usage_file(task), argv)
 
     def _usage_file(self, task: TaskSpec) -> str:
         return os.path.join(self.run_dir, task.name + ".usage")
@@ -198,7 +196,7 @@ class ColdContainers:
     def _create(self, task: TaskSpec, name: str, host_config: Dict[str, Any], copy: bool) -> str:
         config = dict(
             image=task.image,
-            command=list(self.command_for(task, copy)),
+            command=list(self.command_for(task)),
             working_dir=task.workdir,
             user=f"{os.getuid()}:{os.getgid()}",
             environment=launch.environment(task.env),
@@ -326,11 +324,14 @@ class ColdContainers:
         """Remove every container of the run (with ``detach``, only those that ended),
         then the scripts written for it."""
         if detach:
+            self.mirror.close()  # the volume stays while a container left running uses it
             return  # the containers may read their scripts: both stay
         try:
             rows = engine.containers(self.api, LABEL_RUN, self.run_id)
             self.cancel([row["Id"] for row in rows] + sorted(self.taken))
             self.mirror.close()
+            if self.taken:  # the volumes of the runs that left them, if they copied
+                self.mirror.remove_left_volumes()
         finally:
             for directory in self.script_dirs:
                 shutil.rmtree(directory, ignore_errors=True)

@@ -30,45 +30,32 @@ READ_AT_MOST = 64 * 1024
 NOT_SHARED = 209
 NOT_SHARED_LINE = "crank: the container does not see the client's workdir (its probe file is missing)"
 _PROBE = '[ -e "$crank_probe" ] || { echo "' + NOT_SHARED_LINE + '" >&2; exit ' + str(NOT_SHARED) + '; }; '
-# what the task makes, removed before it runs where its files are copied (mirror.py): an
-# earlier attempt may have left it in the engine's copy of the workdir
-_REMOVE = 'while [ "$crank_n" -gt 0 ]; do rm -rf -- "$1"; shift; crank_n=$((crank_n - 1)); done; '
 _SHLVL = 'if [ -n "${CRANK_SHLVL+x}" ]; then SHLVL=$CRANK_SHLVL; unset CRANK_SHLVL; else unset SHLVL; fi; '
 _AFTER = (
     '"$@"; rc=$?; kill -9 -1 2>/dev/null; '
     '{ { echo ' + cgroup.SEPARATOR + '; crank_cg; } >>"$crank_u"; } 2>/dev/null; '
 )
 
-# a container of its own: $1 the probe, $2 the usage file, $3 how many paths to remove,
-# those paths, then the command
-COLD = ('crank_probe=$1; crank_u=$2; crank_n=$3; shift 3; ' + _PROBE + _REMOVE + _SHLVL + cgroup.FUNCTION + '; '
-        + _AFTER + 'exit $rc')
+# a container of its own: $1 the probe, $2 the usage file, then the command
+COLD = 'crank_probe=$1; crank_u=$2; shift 2; ' + _PROBE + _SHLVL + cgroup.FUNCTION + '; ' + _AFTER + 'exit $rc'
 
 # an exec in a runner: $1 and $2 the stdout and stderr files, $3 the exit code's file (a
 # later run that adopts the task reads it there: Docker forgets an exec when it restarts),
-# $4 the probe, $5 the usage file, $6 how many paths to remove, those paths, then the command
+# $4 the probe, $5 the usage file, then the command
 WARM = (
-    'exec >"$1" 2>"$2"; crank_rc=$3; crank_probe=$4; crank_u=$5; crank_n=$6; shift 6; ' + _PROBE + _REMOVE
-    + _SHLVL
+    'exec >"$1" 2>"$2"; crank_rc=$3; crank_probe=$4; crank_u=$5; shift 5; ' + _PROBE + _SHLVL
     + cgroup.FUNCTION + '; { crank_cg >"$crank_u"; } 2>/dev/null; ' + _AFTER
     + 'printf \'%s\\n\' "$rc" >"$crank_rc"; exit $rc'
 )
 
 
-def cold_argv(probe: str, usage_file: str, argv: Sequence[str], remove: Sequence[str] = ()) -> Tuple[str, ...]:
-    return ("/bin/sh", "-c", COLD, "crank", probe, usage_file, str(len(remove)), *remove, *argv)
+def cold_argv(probe: str, usage_file: str, argv: Sequence[str]) -> Tuple[str, ...]:
+    return ("/bin/sh", "-c", COLD, "crank", probe, usage_file, *argv)
 
 
 def warm_argv(stdout: str, stderr: str, exit_file: str, probe: str, usage_file: str,
-              argv: Sequence[str], remove: Sequence[str] = ()) -> Tuple[str, ...]:
-    return ("/bin/sh", "-c", WARM, "crank", stdout, stderr, exit_file, probe, usage_file,
-            str(len(remove)), *remove, *argv)
-
-
-def made_by(task) -> list:
-    """What a task whose files are copied removes before it runs (mirror.py): its products,
-    but those it updates, whose old content it was sent."""
-    return [p.path for p in task.products if not p.update]
+              argv: Sequence[str]) -> Tuple[str, ...]:
+    return ("/bin/sh", "-c", WARM, "crank", stdout, stderr, exit_file, probe, usage_file, *argv)
 
 
 def not_shared(exit_code, stderr_tail: str) -> bool:

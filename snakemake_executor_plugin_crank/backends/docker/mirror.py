@@ -5,17 +5,19 @@ jobs after it without a trip through the client.
 
 crank keeps what the volume holds (path -> what the file was on the client when it was sent,
 or when it came back as a product) and sends a file again only when the client's changed.
-Files go in through a holder: a container that mounts the volume, created and never started
-(the archive API works on it). A task's products are removed in its own container before its
-command runs (launch.py), as Snakemake removed them on the client, and sent again when the
-task updates them. What lies outside the workdir goes into each container itself.
+Files go in through a holder: a container of the run that mounts the volume and only waits
+(the archive API writes through it). Before a task runs, what the volume may hold at its
+products (an earlier attempt's, or an ``update()`` output's older content) is removed by an
+exec in the holder, as Snakemake removed it on the client; an ``update()`` output is then
+sent again. What lies outside the workdir goes into each container itself.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Set
 
 import docker
 import docker.errors
@@ -25,9 +27,13 @@ from ...staging import tree
 from ...task import Kind, TaskSpec
 from ..paths import under
 from . import copying, engine
-from .engine import LABEL_WORKDIR, engine_errors
+from .engine import LABEL_ORIGIN, LABEL_WORKDIR, engine_errors
 
 LABEL_MIRROR = "crank.mirror"
+# the holder's first process: waits forever, using only sh and sleep
+WAIT = "trap '' CHLD; while :; do sleep 3600; done"
+# the paths one removal in the holder names at most, in bytes (the argv's limit is far above)
+REMOVE_AT_ONCE = 64 * 1024
 
 
 class Mirror:
@@ -38,28 +44,38 @@ class Mirror:
         self.run_id = run_id
         self.workdir = workdir
         self.volume = f"crank-files-{run_id}"
+        self.labels = {**engine.labels(run_id, "", workdir), LABEL_MIRROR: run_id}
+        self.made_volume = False
         self.holder: Optional[str] = None
         self.held: Dict[str, Any] = {}
+        self.made: Set[str] = set()  # the products of the tasks sent: the volume may hold them
         self.lock = threading.Lock()  # warm runners' tasks send from several threads
 
     def mount(self, image: str) -> docker.types.Mount:
         """The volume at the workdir's path, for a container of the task's ``image``."""
         with self.lock:
             self._open(image)
-        return docker.types.Mount(target=self.workdir, source=self.volume, type="volume")
+        return self._mount()
+
+    def _mount(self) -> docker.types.Mount:
+        # no_copy: an image's own files at the workdir's path must not fill the volume
+        return docker.types.Mount(target=self.workdir, source=self.volume, type="volume", no_copy=True)
 
     def send(self, task: TaskSpec, entries: Sequence[tree.Entry]) -> List[tree.Entry]:
         """Put in the volume what the task needs under the workdir (``entries``:
         copying.plan_files) that it does not hold as the client has it, with the directories
-        on the way; the rest (outside the workdir, and the directories above it), which goes
-        into the task's container itself."""
+        on the way, after removing what it may hold at the task's products; the rest (outside
+        the workdir, and the directories above it), which goes into the task's container."""
         everything = copying.with_ancestors(task, entries)
         inside = [e for e in everything if under(e.path, self.workdir)]
         known = {e.path: copying.identity(e) for e in inside if e.kind != tree.DIR}
+        products = [p for p in task.products if under(p.path, self.workdir)]
         with self.lock:
             self._open(task.image)
-            for product in task.products:  # removed, or rewritten, in the task's container
+            self._remove([p.path for p in products if self._may_hold(p.path, p.kind is Kind.DIRECTORY)])
+            for product in products:
                 self._forget(product.path, product.kind is Kind.DIRECTORY)
+                self.made.add(product.path)
             fresh = [e for e in inside if e.kind == tree.DIR or self.held.get(e.path) != known[e.path]]
             engine.put_files(self.api, self.holder, copying.stream(fresh))
             self.held.update(known)
@@ -72,51 +88,101 @@ class Mirror:
         with self.lock:
             self.held.update((e.path, copying.identity(e)) for e in entries if e.kind != tree.DIR)
 
+    def _may_hold(self, path: str, directory: bool) -> bool:
+        if path in self.made or path in self.held:
+            return True
+        prefix = path.rstrip("/") + "/"
+        return directory and any(p.startswith(prefix) for p in self.held)
+
     def _forget(self, path: str, directory: bool) -> None:
         self.held.pop(path, None)
-        prefix = path.rstrip("/") + "/"
         if directory:
+            prefix = path.rstrip("/") + "/"
             self.held = {p: known for p, known in self.held.items() if not p.startswith(prefix)}
+
+    def _remove(self, paths: Sequence[str]) -> None:
+        """Remove ``paths`` from the volume, by execs in the holder."""
+        batch: List[str] = []
+        size = 0
+        for path in paths:
+            if batch and size + len(path) > REMOVE_AT_ONCE:
+                self._exec_rm(batch)
+                batch, size = [], 0
+            batch.append(path)
+            size += len(path) + 1
+        if batch:
+            self._exec_rm(batch)
+
+    def _exec_rm(self, paths: Sequence[str]) -> None:
+        for attempt in range(2):
+            try:
+                with engine_errors("removing files in the engine's copy of the workdir"):
+                    exec_id = self.api.exec_create(self.holder, ["rm", "-rf", "--", *paths],
+                                                   user=f"{os.getuid()}:{os.getgid()}")["Id"]
+                    self.api.exec_start(exec_id)
+                    code = self.api.exec_inspect(exec_id).get("ExitCode")
+                break
+            except docker.errors.APIError as e:
+                if attempt or e.status_code != 409:  # 409: not running (the engine restarted)
+                    raise CrankError(f"Docker refused to remove a job's old outputs in the engine's copy "
+                                     f"of the workdir ({engine.short(e)})") from None
+                with engine_errors("starting a container"):
+                    self.api.start(self.holder)
+        if code != 0:
+            raise CrankError(f"could not remove {paths[0]} in the engine's copy of the workdir before its "
+                             f"job (rm exited {code})")
 
     def _open(self, image: str) -> None:
         if self.holder is not None:
             return
-        labels = {**engine.labels(self.run_id, "", self.workdir), LABEL_MIRROR: self.run_id}
-        self._remove_left_volumes()
+        if not self.made_volume:
+            self.remove_left_volumes()
+        name = f"crank-{self.run_id[:8]}-files"
+        config = dict(
+            image=image, command=["/bin/sh", "-c", WAIT], name=name, network_disabled=True,
+            user=f"{os.getuid()}:{os.getgid()}", labels=self.labels,
+            host_config=self.api.create_host_config(mounts=[self._mount()]),
+        )
         try:
             with engine_errors("creating a volume"):
-                self.api.create_volume(self.volume, labels=labels)
+                self.api.create_volume(self.volume, labels=self.labels)
+            self.made_volume = True
             with engine_errors("creating a container"):
-                self.holder = self.api.create_container(
-                    image=image, command=["/crank-holds-files"], name=f"crank-{self.run_id[:8]}-files",
-                    network_disabled=True, labels=labels,
-                    host_config=self.api.create_host_config(mounts=[
-                        docker.types.Mount(target=self.workdir, source=self.volume, type="volume")]),
-                )["Id"]
+                try:
+                    holder = self.api.create_container(**config)["Id"]
+                except docker.errors.APIError as e:
+                    if e.status_code != 409:
+                        raise
+                    # 409: made by an attempt whose answer was lost
+                    engine.remove_container(self.api, name)
+                    holder = self.api.create_container(**config)["Id"]
+            with engine_errors("starting a container"):
+                self.api.start(holder)
         except docker.errors.APIError as e:
             raise CrankError(f"Docker refused the volume that holds the run's files on the engine "
                              f"({engine.short(e)})") from None
+        self.holder = holder
 
-    def _remove_left_volumes(self) -> None:
-        """Volumes that runs at this workdir left (they ended with --crank-detach, or were
-        killed) and that no container uses any more."""
+    def remove_left_volumes(self) -> None:
+        """Volumes that runs at this workdir (of this machine) left, which no container uses
+        any more: the run ended with --crank-detach, or was killed."""
+        wanted = {"label": [f"{LABEL_WORKDIR}={self.workdir}", f"{LABEL_ORIGIN}={self.labels[LABEL_ORIGIN]}",
+                            LABEL_MIRROR], "dangling": True}
         with contextlib.suppress(CrankError, docker.errors.DockerException):
             with engine_errors("listing volumes"):
-                left = self.api.volumes(filters={"label": f"{LABEL_WORKDIR}={self.workdir}",
-                                                 "dangling": True}).get("Volumes") or []
+                left = self.api.volumes(filters=wanted).get("Volumes") or []
             for volume in left:
-                if LABEL_MIRROR in (volume.get("Labels") or {}):
-                    with contextlib.suppress(docker.errors.APIError), engine_errors("removing a volume"):
-                        self.api.remove_volume(volume["Name"])
+                with contextlib.suppress(docker.errors.APIError), engine_errors("removing a volume"):
+                    self.api.remove_volume(volume["Name"])
 
     def close(self) -> None:
         """Remove the holder, then the volume unless a container still uses it (one left
         running for a later run to adopt)."""
-        if self.holder is None:
-            return
         with contextlib.suppress(CrankError, docker.errors.DockerException):
-            engine.remove_container(self.api, self.holder)
-            with engine_errors("removing a volume"):
-                self.api.remove_volume(self.volume)
-        self.holder = None
-
+            if self.holder is not None:
+                engine.remove_container(self.api, self.holder)
+                self.holder = None
+            if self.made_volume:
+                with engine_errors("removing a volume"):
+                    self.api.remove_volume(self.volume)
+                self.made_volume = False

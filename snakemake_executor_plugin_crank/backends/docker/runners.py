@@ -281,7 +281,7 @@ class Runners:
         it must see (launch.py)."""
         logs = f"{LOGS}/{task.name}"
         command = launch.warm_argv(logs + ".stdout", logs + ".stderr", logs + ".rc", probe,
-                                   logs + USAGE, task.argv, launch.made_by(task) if runner.copy else ())
+                                   logs + USAGE, task.argv)
         return self.api.exec_create(
             runner.id, list(command), environment=launch.environment(task.env), workdir=task.workdir,
             user=self.user,
