@@ -315,16 +315,22 @@ def test_a_script_too_long_for_an_argument_is_copied_in_too(foreign, tmp_path):
     assert (workdir / "out.txt").read_text() == "ok\n"
 
 
-def test_the_copy_of_the_workdir_is_made_when_an_earlier_attempt_left_its_holder(docker_api, tmp_path):
-    """A holder container that an attempt whose answer was lost made is replaced."""
+def test_old_outputs_are_removed_when_an_earlier_attempt_left_the_holder(docker_api, tmp_path):
+    """The container that removes a job's old outputs from the engine's copy of the workdir,
+    made by an attempt whose answer was lost, is replaced; and nothing stays after."""
     from snakemake_executor_plugin_crank.backends.docker.mirror import Mirror
+    from snakemake_executor_plugin_crank.task import Output, TaskSpec
 
+    task = TaskSpec(name="t", label="rule t", job_id="1", attempt=2, image=BUSYBOX, script="true",
+                    workdir=str(tmp_path), outputs=(Output(str(tmp_path / "out.txt")),))
     mirror = Mirror(docker_api, uuid.uuid4().hex, str(tmp_path))
-    left = docker_api.create_container(BUSYBOX, command=["true"], name=f"crank-{mirror.run_id[:8]}-files")["Id"]
+    name = f"crank-{mirror.run_id[:8]}-files"
+    left = docker_api.create_container(BUSYBOX, command=["true"], name=name)["Id"]
     try:
-        mirror.mount(BUSYBOX)
+        mirror.made.add(str(tmp_path / "out.txt"))  # an earlier attempt made it
+        mirror.done(mirror.claim(task, []), True)
         assert mirror.holder != left and docker_api.inspect_container(mirror.holder)["State"]["Running"]
     finally:
         mirror.close()
     assert not docker_api.volumes(filters={"name": mirror.volume}).get("Volumes")
-    assert not docker_api.containers(all=True, filters={"name": f"crank-{mirror.run_id[:8]}-files"})
+    assert not docker_api.containers(all=True, filters={"name": name})

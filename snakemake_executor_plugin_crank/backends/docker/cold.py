@@ -89,12 +89,17 @@ class ColdContainers:
         name = f"crank-{self.run_id[:8]}-{task.name}"
         try:
             if copy:
-                host_config["mounts"] = [*host_config.get("mounts", ()), self.mirror.mount(task.image)]
+                host_config["mounts"] = [*host_config.get("mounts", ()), self.mirror.mount()]
             with engine_errors("creating a container"):
                 handle = self._create(task, name, host_config, copy)  # writes a long script
             if copy:
-                files = copying.plan_files(task, self._crank_files(task))
-                copying.put_in(self.api, handle, self.mirror.send(task, files))
+                claim = self.mirror.claim(task, copying.plan_files(task, self._crank_files(task)))
+                sent = False
+                try:
+                    copying.put_in(self.api, handle, claim.outside + claim.inside)  # inside: into the volume
+                    sent = True
+                finally:
+                    self.mirror.done(claim, sent)
             with engine_errors("starting a container"):
                 self.api.start(handle)
         except (docker.errors.DockerException, TypeError) as e:

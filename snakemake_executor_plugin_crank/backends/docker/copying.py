@@ -49,7 +49,8 @@ Links = List[Tuple[str, str]]  # (a symlink's path on the client, its target tex
 
 
 def put_in(api, cid: str, entries: Sequence[tree.Entry]) -> None:
-    """Copy ``entries`` (with_ancestors, or what a Mirror left of them) into the container."""
+    """Copy ``entries`` into the container (with_ancestors, or a mirror.Claim's, whose inside
+    the container's mount of the volume takes)."""
     engine.put_files(api, cid, stream(entries))
 
 
@@ -295,13 +296,14 @@ def scratch_dir(user: str) -> Iterator[bytes]:
     return iter([_header(info), b"\0" * (2 * _BLOCK)])
 
 
-def send_to_runner(api, runner, entries: Sequence[tree.Entry]) -> None:
+def send_to_runner(api, runner, entries: Sequence[tree.Entry], into_volume: Sequence[tree.Entry]) -> None:
     """Copy into the runner (warm.py) what the task needs outside the workdir (``entries``:
-    what Mirror.send left) that it does not have as the client has it: a file or link sent
-    to it before, unchanged since, is not sent again."""
+    a mirror.Claim's outside) that it does not have as the client has it (a file or link
+    sent to it before, unchanged since, is not sent again), and in the same archive
+    ``into_volume``, which the runner's mount of the volume takes (the claim's inside)."""
     known = {e.path: identity(e) for e in entries if e.kind != tree.DIR}
     fresh = [e for e in entries if e.kind == tree.DIR or runner.sent.get(e.path) != known[e.path]]
-    engine.put_files(api, runner.id, stream(fresh))
+    engine.put_files(api, runner.id, stream(fresh + list(into_volume)))
     runner.sent.update(known)
     runner.dirs.update(e.path for e in entries if e.kind == tree.DIR)
 

@@ -5,11 +5,12 @@ jobs after it without a trip through the client.
 
 crank keeps what the volume holds (path -> what the file was on the client when it was sent,
 or when it came back as a product) and sends a file again only when the client's changed.
-Files go in through a holder: a container of the run that mounts the volume and only waits
-(the archive API writes through it). Before a task runs, what the volume may hold at its
-products (an earlier attempt's, or an ``update()`` output's older content) is removed by an
-exec in the holder, as Snakemake removed it on the client; an ``update()`` output is then
-sent again. What lies outside the workdir goes into each container itself.
+Files are sent in the same archive as the rest of the task's (copying.py), into its own
+container, which writes them through its mount; a file on its way for one task is waited for
+by another that needs it, never sent twice at once. Before a task is sent its files, what the
+volume may hold at its products (an earlier attempt's, or an ``update()`` output's older
+content) is removed by an exec in a holder, a container of the run that mounts the volume and
+only waits, made when first needed; an ``update()`` output is then sent again.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Set
 
 import docker
@@ -36,6 +38,17 @@ WAIT = "trap '' CHLD; while :; do sleep 3600; done"
 REMOVE_AT_ONCE = 64 * 1024
 
 
+@dataclass
+class Claim:
+    """What one task sends: ``inside`` into the volume (its entries are this task's to send:
+    others wait for them), ``outside`` into the container itself."""
+
+    inside: List[tree.Entry]
+    outside: List[tree.Entry]
+    known: Dict[str, Any] = field(default_factory=dict)  # what ``inside`` brings, by path
+    sent: threading.Event = field(default_factory=threading.Event)
+
+
 class Mirror:
     """The volume of one run on one engine, made at the first task that needs it."""
 
@@ -48,38 +61,53 @@ class Mirror:
         self.made_volume = False
         self.holder: Optional[str] = None
         self.held: Dict[str, Any] = {}
+        self.sending: Dict[str, threading.Event] = {}  # path -> the end of the claim sending it
         self.made: Set[str] = set()  # the products of the tasks sent: the volume may hold them
         self.lock = threading.Lock()  # warm runners' tasks send from several threads
 
-    def mount(self, image: str) -> docker.types.Mount:
-        """The volume at the workdir's path, for a container of the task's ``image``."""
+    def mount(self) -> docker.types.Mount:
+        """The volume at the workdir's path. no_copy: an image's own files at the workdir's
+        path must not fill it."""
         with self.lock:
-            self._open(image)
-        return self._mount()
-
-    def _mount(self) -> docker.types.Mount:
-        # no_copy: an image's own files at the workdir's path must not fill the volume
+            self._make_volume()
         return docker.types.Mount(target=self.workdir, source=self.volume, type="volume", no_copy=True)
 
-    def send(self, task: TaskSpec, entries: Sequence[tree.Entry]) -> List[tree.Entry]:
-        """Put in the volume what the task needs under the workdir (``entries``:
-        copying.plan_files) that it does not hold as the client has it, with the directories
-        on the way, after removing what it may hold at the task's products; the rest (outside
-        the workdir, and the directories above it), which goes into the task's container."""
+    def claim(self, task: TaskSpec, entries: Sequence[tree.Entry]) -> Claim:
+        """What to send for the task (``entries``: copying.plan_files): what it needs under the
+        workdir that the volume does not hold as the client has it, with the directories on
+        the way, and the rest (outside the workdir, and the directories above it), after
+        removing what the volume may hold at the task's products. The caller sends both in
+        the task's container, then calls ``done``."""
         everything = copying.with_ancestors(task, entries)
         inside = [e for e in everything if under(e.path, self.workdir)]
         known = {e.path: copying.identity(e) for e in inside if e.kind != tree.DIR}
         products = [p for p in task.products if under(p.path, self.workdir)]
+        outside = [e for e in everything if not under(e.path, self.workdir)]
+        while True:
+            with self.lock:
+                busy = next((self.sending[p] for p in known if p in self.sending), None)
+                if busy is None:
+                    self._make_volume()
+                    gone = [p.path for p in products if self._may_hold(p.path, p.kind is Kind.DIRECTORY)]
+                    if gone:
+                        self._remove(task.image, gone)
+                    for product in products:
+                        self._forget(product.path, product.kind is Kind.DIRECTORY)
+                        self.made.add(product.path)
+                    fresh = [e for e in inside if e.kind == tree.DIR or self.held.get(e.path) != known[e.path]]
+                    claim = Claim(fresh, outside, {e.path: known[e.path] for e in fresh if e.kind != tree.DIR})
+                    self.sending.update((path, claim.sent) for path in claim.known)
+                    return claim
+            busy.wait()  # another task sends a file this one needs: then look again
+
+    def done(self, claim: Claim, sent: bool) -> None:
+        """The claim's files were sent (``sent``), or may not have been."""
         with self.lock:
-            self._open(task.image)
-            self._remove([p.path for p in products if self._may_hold(p.path, p.kind is Kind.DIRECTORY)])
-            for product in products:
-                self._forget(product.path, product.kind is Kind.DIRECTORY)
-                self.made.add(product.path)
-            fresh = [e for e in inside if e.kind == tree.DIR or self.held.get(e.path) != known[e.path]]
-            engine.put_files(self.api, self.holder, copying.stream(fresh))
-            self.held.update(known)
-        return [e for e in everything if not under(e.path, self.workdir)]
+            if sent:
+                self.held.update(claim.known)
+            for path in claim.known:
+                self.sending.pop(path, None)
+        claim.sent.set()
 
     def took(self, task: TaskSpec) -> None:
         """The task's products came back: the volume holds what the client now has."""
@@ -100,8 +128,9 @@ class Mirror:
             prefix = path.rstrip("/") + "/"
             self.held = {p: known for p, known in self.held.items() if not p.startswith(prefix)}
 
-    def _remove(self, paths: Sequence[str]) -> None:
+    def _remove(self, image: str, paths: Sequence[str]) -> None:
         """Remove ``paths`` from the volume, by execs in the holder."""
+        self._start_holder(image)
         batch: List[str] = []
         size = 0
         for path in paths:
@@ -132,21 +161,29 @@ class Mirror:
             raise CrankError(f"could not remove {paths[0]} in the engine's copy of the workdir before its "
                              f"job (rm exited {code})")
 
-    def _open(self, image: str) -> None:
+    def _make_volume(self) -> None:
+        if self.made_volume:
+            return
+        self.remove_left_volumes()
+        try:
+            with engine_errors("creating a volume"):
+                self.api.create_volume(self.volume, labels=self.labels)
+        except docker.errors.APIError as e:
+            raise CrankError(f"Docker refused the volume that holds the run's files on the engine "
+                             f"({engine.short(e)})") from None
+        self.made_volume = True
+
+    def _start_holder(self, image: str) -> None:
         if self.holder is not None:
             return
-        if not self.made_volume:
-            self.remove_left_volumes()
         name = f"crank-{self.run_id[:8]}-files"
         config = dict(
             image=image, command=["/bin/sh", "-c", WAIT], name=name, network_disabled=True,
             user=f"{os.getuid()}:{os.getgid()}", labels=self.labels,
-            host_config=self.api.create_host_config(mounts=[self._mount()]),
+            host_config=self.api.create_host_config(mounts=[docker.types.Mount(
+                target=self.workdir, source=self.volume, type="volume", no_copy=True)]),
         )
         try:
-            with engine_errors("creating a volume"):
-                self.api.create_volume(self.volume, labels=self.labels)
-            self.made_volume = True
             with engine_errors("creating a container"):
                 try:
                     holder = self.api.create_container(**config)["Id"]
@@ -159,8 +196,8 @@ class Mirror:
             with engine_errors("starting a container"):
                 self.api.start(holder)
         except docker.errors.APIError as e:
-            raise CrankError(f"Docker refused the volume that holds the run's files on the engine "
-                             f"({engine.short(e)})") from None
+            raise CrankError(f"Docker refused the container that removes old outputs in the engine's "
+                             f"copy of the workdir ({engine.short(e)})") from None
         self.holder = holder
 
     def remove_left_volumes(self) -> None:

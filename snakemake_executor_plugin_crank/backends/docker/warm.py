@@ -279,7 +279,7 @@ class WarmPool:
                 break
             runner = None
             try:
-                volume = self.cold.mirror.mount(task.image) if job.files is not None else None
+                volume = self.cold.mirror.mount() if job.files is not None else None
                 runner = self.containers.acquire(key, task, mounts, host_config, volume)
                 with self.lock:
                     if job.canceled:
@@ -333,7 +333,13 @@ class WarmPool:
 
     def _exec(self, job: _Job, runner: Runner) -> None:
         if runner.copy:
-            copying.send_to_runner(self.api, runner, self.cold.mirror.send(job.task, job.files))
+            claim = self.cold.mirror.claim(job.task, job.files)
+            sent = False
+            try:
+                copying.send_to_runner(self.api, runner, claim.outside, claim.inside)
+                sent = True
+            finally:
+                self.cold.mirror.done(claim, sent)
         with engine_errors("starting a task"):
             exec_id = self.containers.create_exec(runner, job.task, self.cold.probe())
             if not runner.copy:  # a later run cannot read the record of a task run by copy
