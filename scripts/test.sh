@@ -10,4 +10,4 @@ engine_was_running=false
 docker info >/dev/null 2>&1 && engine_was_running=true
 trap '$engine_was_running || python3 tests/services.py stop-docker || true' EXIT
 bash scripts/setup.sh
-python3 -m pytest -n "${CRANK_TEST_WORKERS:-4}" --dist loadgroup "$@"
+python3 -m pytest -n "${CRANK_TEST_WORKERS:-3}" --dist loadgroup "$@"

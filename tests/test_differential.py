@@ -581,7 +581,7 @@ def drawn():
 
 @pytest.mark.slow
 @pytest.mark.docker
-@differential(default_examples=10)
+@differential(default_examples=6)
 @given(wf=drawn())
 def test_crank_leaves_what_the_local_executor_leaves(backends, tmp_path, wf):
     # copying is compared on the drawn features and the cases found (below): the series
