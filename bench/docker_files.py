@@ -35,14 +35,8 @@ rule job:
     shell: "touch {{output}}"
 """
 
-READ = """
-rule sum:
-    input: "big.bin"
-    output: "sum.txt"
-    shell: "sha256sum {input} > {output}"
-"""
-
-SHARED = """
+# `n` jobs that each read the same input (one: the read case)
+READERS = """
 rule all:
     input: expand("sum{{i}}.txt", i=range({n}))
 
@@ -96,9 +90,9 @@ def main() -> None:
             for variant in VARIANTS:
                 times[("noop", variant)].append(run(NOOP.format(n=args.jobs), variant))
             for variant in ("bind", "copy"):
-                times[("read", variant)].append(run(READ, variant, big))
+                times[("read", variant)].append(run(READERS.format(n=1), variant, big))
             for variant in ("bind-cold", "copy-cold"):
-                times[("shared", variant)].append(run(SHARED.format(n=args.readers), variant, big))
+                times[("shared", variant)].append(run(READERS.format(n=args.readers), variant, big))
 
     print(f"{args.jobs} no-op jobs at -j 4; one job reading {args.gib:g} GiB; {args.readers} jobs reading it, "
           f"a container each; {args.rounds} round(s)")

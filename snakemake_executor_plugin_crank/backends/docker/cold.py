@@ -211,14 +211,7 @@ class ColdContainers:
             name=name,
             host_config=self.api.create_host_config(**host_config),
         )
-        try:
-            return self.api.create_container(**config)["Id"]
-        except docker.errors.APIError as e:
-            if e.status_code != 409:
-                raise
-        # 409: a container of this name is left from a submission whose answer was lost
-        engine.remove_container(self.api, name)
-        return self.api.create_container(**config)["Id"]
+        return engine.create_container(self.api, config)
 
     def _remove_quietly(self, name: str) -> None:
         with contextlib.suppress(CrankError, docker.errors.DockerException):

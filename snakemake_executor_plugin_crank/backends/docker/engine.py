@@ -157,6 +157,25 @@ def containers(api, label: str, value: str) -> List[Mapping[str, Any]]:
         return api.containers(all=True, filters={"label": f"{label}={value}"})
 
 
+def create_container(api, config: Mapping[str, Any]) -> str:
+    """Create the container ``config`` names; one of that name left by a creation whose
+    answer was lost (409) is removed first. Its id."""
+    try:
+        return api.create_container(**config)["Id"]
+    except docker.errors.APIError as e:
+        if e.status_code != 409:
+            raise
+    remove_container(api, config["name"])
+    return api.create_container(**config)["Id"]
+
+
+def exit_code_of(api, cid: str, argv: Sequence[str], user: str) -> Optional[int]:
+    """Run ``argv`` in the running container as ``user`` and wait for it: its exit code."""
+    exec_id = api.exec_create(cid, list(argv), user=user)["Id"]
+    api.exec_start(exec_id)
+    return api.exec_inspect(exec_id).get("ExitCode")
+
+
 def remove_container(api, cid: str) -> None:
     """Remove a container, running or not; one already gone, or being removed (409), is
     fine. An engine that does not answer raises BackendUnavailable."""

@@ -24,6 +24,10 @@ from ...task import Usage
 from .. import cgroup
 from ..logs import open_job_file
 
+# a waiting container's first process (a runner, the holder of the engine's copy of the
+# workdir): waits forever, using only sh and sleep; ignoring SIGCHLD lets the kernel reap
+# the processes that are left to it
+IDLE = "trap '' CHLD; while :; do sleep 3600; done"
 # more than a reading's few dozen lines: a file the job replaced is not read whole
 READ_AT_MOST = 64 * 1024
 

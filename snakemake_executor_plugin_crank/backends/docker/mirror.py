@@ -28,12 +28,10 @@ from ...errors import CrankError
 from ...staging import tree
 from ...task import Kind, TaskSpec
 from ..paths import under
-from . import copying, engine
+from . import copying, engine, launch
 from .engine import LABEL_ORIGIN, LABEL_WORKDIR, engine_errors
 
 LABEL_MIRROR = "crank.mirror"
-# the holder's first process: waits forever, using only sh and sleep
-WAIT = "trap '' CHLD; while :; do sleep 3600; done"
 # the paths one removal in the holder names at most, in bytes (the argv's limit is far above)
 REMOVE_AT_ONCE = 64 * 1024
 
@@ -58,6 +56,7 @@ class Mirror:
         self.workdir = workdir
         self.volume = f"crank-files-{run_id}"
         self.labels = {**engine.labels(run_id, "", workdir), LABEL_MIRROR: run_id}
+        self.user = f"{os.getuid()}:{os.getgid()}"
         self.made_volume = False
         self.holder: Optional[str] = None
         self.held: Dict[str, Any] = {}
@@ -66,10 +65,13 @@ class Mirror:
         self.lock = threading.Lock()  # warm runners' tasks send from several threads
 
     def mount(self) -> docker.types.Mount:
-        """The volume at the workdir's path. no_copy: an image's own files at the workdir's
-        path must not fill it."""
+        """The volume at the workdir's path, made if it is not yet."""
         with self.lock:
             self._make_volume()
+        return self._mount()
+
+    def _mount(self) -> docker.types.Mount:
+        # no_copy: an image's own files at the workdir's path must not fill the volume
         return docker.types.Mount(target=self.workdir, source=self.volume, type="volume", no_copy=True)
 
     def claim(self, task: TaskSpec, entries: Sequence[tree.Entry]) -> Claim:
@@ -146,10 +148,7 @@ class Mirror:
         for attempt in range(2):
             try:
                 with engine_errors("removing files in the engine's copy of the workdir"):
-                    exec_id = self.api.exec_create(self.holder, ["rm", "-rf", "--", *paths],
-                                                   user=f"{os.getuid()}:{os.getgid()}")["Id"]
-                    self.api.exec_start(exec_id)
-                    code = self.api.exec_inspect(exec_id).get("ExitCode")
+                    code = engine.exit_code_of(self.api, self.holder, ["rm", "-rf", "--", *paths], self.user)
                 break
             except docker.errors.APIError as e:
                 if attempt or e.status_code != 409:  # 409: not running (the engine restarted)
@@ -164,7 +163,6 @@ class Mirror:
     def _make_volume(self) -> None:
         if self.made_volume:
             return
-        self.remove_left_volumes()
         try:
             with engine_errors("creating a volume"):
                 self.api.create_volume(self.volume, labels=self.labels)
@@ -176,23 +174,14 @@ class Mirror:
     def _start_holder(self, image: str) -> None:
         if self.holder is not None:
             return
-        name = f"crank-{self.run_id[:8]}-files"
         config = dict(
-            image=image, command=["/bin/sh", "-c", WAIT], name=name, network_disabled=True,
-            user=f"{os.getuid()}:{os.getgid()}", labels=self.labels,
-            host_config=self.api.create_host_config(mounts=[docker.types.Mount(
-                target=self.workdir, source=self.volume, type="volume", no_copy=True)]),
+            image=image, command=["/bin/sh", "-c", launch.IDLE], name=f"crank-{self.run_id[:8]}-files",
+            network_disabled=True, user=self.user, labels=self.labels,
+            host_config=self.api.create_host_config(mounts=[self._mount()]),
         )
         try:
             with engine_errors("creating a container"):
-                try:
-                    holder = self.api.create_container(**config)["Id"]
-                except docker.errors.APIError as e:
-                    if e.status_code != 409:
-                        raise
-                    # 409: made by an attempt whose answer was lost
-                    engine.remove_container(self.api, name)
-                    holder = self.api.create_container(**config)["Id"]
+                holder = engine.create_container(self.api, config)
             with engine_errors("starting a container"):
                 self.api.start(holder)
         except docker.errors.APIError as e:

@@ -48,9 +48,6 @@ from . import copying, engine, launch, scratch
 from .engine import LOGS, DockerOptions, engine_errors
 from .mounts import plan_mounts
 
-# the runner's first process: waits forever, using only sh and sleep; ignoring SIGCHLD
-# lets the kernel reap the processes that are left to it
-IDLE = "trap '' CHLD; while :; do sleep 3600; done"
 PRIVATE = ("/tmp", "/dev/shm")
 # the suffix of the file there with what the task used (launch.py)
 USAGE = ".usage"
@@ -251,7 +248,7 @@ class Runners:
             with engine_errors("creating a container"):
                 cid = self.api.create_container(
                     image=task.image,
-                    command=["/bin/sh", "-c", IDLE],
+                    command=["/bin/sh", "-c", launch.IDLE],
                     user=self.user,
                     labels=engine.labels(self.run_id, "", self.workdir),
                     name=name,
@@ -317,9 +314,7 @@ class Runners:
         try:
             with engine_errors("emptying a runner's /tmp"):
                 command = ["/bin/sh", "-c", copying.empty_command(self.workdir)]
-                exec_id = self.api.exec_create(runner.id, command, user=self.user)["Id"]
-                self.api.exec_start(exec_id)
-                emptied = self.api.exec_inspect(exec_id).get("ExitCode") == 0
+                emptied = engine.exit_code_of(self.api, runner.id, command, self.user) == 0
         except Exception:  # noqa: BLE001 - the runner is not reused
             return False
         copying.forget_scratch(runner)
