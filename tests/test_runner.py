@@ -1,18 +1,21 @@
 """The status rounds' own logic (wall time, tolerance) with a fake backend and clock: no
-Snakemake, no engine, no sleeping; then the wall-time kill end to end through the fault
-proxy."""
+Snakemake, no engine, no sleeping; then the rounds on the real backends, a wall-time kill or
+cancel refused through the fault proxy; then a job's wall time through Snakemake."""
 
 import os
-import time
 import uuid
 
 import pytest
 
+from snakemake_executor_plugin_crank.backends.docker import DockerBackend
+from snakemake_executor_plugin_crank.backends.docker.engine import DockerOptions
+from snakemake_executor_plugin_crank.backends.tes.backend import TesOptions
+from snakemake_executor_plugin_crank.backends.tes.opening import open_tes_backend
 from snakemake_executor_plugin_crank.errors import BackendUnavailable, CrankError
 from snakemake_executor_plugin_crank.rounds import RoundFailed, Rounds
 from snakemake_executor_plugin_crank.task import Adopted, Resources, State, TaskResult, TaskSpec
 
-from conftest import containers_of, copy_workflow, snakemake
+from conftest import BUSYBOX, containers_of, copy_workflow, snakemake, wait_for
 
 
 class FakeBackend:
@@ -154,47 +157,82 @@ def refusing_the_first_two(suffix: str, refused: list):
     return rule
 
 
-@pytest.mark.slow
+def rounds_until_ended(backend, task, deadline_s=90):
+    """The rounds over one task on a real backend, polled once a second until it ends."""
+    rounds = Rounds(backend)
+    chain = rounds.start([task])
+    ended = {}
+    wait_for(lambda: ended.update(rounds.step([chain]).ended) or chain in ended, deadline_s,
+             "the task to end", interval=1)
+    rounds.release(chain)
+    return ended[chain]
+
+
+def walltime_task(workdir):
+    """A task past its 3 s runtime within a second: the rounds must kill it."""
+    return TaskSpec(name="walltime", label="rule walltime", job_id="1", attempt=1, image=BUSYBOX,
+                    script="echo started >&2; sleep 600", workdir=str(workdir),
+                    resources=Resources(runtime_s=3), log_dir=str(workdir / "logs"))
+
+
 @pytest.mark.docker
 def test_a_wall_time_kill_the_engine_refuses_is_tried_again(docker_api, tmp_path):
-    """The engine drops the first two kills of a job past its runtime (a moment it does
-    not answer): crank kills it at a later round and reports the wall time, with the
-    stderr's tail of the killed job; no container is left. (The wall time on Docker: one
-    run of a minute serves both.)"""
+    """The engine drops the first two kills of a task past its runtime (a moment it does
+    not answer): the rounds kill it at a later round and report the wall time, with the
+    stderr's tail of the killed task; no container is left."""
     from faultproxy import FaultProxy
 
     host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
     if not host.startswith("unix://"):
         pytest.skip("the fault proxy needs the engine on a Unix socket")
-    workdir = copy_workflow("failing", tmp_path / "wf")
     refused = []
     with FaultProxy(str(tmp_path / "p.sock"), host[len("unix://"):]) as proxy:
         proxy.set_rule(refusing_the_first_two("/kill", refused))
-        started = time.monotonic()
-        done = snakemake(workdir, "walltime", "--crank-docker-url", proxy.url)
+        backend = DockerBackend(uuid.uuid4().hex, str(tmp_path), DockerOptions(base_url=proxy.url))
+        try:
+            outcome = rounds_until_ended(backend, walltime_task(tmp_path))
+        finally:
+            backend.close()
     assert len(refused) == 2
-    assert done.returncode != 0
-    assert "wall time exceeded (runtime limit 1 min)" in done.stderr
-    assert "started" in done.stderr  # the stderr tail of the killed task
-    assert time.monotonic() - started < 300  # killed, not waited out (sleep 600)
-    assert containers_of(docker_api, workdir) == []
+    assert not outcome.ok
+    assert "wall time exceeded (runtime limit 3 s)" in outcome.message, outcome.message
+    assert "started" in outcome.message, outcome.message  # the stderr tail of the killed task
+    assert containers_of(docker_api, tmp_path) == []
 
 
 @pytest.mark.slow
-@pytest.mark.tes
-def test_a_wall_time_cancel_the_tes_server_refuses_is_tried_again(tes, tmp_path):
-    """The same on TES, where the runtime limit is what ends a task Funnel leaves RUNNING."""
-    from conftest import live_tasks, proxy_to, tes_run
-
-    workdir = copy_workflow("failing", tmp_path / uuid.uuid4().hex / "wf")
-    refused = []
-    with proxy_to(tes) as proxy:
-        proxy.set_rule(refusing_the_first_two(":cancel", refused))
-        done = tes_run(tes, workdir, "walltime", "--crank-tes-url", proxy.url)
-    assert len(refused) == 2
+@pytest.mark.docker
+def test_a_job_past_its_runtime_fails_with_the_wall_time_through_snakemake(docker_api, tmp_path):
+    """A rule's runtime (whole minutes in Snakemake: 1) ends its job at 1 min, not at the end
+    of its sleep 600; Snakemake's message says why, with the stderr's tail; no container is
+    left."""
+    workdir = copy_workflow("failing", tmp_path / "wf")
+    done = snakemake(workdir, "walltime")
     assert done.returncode != 0
-    assert "wall time exceeded (runtime limit 1 min)" in done.stderr
-    assert live_tasks(tes, workdir) == []
+    assert "wall time exceeded (runtime limit 1 min)" in done.stderr, done.stderr[-3000:]
+    assert "started" in done.stderr  # the stderr tail of the killed task
+    assert containers_of(docker_api, workdir) == []
+
+
+@pytest.mark.tes
+def test_a_wall_time_cancel_the_tes_server_refuses_is_tried_again(aws_env, tmp_path):
+    """The same on TES, where the runtime limit is what ends a task Funnel leaves RUNNING."""
+    from conftest import proxy_to, tasks_of
+
+    refused = []
+    with proxy_to(aws_env) as proxy:
+        proxy.set_rule(refusing_the_first_two(":cancel", refused))
+        backend = open_tes_backend(uuid.uuid4().hex, str(tmp_path),
+                                   TesOptions(url=proxy.url, storage_prefix=aws_env.prefix(uuid.uuid4().hex)))
+        try:
+            outcome = rounds_until_ended(backend, walltime_task(tmp_path))
+        finally:
+            backend.close()
+    assert len(refused) == 2
+    assert not outcome.ok
+    assert "wall time exceeded (runtime limit 3 s)" in outcome.message, outcome.message
+    [task] = tasks_of(aws_env, tmp_path)
+    assert task["state"] in ("CANCELED", "CANCELING"), task["state"]
 
 
 def test_an_interrupted_task_runs_again_once_then_fails():

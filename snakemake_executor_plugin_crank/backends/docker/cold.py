@@ -16,7 +16,6 @@ import docker.errors
 from ...errors import BackendUnavailable, CrankError
 from ...task import State, TaskResult, TaskSpec, file_argv, script_fits_argv
 from .. import cgroup, logs
-from ..stamps import parse
 from ..adoption import products_id
 from . import copying, engine, launch
 from .engine import (LABEL_FILES, LABEL_KEY, LABEL_PRODUCTS, LABEL_RUN, LABEL_WORKDIR, DockerOptions,
@@ -31,6 +30,10 @@ from .sharing import Sharing
 FOLLOW_POOL = 256
 # a container's logs are followed once it has run this long (live logs within about 5 s)
 FOLLOW_AFTER_S = 2.0
+
+# a stopping engine goes silent within moments of stopping its containers (about 0.3 s
+# measured on dockerd 20.10; more under load)
+ENGINE_GONE_S = 5.0
 
 _STATES = {
     "created": State.QUEUED,
@@ -63,12 +66,16 @@ class ColdContainers:
         self.script_dirs: set = set()  # the runs' directories under scripts_root
         self.run_dir = os.path.join(scripts_root(workdir), run_id)
         self.taken: set = set()  # containers of dead runs this run took over
-        # when the engine did not answer (wall clock, from the last answer before to the
-        # first after): a container that a signal ended then was stopped by the engine
+        # when the engine did not answer (this machine's clock, from the last answer before to
+        # the first after): a container that a signal ended then was stopped by the engine
         self.outages: List[Tuple[float, float]] = []
         self._last_answer: Optional[float] = None
         self._silent_since: Optional[float] = None
-        self._interrupted: Dict[str, bool] = {}
+        # by handle, when a listing last showed the container running, and when one first
+        # showed it ended by a signal crank did not send
+        self._seen_running: Dict[str, float] = {}
+        self._seen_signalled: Dict[str, float] = {}
+        self._stopped_here: set = set()
         self.followers: Dict[str, Follower] = {}  # the logs of running containers (follow.py)
         # tasks started, not followed yet: (when, task), by handle
         self._unfollowed: Dict[str, Tuple[float, TaskSpec]] = {}
@@ -229,37 +236,35 @@ class ColdContainers:
             raise
         now = time.time()
         if self._silent_since is not None:
-            self.outages.append((self._silent_since - 1, now))
+            self.outages.append((self._silent_since, now))
             self._silent_since = None
         self._last_answer = now
         seen = {row["Id"]: _STATES.get(row["State"], State.RUNNING) for row in rows}
+        signalled = {row["Id"] for row in rows if engine.ended_by_signal(row)}
         states = {h: seen.get(h, State.LOST) for h in handles}
         self._follow_long_ones(states)
         for h, state in states.items():
-            if state is State.FINISHED and self.outages and self._stopped_by_engine(h):
-                states[h] = State.INTERRUPTED
+            if state in (State.RUNNING, State.QUEUED):
+                self._seen_running[h] = now
+            elif state is State.FINISHED and h in signalled and h not in self._stopped_here:
+                states[h] = self._signalled(h, now)
         return states
 
-    def _stopped_by_engine(self, handle: str) -> bool:
-        """Whether a signal ended the container while the engine did not answer (it stopped
-        or restarted: live-restore off stops every container), asked once per container."""
-        if handle not in self._interrupted:
-            try:
-                with engine_errors("inspecting a container"):
-                    state = self.api.inspect_container(handle)["State"]
-            except docker.errors.NotFound:
-                return False
-            try:
-                ended = parse(state.get("FinishedAt")).timestamp()
-            except (TypeError, ValueError, AttributeError):
-                ended = None
-            self._interrupted[handle] = (
-                ended is not None and (state.get("ExitCode") or 0) > 128
-                and any(start <= ended <= end for start, end in self.outages)
-            )
-        return self._interrupted[handle]
+    def _signalled(self, handle: str, now: float) -> State:
+        """A container a signal crank did not send ended: INTERRUPTED when the engine stopped
+        it (live-restore off: a stopping or restarting engine stops every container), else
+        FINISHED, the job's own end. A stopping engine still answers while it stops its
+        containers and goes silent moments later: the engine stopped the container when a
+        silence began after the last listing that showed it running and no later than
+        ENGINE_GONE_S after the first that showed it ended. Until then it counts as running."""
+        first = self._seen_signalled.setdefault(handle, now)
+        since = self._seen_running.get(handle, first)
+        if any(since <= start <= first + ENGINE_GONE_S for start, _ in self.outages):
+            return State.INTERRUPTED
+        return State.RUNNING if now < first + ENGINE_GONE_S else State.FINISHED
 
     def stop(self, handle: str) -> None:
+        self._stopped_here.add(handle)
         try:
             with engine_errors("stopping a container"):
                 self.api.kill(handle)
@@ -274,6 +279,8 @@ class ColdContainers:
             return TaskResult(ok=False, reason="the container was removed outside crank")
         state = inspected["State"]
         self._unfollowed.pop(handle, None)
+        for seen in (self._seen_running, self._seen_signalled):
+            seen.pop(handle, None)
         follower = self.followers.pop(handle, None)
         if follower is not None:
             follower.stop()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -112,6 +113,18 @@ def connect(options: DockerOptions) -> Tuple[docker.DockerClient, Capacity]:
         raise BackendUnavailable(f"cannot reach the Docker engine at {at} ({short(e)})") from None
     capacity = Capacity(cpus=info.get("NCPU"), mem_mb=int(info.get("MemTotal", 0) / 1e6) or None)
     return made, capacity
+
+
+_EXIT_STATUS = re.compile(r"^Exited \((\d+)\)")
+
+
+def ended_by_signal(row: Mapping[str, Any]) -> bool:
+    """Whether a container listing's row says a signal ended it (an exit code above 128), or
+    may: an ended container whose code the row does not show."""
+    if row.get("State") not in ("exited", "dead", "removing"):
+        return False
+    found = _EXIT_STATUS.match(row.get("Status") or "")
+    return found is None or int(found.group(1)) > 128
 
 
 # answered with status 500 by the engine, yet final: asking again cannot help
