@@ -20,7 +20,6 @@ import contextlib
 import os
 from typing import Dict, Mapping, Sequence, Tuple
 
-from ...task import Usage
 from .. import cgroup
 from ..logs import open_job_file
 
@@ -79,12 +78,6 @@ def environment(env: Mapping[str, str]) -> Dict[str, str]:
     if "SHLVL" in env:  # the wrapper's shell would count itself in it
         env["CRANK_SHLVL"] = env.pop("SHLVL")
     return env
-
-
-def used(usage_file: str) -> Usage:
-    """What the file the shell wrote says the job used (empty when it is missing: the
-    container was killed, or the engine does not share this file system); removed then."""
-    return cgroup.usage(reading(usage_file))
 
 
 def reading(usage_file: str) -> str:

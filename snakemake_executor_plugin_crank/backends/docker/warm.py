@@ -26,6 +26,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 from ...errors import BackendUnavailable, CrankError
 from ...task import State, TaskResult, TaskSpec, Usage
+from .. import cgroup
 from ..adoption import products_id
 from ..live import LiveLog, live_logs
 from . import copying, engine, launch, left_execs, scratch
@@ -398,7 +399,10 @@ class WarmPool:
                         job.reason = job.reason or str(e)
                 with job.live_lock:
                     job.log_files, job.tail = scratch.move_logs(runner.logs, job.task, job.live)
-                job.usage = launch.used(os.path.join(runner.logs, job.task.name + USAGE))
+                reading = launch.reading(os.path.join(runner.logs, job.task.name + USAGE))
+                job.usage = cgroup.usage(reading)
+                # the runner's oom event comes late or not at all, now and then
+                job.oom = job.oom or cgroup.oom_killed(reading)
             if (
                 runner is not None and not runner.retire and not runner.oom and not job.reason
                 and job.exit_code is not None and job.exit_code > 128
@@ -409,7 +413,7 @@ class WarmPool:
                     runner.dead = True
                     job.reason = DEAD_RUNNER
                 # the runner's oom event can come after the exec's end: by now it has
-                job.oom = runner.oom
+                job.oom = job.oom or runner.oom
         finally:
             if runner is not None:
                 left_execs.clear_record(runner.host_dir)  # reported by this run
