@@ -201,6 +201,37 @@ def test_a_container_killed_as_the_engine_goes_runs_again_once_and_only_then(eng
     assert api.containers(all=True) == []
 
 
+def test_a_container_killed_while_the_engine_was_silent_since_its_start_runs_again_once(engine, api, tmp_path):
+    """No listing of crank's is answered from before the job's container starts until after
+    a kill ended it (as an engine that stops right after it started the container): crank
+    never saw it running, and still runs it again once."""
+    workdir = workflow(tmp_path, ONE_LONG)
+    with FaultProxy(str(tmp_path / "p.sock"), engine.socket) as proxy:
+        started = []
+
+        def silent_from_the_start(method, path):
+            if method == "POST" and path.endswith("/start"):
+                started.append(path)
+            return "refuse" if started and path == "/containers/json" else "pass"
+
+        proxy.set_rule(silent_from_the_start)
+        proc = start(workdir, proxy.url, "--crank-docker-warm", "no")
+        try:
+            wait_for(lambda: running_command(api, "sleep 60"), 30, "the job's command to run")
+            [container] = running(api)
+            api.kill(container["Id"])
+            wait_for(lambda: api.inspect_container(container["Id"])["State"]["Status"] == "exited", 30,
+                     "the container to end")
+            proxy.set_rule(lambda method, path: "pass")
+            out = finish(proc, timeout=60)
+        finally:
+            proc.kill()
+    assert proc.returncode == 0, out
+    assert (workdir / "again").read_text() == "again\n"
+    assert (workdir / "out.txt").read_text() == "done\n"
+    assert api.containers(all=True) == []
+
+
 SLOW = """
 rule slow:
     output: "slow.txt"

@@ -125,7 +125,7 @@ class DockerBackend:
     def take_orphan(self, orphan: Orphan, task: TaskSpec) -> str:
         kind, ref = orphan.ref
         if kind == "cold":
-            self.cold.taken.add(ref)
+            self.cold.take(ref)
             return ref
         return self.taken_execs.take(ref)
 

@@ -67,12 +67,12 @@ class ColdContainers:
         self.run_dir = os.path.join(scripts_root(workdir), run_id)
         self.taken: set = set()  # containers of dead runs this run took over
         # when the engine did not answer (this machine's clock, from the last answer before to
-        # the first after): a container that a signal ended then was stopped by the engine
+        # the first after): what a signal ended about then, the engine stopped (_signalled)
         self.outages: List[Tuple[float, float]] = []
         self._last_answer: Optional[float] = None
         self._silent_since: Optional[float] = None
-        # by handle, when a listing last showed the container running, and when one first
-        # showed it ended by a signal crank did not send
+        # by handle, when the container was last known running (started, taken over, or so
+        # listed), and when a listing first showed it ended by a signal crank did not send
         self._seen_running: Dict[str, float] = {}
         self._seen_signalled: Dict[str, float] = {}
         self._stopped_here: set = set()
@@ -117,7 +117,13 @@ class ColdContainers:
             self._remove_quietly(name)
             raise
         self._unfollowed[handle] = (time.monotonic(), task)
+        self._seen_running[handle] = time.time()
         return handle
+
+    def take(self, handle: str) -> None:
+        """A dead run's container, taken over by this run."""
+        self.taken.add(handle)
+        self._seen_running[handle] = time.time()
 
     def _follow_long_ones(self, states: Mapping[str, State]) -> None:
         """Follow the logs of containers running for FOLLOW_AFTER_S: most jobs end sooner
@@ -255,12 +261,18 @@ class ColdContainers:
         it (live-restore off: a stopping or restarting engine stops every container), else
         FINISHED, the job's own end. A stopping engine still answers while it stops its
         containers and goes silent moments later: the engine stopped the container when a
-        silence began after the last listing that showed it running and no later than
-        ENGINE_GONE_S after the first that showed it ended. Until then it counts as running."""
+        silence overlaps the time from when it was last known running to ENGINE_GONE_S after
+        a listing first showed it ended. Until then it counts as running. The OOM killer's
+        kill stays the job's own."""
         first = self._seen_signalled.setdefault(handle, now)
         since = self._seen_running.get(handle, first)
-        if any(since <= start <= first + ENGINE_GONE_S for start, _ in self.outages):
-            return State.INTERRUPTED
+        if any(start <= first + ENGINE_GONE_S and end >= since for start, end in self.outages):
+            try:
+                with engine_errors("inspecting a container"):
+                    killed_for_memory = self.api.inspect_container(handle)["State"].get("OOMKilled")
+            except docker.errors.NotFound:
+                return State.FINISHED
+            return State.FINISHED if killed_for_memory else State.INTERRUPTED
         return State.RUNNING if now < first + ENGINE_GONE_S else State.FINISHED
 
     def stop(self, handle: str) -> None:
@@ -279,8 +291,6 @@ class ColdContainers:
             return TaskResult(ok=False, reason="the container was removed outside crank")
         state = inspected["State"]
         self._unfollowed.pop(handle, None)
-        for seen in (self._seen_running, self._seen_signalled):
-            seen.pop(handle, None)
         follower = self.followers.pop(handle, None)
         if follower is not None:
             follower.stop()
@@ -320,6 +330,9 @@ class ColdContainers:
         """Remove the containers, running or not (also what ``release`` does)."""
         for handle in handles:
             self._unfollowed.pop(handle, None)
+            self._seen_running.pop(handle, None)
+            self._seen_signalled.pop(handle, None)
+            self._stopped_here.discard(handle)
             follower = self.followers.pop(handle, None)
             if follower is not None:
                 follower.stop()

@@ -119,8 +119,9 @@ _EXIT_STATUS = re.compile(r"^Exited \((\d+)\)")
 
 
 def ended_by_signal(row: Mapping[str, Any]) -> bool:
-    """Whether a container listing's row says a signal ended it (an exit code above 128), or
-    may: an ended container whose code the row does not show."""
+    """Whether a container listing's row says a signal ended it (an exit code above 128, as
+    a shell reports a signal), or may: an ended container whose code the row does not show
+    (dead, being removed), which an engine's stop can leave too."""
     if row.get("State") not in ("exited", "dead", "removing"):
         return False
     found = _EXIT_STATUS.match(row.get("Status") or "")
