@@ -266,7 +266,7 @@ class ColdContainers:
         kill stays the job's own."""
         first = self._seen_signalled.setdefault(handle, now)
         since = self._seen_running.get(handle, first)
-        if any(start <= first + ENGINE_GONE_S and end >= since for start, end in self.outages):
+        if any(start <= first + ENGINE_GONE_S and end > since for start, end in self.outages):
             try:
                 with engine_errors("inspecting a container"):
                     killed_for_memory = self.api.inspect_container(handle)["State"].get("OOMKilled")
