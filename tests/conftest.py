@@ -18,6 +18,7 @@ import requests
 import services
 
 from snakemake_executor_plugin_crank.adapter.jobs import snakemake_version
+from snakemake_executor_plugin_crank.rounds import Rounds
 
 # A shell that starts the suite in the background without job control ignores SIGINT for
 # it, every Snakemake it starts would inherit that, and the tests' Ctrl-C would do nothing:
@@ -101,6 +102,21 @@ def wait_for(condition, timeout: float, what: str, interval: float = 0.2):
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def rounds_until_ended(backend, task, deadline_s: float, adopted=None):
+    """The status rounds over one task on a real backend (``adopted``: a dead run's task it
+    takes over), a round a second until the task ends: its outcome, and the seconds from
+    the rounds' start to that end."""
+    rounds = Rounds(backend)
+    began = time.monotonic()
+    chain = rounds.start([task], adopted=adopted)
+    ended = {}
+    wait_for(lambda: ended.update(rounds.step([chain]).ended) or chain in ended, deadline_s,
+             "the task to end", interval=1)
+    took = time.monotonic() - began
+    rounds.release(chain)
+    return ended[chain], took
 
 
 # ---------------------------------------------------------------- object storage (staging)

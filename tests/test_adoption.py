@@ -17,10 +17,9 @@ from snakemake_executor_plugin_crank.backends.docker import DockerBackend
 from snakemake_executor_plugin_crank.backends.docker.engine import DockerOptions
 from snakemake_executor_plugin_crank.backends.tes.backend import TesOptions
 from snakemake_executor_plugin_crank.backends.tes.opening import open_tes_backend
-from snakemake_executor_plugin_crank.rounds import Rounds
 from snakemake_executor_plugin_crank.task import Resources, State, TaskSpec
 
-from conftest import BASH, BUSYBOX, OnTes, tasks_of, wait_for
+from conftest import BASH, BUSYBOX, OnTes, rounds_until_ended, tasks_of, wait_for
 
 # long: 25 s; quick ends while no crank runs; bad fails meanwhile; edited is changed
 # between the runs (its new version is short). (An adopted task's wall time: below, on
@@ -214,17 +213,9 @@ def test_an_adopted_tasks_wall_time_counts_from_its_start_not_from_the_adoption(
         second.gather_orphans(live_runs=(), dead_runs=(first.run_id,))
         adopted = second.adopt(task)
         assert adopted is not None and adopted.ran_s is not None and adopted.ran_s >= 7, adopted
-        began = time.monotonic()
-        rounds = Rounds(second)
-        chain = rounds.start([task], adopted=adopted)
-        ended = {}
-        wait_for(lambda: ended.update(rounds.step([chain]).ended) or chain in ended, 60,
-                 "the adopted task to end", interval=1)
-        took = time.monotonic() - began
-        rounds.release(chain)
+        outcome, took = rounds_until_ended(second, task, 60, adopted=adopted)
     finally:
         second.close()
-    outcome = ended[chain]
     assert not outcome.ok and "wall time exceeded (runtime limit 12 s)" in outcome.message, outcome.message
     assert took < 9, f"stopped {took:.1f} s into the adoption"
 

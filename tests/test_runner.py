@@ -15,7 +15,7 @@ from snakemake_executor_plugin_crank.errors import BackendUnavailable, CrankErro
 from snakemake_executor_plugin_crank.rounds import RoundFailed, Rounds
 from snakemake_executor_plugin_crank.task import Adopted, Resources, State, TaskResult, TaskSpec
 
-from conftest import BUSYBOX, containers_of, copy_workflow, snakemake, wait_for
+from conftest import BUSYBOX, containers_of, copy_workflow, rounds_until_ended, snakemake
 
 
 class FakeBackend:
@@ -157,17 +157,6 @@ def refusing_the_first_two(suffix: str, refused: list):
     return rule
 
 
-def rounds_until_ended(backend, task, deadline_s=90):
-    """The rounds over one task on a real backend, polled once a second until it ends."""
-    rounds = Rounds(backend)
-    chain = rounds.start([task])
-    ended = {}
-    wait_for(lambda: ended.update(rounds.step([chain]).ended) or chain in ended, deadline_s,
-             "the task to end", interval=1)
-    rounds.release(chain)
-    return ended[chain]
-
-
 def walltime_task(workdir):
     """A task past its 3 s runtime within a second: the rounds must kill it."""
     return TaskSpec(name="walltime", label="rule walltime", job_id="1", attempt=1, image=BUSYBOX,
@@ -190,7 +179,7 @@ def test_a_wall_time_kill_the_engine_refuses_is_tried_again(docker_api, tmp_path
         proxy.set_rule(refusing_the_first_two("/kill", refused))
         backend = DockerBackend(uuid.uuid4().hex, str(tmp_path), DockerOptions(base_url=proxy.url))
         try:
-            outcome = rounds_until_ended(backend, walltime_task(tmp_path))
+            outcome, _ = rounds_until_ended(backend, walltime_task(tmp_path), 90)
         finally:
             backend.close()
     assert len(refused) == 2
@@ -225,7 +214,7 @@ def test_a_wall_time_cancel_the_tes_server_refuses_is_tried_again(aws_env, tmp_p
         backend = open_tes_backend(uuid.uuid4().hex, str(tmp_path),
                                    TesOptions(url=proxy.url, storage_prefix=aws_env.prefix(uuid.uuid4().hex)))
         try:
-            outcome = rounds_until_ended(backend, walltime_task(tmp_path))
+            outcome, _ = rounds_until_ended(backend, walltime_task(tmp_path), 90)
         finally:
             backend.close()
     assert len(refused) == 2
