@@ -146,8 +146,15 @@ class Executor(RemoteExecutor):
     def run_job(self, job: JobExecutorInterface):
         record = JobRecord(job, info=self.logger.info, warn=self.logger.warning)
         info = SubmittedJobInfo(job, aux={"record": record})
-        if self._orphans_kept:
-            self._submitted.update(jobs.single_jobs(job))
+        try:
+            self._hand_over(job, record, info)
+        finally:
+            # only now: a status round (Snakemake's own thread) that saw the job counted
+            # before its adoption would cancel the task it is about to adopt
+            if self._orphans_kept:
+                self._submitted.update(jobs.single_jobs(job))
+
+    def _hand_over(self, job: JobExecutorInterface, record: JobRecord, info: SubmittedJobInfo) -> None:
         try:
             if self._from_cache(job):
                 return

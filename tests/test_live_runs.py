@@ -16,7 +16,7 @@ import pytest
 
 from snakemake_executor_plugin_crank import runs
 
-from conftest import BUSYBOX, containers_of, snakemake, tasks_of, wait_for
+from conftest import BUSYBOX, OnDocker, containers_of, snakemake, tasks_of, wait_for
 
 # rule a runs until the test creates "go" in the workdir (at most two minutes)
 SNAKEFILE = """
@@ -218,6 +218,50 @@ def test_a_killed_run_of_another_host_is_dead_once_its_lease_lapsed(crank, docke
     if crank.backend == "tes":
         assert len(tasks_of(crank.tes, workdir)) == 1
     assert run_files(workdir) == []
+
+
+SLOW_TO_DESCRIBE = """
+import time
+from snakemake_executor_plugin_crank.adapter import jobs
+
+described = jobs.tasks_for
+
+
+def tasks_for(*args, **kwargs):
+    time.sleep(2)  # meanwhile Snakemake's status thread runs its rounds, ten a second
+    return described(*args, **kwargs)
+
+
+jobs.tasks_for = tasks_for
+"""
+
+
+@pytest.mark.docker
+def test_a_job_slow_to_describe_still_adopts_what_a_killed_run_left(docker_api, tmp_path):
+    """The status rounds run in Snakemake's own thread while a job is handed over: one that
+    counted the job as handed over before its adoption canceled the task it was to adopt
+    (a rerun on a busy machine did the work anew now and then)."""
+    crank = OnDocker(docker_api)
+    workdir = workflow(tmp_path)
+    first, _, running = start_run_a(crank, workdir, "--crank-docker-warm", "no")
+    first.kill()
+    first.wait()
+    assert crank.run(workdir, "--unlock").returncode == 0
+    slow = tmp_path / "slow"
+    slow.mkdir()
+    (slow / "sitecustomize.py").write_text(SLOW_TO_DESCRIBE)
+    env = {**crank.env(), "PYTHONPATH": os.pathsep.join(filter(None, [str(slow), os.environ.get("PYTHONPATH")]))}
+    second = subprocess.Popen(crank.command(workdir, "a.txt", "--rerun-incomplete", "--crank-docker-warm", "no"),
+                              cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                              stdin=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: len(run_files(workdir)) == 2, 60, "the rerun's file")
+        let_a_finish(crank, docker_api, running, workdir)
+        stderr = finish(second)
+    finally:
+        second.kill()
+    assert "adopts the" in stderr and "removed 1 container" not in stderr, stderr[-3000:]
+    assert (workdir / "a.txt").read_text() == "a\n"
 
 
 @pytest.mark.docker
