@@ -14,6 +14,7 @@ from snakemake_interface_executor_plugins.settings import DeploymentMethod
 
 from . import runs
 from .adapter import groups, jobs, outputs, storage
+from .adapter.group_runs import Ended, GroupRuns
 from .adapter.record import JobRecord
 from .adapter.trace import Trace
 from .backends import registry
@@ -78,6 +79,7 @@ class Executor(RemoteExecutor):
         # jobs reported failed because the backend stayed unreachable, and whether their
         # tasks were confirmed removed (docs/reliability.md)
         self._given_up: List[Tuple[JobExecutorInterface, bool]] = []
+        self._group_runs = GroupRuns()  # a group job submitted again (group_runs.py)
         self._warned = set()
         self._noted = {}
         # jobs reported failed whose update() outputs come back once Snakemake has removed
@@ -155,6 +157,19 @@ class Executor(RemoteExecutor):
                 self._submitted.update(jobs.single_jobs(job))
 
     def _hand_over(self, job: JobExecutorInterface, record: JobRecord, info: SubmittedJobInfo) -> None:
+        # Snakemake submits a group again when a checkpoint's end updates the DAG while it
+        # runs (group_runs.py)
+        if self._group_runs.ran(job):
+            self.logger.info(f"crank: group {job.groupid} was submitted again after its jobs ran; done")
+            self.report_job_success(SubmittedJobInfo(job))
+            return
+        leader = self._group_runs.in_flight(job)
+        if leader is not None:
+            self.logger.info(f"crank: group {job.groupid} was submitted again while it runs; "
+                             "it ends as the run in flight does")
+            self.report_job_submission(SubmittedJobInfo(job, external_jobid=leader.handle,
+                                                         aux={"follows": leader}))
+            return
         try:
             if self._from_cache(job):
                 return
@@ -171,6 +186,7 @@ class Executor(RemoteExecutor):
             record.places.update(outputs.benchmark_places(tasks))
             record.order = groups.order(job, record.launch, self.context)
             record.chain = self.rounds.start(record.track(tasks), record.to_come, adopted=adopted)
+            record.flight = self._group_runs.start(job, record.chain.handle)
         except ImageUnavailable as e:
             self._report_error(info, self._image_message(job, e))
             return
@@ -218,6 +234,22 @@ class Executor(RemoteExecutor):
     async def check_active_jobs(
         self, active_jobs: List[SubmittedJobInfo]
     ) -> AsyncGenerator[SubmittedJobInfo, None]:
+        following = [info for info in active_jobs if "follows" in info.aux]
+        async for info in self._check_runs([info for info in active_jobs if "follows" not in info.aux]):
+            yield info
+        if self._canceling:
+            return
+        for info in following:
+            ended = info.aux["follows"].ended
+            if ended is None:
+                yield info
+            elif ended.ok:
+                self.report_job_success(info)
+            else:
+                self._report_error(info, ended.message, ended.logs)
+
+    async def _check_runs(self, active_jobs: List[SubmittedJobInfo]) -> AsyncGenerator[SubmittedJobInfo, None]:
+        """One status round over the jobs whose tasks crank runs; those still active."""
         if self._canceling:
             return  # crank removes these tasks itself: nothing to report
         self._cancel_unclaimed()
@@ -275,6 +307,7 @@ class Executor(RemoteExecutor):
             if outcome.ok:
                 problem = await self._after_success(record)
             if outcome.ok and problem is None:
+                self._group_runs.end(record.flight, Ended(ok=True))
                 self.report_job_success(info)
             else:
                 await self._failed_logs(info.job, chain.tasks)
@@ -371,8 +404,10 @@ class Executor(RemoteExecutor):
 
     def _report_error(self, info: SubmittedJobInfo, message: str, logs=()) -> None:
         record = (info.aux or {}).get("record")
-        if record is not None and record.backups:
-            self._to_restore[info.job] = record
+        if record is not None:
+            self._group_runs.end(record.flight, Ended(ok=False, message=message, logs=tuple(logs)))
+            if record.backups:
+                self._to_restore[info.job] = record
         if info.job.is_group():
             # Snakemake does not print the message of a failed group job
             self.logger.error(message)
@@ -394,7 +429,8 @@ class Executor(RemoteExecutor):
             self._detached = True
             return
         try:
-            self.rounds.cancel([info.aux["record"].chain for info in active_jobs])
+            # a submission that follows another has no tasks of its own
+            self.rounds.cancel([info.aux["record"].chain for info in active_jobs if "record" in info.aux])
         except CrankError as e:
             # shutdown tries again; the next start in this workdir removes what is left
             self.logger.warning(f"crank: {e}")

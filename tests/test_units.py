@@ -3,11 +3,13 @@
 import dataclasses
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from snakemake_executor_plugin_crank.backends.docker.engine import gpu_request
 from snakemake_executor_plugin_crank.backends.docker.mounts import plan_mounts
+from snakemake_executor_plugin_crank.adapter.group_runs import Ended, GroupRuns
 from snakemake_executor_plugin_crank.adapter.resources import from_snakemake
 from snakemake_executor_plugin_crank.errors import CrankError, failure_message
 from snakemake_executor_plugin_crank.limits import fit
@@ -486,3 +488,39 @@ def test_a_live_log_is_continued_or_replaced_at_the_end(tmp_path, shown, final, 
     log.append(b"late")  # a copy that comes after the end changes nothing
     save_logs(log.task, [final], [b""], live={".stdout": log})  # nor a second saving
     assert path.read_bytes() == final
+
+
+def _job(rule: str, *outputs: str):
+    return SimpleNamespace(rule=SimpleNamespace(name=rule), output=list(outputs), log=[], is_group=lambda: False)
+
+
+def _group(*jobs):
+    return SimpleNamespace(jobs=list(jobs), groupid="g", is_group=lambda: True)
+
+
+def test_a_group_submitted_again_follows_its_run_in_flight_and_is_done_once_that_succeeded():
+    """Snakemake makes a running group's jobs that wait for its checkpoint anew, and submits
+    the group again (group_runs.py): the same jobs by rule and files, other objects."""
+    runs = GroupRuns()
+    first = _group(_job("split", "d"), _job("use", "u.txt"), _job("sum", "s.txt"))
+    assert runs.in_flight(first) is None and not runs.ran(first)
+    flight = runs.start(first, "chain-1")
+    again = _group(_job("split", "d"), _job("use", "u.txt"), _job("sum", "s.txt"))
+    assert runs.in_flight(again) is flight and flight.handle == "chain-1"
+    assert runs.in_flight(_group(_job("use", "u.txt"))) is flight  # its later jobs only
+    assert runs.in_flight(_group(_job("use", "u.txt"), _job("other", "o.txt"))) is None
+    assert runs.in_flight(_job("use", "u.txt")) is None and runs.start(_job("use", "u.txt"), "h") is None
+    assert not runs.ran(again)
+    runs.end(flight, Ended(ok=True))
+    assert flight.ended == Ended(ok=True) and runs.in_flight(again) is None
+    assert runs.ran(again) and runs.ran(_group(_job("sum", "s.txt")))
+    assert not runs.ran(_group(_job("sum", "s.txt"), _job("other", "o.txt")))
+
+
+def test_a_group_whose_run_failed_runs_again_when_submitted_again():
+    runs = GroupRuns()
+    job = _group(_job("a", "a.txt"))
+    flight = runs.start(job, "chain-1")
+    runs.end(flight, Ended(ok=False, message="rule a failed", logs=("a.log",)))
+    assert flight.ended.message == "rule a failed"
+    assert runs.in_flight(job) is None and not runs.ran(job)  # a --retries restart runs anew

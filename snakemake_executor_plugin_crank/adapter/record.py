@@ -12,6 +12,7 @@ from ..errors import CrankError
 from ..task import Launch, TaskResult, TaskSpec
 from . import guarded, outputs
 from .groups import Order
+from .group_runs import Flight
 
 if TYPE_CHECKING:
     from ..rounds import Chain
@@ -38,6 +39,8 @@ class JobRecord:
     order: Optional[Order] = None
     done: Set[Any] = field(default_factory=set)
     member: Any = None
+    # a group job's run in flight, which a new submission of the group follows
+    flight: Optional[Flight] = None
 
     @property
     def direct(self) -> bool:
