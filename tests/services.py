@@ -155,9 +155,10 @@ def stop_process(pid: int, timeout: float = STOP_TIMEOUT) -> None:
 class Daemon:
     """A server process started here, recorded in a pid file so that a later run can find it."""
 
-    def __init__(self, comm: str, pid_file: Optional[Path] = None):
+    def __init__(self, comm: str, pid_file: Optional[Path] = None, stop_timeout: float = STOP_TIMEOUT):
         self.comm = comm
         self.pid_file = pid_file
+        self.stop_timeout = stop_timeout
         self.proc: Optional[subprocess.Popen] = None
 
     def start(self, argv: list[str], log_path: Path,
@@ -182,13 +183,13 @@ class Daemon:
 
     def recorded(self) -> "Daemon":
         """The same daemon as its pid file names it (also one another process started)."""
-        return Daemon(self.comm, self.pid_file)
+        return Daemon(self.comm, self.pid_file, self.stop_timeout)
 
-    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+    def stop(self) -> None:
         """Stop the process this object started, or else the one its pid file names."""
         pid = self.proc.pid if self.proc else self.pid_file and recorded_pid(self.pid_file, self.comm)
         if pid:
-            stop_process(pid, timeout)
+            stop_process(pid, self.stop_timeout)
         if self.proc:
             self.proc.wait()  # reap it
         if self.pid_file:
@@ -205,7 +206,9 @@ class SeaweedFS:
 
     def __init__(self, state: Path = STATE):
         self.state = state
-        self.daemon = Daemon("weed", state / "weed.pid")
+        # weed server's master goes on after SIGTERM (its filer and volume server end): it
+        # was killed after the full wait at every stop
+        self.daemon = Daemon("weed", state / "weed.pid", stop_timeout=5.0)
         self.last_error = ""
 
     def credentials(self) -> dict:
