@@ -13,7 +13,7 @@ from snakemake_interface_executor_plugins.jobs import JobExecutorInterface
 from snakemake_interface_executor_plugins.settings import DeploymentMethod
 
 from . import runs
-from .adapter import groups, jobs, outputs, storage
+from .adapter import group_runs, groups, jobs, outputs, storage
 from .adapter.group_runs import Ended, GroupRuns
 from .adapter.record import JobRecord
 from .adapter.trace import Trace
@@ -159,6 +159,9 @@ class Executor(RemoteExecutor):
     def _hand_over(self, job: JobExecutorInterface, record: JobRecord, info: SubmittedJobInfo) -> None:
         # Snakemake submits a group again when a checkpoint's end updates the DAG while it
         # runs (group_runs.py)
+        if self._group_runs.ran_object(job) and group_runs.merge_twin(self.workflow, job):
+            self.logger.info(f"crank: group {job.groupid} was submitted again as it ran; it ends once")
+            return
         if self._group_runs.ran(job):
             self.logger.info(f"crank: group {job.groupid} was submitted again after its jobs ran; done")
             self.report_job_success(SubmittedJobInfo(job))

@@ -9,7 +9,7 @@ import pytest
 
 from snakemake_executor_plugin_crank.backends.docker.engine import gpu_request
 from snakemake_executor_plugin_crank.backends.docker.mounts import plan_mounts
-from snakemake_executor_plugin_crank.adapter.group_runs import Ended, GroupRuns
+from snakemake_executor_plugin_crank.adapter.group_runs import Ended, GroupRuns, merge_twin
 from snakemake_executor_plugin_crank.adapter.resources import from_snakemake
 from snakemake_executor_plugin_crank.errors import CrankError, failure_message
 from snakemake_executor_plugin_crank.limits import fit
@@ -524,3 +524,48 @@ def test_a_group_whose_run_failed_runs_again_when_submitted_again():
     runs.end(flight, Ended(ok=False, message="rule a failed", logs=("a.log",)))
     assert flight.ended.message == "rule a failed"
     assert runs.in_flight(job) is None and not runs.ran(job)  # a --retries restart runs anew
+
+
+class _ChangingGroup:
+    """A group object as Snakemake's: hashed by its set of jobs, which Snakemake changes."""
+
+    def __init__(self, *jobs):
+        self.jobs = frozenset(jobs)
+
+    def __hash__(self):
+        return hash(self.jobs)
+
+    def __eq__(self, other):
+        return isinstance(other, _ChangingGroup) and self.jobs == other.jobs
+
+
+def _scheduler_holding(group, twice: bool):
+    freed = []
+    running, dag_running = set(), set()
+    for entries in (running, dag_running):
+        entries.add(group)
+    if twice:  # its jobs changed, then it was submitted again
+        group.jobs = group.jobs | {"replaced"}
+        running.add(group)
+        dag_running.add(group)
+    scheduler = SimpleNamespace(running=running, _free_resources=freed.append)
+    return SimpleNamespace(scheduler=scheduler, dag=SimpleNamespace(_running=dag_running)), freed
+
+
+def test_a_group_object_held_twice_by_snakemake_is_made_one():
+    group = _ChangingGroup("split", "use")
+    workflow, freed = _scheduler_holding(group, twice=True)
+    assert len(workflow.scheduler.running) == 2
+    assert merge_twin(workflow, group)
+    assert freed == [group]  # what the second submission took
+    for entries in (workflow.scheduler.running, workflow.dag._running):
+        entries.remove(group)  # as its end removes it: once, and then it is gone
+        assert not entries
+
+
+def test_a_group_object_held_once_is_left_as_it_is():
+    group = _ChangingGroup("split", "use")
+    workflow, freed = _scheduler_holding(group, twice=False)
+    assert not merge_twin(workflow, group) and freed == []
+    assert workflow.scheduler.running == {group}
+    assert not merge_twin(SimpleNamespace(), group)  # a Snakemake without these sets
