@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from typing import AsyncGenerator, Dict, List, Optional, Tuple
 
@@ -14,7 +15,7 @@ from snakemake_interface_executor_plugins.settings import DeploymentMethod
 
 from . import runs
 from .adapter import group_runs, groups, jobs, outputs, storage
-from .adapter.group_runs import Ended, GroupRuns
+from .adapter.group_runs import Ended, Flight, GroupRuns
 from .adapter.record import JobRecord
 from .adapter.trace import Trace
 from .backends import registry
@@ -80,6 +81,7 @@ class Executor(RemoteExecutor):
         # tasks were confirmed removed (docs/reliability.md)
         self._given_up: List[Tuple[JobExecutorInterface, bool]] = []
         self._group_runs = GroupRuns()  # a group job submitted again (group_runs.py)
+        self._group_reported: Optional[Flight] = None  # the last group whose outcome was reported
         self._warned = set()
         self._noted = {}
         # jobs reported failed whose update() outputs come back once Snakemake has removed
@@ -162,14 +164,16 @@ class Executor(RemoteExecutor):
         if self._group_runs.ran_object(job) and group_runs.merge_twin(self.workflow, job):
             self.logger.info(f"crank: group {job.groupid} was submitted again as it ran; it ends once")
             return
-        if self._group_runs.ran(job):
-            self.logger.info(f"crank: group {job.groupid} was submitted again after its jobs ran; done")
-            self.report_job_success(SubmittedJobInfo(job))
-            return
-        leader = self._group_runs.in_flight(job)
+        leader = self._group_runs.ran(job)
         if leader is not None:
-            self.logger.info(f"crank: group {job.groupid} was submitted again while it runs; "
-                             "it ends as the run in flight does")
+            self.logger.info(f"crank: group {job.groupid} was submitted again after its jobs ran; "
+                             "it ends as they did")
+        else:
+            leader = self._group_runs.in_flight(job)
+            if leader is not None:
+                self.logger.info(f"crank: group {job.groupid} was submitted again while it runs; "
+                                 "it ends as the run in flight does")
+        if leader is not None:
             self.report_job_submission(SubmittedJobInfo(job, external_jobid=leader.handle,
                                                          aux={"follows": leader}))
             return
@@ -242,12 +246,17 @@ class Executor(RemoteExecutor):
             yield info
         if self._canceling:
             return
+        dag = self.workflow.dag
         for info in following:
-            ended = info.aux["follows"].ended
-            if ended is None:
+            leader = info.aux["follows"]
+            # once Snakemake has taken in the group outcome reported before: taking a
+            # group's success in can change the jobs of the group that follows
+            if not leader.settled(dag) or not (self._group_reported is None or self._group_reported.settled(dag)):
                 yield info
-            elif ended.ok:
-                self.report_job_success(info)
+                continue
+            ended = leader.ended
+            if ended.ok:
+                self._report_success(info)
             else:
                 self._report_error(info, ended.message, ended.logs)
 
@@ -311,7 +320,7 @@ class Executor(RemoteExecutor):
                 problem = await self._after_success(record)
             if outcome.ok and problem is None:
                 self._group_runs.end(record.flight, Ended(ok=True))
-                self.report_job_success(info)
+                self._report_success(info)
             else:
                 await self._failed_logs(info.job, chain.tasks)
                 if record.direct:
@@ -405,7 +414,20 @@ class Executor(RemoteExecutor):
             # the outcome is reported; what is left is removed at shutdown or next start
             self.logger.warning(f"crank: {e}")
 
+    def _report_success(self, info: SubmittedJobInfo) -> None:
+        self._before_group_outcome(info.job, ok=True)
+        self.report_job_success(info)
+
+    def _before_group_outcome(self, job: JobExecutorInterface, ok: bool) -> None:
+        """A group's outcome is reported: Snakemake may have changed its jobs meanwhile
+        (group_runs.py)."""
+        if job.is_group():
+            group_runs.rehash_running(self.workflow, job)
+            self._group_reported = Flight(frozenset(), "", job, tuple(job.jobs), ended=Ended(ok=ok),
+                                          ended_at=time.monotonic())
+
     def _report_error(self, info: SubmittedJobInfo, message: str, logs=()) -> None:
+        self._before_group_outcome(info.job, ok=False)
         record = (info.aux or {}).get("record")
         if record is not None:
             self._group_runs.end(record.flight, Ended(ok=False, message=message, logs=tuple(logs)))

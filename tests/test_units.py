@@ -490,40 +490,52 @@ def test_a_live_log_is_continued_or_replaced_at_the_end(tmp_path, shown, final, 
     assert path.read_bytes() == final
 
 
-def _job(rule: str, *outputs: str):
-    return SimpleNamespace(rule=SimpleNamespace(name=rule), output=list(outputs), log=[], is_group=lambda: False)
+def _job(rule: str, *outputs: str, checkpoint: bool = False):
+    return SimpleNamespace(rule=SimpleNamespace(name=rule), output=list(outputs), log=[],
+                           is_checkpoint=checkpoint, is_group=lambda: False)
 
 
-def _group(*jobs):
-    return SimpleNamespace(jobs=list(jobs), groupid="g", is_group=lambda: True)
+def _group(*jobs, attempt: int = 1):
+    return SimpleNamespace(jobs=list(jobs), groupid="g", attempt=attempt, is_group=lambda: True)
 
 
-def test_a_group_submitted_again_follows_its_run_in_flight_and_is_done_once_that_succeeded():
+def _split():
+    return _job("split", "d", checkpoint=True)
+
+
+def test_a_group_submitted_again_follows_its_run_in_flight_and_then_what_it_ran():
     """Snakemake makes a running group's jobs that wait for its checkpoint anew, and submits
     the group again (group_runs.py): the same jobs by rule and files, other objects."""
     runs = GroupRuns()
-    first = _group(_job("split", "d"), _job("use", "u.txt"), _job("sum", "s.txt"))
-    assert runs.in_flight(first) is None and not runs.ran(first)
+    first = _group(_split(), _job("use", "u.txt"), _job("sum", "s.txt"))
+    assert runs.in_flight(first) is None and runs.ran(first) is None
     flight = runs.start(first, "chain-1")
-    again = _group(_job("split", "d"), _job("use", "u.txt"), _job("sum", "s.txt"))
+    again = _group(_split(), _job("use", "u.txt"), _job("sum", "s.txt"))
     assert runs.in_flight(again) is flight and flight.handle == "chain-1"
-    assert runs.in_flight(_group(_job("use", "u.txt"))) is flight  # its later jobs only
-    assert runs.in_flight(_group(_job("use", "u.txt"), _job("other", "o.txt"))) is None
-    assert runs.in_flight(_job("use", "u.txt")) is None and runs.start(_job("use", "u.txt"), "h") is None
-    assert not runs.ran(again)
+    assert runs.in_flight(_group(_split(), _job("use", "u.txt"))) is flight  # its later jobs only
+    assert runs.in_flight(_group(_split(), _job("other", "o.txt"))) is None
+    assert runs.ran_object(first) and not runs.ran_object(again)
+    assert runs.ran(again) is None and not flight.settled(SimpleNamespace(finished=lambda j: True))
     runs.end(flight, Ended(ok=True))
     assert flight.ended == Ended(ok=True) and runs.in_flight(again) is None
-    assert runs.ran(again) and runs.ran(_group(_job("sum", "s.txt")))
-    assert not runs.ran(_group(_job("sum", "s.txt"), _job("other", "o.txt")))
+    # ended, it settles once Snakemake has taken in its success (or at the latest SETTLE_S on)
+    assert not flight.settled(SimpleNamespace(finished=lambda j: False))
+    assert flight.settled(SimpleNamespace(finished=lambda j: any(j is k for k in first.jobs)))
+    done = runs.ran(again)
+    assert done.ended.ok and done.handle == "chain-1" and list(map(id, done.jobs)) == list(map(id, first.jobs))
+    assert runs.ran(_group(_split(), _job("other", "o.txt"))) is None
+    assert runs.ran(_group(_split(), _job("use", "u.txt"), attempt=2)) is None  # a --retries retry
 
 
-def test_a_group_whose_run_failed_runs_again_when_submitted_again():
+def test_a_group_without_a_checkpoint_or_whose_run_failed_is_run_when_submitted():
     runs = GroupRuns()
-    job = _group(_job("a", "a.txt"))
-    flight = runs.start(job, "chain-1")
+    plain = _group(_job("a", "a.txt"))
+    assert runs.start(plain, "chain-1") is None and runs.in_flight(plain) is None
+    job = _group(_split(), _job("a", "a.txt"))
+    flight = runs.start(job, "chain-2")
     runs.end(flight, Ended(ok=False, message="rule a failed", logs=("a.log",)))
-    assert flight.ended.message == "rule a failed"
-    assert runs.in_flight(job) is None and not runs.ran(job)  # a --retries restart runs anew
+    assert flight.ended.message == "rule a failed" and flight.settled(SimpleNamespace(finished=lambda j: False))
+    assert runs.in_flight(job) is None and runs.ran(job) is None
 
 
 class _ChangingGroup:
