@@ -14,7 +14,7 @@ from snakemake_interface_executor_plugins.jobs import JobExecutorInterface
 from snakemake_interface_executor_plugins.settings import DeploymentMethod
 
 from . import runs
-from .adapter import group_runs, groups, jobs, outputs, storage
+from .adapter import group_runs, groups, jobs, outputs, scheduler, storage
 from .adapter.group_runs import Ended, Flight, GroupRuns
 from .adapter.record import JobRecord
 from .adapter.trace import Trace
@@ -220,10 +220,16 @@ class Executor(RemoteExecutor):
         if not self._orphans_kept or self._others_alive():
             return
         dag = self.workflow.dag
-        if any(not dag.finished(j) for j in dag.checkpoint_jobs):
-            return
-        if any(j not in self._submitted for j in dag.needrun_jobs()):
-            return
+        # in Snakemake's status thread: its main thread empties and refills these sets as a
+        # checkpoint ends, under its scheduler's lock
+        with scheduler.lock(self.workflow):
+            try:
+                if any(not dag.finished(j) for j in dag.checkpoint_jobs):
+                    return
+                if any(j not in self._submitted for j in dag.needrun_jobs()):
+                    return
+            except RuntimeError:  # changed while read all the same: the next round
+                return
         try:
             removed = self.backend.cancel_orphans()
         except CrankError as e:

@@ -25,6 +25,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Dict, FrozenSet, List, Optional, Sequence, Tuple
 
+from .scheduler import lock as scheduler_lock
+
 
 SETTLE_S = 5.0
 
@@ -158,11 +160,10 @@ def rehash_running(workflow: Any, job: Any) -> None:
     it ran is held in its sets of running jobs under a hash it no longer has, and the removal
     at its end would fail (``KeyError: JobGroup``); it is held under its hash now. Under the
     scheduler's lock, as Snakemake's main thread changes these sets."""
-    scheduler, sets = _running_sets(workflow)
-    lock = getattr(scheduler, "_lock", None)
-    if not sets or lock is None:
+    _, sets = _running_sets(workflow)
+    if not sets:
         return
-    with lock:
+    with scheduler_lock(workflow):
         for entries in sets:
             if job not in entries and any(entry is job for entry in entries):
                 _rehash(entries)
