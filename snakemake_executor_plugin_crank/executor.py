@@ -325,7 +325,6 @@ class Executor(RemoteExecutor):
             if outcome.ok:
                 problem = await self._after_success(record)
             if outcome.ok and problem is None:
-                self._group_runs.end(record.flight, Ended(ok=True))
                 self._report_success(info)
             else:
                 await self._failed_logs(info.job, chain.tasks)
@@ -421,24 +420,25 @@ class Executor(RemoteExecutor):
             self.logger.warning(f"crank: {e}")
 
     def _report_success(self, info: SubmittedJobInfo) -> None:
-        self._before_group_outcome(info.job, ok=True)
+        self._before_outcome(info, Ended(ok=True))
         self.report_job_success(info)
 
-    def _before_group_outcome(self, job: JobExecutorInterface, ok: bool) -> None:
-        """A group's outcome is reported: Snakemake may have changed its jobs meanwhile
-        (group_runs.py)."""
-        if job.is_group():
-            group_runs.rehash_running(self.workflow, job)
-            self._group_reported = Flight(frozenset(), "", job, tuple(job.jobs), ended=Ended(ok=ok),
+    def _before_outcome(self, info: SubmittedJobInfo, ended: Ended) -> None:
+        """The job's outcome is reported: the submissions that follow its run end as it did;
+        for a group, Snakemake may have changed its jobs meanwhile (group_runs.py)."""
+        record = (info.aux or {}).get("record")
+        if record is not None:
+            self._group_runs.end(record.flight, ended)
+        if info.job.is_group():
+            group_runs.rehash_running(self.workflow, info.job)
+            self._group_reported = Flight(frozenset(), "", info.job, tuple(info.job.jobs), ended=ended,
                                           ended_at=time.monotonic())
 
     def _report_error(self, info: SubmittedJobInfo, message: str, logs=()) -> None:
-        self._before_group_outcome(info.job, ok=False)
+        self._before_outcome(info, Ended(ok=False, message=message, logs=tuple(logs)))
         record = (info.aux or {}).get("record")
-        if record is not None:
-            self._group_runs.end(record.flight, Ended(ok=False, message=message, logs=tuple(logs)))
-            if record.backups:
-                self._to_restore[info.job] = record
+        if record is not None and record.backups:
+            self._to_restore[info.job] = record
         if info.job.is_group():
             # Snakemake does not print the message of a failed group job
             self.logger.error(message)

@@ -316,9 +316,9 @@ class Crank:
         return subprocess.run(self.command(workdir, *args), cwd=workdir, capture_output=True,
                               text=True, timeout=timeout, env=self.env(), stdin=subprocess.DEVNULL)
 
-    def start(self, workdir: Path, *args: str) -> subprocess.Popen:
+    def start(self, workdir: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
         return subprocess.Popen(self.command(workdir, *args), cwd=workdir, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, env=self.env(),
+                                stderr=subprocess.PIPE, text=True, env=env or self.env(),
                                 stdin=subprocess.DEVNULL)
 
     def live(self, workdir: Path) -> list:

@@ -488,6 +488,15 @@ def tail(text: str, lines: int = 25) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+def make_workdir(workdir: Path, wf: Workflow, text: str, outside: Path) -> Path:
+    """``workdir`` made with the workflow's Snakefile (``text``), sources and seeded outputs."""
+    workdir.mkdir(parents=True)
+    (workdir / "Snakefile").write_text(text)
+    make_sources(workdir, outside)
+    seed_outputs(workdir, wf)
+    return workdir
+
+
 def check_same_as_local(base: Path, wf: Workflow, backends: dict) -> None:
     """Run the workflow under the local executor once and under crank on each backend
     (``backends``: name -> ``run(workdir, *args)``), each in its own copy; after each step
@@ -500,12 +509,7 @@ def check_same_as_local(base: Path, wf: Workflow, backends: dict) -> None:
     # a crank copy's parent names the TES storage prefix: one of its own per example
     for name in ("local", *backends):
         parent = "local" if name == "local" else f"{name}-{example.name}"
-        workdir = example / parent / "wf"
-        workdir.mkdir(parents=True)
-        (workdir / "Snakefile").write_text(text)
-        make_sources(workdir, outside)
-        seed_outputs(workdir, wf)
-        workdirs[name] = workdir
+        workdirs[name] = make_workdir(example / parent / "wf", wf, text, outside)
 
     steps = [["--keep-going"]]
     again = second_run_args(wf)
@@ -705,11 +709,7 @@ def test_a_group_submitted_again_while_it_runs_runs_its_jobs_once(docker_api, tm
     wf = side_by_side(*(found for found in FOUND.values() if any(r.kind == "checkpoint" for r in found.rules)))
     outside = tmp_path / "outside"
     make_outside(outside)
-    workdir = tmp_path / "wf"
-    workdir.mkdir()
-    (workdir / "Snakefile").write_text(snakefile(wf, outside))
-    make_sources(workdir, outside)
-    seed_outputs(workdir, wf)
+    workdir = make_workdir(tmp_path / "wf", wf, snakefile(wf, outside), outside)
     done = OnDockerCopying(docker_api).run(workdir, "--keep-going")
     with open(workdir / ".snakemake" / "crank" / "usage" / "latest.tsv") as table:
         ran = Counter((row["rule"], row["jobid"]) for row in csv.DictReader(table, delimiter="\t"))

@@ -105,6 +105,18 @@ def let_a_finish(crank, docker_api, running: dict, workdir: Path) -> None:
     assert docker_api.exec_inspect(exec_id)["ExitCode"] == 0
 
 
+def rerun_a(crank, docker_api, running: dict, workdir: Path, *args: str, env=None) -> str:
+    """Run a again once run a was killed (``running``: what ran it), letting a finish once the
+    rerun has begun: the rerun's stderr, checked to have succeeded."""
+    second = crank.start(workdir, "a.txt", "--rerun-incomplete", *args, env=env)
+    try:
+        wait_for(lambda: len(run_files(workdir)) == 2, 60, "the rerun's file")
+        let_a_finish(crank, docker_api, running, workdir)
+        return finish(second)
+    finally:
+        second.kill()
+
+
 def test_a_second_run_in_the_workdir_leaves_the_first_running(crank, docker_api, tmp_path):
     workdir = workflow(tmp_path)
     first, run_a, running = start_run_a(crank, workdir)
@@ -206,13 +218,7 @@ def test_a_killed_run_of_another_host_is_dead_once_its_lease_lapsed(crank, docke
     lapsed = time.time() - runs.LEASE_S - 60
     os.utime(path, (lapsed, lapsed))
     assert crank.run(workdir, "--unlock").returncode == 0
-    second = crank.start(workdir, "a.txt", "--rerun-incomplete", *cold)
-    try:
-        wait_for(lambda: len(run_files(workdir)) == 2, 60, "the rerun's file")
-        let_a_finish(crank, docker_api, running, workdir)
-        stderr = finish(second)
-    finally:
-        second.kill()
+    stderr = rerun_a(crank, docker_api, running, workdir, *cold)
     assert "adopts the" in stderr, stderr[-3000:]
     assert (workdir / "a.txt").read_text() == "a\n"
     if crank.backend == "tes":
@@ -251,15 +257,7 @@ def test_a_job_slow_to_describe_still_adopts_what_a_killed_run_left(docker_api, 
     slow.mkdir()
     (slow / "sitecustomize.py").write_text(SLOW_TO_DESCRIBE)
     env = {**crank.env(), "PYTHONPATH": os.pathsep.join(filter(None, [str(slow), os.environ.get("PYTHONPATH")]))}
-    second = subprocess.Popen(crank.command(workdir, "a.txt", "--rerun-incomplete", "--crank-docker-warm", "no"),
-                              cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                              stdin=subprocess.DEVNULL)
-    try:
-        wait_for(lambda: len(run_files(workdir)) == 2, 60, "the rerun's file")
-        let_a_finish(crank, docker_api, running, workdir)
-        stderr = finish(second)
-    finally:
-        second.kill()
+    stderr = rerun_a(crank, docker_api, running, workdir, "--crank-docker-warm", "no", env=env)
     assert "adopts the" in stderr and "removed 1 container" not in stderr, stderr[-3000:]
     assert (workdir / "a.txt").read_text() == "a\n"
 
